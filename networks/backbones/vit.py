@@ -1,0 +1,291 @@
+"""Plain ViT backbones (timm ``VisionTransformer``) returning a spatial token map, and their weight loader.
+
+This is the backbone of TAO's current MAL: a standard Conv2d patch embedding (kernel = stride = patch size),
+one cls token, learned absolute position embedding for a 224x224 grid that timm resamples per forward
+(``dynamic_img_size=True``, bicubic + antialias), pre-norm blocks and a final LayerNorm (eps 1e-6).
+
+Parameter names are timm's (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...), so official MAE
+and DeiT/timm checkpoints map onto it by key, and MAL checkpoints hold it under ``student.backbone.``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from networks.common.errors import CheckpointError, ConfigError
+
+__all__ = ["ARCHS", "ViTBackbone", "LoadReport", "build_vit", "load_vit_weights", "read_weights_file"]
+
+_log = logging.getLogger(__name__)
+
+#: arch name -> (embed_dim, depth, num_heads, patch_size).  "deit"/"mae" only hint at the weights to load.
+ARCHS: dict[str, tuple[int, int, int, int]] = {
+    "vit-deit-tiny/16": (192, 12, 3, 16),
+    "vit-deit-small/16": (384, 12, 6, 16),
+    "vit-mae-base/16": (768, 12, 12, 16),
+    "vit-mae-large/16": (1024, 24, 16, 16),
+    "vit-mae-huge/14": (1280, 32, 16, 14),
+}
+
+
+def _vit_class():
+    # timm is imported lazily so that importing the package (e.g. for `--help`) stays cheap.
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+class ViTBackbone(nn.Module):
+    """Marker base; the concrete class (built by :func:`build_vit`) also derives from timm's VisionTransformer.
+
+    ``forward(x [B,3,H,W] float, normalised) -> [B, C, H//p, W//p]``: the patch tokens after the final norm,
+    cls token dropped, reshaped to NCHW.  Attributes: ``embed_dim`` (C), ``patch_size`` (p, pixels),
+    ``frozen_stages`` (tuple of stage keys actually frozen).
+    """
+
+    embed_dim: int
+    patch_size: int
+
+
+def _make_class():
+    base = _vit_class()
+
+    class _TimmViTBackbone(base, ViTBackbone):  # type: ignore[misc, valid-type]
+        """timm ViT that returns spatial features and keeps frozen stages in eval mode."""
+
+        def __init__(self, *, patch_size: int, frozen_stages: Iterable[int] = (-1,), **kwargs):
+            base.__init__(self, patch_size=patch_size, **kwargs)
+            self.patch_size = int(patch_size)
+            self.frozen_stages: tuple[int, ...] = ()
+            self._freeze(frozen_stages)
+
+        def stage_dict(self) -> dict[int, nn.Module]:
+            """TAO's stage keys: 0 = patch embedding, i = ``blocks[i-1]`` for i = 1..depth."""
+            stages: dict[int, nn.Module] = {0: self.patch_embed}
+            for i, blk in enumerate(self.blocks):
+                stages[i + 1] = blk
+            return stages
+
+        def _freeze(self, keys: Iterable[int]) -> None:
+            stages = self.stage_dict()
+            frozen = []
+            for key in keys:
+                key = int(key)
+                if key not in stages:
+                    # TAO warns and carries on; the default [-1] therefore freezes nothing.
+                    if key != -1:
+                        _log.warning("model.frozen_stages: no stage %d (valid: 0..%d); ignored", key, len(stages) - 1)
+                    continue
+                for p in stages[key].parameters():
+                    p.requires_grad_(False)
+                stages[key].eval()
+                frozen.append(key)
+            self.frozen_stages = tuple(sorted(set(frozen)))
+
+        def train(self, mode: bool = True):
+            super().train(mode)
+            stages = self.stage_dict()
+            for key in self.frozen_stages:
+                stages[key].eval()
+            return self
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
+            """[B,3,H,W] -> [B,C,H//p,W//p] patch tokens after the final norm."""
+            b, _, h, w = x.shape
+            gh, gw = h // self.patch_size, w // self.patch_size
+            if gh * self.patch_size != h or gw * self.patch_size != w:
+                # timm asserts divisibility (e.g. 512 px with patch 14); drop the < p leftover pixels instead.
+                x = x[:, :, : gh * self.patch_size, : gw * self.patch_size]
+            tokens = self.forward_features(x)
+            spatial = tokens[:, self.num_prefix_tokens:]
+            return spatial.transpose(1, 2).reshape(b, spatial.shape[-1], gh, gw)
+
+    return _TimmViTBackbone
+
+
+_CLASS = None
+
+
+def build_vit(arch: str, *, drop_path_rate: float = 0.0, frozen_stages: Iterable[int] = (-1,),
+              img_size: int = 224, weight_init: str = "") -> ViTBackbone:
+    """Build one of :data:`ARCHS` (random init) as a timm ViT with the MAL settings.
+
+    ``img_size`` only sets the stored position-embedding grid (``img_size // p`` squared); any input size works.
+    ``frozen_stages`` uses TAO's current list semantics (see :meth:`stage_dict`); unknown keys warn.
+    ``weight_init`` is timm's (``""`` = its default ViT init; ``"skip"`` leaves PyTorch's default init, which is
+    faster and fine when pretrained weights are loaded next or in tests).
+    The timm classification head is kept (``Linear(C, 1000)``, unused) so MAL checkpoints keep TAO's keys.
+    """
+    global _CLASS
+    if arch not in ARCHS:
+        raise ConfigError("model.arch", f"unknown backbone {arch!r}", f"use one of {', '.join(ARCHS)}")
+    if _CLASS is None:
+        _CLASS = _make_class()
+    dim, depth, heads, patch = ARCHS[arch]
+    model = _CLASS(
+        img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
+        qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate),
+        dynamic_img_size=True, frozen_stages=frozen_stages, weight_init=weight_init,
+    )
+    return model
+
+
+@dataclass
+class LoadReport:
+    """Outcome of mapping a state dict onto a module by key.
+
+    ``missing``: module keys the file did not provide (they keep their init); ``unexpected``: file keys that
+    match nothing and are not known to be harmless; ``mismatched``: ``"key: file shape vs model shape"`` (only
+    filled when shape mismatches are not raised); ``ignored``: file keys known to be irrelevant here (MAE
+    decoder, classification heads, distillation token, ...); ``resampled``: keys whose grid was resampled.
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """True when every module key was loaded and nothing unknown was left over."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self) -> str:
+        """One line for the log."""
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f", ... (+{len(keys) - 5})" if len(keys) > 5 else "")
+
+        parts = [f"{len(self.missing)} missing", f"{len(self.unexpected)} unexpected",
+                 f"{len(self.mismatched)} mismatched", f"{len(self.ignored)} ignored"]
+        text = ", ".join(parts)
+        for name in ("missing", "unexpected", "mismatched", "resampled"):
+            keys = getattr(self, name)
+            if keys:
+                text += f"; {name}: {few(keys)}"
+        return text
+
+
+# File keys that are expected in MAE / DeiT / timm checkpoints but have no counterpart in the backbone.
+_BENIGN_PREFIXES = ("decoder_", "decoder.", "mask_token", "head.", "head_dist.", "fc_norm.", "dist_token")
+
+
+def _unwrap(state: Mapping) -> Mapping:
+    # Lightning/TAO: {"state_dict": ...}; MAE/DeiT: {"model": ...}; either may nest once more.
+    for _ in range(3):
+        for key in ("state_dict", "model", "module"):
+            inner = state.get(key) if isinstance(state, Mapping) else None
+            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) or isinstance(v, Mapping)
+                                                  for v in inner.values()):
+                state = inner
+                break
+        else:
+            break
+    return state
+
+
+def _select_backbone_keys(state: Mapping) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
+    for prefix in ("student.backbone.", "backbone."):
+        picked = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if picked:
+            return picked
+    return tensors
+
+
+def load_vit_weights(backbone: nn.Module, state_dict: Mapping, *, source: str = "state dict",
+                     raise_on_mismatch: bool = True) -> LoadReport:
+    """Copy matching tensors of ``state_dict`` into ``backbone`` by key and return what did not match.
+
+    Accepts (after unwrapping ``{"state_dict": ...}`` / ``{"model": ...}``) official MAE checkpoints, timm/DeiT
+    dicts and MAL checkpoints (``student.backbone.*``).  A ``pos_embed`` with another grid is resampled with
+    timm's ``resample_abs_pos_embed``.  Any other shape mismatch raises :class:`CheckpointError` naming the key
+    and both shapes (``source`` names the file in that message).  Nothing in the file matching the backbone, or a
+    TAO <= 6.0 ConvStem checkpoint, also raises.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    state = _select_backbone_keys(_unwrap(state_dict))
+    if any(k.startswith("patch_embed.proj.0.") for k in state):
+        raise CheckpointError(source, "holds a ConvStem patch embedding (TAO <= 6.0 / NVlabs MAL backbone), "
+                              "which does not fit the timm ViT backbone",
+                              "use an MAE/DeiT/timm ViT checkpoint or a checkpoint trained by this tool")
+    own = backbone.state_dict()
+    report = LoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            if key.startswith(_BENIGN_PREFIXES):
+                report.ignored.append(key)
+            else:
+                report.unexpected.append(key)
+            continue
+        target = own[key]
+        if key == "pos_embed" and value.shape != target.shape and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
+            n_prefix = 2 if "dist_token" in state else 1
+            if n_prefix == 2:
+                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
+                n_prefix = 1
+            grid = backbone.patch_embed.grid_size
+            old = value.shape[1] - n_prefix
+            side = int(round(old ** 0.5))
+            if side * side == old:
+                value = resample_abs_pos_embed(value.float(), new_size=list(grid), old_size=[side, side],
+                                               num_prefix_tokens=n_prefix).to(target.dtype)
+                report.resampled.append(key)
+        if value.shape != target.shape and key.startswith("head."):
+            report.ignored.append(key)  # a classifier for another label set; MAL never uses the head
+            continue
+        if value.shape != target.shape:
+            msg = f"{key}: file shape {tuple(value.shape)} vs model shape {tuple(target.shape)}"
+            if raise_on_mismatch:
+                raise CheckpointError(source, f"shape mismatch for {msg}",
+                                      "check that model.arch matches the checkpoint's architecture")
+            report.mismatched.append(msg)
+            continue
+        to_load[key] = value
+    if not to_load:
+        raise CheckpointError(source, "no tensor in the file matches the ViT backbone",
+                              "expected MAE/timm keys like 'blocks.0.attn.qkv.weight' or MAL 'student.backbone.*'")
+    report.missing = [k for k in own if k not in to_load and not k.startswith(("head.",))]
+    result = backbone.load_state_dict(to_load, strict=False)
+    assert not result.unexpected_keys  # keys were filtered against the module above
+    return report
+
+
+def read_weights_file(path: str | Path) -> Mapping:
+    """Read a ``.safetensors`` file or a torch pickle with ``weights_only=True`` and return its (nested) dict.
+
+    Official MAE checkpoints pickle an ``argparse.Namespace`` next to the weights; it is allow-listed.
+    Anything else that is not plain tensors/containers raises :class:`CheckpointError` (no arbitrary code runs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(str(path), "file not found", "check train.pretrained_model_path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(str(path), f"cannot be loaded safely as weights ({first})",
+                              "save the weights as a plain state dict or .safetensors") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(str(path), f"holds a {type(obj).__name__}, not a state dict")
+    return obj

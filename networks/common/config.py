@@ -1,0 +1,244 @@
+"""Spec dataclasses shared by every network, and the one helper that attaches field metadata.
+
+Field names, nesting and defaults follow TAO's tao-core ``CommonExperimentConfig`` and its train/evaluate/
+inference/export sections (see ``docs/compat.md`` for the few deliberate deviations), so TAO spec files load
+unchanged.  Metadata (description, bounds, options, AutoML hints) lives next to each field through
+:func:`param`; ``tao_cli.spec`` enforces it at load time and ``tao_cli.schema`` turns it into JSON Schema.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import MISSING
+
+__all__ = [
+    "MISSING",
+    "param",
+    "CuDNNConfig",
+    "WandBConfig",
+    "TrainConfig",
+    "EvaluateConfig",
+    "InferenceConfig",
+    "ExportConfig",
+    "GenTrtEngineConfig",
+    "TensorRTConfig",
+    "ExperimentConfig",
+]
+
+_META_KEYS = (
+    "description",
+    "display_name",
+    "valid_min",
+    "valid_max",
+    "valid_options",
+    "option_weights",
+    "automl_enabled",
+    "popular",
+    "math_cond",
+    "depends_on",
+    "parent_param",
+    "required",
+    "examples",
+    "relaxed_from",
+)
+
+
+def param(
+    default: Any = MISSING,
+    *,
+    description: str = "",
+    display_name: str | None = None,
+    valid_min: float | str | None = None,
+    valid_max: float | str | None = None,
+    valid_options: list[Any] | str | None = None,
+    option_weights: list[float] | None = None,
+    automl_enabled: bool = False,
+    popular: bool = False,
+    math_cond: str | None = None,
+    depends_on: str | None = None,
+    parent_param: bool = False,
+    required: bool = False,
+    examples: list[Any] | None = None,
+    relaxed_from: dict[str, Any] | None = None,
+) -> Any:
+    """Return a ``dataclasses.field`` carrying the spec metadata of one field.
+
+    ``default`` may be a list or dict (copied per instance) or ``MISSING`` (the value must be given for the
+    actions that read it).  ``valid_min``/``valid_max`` may be ``"inf"``; ``valid_options`` may be a list or
+    TAO's comma-separated string.  ``relaxed_from`` records a TAO bound that we loosened on purpose (for example
+    ``{"valid_min": 256}``) so the schema and ``docs/compat.md`` can say so.
+    """
+    if isinstance(valid_options, str):
+        valid_options = [o.strip() for o in valid_options.split(",") if o.strip()]
+    metadata = {
+        "description": description,
+        "display_name": display_name,
+        "valid_min": valid_min,
+        "valid_max": valid_max,
+        "valid_options": valid_options,
+        "option_weights": option_weights,
+        "automl_enabled": automl_enabled,
+        "popular": popular,
+        "math_cond": math_cond,
+        "depends_on": depends_on,
+        "parent_param": parent_param,
+        "required": required,
+        "examples": examples,
+        "relaxed_from": relaxed_from,
+    }
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: _copy(value), metadata=metadata)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        inst = default
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(inst), metadata=metadata)
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return dataclasses.field(default_factory=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+def metadata_of(field: dataclasses.Field) -> dict[str, Any]:
+    """The spec metadata of a dataclass field, with every known key present (``None`` where unset)."""
+    meta = {k: None for k in _META_KEYS}
+    meta.update({k: v for k, v in field.metadata.items() if k in _META_KEYS})
+    return meta
+
+
+@dataclass
+class CuDNNConfig:
+    """cuDNN flags applied at the start of training."""
+
+    benchmark: bool = param(False, description="cudnn.benchmark: let cuDNN pick the fastest kernels.")
+    deterministic: bool = param(True, description="cudnn.deterministic: use deterministic cuDNN kernels.")
+
+
+@dataclass
+class WandBConfig:
+    """Weights & Biases logging.  Off unless ``enable`` is true and the ``wandb`` package is installed."""
+
+    enable: bool = param(
+        False,
+        description="Log to Weights & Biases (requires the wandb package). TAO defaults to true; see docs/compat.md.",
+    )
+    project: str = param("TAO Toolkit", description="W&B project name.")
+    entity: str = param("", description="W&B entity (team or user).")
+    group: str = param("", description="W&B run group.")
+    tags: list[str] = param(["training", "tao-toolkit"], description="W&B run tags.")
+    reinit: bool = param(False, description="Allow several runs in one process.")
+    sync_tensorboard: bool = param(False, description="Sync TensorBoard logs to W&B.")
+    save_code: bool = param(False, description="Upload the code with the run.")
+    name: str = param("TAO Toolkit training experiment", description="W&B run name.")
+    run_id: str = param("", description="Resume this W&B run id when set.")
+
+
+@dataclass
+class TrainConfig:
+    """Fields every network's ``train`` section has (TAO ``TrainConfig``)."""
+
+    num_gpus: int = param(1, description="The number of GPUs to run the train job.", valid_min=1, popular=True,
+                          display_name="Number of GPUs")
+    gpu_ids: list[int] = param([0], description="List of GPU IDs to run the training on.", popular=True)
+    num_nodes: int = param(1, description="Number of nodes to run the training on.", valid_min=1)
+    seed: int = param(1234, description="Random seed; a negative value disables seeding.", valid_min=-1)
+    cudnn: CuDNNConfig = param(CuDNNConfig, description="cuDNN flags.")
+    num_epochs: int = param(10, description="Number of epochs to train for.", valid_min=1, popular=True,
+                            automl_enabled=False)
+    checkpoint_interval: int = param(1, description="Save a checkpoint every this many epochs (or steps).",
+                                     valid_min=1, popular=True)
+    checkpoint_interval_unit: str = param("epoch", description="Unit of checkpoint_interval.",
+                                          valid_options=["epoch", "step"])
+    validation_interval: int = param(1, description="Validate every this many epochs.", valid_min=1, popular=True)
+    resume_training_checkpoint_path: str | None = param(
+        None, description="Resume from this checkpoint; when unset the latest one in the results dir is used.")
+    results_dir: str | None = param(None, description="Results directory of this action; default <results_dir>/train.")
+
+
+@dataclass
+class EvaluateConfig:
+    """Fields every network's ``evaluate`` section has (TAO ``EvaluateConfig``)."""
+
+    num_gpus: int = param(1, description="The number of GPUs to run the evaluate job.", valid_min=1)
+    gpu_ids: list[int] = param([0], description="List of GPU IDs to run evaluation on.")
+    num_nodes: int = param(1, description="Number of nodes.", valid_min=1)
+    checkpoint: str = param(MISSING, description="Path to the checkpoint to evaluate.", required=True)
+    trt_engine: str | None = param(None, description="TensorRT engine (tao-deploy only; unused here).")
+    results_dir: str | None = param(None, description="Results directory; default <results_dir>/evaluate.")
+    batch_size: int = param(-1, description="Batch size; -1 uses the dataset setting.", valid_min=-1)
+
+
+@dataclass
+class InferenceConfig:
+    """Fields every network's ``inference`` section has (TAO ``InferenceConfig``)."""
+
+    num_gpus: int = param(1, description="The number of GPUs to run the inference job.", valid_min=1)
+    gpu_ids: list[int] = param([0], description="List of GPU IDs to run inference on.")
+    num_nodes: int = param(1, description="Number of nodes.", valid_min=1)
+    checkpoint: str = param(MISSING, description="Path to the checkpoint to run.", required=True)
+    trt_engine: str | None = param(None, description="TensorRT engine (tao-deploy only; unused here).")
+    results_dir: str | None = param(None, description="Results directory; default <results_dir>/inference.")
+    batch_size: int = param(-1, description="Batch size; -1 uses the dataset setting.", valid_min=-1)
+
+
+@dataclass
+class ExportConfig:
+    """Fields of TAO's common ``export`` section (ONNX export)."""
+
+    results_dir: str | None = param(None, description="Results directory; default <results_dir>/export.")
+    gpu_id: int = param(0, description="GPU used for export.", valid_min=0)
+    checkpoint: str = param(MISSING, description="Checkpoint to export.", required=True)
+    onnx_file: str = param(MISSING, description="Path of the ONNX file to write.", required=True)
+    on_cpu: bool = param(False, description="Export on the CPU.")
+    input_channel: int = param(3, description="Input channels.", valid_min=1, valid_options=[1, 3])
+    input_width: int = param(960, description="Input width in pixels.", valid_min=32)
+    input_height: int = param(544, description="Input height in pixels.", valid_min=32)
+    opset_version: int = param(17, description="ONNX opset version.", valid_min=1)
+    batch_size: int = param(-1, description="Batch size; -1 makes the batch axis dynamic.", valid_min=-1)
+    verbose: bool = param(False, description="Verbose export log.")
+    format: str = param("onnx", description="Export format.", valid_options=["onnx", "xdl"])
+
+
+@dataclass
+class TensorRTConfig:
+    """TensorRT builder options (tao-deploy; accepted so TAO specs load)."""
+
+    data_type: str = param("FP32", description="Engine precision.", valid_options=["FP32", "FP16"])
+    workspace_size: int = param(1024, description="Workspace size in MB.", valid_min=0)
+    min_batch_size: int = param(1, valid_min=1)
+    opt_batch_size: int = param(1, valid_min=1)
+    max_batch_size: int = param(1, valid_min=1)
+    layers_precision: list[str] = param([], description="Per-layer precision overrides.")
+
+
+@dataclass
+class GenTrtEngineConfig:
+    """``gen_trt_engine`` section (tao-deploy; accepted so TAO specs load, the action itself is not offered)."""
+
+    results_dir: str | None = param(None)
+    gpu_id: int = param(0, valid_min=0)
+    onnx_file: str = param(MISSING)
+    trt_engine: str = param(MISSING)
+    timing_cache: str | None = param(None)
+    batch_size: int = param(-1, valid_min=-1)
+    verbose: bool = param(False)
+    tensorrt: TensorRTConfig = param(TensorRTConfig)
+
+
+@dataclass
+class ExperimentConfig:
+    """Top-level fields shared by every network (TAO ``CommonExperimentConfig``)."""
+
+    model_name: str | None = param(None, description="Network name; filled in by the network.")
+    encryption_key: str | None = param(
+        None, description="Key used to encrypt checkpoints (AES-256-GCM, see docs/encryption.md).")
+    results_dir: str | None = param("", description="Root results directory; each action writes to <results_dir>/<action>.")
+    wandb: WandBConfig = param(WandBConfig, description="Weights & Biases settings.")

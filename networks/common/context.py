@@ -1,0 +1,25 @@
+"""What the engine hands a network when it runs one action."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class RunContext:
+    """Run facts a network may need; built by ``tao_cli.engine.run`` and passed to the network's builders.
+
+    ``run_dir`` is ``<results_dir>/<action>`` (already created); ``num_devices`` is the number of processes per
+    node times nodes (the world size the Trainer will use); ``resuming`` is true when train resumes from a
+    checkpoint (pretrained weights must then not be loaded); ``log`` is the run's logger (tee'd to
+    ``<action>.log``).
+    """
+
+    action: str
+    run_dir: Path
+    num_devices: int = 1
+    num_nodes: int = 1
+    resuming: bool = False
+    accelerator: str = "cpu"
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("tao"))

@@ -1,0 +1,39 @@
+"""Exceptions that mean "the user's input is wrong" (exit code 2, one line, no traceback).
+
+Anything else that escapes an action is an internal failure (exit code 1).  Each error renders as one line:
+``<what> : <problem>`` followed, when known, by a hint saying what to do.
+"""
+from __future__ import annotations
+
+
+class TaoUserError(Exception):
+    """Bad input from the user: a spec value, a file, a dataset record or a checkpoint.
+
+    ``subject`` names the field, file (with line) or value at fault; ``hint`` says what to do.
+    """
+
+    exit_code = 2
+
+    def __init__(self, subject: str, problem: str, hint: str | None = None):
+        self.subject = subject
+        self.problem = problem
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = f"{self.subject}: {self.problem}" if self.subject else self.problem
+        if self.hint:
+            text += f" (hint: {self.hint})"
+        return text
+
+
+class ConfigError(TaoUserError):
+    """A spec key is unknown, mistyped, out of range, not an option, or missing for this action."""
+
+
+class DataError(TaoUserError):
+    """A dataset file or record cannot be used (missing file, bad JSON line, unknown label, ...)."""
+
+
+class CheckpointError(TaoUserError):
+    """A checkpoint or weights file cannot be loaded safely (unsafe pickle, wrong network, wrong key, tampered)."""

@@ -1,0 +1,132 @@
+"""Loading a state dict into a module with an explicit report instead of ``strict=True/False``.
+
+``apply_state_dict`` loads every key whose name and shape match, raises :class:`CheckpointError` when a key
+exists on both sides with different shapes (a silent partial load there hides a wrong config), and returns a
+:class:`LoadReport` saying which keys were missing, which were unexpected, and which of the unexpected ones are
+known to be harmless (``benign``, e.g. a classification head or a cached buffer in a release file).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from networks.common.errors import CheckpointError
+
+__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """Outcome of a state-dict load.
+
+    ``missing``: module keys the file did not provide (left at their initial values).
+    ``unexpected``: file keys the module has no slot for and that match no benign pattern.
+    ``benign``: file keys dropped on purpose (they matched a benign pattern).
+    ``mismatched``: ``(key, file_shape, module_shape)``; only filled when the caller asked not to raise.
+    ``loaded``: number of tensors copied.
+    """
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    benign: list[str] = field(default_factory=list)
+    loaded: int = 0
+
+    @property
+    def clean(self) -> bool:
+        """True when nothing is missing, unexpected (non-benign) or mismatched."""
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, what: str = "weights") -> str:
+        """One paragraph describing the load, listing at most a few keys per category."""
+
+        def few(keys: list, n: int = 5) -> str:
+            keys = [k if isinstance(k, str) else k[0] for k in keys]
+            more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+            return ", ".join(keys[:n]) + more
+
+        parts = [f"Loaded {self.loaded} tensors of {what}."]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (kept initial values): {few(self.missing)}.")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (ignored): {few(self.unexpected)}.")
+        if self.mismatched:
+            parts.append(f"{len(self.mismatched)} shape-mismatched (skipped): {few(self.mismatched)}.")
+        if self.benign:
+            parts.append(f"{len(self.benign)} known-unused keys dropped.")
+        return " ".join(parts)
+
+
+def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Return the tensor mapping inside a checkpoint object.
+
+    Accepts a bare state dict or one wrapped under ``"model"`` or ``"state_dict"`` (official Swin releases,
+    Lightning/TAO checkpoints).  Raises :class:`CheckpointError` when no tensor mapping is found.
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError("checkpoint", f"expected a dict of tensors, got {type(obj).__name__}",
+                              "pass a PyTorch state dict or a file saved with torch.save({'model': ...})")
+    for key in ("model", "state_dict"):
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and any(torch.is_tensor(v) for v in inner.values()):
+            return dict(inner)
+    if any(torch.is_tensor(v) for v in obj.values()):
+        return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+    raise CheckpointError("checkpoint", "contains no tensors under 'model', 'state_dict' or at the top level",
+                          "check that the file is a PyTorch weights file")
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def apply_state_dict(
+    module: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    benign_patterns: Iterable[str] = (),
+    *,
+    source: str = "weights",
+    raise_on_mismatch: bool = True,
+    log_summary: bool = True,
+) -> LoadReport:
+    """Copy ``state_dict`` into ``module`` key by key and report what happened.
+
+    ``benign_patterns`` are ``fnmatch`` patterns (``"head.*"``, ``"*.attn_mask"``) for file keys that are known
+    to have no slot in ``module``; they land in ``report.benign`` instead of ``report.unexpected``.  A key
+    present on both sides with a different shape raises :class:`CheckpointError` naming ``source``, the key and
+    both shapes (or is recorded in ``report.mismatched`` with ``raise_on_mismatch=False``).  Values are copied
+    with the module's dtype and device.  Logs ``report.summary()`` at INFO level unless ``log_summary`` is False.
+    """
+    benign_patterns = tuple(benign_patterns)
+    own = module.state_dict()
+    report = LoadReport()
+    to_load: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key not in own:
+            (report.benign if _matches(key, benign_patterns) else report.unexpected).append(key)
+            continue
+        if tuple(value.shape) != tuple(own[key].shape):
+            if raise_on_mismatch:
+                raise CheckpointError(
+                    source,
+                    f"tensor '{key}' has shape {tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model",
+                    "check that the model config (sizes, window size, number of classes) matches the weights file",
+                )
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+            continue
+        to_load[key] = value
+    report.missing = [k for k in own if k not in to_load and k not in {m[0] for m in report.mismatched}]
+    result = module.load_state_dict(to_load, strict=False)
+    # load_state_dict's own view of missing keys also excludes non-persistent buffers; trust ours (same set).
+    del result
+    report.loaded = len(to_load)
+    if log_summary:
+        log.info(report.summary(source))
+    return report

@@ -1,0 +1,685 @@
+"""Load a spec: dataclass defaults < YAML file < command-line overrides, validated, in struct mode.
+
+The precedence and the override grammar are TAO's (Hydra 1.3: ``OmegaConf.merge(schema, yaml)`` then the
+overrides, parsed by Hydra's own ``OverridesParser``).  On top of that this module enforces what TAO only
+declares: the field metadata ``valid_min``/``valid_max``/``valid_options`` and the mandatory (``???``) values of
+the action being run.  Every problem is a :class:`networks.common.errors.ConfigError` whose one line names the
+dotted key (or ``file:line``), the value and what to do.
+
+Override grammar (one argv word per override; words are never joined and re-split):
+
+* ``a.b=v``      set a schema key (``v`` in Hydra's value grammar: ``[0,1]``, ``[{k: v}]``, ``'x y'``, ``null``).
+* ``+a.b=v``     the same as ``a.b=v`` when ``a.b`` is in the schema; a key outside the schema is an error
+                 (TAO/Hydra would silently add it; a typo there is never what the user wants).
+* ``++a.b=v``    the same as ``a.b=v``.
+* ``~a.b``       reset ``a.b`` (a key or a whole section) to its dataclass default (Hydra deletes the key, which
+                 for a structured config amounts to the same thing); ``~a.b=v`` only when the current value is v.
+                 Inside a free-form dict field, ``~`` deletes the entry.
+
+Interpolations (``${train.num_epochs}``, ``${oc.env:HOME}``) are resolved before validation.  No ``eval``
+resolver is registered: TAO's ``${eval:...}`` ran Python on spec text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import math
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationKeyError,
+    InterpolationResolutionError,
+    InterpolationToMissingValueError,
+    InterpolationValidationError,
+    OmegaConfBaseException,
+    UnsupportedInterpolationType,
+    ValidationError,
+)
+
+from networks.common.config import metadata_of
+from networks.common.errors import ConfigError
+
+__all__ = ["FieldInfo", "load_spec", "iter_fields", "all_keys", "lookup", "to_yaml", "REDACTED"]
+
+REDACTED = "*****"
+_NO_DEFAULT = object()
+
+
+# --------------------------------------------------------------------------------------------------- fields
+@dataclass(frozen=True)
+class FieldInfo:
+    """One field of a spec dataclass.
+
+    ``key`` is the dotted path from the root (``train.optim.lr``); ``type`` the resolved annotation;
+    ``base`` the annotation without ``Optional``; ``default`` the default value as plain Python (``"???"`` for
+    MISSING; a dict of defaults for a section); ``section`` is true for nested dataclasses; ``metadata`` is
+    :func:`networks.common.config.metadata_of` of the field (every key present, ``None`` where unset).
+    """
+
+    key: str
+    name: str
+    type: Any
+    base: Any
+    optional: bool
+    default: Any
+    metadata: dict[str, Any]
+    section: bool
+    section_cls: type | None = None
+
+    @property
+    def missing(self) -> bool:
+        """True when the default is MISSING (``???``): the value must come from the spec."""
+        return isinstance(self.default, str) and self.default == MISSING
+
+    @property
+    def depth(self) -> int:
+        return self.key.count(".")
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return typing.Union[tuple(args)], optional  # noqa: UP007 - a real Union object is needed here
+    return tp, False
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return MISSING
+
+
+def _plain(value: Any) -> Any:
+    """Dataclass instances, lists and dicts → plain Python containers (MISSING stays ``"???"``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return OmegaConf.to_container(OmegaConf.structured(value), resolve=False, enum_to_str=True)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _walk(cls: type, prefix: str) -> Iterator[FieldInfo]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, Any)
+        base, optional = _split_optional(tp)
+        default = _field_default(f)
+        key = f"{prefix}{f.name}"
+        section_cls = None
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            section_cls = type(default)
+        elif isinstance(base, type) and dataclasses.is_dataclass(base):
+            section_cls = base
+        if section_cls is not None:
+            if default is MISSING or default is None:
+                plain_default = default
+            elif dataclasses.is_dataclass(default):
+                plain_default = _plain(default)
+            else:
+                plain_default = _plain(section_cls())
+            yield FieldInfo(key, f.name, tp, section_cls, optional, plain_default, metadata_of(f), True,
+                            section_cls)
+            yield from _walk(section_cls, key + ".")
+        else:
+            yield FieldInfo(key, f.name, tp, base, optional, _plain(default), metadata_of(f), False)
+
+
+def iter_fields(schema_cls: type) -> Iterator[FieldInfo]:
+    """Every field of ``schema_cls``, sections before their children, in declaration order."""
+    yield from _walk(schema_cls, "")
+
+
+def all_keys(schema_cls: type) -> list[str]:
+    """All dotted keys of ``schema_cls`` (sections and leaves), in declaration order."""
+    return [f.key for f in iter_fields(schema_cls)]
+
+
+def _field_map(schema_cls: type) -> dict[str, FieldInfo]:
+    return {f.key: f for f in iter_fields(schema_cls)}
+
+
+def _is_free_container(tp: Any) -> bool:
+    """A leaf whose value may hold keys the schema does not list (dicts, lists, ``Any``)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp) or tp
+    return origin in (dict, list, tuple, typing.Dict, typing.List)  # noqa: UP006
+
+
+def lookup(schema_cls: type, key: str) -> tuple[FieldInfo | None, bool]:
+    """Find ``key`` in the schema.
+
+    Returns ``(field, inside)``: ``field`` is the schema field at ``key`` (``inside`` False), or the free-form
+    dict/list field that ``key`` points into (``inside`` True), or ``None`` when the key is not in the schema.
+    """
+    fields = _field_map(schema_cls)
+    if key in fields:
+        return fields[key], False
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        parent = fields.get(".".join(parts[:i]))
+        if parent is not None:
+            if not parent.section and _is_free_container(parent.base):
+                return parent, True
+            return None, False
+    return None, False
+
+
+# --------------------------------------------------------------------------------------------- messages
+def _type_phrase(tp: Any, optional: bool = False) -> str:
+    base, opt = _split_optional(tp)
+    optional = optional or opt
+    origin = typing.get_origin(base) or base
+    if base is bool:
+        text = "a boolean (true/false)"
+    elif base is int:
+        text = "an integer"
+    elif base is float:
+        text = "a number"
+    elif base is str:
+        text = "a string"
+    elif isinstance(base, type) and issubclass(base, enum.Enum):
+        text = "one of " + ", ".join(m.name for m in base)
+    elif isinstance(base, type) and dataclasses.is_dataclass(base):
+        text = "a section (a mapping of keys)"
+    elif origin in (list, tuple, typing.List):  # noqa: UP006
+        args = typing.get_args(base)
+        text = f"a list of {_type_phrase(args[0]).removeprefix('a ').removeprefix('an ')}s" if args and args[0] is not Any else "a list"
+    elif origin in (dict, typing.Dict):  # noqa: UP006
+        text = "a mapping"
+    else:
+        text = "a value"
+    return text + (" or null" if optional else "")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return repr(value)
+    if value is None:
+        return "null"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _element_type(tp: Any) -> Any:
+    base, _ = _split_optional(tp)
+    args = typing.get_args(base)
+    origin = typing.get_origin(base)
+    if origin in (list, tuple) and args:
+        return args[0]
+    if origin is dict and len(args) == 2:
+        return args[1]
+    return Any
+
+
+def _expected_for(schema_cls: type, full_key: str) -> tuple[str, Any, bool]:
+    """(dotted key, annotation, optional) of the field a (possibly indexed) OmegaConf key refers to."""
+    key = re.sub(r"\[(\d+)\]", r".\1", full_key)
+    indexes = 0
+    while key:
+        field, inside = lookup(schema_cls, key)
+        if field is not None and not inside:
+            tp = field.type
+            optional = field.optional
+            for _ in range(indexes):
+                tp, optional = _element_type(tp), False
+                tp, opt = _split_optional(tp)
+                optional = opt
+            return key, tp, optional
+        if "." not in key:
+            break
+        key, _, _ = key.rpartition(".")
+        indexes += 1
+    return full_key, Any, False
+
+
+def _suggest(schema_cls: type, key: str) -> str | None:
+    """A ``did you mean`` candidate for an unknown dotted key: a close key in the same section, a close full
+    key, or the same (or a close) leaf name under another section."""
+    keys = all_keys(schema_cls)
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
+    if close and (not parent or parent in keys):
+        return f"{parent}.{close[0]}" if parent else close[0]
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    same_leaf = sorted((k for k in keys if k.rpartition(".")[2] == leaf), key=lambda k: (k.count("."), k))
+    if same_leaf:
+        return same_leaf[0]
+    leaves: dict[str, str] = {}
+    for k in sorted(keys, key=lambda k: (k.count("."), k)):
+        leaves.setdefault(k.rpartition(".")[2], k)
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
+    return leaves[close[0]] if close else None
+
+
+def _unknown_key(schema_cls: type, key: str, problem: str) -> ConfigError:
+    guess = _suggest(schema_cls, key)
+    if guess:
+        return ConfigError(key, problem, f"did you mean '{guess}'?")
+    # Name the keys of the deepest section of ``key`` that exists.
+    fields = _field_map(schema_cls)
+    parts = key.split(".")
+    section = ""
+    for i in range(len(parts) - 1, 0, -1):
+        cand = ".".join(parts[:i])
+        if cand in fields and fields[cand].section:
+            section = cand
+            break
+    names = [k.rpartition(".")[2] for k in fields if k.rpartition(".")[0] == section]
+    shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+    where = f"'{section}'" if section else "the top level"
+    return ConfigError(key, problem, f"valid keys in {where}: {shown}")
+
+
+def _type_error(schema_cls: type, full_key: str, value: Any) -> ConfigError:
+    key, tp, optional = _expected_for(schema_cls, full_key or "")
+    if value is None and not optional:
+        return ConfigError(full_key or key, f"null is not allowed, expected {_type_phrase(tp)}")
+    return ConfigError(full_key or key, f"{_show(value)} is not {_type_phrase(tp, optional)}")
+
+
+def _omegaconf_error(schema_cls: type, exc: OmegaConfBaseException, where: str) -> ConfigError:
+    """Turn an OmegaConf merge/assignment error into a one-line ConfigError."""
+    full_key = getattr(exc, "full_key", "") or ""
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        return _unknown_key(schema_cls, full_key, f"unknown key {where}")
+    if isinstance(exc, ValidationError):
+        return _type_error(schema_cls, full_key, getattr(exc, "value", None))
+    msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+    return ConfigError(full_key or where, msg)
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+def _yaml_loader() -> type:
+    try:  # OmegaConf's loader: what Hydra uses (it reads `1e-4` as a float, rejects duplicate keys)
+        from omegaconf._utils import get_yaml_loader
+
+        return get_yaml_loader()
+    except ImportError:  # pragma: no cover - omegaconf layout changed
+        return yaml.SafeLoader
+
+
+def _read_yaml(spec_path: str | Path) -> dict[str, Any]:
+    path = Path(spec_path)
+    if not path.exists():
+        raise ConfigError(str(path), "spec file not found", "check the -e path")
+    if not path.is_file():
+        raise ConfigError(str(path), "spec path is not a file", "check the -e path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), f"cannot read the spec file ({exc})", "check the -e path") from None
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = " ".join(str(exc.problem or "invalid YAML").split())
+        if exc.context:
+            problem += f" ({' '.join(str(exc.context).split())})"
+        raise ConfigError(line, f"YAML syntax error: {problem}", "fix the spec file at that line") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), f"YAML error: {' '.join(str(exc).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), f"the spec must be a mapping of keys at the top level, not {type(data).__name__}",
+                          "write the spec as `section:` / `  key: value` lines")
+    return data
+
+
+def _check_yaml_keys(schema_cls: type, data: dict, prefix: str, fields: dict[str, FieldInfo], source: str) -> None:
+    """Reject keys outside the schema before merging, so the message names the full dotted key.  A null
+    section (every child commented out) is read as an empty section."""
+    for k in list(data):
+        key = f"{prefix}{k}"
+        field = fields.get(key)
+        if field is None:
+            raise _unknown_key(schema_cls, key, f"unknown key in {source}")
+        value = data[k]
+        if field.section:
+            if value is None:
+                if not field.optional:
+                    data[k] = {}
+            elif isinstance(value, dict):
+                _check_yaml_keys(schema_cls, value, key + ".", fields, source)
+            elif not (isinstance(value, str) and ("${" in value or value == MISSING)):
+                raise ConfigError(key, f"{_show(value)} is not a section (a mapping of keys)",
+                                  f"write `{k}:` followed by indented `key: value` lines")
+
+
+# --------------------------------------------------------------------------------------------- overrides
+def _parse_overrides(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            (ov,) = parser.parse_overrides([text])
+        except OverrideParseException as exc:
+            first = " ".join(str(exc).splitlines()[0].split())
+            raise ConfigError(text, f"cannot parse the override ({first})",
+                              "use key=value; quote a value with spaces or commas: key='a, b'") from None
+        if ov.is_sweep_override():
+            raise ConfigError(text, "sweeps (several values) are not supported",
+                              "give one value; for a list write key=[a,b], for text with commas quote it") from None
+        if ov.package is not None:
+            raise ConfigError(text, "package overrides (key@package) are not supported", "write key=value")
+        parsed.append(ov)
+    return parsed
+
+
+def _is_interp(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _apply_override(cfg: DictConfig, base: DictConfig, schema_cls: type, ov: Any) -> None:
+    from hydra.core.override_parser.types import OverrideType
+
+    key: str = ov.key_or_group
+    text: str = ov.input_line or key
+    field, inside = lookup(schema_cls, key)
+    if field is None:
+        if ov.type is OverrideType.ADD:
+            raise _unknown_key(schema_cls, key, f"may not add keys outside the schema ('{text}')")
+        raise _unknown_key(schema_cls, key, f"unknown key in override '{text}'")
+
+    if ov.type is OverrideType.DEL:
+        current = OmegaConf.select(cfg, key, default=_NO_DEFAULT, throw_on_missing=False, throw_on_resolution_failure=False)
+        if current is _NO_DEFAULT and inside:
+            raise ConfigError(key, f"nothing to delete ('{text}')")
+        expected = ov.value()
+        if expected is not None:
+            cur = OmegaConf.to_container(current) if isinstance(current, (DictConfig, ListConfig)) else current
+            if cur != expected:
+                raise ConfigError(key, f"cannot reset: the value is {_show(cur)}, not {_show(expected)} ('{text}')",
+                                  f"write ~{key} to reset it whatever its value")
+        if inside:
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key)
+            if isinstance(parent, DictConfig):
+                del parent[leaf]
+            else:
+                raise ConfigError(key, f"only dict entries can be deleted ('{text}')")
+            return
+        default = OmegaConf.select(base, key, throw_on_missing=False)
+        if isinstance(default, (DictConfig, ListConfig)):
+            default = default.copy()  # a typed copy: a section is replaced wholesale, not merged
+        _set(cfg, schema_cls, key, default, text, merge=False)
+        return
+
+    value = ov.value()
+    if field.section and not inside and not isinstance(value, dict) and not _is_interp(value) \
+            and not (value is None and field.optional):
+        raise ConfigError(key, f"{_show(value)} is not a section (a mapping of keys) ('{text}')",
+                          f"set its keys one by one, e.g. {key}.<name>=<value>")
+    _set(cfg, schema_cls, key, value, text, merge=True)
+
+
+def _set(cfg: DictConfig, schema_cls: type, key: str, value: Any, text: str, merge: bool) -> None:
+    try:
+        OmegaConf.update(cfg, key, value, merge=merge)
+    except (ConfigKeyError, ConfigAttributeError) as exc:
+        full = getattr(exc, "full_key", "") or key
+        raise _unknown_key(schema_cls, full, f"unknown key in override '{text}'") from None
+    except OmegaConfBaseException as exc:
+        raise _omegaconf_error(schema_cls, exc, f"in override '{text}'") from None
+
+
+# ------------------------------------------------------------------------------------ interpolation, checks
+def _iter_nodes(node: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[DictConfig | ListConfig, Any, str]]:
+    """(container, key, dotted path) for every child of ``node``, depth first, containers before children."""
+    keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
+    for k in keys:
+        path = f"{prefix}{k}" if isinstance(node, DictConfig) else f"{prefix.rstrip('.')}[{k}]"
+        yield node, k, path
+        if OmegaConf.is_interpolation(node, k) or OmegaConf.is_missing(node, k):
+            continue
+        child = node._get_node(k)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+            yield from _iter_nodes(child, path + ".")
+
+
+def _resolve(cfg: DictConfig, schema_cls: type, required_prefix: str | None) -> None:
+    """Resolve every interpolation in place.  One that points at a MISSING value is left as it is (and reported
+    by the mandatory check when it sits in the action section)."""
+    for container, k, path in list(_iter_nodes(cfg, "")):
+        if not OmegaConf.is_interpolation(container, k):
+            continue
+        expr = container._get_node(k)._value()
+        try:
+            value = container[k]
+        except InterpolationToMissingValueError:
+            continue
+        except InterpolationValidationError as exc:
+            raise ConfigError(path, f"{expr} gives {_show(getattr(exc, 'value', None))}, which is not "
+                              f"{_type_phrase(_expected_for(schema_cls, path)[1])}") from None
+        except UnsupportedInterpolationType as exc:
+            name = str(getattr(exc, "msg", exc)).split()[-1]
+            raise ConfigError(path, f"cannot resolve {expr}: unsupported resolver '{name}'",
+                              "resolvers such as ${eval:...} are not supported; write the value itself") from None
+        except InterpolationKeyError as exc:
+            msg = str(getattr(exc, "msg", exc)).splitlines()[0]
+            raise ConfigError(path, f"cannot resolve {expr}: {msg}", "point the ${...} at an existing key") from None
+        except (InterpolationResolutionError, OmegaConfBaseException) as exc:
+            msg = " ".join(str(getattr(exc, "msg", exc)).splitlines()[0].split())
+            raise ConfigError(path, f"cannot resolve {expr}: {msg}") from None
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            container[k] = value
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(schema_cls, exc, f"(from {expr})") from None
+
+
+def _bound(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() in ("inf", "+inf", "-inf", "infinity", "-infinity", ""):
+            return None
+        value = float(value)
+    value = float(value)
+    return None if math.isinf(value) else value
+
+
+def _fmt_bound(b: float | None, integer: bool, low: bool) -> str:
+    if b is None:
+        return "-inf" if low else "inf"
+    if integer and float(b).is_integer():
+        return str(int(b))
+    return repr(float(b)) if not float(b).is_integer() else str(int(b)) if integer else repr(float(b))
+
+
+def _scalar_type(tp: Any) -> Any:
+    base, _ = _split_optional(tp)
+    while typing.get_origin(base) in (list, tuple):
+        args = typing.get_args(base)
+        base, _ = _split_optional(args[0] if args else Any)
+    return base
+
+
+def _cast_option(option: Any, tp: Any) -> Any:
+    try:
+        if tp is bool and isinstance(option, str):
+            return option.strip().lower() in ("true", "yes", "1", "on")
+        if tp in (int, float, str) and not isinstance(option, tp):
+            return tp(option)
+    except (TypeError, ValueError):
+        pass
+    return option
+
+
+def _elements(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _elements(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def _check_metadata(cfg: DictConfig, schema_cls: type) -> None:
+    """valid_min / valid_max / valid_options of every leaf (each element of list fields); None and MISSING skip."""
+    for field in iter_fields(schema_cls):
+        meta = field.metadata
+        if field.section or (meta["valid_min"] is None and meta["valid_max"] is None and not meta["valid_options"]):
+            continue
+        try:
+            value = OmegaConf.select(cfg, field.key, default=None, throw_on_missing=False,
+                                     throw_on_resolution_failure=False)
+        except OmegaConfBaseException:
+            continue
+        if value is None or (isinstance(value, str) and value == MISSING):
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        scalar = _scalar_type(field.type)
+        lo, hi = _bound(meta["valid_min"]), _bound(meta["valid_max"])
+        options = meta["valid_options"]
+        if isinstance(options, str):
+            options = [o.strip() for o in options.split(",") if o.strip()]
+        options = [_cast_option(o, scalar) for o in options] if options else None
+        for path, v in _elements(value, field.key):
+            if v is None:
+                continue
+            if options is not None and v not in options:
+                hint = None
+                if isinstance(v, str):
+                    close = difflib.get_close_matches(v, [str(o) for o in options], n=1, cutoff=0.6)
+                    hint = f"did you mean '{close[0]}'?" if close else None
+                raise ConfigError(path, f"{_show(v)} is not one of {options!r}", hint)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                integer = scalar is int
+                rng = f"[{_fmt_bound(lo, integer, True)}, {_fmt_bound(hi, integer, False)}]"
+                rng = rng.replace("[-inf", "(-inf").replace("inf]", "inf)")
+                raise ConfigError(path, f"{_show(v)} is out of range {rng}")
+
+
+def _required_hint(field_name: str, key: str, examples: Any) -> str:
+    if examples:
+        return f"set {key}={examples[0]}"
+    if field_name.endswith("checkpoint") or field_name.endswith("_path") and "checkpoint" in field_name:
+        return f"set {key}=/path/to.pth"
+    if field_name.endswith("onnx_file"):
+        return f"set {key}=/path/to.onnx"
+    if field_name.endswith("trt_engine") or field_name.endswith("engine_file"):
+        return f"set {key}=/path/to.engine"
+    if field_name.endswith(("_dir", "_path", "_file", "_json")):
+        return f"set {key}=/path/to/{field_name}"
+    return f"set {key}=<value>"
+
+
+def _check_mandatory(cfg: DictConfig, schema_cls: type, action: str) -> None:
+    if action not in cfg or not isinstance(cfg._get_node(action), DictConfig) or cfg._get_node(action)._is_none():
+        return
+    fields = _field_map(schema_cls)
+    for container, k, path in _iter_nodes(cfg[action], f"{action}."):
+        missing = OmegaConf.is_missing(container, k)
+        if not missing and OmegaConf.is_interpolation(container, k):
+            try:
+                container[k]
+            except InterpolationToMissingValueError:
+                missing = True
+            except OmegaConfBaseException:
+                pass
+        if missing:
+            field = fields.get(path)
+            examples = field.metadata.get("examples") if field is not None else None
+            raise ConfigError(path, f"a value is required for '{action}'",
+                              _required_hint(str(k), path, examples))
+
+
+# ------------------------------------------------------------------------------------------------- public
+def load_spec(
+    schema_cls: type,
+    action: str | None,
+    spec_path: str | Path | None,
+    overrides: list[str],
+    *,
+    mandatory: bool = True,
+    check: Callable[[DictConfig, str], None] | None = None,
+) -> DictConfig:
+    """Build the validated config of one run.
+
+    Order: ``OmegaConf.structured(schema_cls)`` < the YAML at ``spec_path`` < ``overrides`` (Hydra grammar, one
+    argv word each).  Then interpolations are resolved, ``valid_min``/``valid_max``/``valid_options`` are checked,
+    and — when ``mandatory`` — every ``???`` left inside the ``action`` section is an error.  ``check(cfg, action)``
+    runs last (a network's cross-field checks).  Returns a struct-mode ``DictConfig``; raises ``ConfigError``.
+    """
+    if isinstance(overrides, str):  # a single string would be iterated character by character
+        raise TypeError("overrides must be a list of argv words, not one string")
+    base = OmegaConf.structured(schema_cls)
+    cfg = base.copy()
+    if spec_path is not None:
+        data = _read_yaml(spec_path)
+        _check_yaml_keys(schema_cls, data, "", _field_map(schema_cls), Path(spec_path).name)
+        try:
+            cfg = OmegaConf.merge(cfg, data)
+        except OmegaConfBaseException as exc:
+            raise _omegaconf_error(schema_cls, exc, f"in {Path(spec_path).name}") from None
+    for ov in _parse_overrides(list(overrides)):
+        _apply_override(cfg, base, schema_cls, ov)
+    _resolve(cfg, schema_cls, action)
+    _check_metadata(cfg, schema_cls)
+    if mandatory and action:
+        _check_mandatory(cfg, schema_cls, action)
+    OmegaConf.set_struct(cfg, True)
+    if check is not None:
+        check(cfg, action)
+    return cfg
+
+
+def _redact(obj: Any, redact: tuple[str, ...], path: str) -> Any:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            key = f"{path}{k}"
+            if (str(k) in redact or key in redact) and v not in (None, "") and not isinstance(v, (dict, list)):
+                out[k] = REDACTED
+            else:
+                out[k] = _redact(v, redact, key + ".")
+        return out
+    if isinstance(obj, list):
+        return [_redact(v, redact, path) for v in obj]
+    return obj
+
+
+def to_yaml(cfg: DictConfig, redact: tuple[str, ...] = ("encryption_key",)) -> str:
+    """The config as YAML with interpolations resolved and every key named in ``redact`` (a leaf name anywhere,
+    or a full dotted key) that has a value replaced by ``*****``.  MISSING values print as ``???``."""
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
+    except OmegaConfBaseException:  # an interpolation to a MISSING value: show it unresolved
+        data = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    data = _redact(data, tuple(redact), "")
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)
