@@ -34,7 +34,6 @@ dataset_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
 app.add_typer(dataset_app, name="dataset")
 
 _out = Console()
-_err = Console(stderr=True)
 
 MODEL_USAGE = "usage: tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [key=value ...]"
 
@@ -44,12 +43,17 @@ def _fail(exc: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(exc)
     if isinstance(exc, TaoUserError):
-        _err.print(f"ERROR: {exc.one_line()}", markup=False, highlight=False)
+        _error_line(f"ERROR: {exc.one_line()}")
         return exc.exit_code
-    _err.print(f"ERROR: {type(exc).__name__}: {exc}", markup=False, highlight=False)
-    if not debug:
-        _err.print("(run with --debug for the full traceback)", markup=False, highlight=False)
+    message = " ".join(str(exc).split())
+    _error_line(f"ERROR: {type(exc).__name__}: {message}" + ("" if debug else " (run with --debug for the full traceback)"))
     return 1
+
+
+def _error_line(text: str) -> None:
+    """Write one unwrapped line to stderr (rich would wrap it at the terminal width)."""
+    sys.stderr.write(" ".join(text.split("\n")) + "\n")
+    sys.stderr.flush()
 
 
 def _version_callback(value: bool) -> None:
@@ -156,7 +160,7 @@ def model(ctx: typer.Context) -> None:
         raise
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         if isinstance(exc, KeyboardInterrupt):
-            _err.print("ERROR: interrupted", markup=False)
+            _error_line("ERROR: interrupted")
             raise typer.Exit(130) from None
         raise typer.Exit(_fail(exc, debug)) from None
     raise typer.Exit(code)
@@ -227,9 +231,11 @@ def dataset_synthetic(
 
     paths = synthetic.generate(out, seed=seed, num_train=num_train, num_val=num_val, image_size=image_size)
     _out.print(f"synthetic dataset written to {Path(out).resolve()}", highlight=False)
-    if isinstance(paths, dict):
-        for key, value in paths.items():
-            _out.print(f"  {key}: {value}", highlight=False)
+    for split in ("train", "val"):
+        split_paths = paths.get(split, {}) if isinstance(paths, dict) else {}
+        if isinstance(split_paths, dict) and "dir" in split_paths:
+            _out.print(f"  {split}: {Path(split_paths['dir']).resolve()}", highlight=False)
+    _out.print("  formats: docs/formats.md", highlight=False)
 
 
 @app.command("info")

@@ -21,9 +21,11 @@ resolver is registered: TAO's ``${eval:...}`` ran Python on spec text.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
+import functools
 import math
 import re
 import types
@@ -84,6 +86,7 @@ class FieldInfo:
 
     @property
     def depth(self) -> int:
+        """Nesting level: 0 for a top-level field."""
         return self.key.count(".")
 
 
@@ -145,18 +148,31 @@ def _walk(cls: type, prefix: str) -> Iterator[FieldInfo]:
             yield FieldInfo(key, f.name, tp, base, optional, _plain(default), metadata_of(f), False)
 
 
+@functools.lru_cache(maxsize=64)
+def _fields(schema_cls: type) -> tuple[FieldInfo, ...]:
+    # Cached: building section defaults goes through OmegaConf and dominates load time otherwise.
+    return tuple(_walk(schema_cls, ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _field_map_cached(schema_cls: type) -> dict[str, FieldInfo]:
+    return {f.key: f for f in _fields(schema_cls)}
+
+
+def _field_map(schema_cls: type) -> dict[str, FieldInfo]:
+    return _field_map_cached(schema_cls)
+
+
 def iter_fields(schema_cls: type) -> Iterator[FieldInfo]:
-    """Every field of ``schema_cls``, sections before their children, in declaration order."""
-    yield from _walk(schema_cls, "")
+    """Every field of ``schema_cls``, sections before their children, in declaration order (defaults are
+    fresh copies: callers may mutate them)."""
+    for f in _fields(schema_cls):
+        yield dataclasses.replace(f, default=copy.deepcopy(f.default), metadata=dict(f.metadata))
 
 
 def all_keys(schema_cls: type) -> list[str]:
     """All dotted keys of ``schema_cls`` (sections and leaves), in declaration order."""
-    return [f.key for f in iter_fields(schema_cls)]
-
-
-def _field_map(schema_cls: type) -> dict[str, FieldInfo]:
-    return {f.key: f for f in iter_fields(schema_cls)}
+    return [f.key for f in _fields(schema_cls)]
 
 
 def _is_free_container(tp: Any) -> bool:
@@ -257,34 +273,45 @@ def _expected_for(schema_cls: type, full_key: str) -> tuple[str, Any, bool]:
 
 
 def _suggest(schema_cls: type, key: str) -> str | None:
-    """A ``did you mean`` candidate for an unknown dotted key: a close key in the same section, a close full
-    key, or the same (or a close) leaf name under another section."""
-    keys = all_keys(schema_cls)
+    """A ``did you mean`` candidate for an unknown dotted key: a close name in the same section; for a misspelt
+    section, a close key at the same depth; else the same (or a close) leaf name under another section."""
+    fields = _field_map(schema_cls)
+    parts = key.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
+    keys = [k for k in fields if k not in ancestors]
     parent, _, leaf = key.rpartition(".")
-    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
-    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
-    if close and (not parent or parent in keys):
-        return f"{parent}.{close[0]}" if parent else close[0]
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.8)
-    if close:
-        return close[0]
-    same_leaf = sorted((k for k in keys if k.rpartition(".")[2] == leaf), key=lambda k: (k.count("."), k))
+    if not parent or (parent in fields and fields[parent].section):
+        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.75)
+        if close:
+            return f"{parent}.{close[0]}" if parent else close[0]
+    elif parent not in fields:
+        same_depth = [k for k in keys if k.count(".") == key.count(".")]
+        close = difflib.get_close_matches(key, same_depth, n=1, cutoff=0.8)
+        if close:
+            return close[0]
+    by_depth = sorted(keys, key=lambda k: (k.count("."), k))
+    same_leaf = [k for k in by_depth if k.rpartition(".")[2] == leaf]
     if same_leaf:
         return same_leaf[0]
     leaves: dict[str, str] = {}
-    for k in sorted(keys, key=lambda k: (k.count("."), k)):
+    for k in by_depth:
         leaves.setdefault(k.rpartition(".")[2], k)
     close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.8)
     return leaves[close[0]] if close else None
 
 
 def _unknown_key(schema_cls: type, key: str, problem: str) -> ConfigError:
+    fields = _field_map(schema_cls)
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        holder = fields.get(".".join(parts[:i]))
+        if holder is not None and not holder.section:
+            return ConfigError(key, problem, f"'{holder.key}' holds a value, not a section")
     guess = _suggest(schema_cls, key)
     if guess:
         return ConfigError(key, problem, f"did you mean '{guess}'?")
     # Name the keys of the deepest section of ``key`` that exists.
-    fields = _field_map(schema_cls)
-    parts = key.split(".")
     section = ""
     for i in range(len(parts) - 1, 0, -1):
         cand = ".".join(parts[:i])
@@ -292,7 +319,7 @@ def _unknown_key(schema_cls: type, key: str, problem: str) -> ConfigError:
             section = cand
             break
     names = [k.rpartition(".")[2] for k in fields if k.rpartition(".")[0] == section]
-    shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+    shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
     where = f"'{section}'" if section else "the top level"
     return ConfigError(key, problem, f"valid keys in {where}: {shown}")
 
@@ -304,13 +331,17 @@ def _type_error(schema_cls: type, full_key: str, value: Any) -> ConfigError:
     return ConfigError(full_key or key, f"{_show(value)} is not {_type_phrase(tp, optional)}")
 
 
-def _omegaconf_error(schema_cls: type, exc: OmegaConfBaseException, where: str) -> ConfigError:
-    """Turn an OmegaConf merge/assignment error into a one-line ConfigError."""
+def _omegaconf_error(schema_cls: type, exc: OmegaConfBaseException, where: str,
+                     source: str | None = None) -> ConfigError:
+    """Turn an OmegaConf merge/assignment error into a one-line ConfigError (``source``: ``spec.yaml:N``)."""
     full_key = getattr(exc, "full_key", "") or ""
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         return _unknown_key(schema_cls, full_key, f"unknown key {where}")
     if isinstance(exc, ValidationError):
-        return _type_error(schema_cls, full_key, getattr(exc, "value", None))
+        err = _type_error(schema_cls, full_key, getattr(exc, "value", None))
+        if source:
+            err = ConfigError(err.subject, f"{err.problem} ({source})", err.hint)
+        return err
     msg = str(getattr(exc, "msg", None) or exc).splitlines()[0]
     return ConfigError(full_key or where, msg)
 
@@ -325,7 +356,26 @@ def _yaml_loader() -> type:
         return yaml.SafeLoader
 
 
-def _read_yaml(spec_path: str | Path) -> dict[str, Any]:
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the YAML text (best effort; empty on any problem)."""
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = f"{prefix}{key_node.value}"
+                    lines.setdefault(key, key_node.start_mark.line + 1)
+                    walk(value_node, key + ".")
+
+    try:
+        walk(yaml.compose(text, Loader=_yaml_loader()), "")  # noqa: S506 - a SafeLoader subclass
+    except Exception:  # noqa: BLE001 - line numbers are a nicety; the real parse reports errors
+        return {}
+    return lines
+
+
+def _read_yaml(spec_path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(spec_path)
     if not path.exists():
         raise ConfigError(str(path), "spec file not found", "check the -e path")
@@ -336,7 +386,9 @@ def _read_yaml(spec_path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), f"cannot read the spec file ({exc})", "check the -e path") from None
     try:
-        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        # tao-cli's experiment.yaml carries the run record as a second document: only the first is the spec
+        docs = list(yaml.load_all(text, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader subclass
+        data = docs[0] if docs else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -347,30 +399,41 @@ def _read_yaml(spec_path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), f"YAML error: {' '.join(str(exc).split())}") from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"the spec must be a mapping of keys at the top level, not {type(data).__name__}",
                           "write the spec as `section:` / `  key: value` lines")
-    return data
+    return data, _key_lines(text)
 
 
-def _check_yaml_keys(schema_cls: type, data: dict, prefix: str, fields: dict[str, FieldInfo], source: str) -> None:
+def _where(name: str, lines: dict[str, int], key: str) -> str:
+    """``spec.yaml:12`` for the line of ``key`` (or of its nearest listed parent), else ``spec.yaml``."""
+    key = re.sub(r"\[(\d+)\]", r".\1", key)
+    while key:
+        if key in lines:
+            return f"{name}:{lines[key]}"
+        key = key.rpartition(".")[0]
+    return name
+
+
+def _check_yaml_keys(schema_cls: type, data: dict, prefix: str, fields: dict[str, FieldInfo], source: str,
+                     lines: dict[str, int]) -> None:
     """Reject keys outside the schema before merging, so the message names the full dotted key.  A null
     section (every child commented out) is read as an empty section."""
     for k in list(data):
         key = f"{prefix}{k}"
         field = fields.get(key)
         if field is None:
-            raise _unknown_key(schema_cls, key, f"unknown key in {source}")
+            raise _unknown_key(schema_cls, key, f"unknown key in {_where(source, lines, key)}")
         value = data[k]
         if field.section:
             if value is None:
                 if not field.optional:
                     data[k] = {}
             elif isinstance(value, dict):
-                _check_yaml_keys(schema_cls, value, key + ".", fields, source)
+                _check_yaml_keys(schema_cls, value, key + ".", fields, source, lines)
             elif not (isinstance(value, str) and ("${" in value or value == MISSING)):
-                raise ConfigError(key, f"{_show(value)} is not a section (a mapping of keys)",
+                raise ConfigError(key, f"{_show(value)} is not a section (a mapping of keys) in {_where(source, lines, key)}",
                                   f"write `{k}:` followed by indented `key: value` lines")
 
 
@@ -413,7 +476,8 @@ def _apply_override(cfg: DictConfig, base: DictConfig, schema_cls: type, ov: Any
         raise _unknown_key(schema_cls, key, f"unknown key in override '{text}'")
 
     if ov.type is OverrideType.DEL:
-        current = OmegaConf.select(cfg, key, default=_NO_DEFAULT, throw_on_missing=False, throw_on_resolution_failure=False)
+        current = OmegaConf.select(cfg, key, default=_NO_DEFAULT, throw_on_missing=False,
+                                   throw_on_resolution_failure=False)
         if current is _NO_DEFAULT and inside:
             raise ConfigError(key, f"nothing to delete ('{text}')")
         expected = ov.value()
@@ -468,7 +532,7 @@ def _iter_nodes(node: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[Di
             yield from _iter_nodes(child, path + ".")
 
 
-def _resolve(cfg: DictConfig, schema_cls: type, required_prefix: str | None) -> None:
+def _resolve(cfg: DictConfig, schema_cls: type) -> None:
     """Resolve every interpolation in place.  One that points at a MISSING value is left as it is (and reported
     by the mandatory check when it sits in the action section)."""
     for container, k, path in list(_iter_nodes(cfg, "")):
@@ -483,7 +547,8 @@ def _resolve(cfg: DictConfig, schema_cls: type, required_prefix: str | None) -> 
             raise ConfigError(path, f"{expr} gives {_show(getattr(exc, 'value', None))}, which is not "
                               f"{_type_phrase(_expected_for(schema_cls, path)[1])}") from None
         except UnsupportedInterpolationType as exc:
-            name = str(getattr(exc, "msg", exc)).split()[-1]
+            found = re.search(r"interpolation type (\S+)", str(getattr(exc, "msg", exc)))
+            name = found.group(1) if found else "?"
             raise ConfigError(path, f"cannot resolve {expr}: unsupported resolver '{name}'",
                               "resolvers such as ${eval:...} are not supported; write the value itself") from None
         except InterpolationKeyError as exc:
@@ -500,6 +565,63 @@ def _resolve(cfg: DictConfig, schema_cls: type, required_prefix: str | None) -> 
             raise _omegaconf_error(schema_cls, exc, f"(from {expr})") from None
 
 
+def _conform(value: Any, tp: Any, path: str) -> tuple[str, Any, Any] | None:
+    """First element of ``value`` (a resolved plain value) that does not match the annotation ``tp``, as
+    (path, value, expected annotation); ``None`` when it all matches.  OmegaConf checks scalars itself but lets a
+    nested list into a ``list[str]`` field."""
+    base, optional = _split_optional(tp)
+    if value is None:
+        return None if optional or base is Any else (path, value, tp)
+    if isinstance(value, str) and value == MISSING:
+        return None
+    origin = typing.get_origin(base) or base
+    args = typing.get_args(base)
+    if base is Any or isinstance(base, typing.TypeVar):
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return path, value, tp
+        for i, v in enumerate(value):
+            bad = _conform(v, args[0] if args else Any, f"{path}[{i}]")
+            if bad:
+                return bad
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return path, value, tp
+        for k, v in value.items():
+            bad = _conform(v, args[1] if len(args) == 2 else Any, f"{path}.{k}")
+            if bad:
+                return bad
+        return None
+    if base is bool:
+        return None if isinstance(value, bool) else (path, value, tp)
+    if base is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else (path, value, tp)
+    if base is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else (path, value, tp)
+    if base is str:
+        return None if isinstance(value, str) else (path, value, tp)
+    return None
+
+
+def _check_types(cfg: DictConfig, schema_cls: type) -> None:
+    """Element types of list/dict leaves (OmegaConf already enforced the scalar leaves)."""
+    for field in _fields(schema_cls):
+        if field.section or typing.get_origin(field.base) not in (list, tuple, dict):
+            continue
+        try:
+            value = OmegaConf.select(cfg, field.key, default=None, throw_on_missing=False)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException:
+            continue
+        bad = _conform(value, field.type, field.key)
+        if bad:
+            path, v, tp = bad
+            raise ConfigError(path, f"{_show(v)} is not {_type_phrase(tp)}")
+
+
 def _bound(value: Any) -> float | None:
     if value is None:
         return None
@@ -514,9 +636,7 @@ def _bound(value: Any) -> float | None:
 def _fmt_bound(b: float | None, integer: bool, low: bool) -> str:
     if b is None:
         return "-inf" if low else "inf"
-    if integer and float(b).is_integer():
-        return str(int(b))
-    return repr(float(b)) if not float(b).is_integer() else str(int(b)) if integer else repr(float(b))
+    return str(int(b)) if integer and float(b).is_integer() else repr(float(b))
 
 
 def _scalar_type(tp: Any) -> Any:
@@ -548,7 +668,7 @@ def _elements(value: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 def _check_metadata(cfg: DictConfig, schema_cls: type) -> None:
     """valid_min / valid_max / valid_options of every leaf (each element of list fields); None and MISSING skip."""
-    for field in iter_fields(schema_cls):
+    for field in _fields(schema_cls):
         meta = field.metadata
         if field.section or (meta["valid_min"] is None and meta["valid_max"] is None and not meta["valid_options"]):
             continue
@@ -641,15 +761,18 @@ def load_spec(
     base = OmegaConf.structured(schema_cls)
     cfg = base.copy()
     if spec_path is not None:
-        data = _read_yaml(spec_path)
-        _check_yaml_keys(schema_cls, data, "", _field_map(schema_cls), Path(spec_path).name)
+        data, lines = _read_yaml(spec_path)
+        name = Path(spec_path).name
+        _check_yaml_keys(schema_cls, data, "", _field_map(schema_cls), name, lines)
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:
-            raise _omegaconf_error(schema_cls, exc, f"in {Path(spec_path).name}") from None
+            where = _where(name, lines, getattr(exc, "full_key", "") or "")
+            raise _omegaconf_error(schema_cls, exc, f"in {where}", where) from None
     for ov in _parse_overrides(list(overrides)):
         _apply_override(cfg, base, schema_cls, ov)
-    _resolve(cfg, schema_cls, action)
+    _resolve(cfg, schema_cls)
+    _check_types(cfg, schema_cls)
     _check_metadata(cfg, schema_cls)
     if mandatory and action:
         _check_mandatory(cfg, schema_cls, action)

@@ -13,7 +13,6 @@ import argparse
 import logging
 import pickle
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.weights import LoadReport, apply_state_dict
 
 __all__ = ["ARCHS", "ViTBackbone", "LoadReport", "build_vit", "load_vit_weights", "read_weights_file"]
 
@@ -135,47 +135,16 @@ def build_vit(arch: str, *, drop_path_rate: float = 0.0, frozen_stages: Iterable
         qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate),
         dynamic_img_size=True, frozen_stages=frozen_stages, weight_init=weight_init,
     )
+    if weight_init == "skip":
+        # timm leaves these two as torch.empty() when its init is skipped
+        with torch.no_grad():
+            nn.init.trunc_normal_(model.pos_embed, std=0.02)
+            nn.init.normal_(model.cls_token, std=1e-6)
     return model
 
 
-@dataclass
-class LoadReport:
-    """Outcome of mapping a state dict onto a module by key.
-
-    ``missing``: module keys the file did not provide (they keep their init); ``unexpected``: file keys that
-    match nothing and are not known to be harmless; ``mismatched``: ``"key: file shape vs model shape"`` (only
-    filled when shape mismatches are not raised); ``ignored``: file keys known to be irrelevant here (MAE
-    decoder, classification heads, distillation token, ...); ``resampled``: keys whose grid was resampled.
-    """
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    resampled: list[str] = field(default_factory=list)
-
-    @property
-    def clean(self) -> bool:
-        """True when every module key was loaded and nothing unknown was left over."""
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def summary(self) -> str:
-        """One line for the log."""
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f", ... (+{len(keys) - 5})" if len(keys) > 5 else "")
-
-        parts = [f"{len(self.missing)} missing", f"{len(self.unexpected)} unexpected",
-                 f"{len(self.mismatched)} mismatched", f"{len(self.ignored)} ignored"]
-        text = ", ".join(parts)
-        for name in ("missing", "unexpected", "mismatched", "resampled"):
-            keys = getattr(self, name)
-            if keys:
-                text += f"; {name}: {few(keys)}"
-        return text
-
-
 # File keys that are expected in MAE / DeiT / timm checkpoints but have no counterpart in the backbone.
-_BENIGN_PREFIXES = ("decoder_", "decoder.", "mask_token", "head.", "head_dist.", "fc_norm.", "dist_token")
+_BENIGN_PATTERNS = ("decoder_*", "decoder.*", "mask_token", "head.*", "head_dist.*", "fc_norm.*", "dist_token")
 
 
 def _unwrap(state: Mapping) -> Mapping:
@@ -221,45 +190,35 @@ def load_vit_weights(backbone: nn.Module, state_dict: Mapping, *, source: str = 
                               "which does not fit the timm ViT backbone",
                               "use an MAE/DeiT/timm ViT checkpoint or a checkpoint trained by this tool")
     own = backbone.state_dict()
-    report = LoadReport()
-    to_load: dict[str, torch.Tensor] = {}
+    remapped: dict[str, torch.Tensor] = {}
+    resampled_head = []
     for key, value in state.items():
-        if key not in own:
-            if key.startswith(_BENIGN_PREFIXES):
-                report.ignored.append(key)
-            else:
-                report.unexpected.append(key)
-            continue
-        target = own[key]
-        if key == "pos_embed" and value.shape != target.shape and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
+        target = own.get(key)
+        if target is not None and key == "pos_embed" and value.shape != target.shape and value.ndim == 3 \
+                and value.shape[-1] == target.shape[-1]:
             n_prefix = 2 if "dist_token" in state else 1
-            if n_prefix == 2:
+            if n_prefix == 2:  # DeiT-distilled: drop the distillation token's position
                 value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
-                n_prefix = 1
-            grid = backbone.patch_embed.grid_size
-            old = value.shape[1] - n_prefix
+            old = value.shape[1] - 1
             side = int(round(old ** 0.5))
             if side * side == old:
-                value = resample_abs_pos_embed(value.float(), new_size=list(grid), old_size=[side, side],
-                                               num_prefix_tokens=n_prefix).to(target.dtype)
-                report.resampled.append(key)
-        if value.shape != target.shape and key.startswith("head."):
-            report.ignored.append(key)  # a classifier for another label set; MAL never uses the head
+                value = resample_abs_pos_embed(value.float(), new_size=list(backbone.patch_embed.grid_size),
+                                               old_size=[side, side], num_prefix_tokens=1).to(target.dtype)
+                _log.info("%s: pos_embed resampled from a %dx%d grid to %s", source, side, side,
+                          tuple(backbone.patch_embed.grid_size))
+        if target is not None and key.startswith("head.") and value.shape != target.shape:
+            resampled_head.append(key)  # a classifier for another label set; MAL never uses the head
             continue
-        if value.shape != target.shape:
-            msg = f"{key}: file shape {tuple(value.shape)} vs model shape {tuple(target.shape)}"
-            if raise_on_mismatch:
-                raise CheckpointError(source, f"shape mismatch for {msg}",
-                                      "check that model.arch matches the checkpoint's architecture")
-            report.mismatched.append(msg)
-            continue
-        to_load[key] = value
-    if not to_load:
+        remapped[key] = value
+    if not any(k in own for k in remapped):
         raise CheckpointError(source, "no tensor in the file matches the ViT backbone",
                               "expected MAE/timm keys like 'blocks.0.attn.qkv.weight' or MAL 'student.backbone.*'")
-    report.missing = [k for k in own if k not in to_load and not k.startswith(("head.",))]
-    result = backbone.load_state_dict(to_load, strict=False)
-    assert not result.unexpected_keys  # keys were filtered against the module above
+    report = apply_state_dict(backbone, remapped, _BENIGN_PATTERNS, source=source,
+                              raise_on_mismatch=raise_on_mismatch, log_summary=False)
+    report.benign.extend(resampled_head)
+    # The timm classifier exists only to keep TAO's checkpoint keys; MAE files have none and that is fine.
+    report.missing = [k for k in report.missing if not k.startswith("head.")]
+    _log.info("%s", report.summary(f"ViT backbone from {source}"))
     return report
 
 

@@ -28,13 +28,13 @@ import tarfile
 import tempfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from networks.common.errors import DataError
 
-__all__ = ["ARCHIVE_SUFFIXES", "cache_root", "is_archive", "resolve_dir", "archive_key"]
+__all__ = ["ARCHIVE_SUFFIXES", "cache_root", "is_archive", "resolve_dir", "resolve_member", "archive_key"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 COMPLETE_MARKER = ".complete"
@@ -52,7 +52,11 @@ def cache_root() -> Path:
         import platformdirs
 
         root = Path(platformdirs.user_cache_dir("tao-cli")) / "archives"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError("TAO_CACHE_DIR", f"cannot create the archive cache '{root}': {exc.strerror}",
+                        "set TAO_CACHE_DIR to a writable directory") from exc
     return root
 
 
@@ -84,6 +88,9 @@ def resolve_dir(path: str | os.PathLike, *, field: str) -> Path:
     ``field`` is the spec key that named the path; it is the subject of any :class:`DataError` (missing path,
     a file that is not an archive).  Unsafe or unreadable archives raise :class:`DataError` naming the archive.
     """
+    if path is None or not str(path).strip():
+        # An empty spec value would otherwise resolve to the working directory.
+        raise DataError(field, "is empty", "set it to a directory or an archive")
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
         raise DataError(field, f"'{path}' does not exist", "check the path in the spec or on the command line")
@@ -105,8 +112,27 @@ def resolve_dir(path: str | os.PathLike, *, field: str) -> Path:
     return _content_root(target)
 
 
+def resolve_member(root: str | os.PathLike, rel: str) -> Path:
+    """Path of a record's relative ``rel`` (e.g. a COCO ``file_name``) under a :func:`resolve_dir` result.
+
+    Normally ``root / rel``.  When ``root`` is the single top directory that :func:`resolve_dir` stepped into and
+    ``rel`` only exists relative to the extraction root (``file_name: images/1.jpg`` with an archive holding
+    ``images/``), that path is returned instead.  Existence is not required otherwise: callers report missing
+    files with their own context.
+    """
+    root = Path(root)
+    direct = root / rel
+    if direct.exists():
+        return direct
+    parent = root.parent
+    if (parent / COMPLETE_MARKER).is_file() and (parent / rel).exists():
+        return parent / rel
+    return direct
+
+
 def _content_root(target: Path) -> Path:
-    entries = [e for e in target.iterdir() if e.name != COMPLETE_MARKER]
+    # macOS zips carry a __MACOSX resource-fork folder beside the real content; it does not count.
+    entries = [e for e in target.iterdir() if e.name not in (COMPLETE_MARKER, "__MACOSX")]
     if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
         return entries[0]
     return target
@@ -155,7 +181,8 @@ def _zip_plan(archive: Path, zf: zipfile.ZipFile) -> list[tuple[PurePosixPath, z
     plan = []
     for info in zf.infolist():
         rel = _check_name(archive, info.filename)
-        mode = info.external_attr >> 16
+        # Unix mode in the high 16 bits; many writers leave the file-type bits at 0, which means "regular".
+        mode = stat.S_IFMT(info.external_attr >> 16)
         if mode and stat.S_ISLNK(mode):
             raise DataError(str(archive), f"member '{info.filename}' is a link", "archives with links are refused; store files")
         if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

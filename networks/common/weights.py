@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -122,10 +122,9 @@ def apply_state_dict(
             report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
             continue
         to_load[key] = value
-    report.missing = [k for k in own if k not in to_load and k not in {m[0] for m in report.mismatched}]
-    result = module.load_state_dict(to_load, strict=False)
-    # load_state_dict's own view of missing keys also excludes non-persistent buffers; trust ours (same set).
-    del result
+    skipped = {m[0] for m in report.mismatched}
+    report.missing = [k for k in own if k not in to_load and k not in skipped]
+    module.load_state_dict(to_load, strict=False)  # every key was checked above
     report.loaded = len(to_load)
     if log_summary:
         log.info(report.summary(source))

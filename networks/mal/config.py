@@ -111,7 +111,8 @@ class MALTrainExpConfig(_BaseTrain):
         3, description="Boxes per device per step; also multiplies the learning rate.", valid_min=1,
         popular=True, automl_enabled=True)
     accum_grad_batches: int = param(
-        1, description="Gradient accumulation; MAL steps its optimiser by hand, so this must stay 1.",
+        1, description="Batches whose gradients are summed before each optimiser step (TAO rejects values > 1; "
+        "supported here).",
         valid_min=1)
     use_amp: bool = param(True, description="Train with 16-bit mixed precision (on devices that support it).")
     pretrained_model_path: str | None = param(
@@ -270,9 +271,6 @@ def check(cfg: Any, action: str) -> None:
         if epochs <= warm:
             raise ConfigError("train.warmup_epochs", f"{warm} is not below train.num_epochs={epochs}",
                               "the cosine schedule needs num_epochs > warmup_epochs")
-        if int(_get(cfg, "train.accum_grad_batches")) != 1:
-            raise ConfigError("train.accum_grad_batches", "must be 1",
-                              "MAL steps its optimiser manually; raise train.batch_size instead")
         for key in ("dataset.train_ann_path", "dataset.train_img_dir"):
             if _blank(_get(cfg, key)):
                 raise ConfigError(key, "is not set", "training needs the training annotations and images")

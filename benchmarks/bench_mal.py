@@ -1,0 +1,86 @@
+"""MAL at TAO's default size: one train step vs the bare timm backbone, and inference throughput.
+
+Train step = student forward + teacher forward (no grad) + mean-field CRF target + MIL/CRF losses + backward
++ AdamW step + EMA update, at ``vit-mae-base/16``, crop 512, batch 2.  The bare backbone is the same timm ViT's
+forward + backward (sum of the output) on the same input, measured in the same process.  Target: the whole
+step costs at most 1.3x the bare backbone.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.common import device, peak_memory_mib, reset_peak, time_it
+from networks.mal.config import ExperimentConfig
+from networks.mal.losses import MeanField, mal_losses
+from networks.mal.model import build_mal_networks, ema_update
+
+ARCH = os.environ.get("BENCH_MAL_ARCH", "vit-mae-base/16")
+CROP = int(os.environ.get("BENCH_MAL_CROP", "512"))
+BATCH = int(os.environ.get("BENCH_MAL_BATCH", "2"))
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+
+
+def run() -> dict:
+    torch.manual_seed(0)
+    dev = device()
+    cfg = OmegaConf.structured(ExperimentConfig)
+    cfg.model.arch = ARCH
+    cfg.dataset.crop_size = CROP
+    student, teacher = build_mal_networks(cfg, resuming=True)
+    student, teacher = student.to(dev).train(), teacher.to(dev).eval()
+    tr = cfg.train
+    mean_field = MeanField(int(tr.crf_kernel_size), float(tr.crf_zeta), int(tr.crf_num_iter),
+                           float(tr.crf_value_low_thres), float(tr.crf_value_high_thres))
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.9))
+    image = torch.randn(BATCH, 3, CROP, CROP, device=dev)
+    mask = torch.zeros(BATCH, 1, CROP, CROP, device=dev)
+    mask[:, :, CROP // 4: 3 * CROP // 4, CROP // 4: 3 * CROP // 4] = 1
+    bbox = torch.tensor([[10.0, 10.0, 200.0, 150.0]] * BATCH, device=dev)
+    amp = dev.type == "cuda"
+
+    def train_step():
+        with torch.autocast(dev.type, dtype=torch.float16 if amp else torch.bfloat16, enabled=amp):
+            s = student(image, bbox)
+            with torch.no_grad():
+                t = teacher(image, bbox)
+            losses = mal_losses(s, t, image, mask, mean_field, epoch=1, step_in_epoch=0,
+                                loss_mil_weight=4.0, loss_crf_weight=0.5, loss_mil_step=1000,
+                                loss_crf_step=4000, crf_size_ratio=1)
+        opt.zero_grad(set_to_none=True)
+        (losses["loss_mil"] + losses["loss_crf"]).backward()
+        opt.step()
+        ema_update(teacher, student, 0.996)
+
+    backbone = student.backbone
+
+    def backbone_step():
+        with torch.autocast(dev.type, dtype=torch.float16 if amp else torch.bfloat16, enabled=amp):
+            out = backbone(image)
+        out.float().sum().backward()
+
+    reset_peak(dev)
+    step = time_it(train_step, dev, repeat=REPEAT)
+    peak_step = peak_memory_mib(dev)
+    bare = time_it(backbone_step, dev, repeat=REPEAT)
+    student.eval()
+    n_crops = BATCH * 4
+    crops = torch.randn(n_crops, 3, CROP, CROP, device=dev)
+    crop_boxes = bbox[:1].expand(n_crops, 4)
+
+    def infer():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.float16 if amp else torch.bfloat16, enabled=amp):
+            student(crops, crop_boxes)
+
+    inf = time_it(infer, dev, repeat=REPEAT)
+    return {
+        "config": {"arch": ARCH, "crop": CROP, "batch": BATCH, "device": str(dev), "amp": amp},
+        "train_step_s": step["median_s"],
+        "bare_backbone_fwd_bwd_s": bare["median_s"],
+        "ratio_step_over_backbone": step["median_s"] / bare["median_s"],
+        "target_ratio": 1.3,
+        "peak_memory_mib": peak_step,
+        "inference_crops_per_s": n_crops / inf["median_s"],
+    }

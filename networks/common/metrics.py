@@ -1,0 +1,452 @@
+"""Evaluation metrics shared by the networks (numpy + pycocotools; no torch, no devices).
+
+* :func:`mask_iou` and :class:`InstanceIoU` — TAO MAL's per-instance mask IoU, class-averaged, with size bins
+  by **box** area (pixels²): small (0, 32²], medium (32², 96²], large (96², ∞) — half-open like TAO's eval.
+* :func:`coco_mask_ap` — COCO mask (or box) AP through pycocotools ``COCOeval``.
+* :func:`semantic_confusion` / :func:`miou_from_confusion` — semantic-segmentation mIoU and pixel accuracy.
+* :class:`PanopticQuality` / :func:`panoptic_quality` — PQ/SQ/RQ with panopticapi's matching rules.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from networks.common.errors import DataError
+
+__all__ = [
+    "SIZE_BINS",
+    "mask_iou",
+    "size_bin",
+    "InstanceIoU",
+    "coco_eval_stats",
+    "coco_mask_ap",
+    "semantic_confusion",
+    "miou_from_confusion",
+    "PanopticQuality",
+    "panoptic_quality",
+]
+
+# (name, lower exclusive, upper inclusive) in box-area pixels², as TAO MAL's evaluation bins.
+SIZE_BINS: tuple[tuple[str, float, float], ...] = (
+    ("small", 0.0, 32.0**2),
+    ("medium", 32.0**2, 96.0**2),
+    ("large", 96.0**2, float("inf")),
+)
+
+
+def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
+    """IoU of two same-shape masks (nonzero = foreground): ``|pred∩gt| / (|pred∪gt| + 1e-6)`` as in TAO MAL.
+
+    Two empty masks give 0.0 (TAO's epsilon convention), not 1.0.
+    """
+    p = np.asarray(pred) > 0
+    g = np.asarray(gt) > 0
+    if p.shape != g.shape:
+        raise ValueError(f"mask_iou: shapes differ, pred {p.shape} vs gt {g.shape}")
+    inter = np.count_nonzero(p & g)
+    union = np.count_nonzero(p | g)
+    return float(inter / (union + 1e-6))
+
+
+def size_bin(box_area: float) -> str | None:
+    """Name of the size bin of a box area (pixels²), or None for areas ≤ 0 (counted only in the overall mean)."""
+    for name, lo, hi in SIZE_BINS:
+        if lo < box_area <= hi:
+            return name
+    return None
+
+
+class InstanceIoU:
+    """Accumulates per-instance IoUs and reports TAO MAL's class-balanced mean IoU.
+
+    ``compute()`` returns ``mIoU`` = mean over categories with ≥ 1 instance of that category's mean instance IoU,
+    and ``mIoU_small/medium/large`` = the same restricted to one box-area bin.  A bin (or the whole set) with no
+    instance reports 0.0 rather than NaN; ``num_instances``/``num_small``/``num_medium``/``num_large`` say how
+    many instances each value rests on.  Instances of different ranks can be combined with :meth:`merge`.
+    """
+
+    def __init__(self) -> None:
+        # (category_id, bin or "all") -> [sum of IoU, count]
+        self._acc: dict[tuple[int, str], list[float]] = defaultdict(lambda: [0.0, 0])
+
+    def update(self, iou: float, category_id: int, box_area: float) -> None:
+        """Add one instance: its mask IoU, category id and box area (w·h in original-image pixels²)."""
+        cat = int(category_id)
+        for key in ((cat, "all"), (cat, size_bin(float(box_area)))):
+            if key[1] is None:
+                continue
+            slot = self._acc[key]
+            slot[0] += float(iou)
+            slot[1] += 1
+
+    def merge(self, other: InstanceIoU) -> InstanceIoU:
+        """Add another accumulator's instances into this one (e.g. gathered from other ranks); returns self."""
+        for key, (s, n) in other._acc.items():
+            slot = self._acc[key]
+            slot[0] += s
+            slot[1] += n
+        return self
+
+    def state(self) -> list[tuple[int, str, float, int]]:
+        """Plain ``(category_id, bin, iou_sum, count)`` rows, e.g. for ``all_gather_object``."""
+        return [(c, b, s, n) for (c, b), (s, n) in sorted(self._acc.items())]
+
+    @classmethod
+    def from_state(cls, rows: Iterable[Sequence[Any]]) -> InstanceIoU:
+        """Rebuild an accumulator from :meth:`state` rows."""
+        obj = cls()
+        for c, b, s, n in rows:
+            obj._acc[(int(c), str(b))] = [float(s), int(n)]
+        return obj
+
+    def _mean(self, bin_name: str) -> tuple[float, int]:
+        per_class = [s / n for (c, b), (s, n) in self._acc.items() if b == bin_name and n > 0]
+        count = sum(n for (c, b), (s, n) in self._acc.items() if b == bin_name)
+        return (float(np.mean(per_class)) if per_class else 0.0), int(count)
+
+    def compute(self) -> dict[str, float]:
+        """``{"mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "num_instances", "num_small", ...}``."""
+        miou, n = self._mean("all")
+        out: dict[str, float] = {"mIoU": miou}
+        counts = {"num_instances": n}
+        for name, _, _ in SIZE_BINS:
+            value, count = self._mean(name)
+            out[f"mIoU_{name}"] = value
+            counts[f"num_{name}"] = count
+        out.update(counts)
+        return out
+
+    def reset(self) -> None:
+        """Forget all instances."""
+        self._acc.clear()
+
+
+# --------------------------------------------------------------------------------------------- COCO AP
+def _quiet_coco(dataset: dict):
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _prepare_gt(gt_json: dict | str | os.PathLike, field: str) -> dict:
+    if isinstance(gt_json, dict):
+        gt = copy.deepcopy(gt_json)
+    else:
+        from networks.common.coco_io import load_coco
+
+        gt = load_coco(gt_json, field=field)
+    from networks.common.coco_io import ann_to_rle, rle_area
+
+    sizes = {img["id"]: (img.get("height"), img.get("width")) for img in gt.get("images", [])}
+    for ann in gt.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann:
+            # COCOeval needs areas for its size ranges; derive them like COCO does (mask area, else box area).
+            h, w = sizes.get(ann.get("image_id"), (None, None))
+            if "segmentation" in ann and h and w:
+                ann["area"] = rle_area(ann_to_rle(ann["segmentation"], h, w))
+            elif "bbox" in ann:
+                ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+    return gt
+
+
+def _prepare_results(results: Sequence[dict], iou_type: str, sizes: dict) -> list[dict]:
+    from networks.common.coco_io import ann_to_rle
+
+    out = []
+    for i, r in enumerate(results):
+        for key in ("image_id", "category_id", "score"):
+            if key not in r:
+                raise DataError(f"results[{i}]", f"missing key '{key}'")
+        if iou_type == "segm" and "segmentation" not in r:
+            raise DataError(f"results[{i}]", "missing key 'segmentation' (needed for iou_type='segm')")
+        if iou_type == "bbox" and "bbox" not in r:
+            raise DataError(f"results[{i}]", "missing key 'bbox' (needed for iou_type='bbox')")
+        r = dict(r)
+        seg = r.get("segmentation")
+        if isinstance(seg, dict) and isinstance(seg.get("counts"), str):
+            r["segmentation"] = {"size": seg["size"], "counts": seg["counts"].encode("utf-8")}
+        elif seg is not None and not (isinstance(seg, dict) and isinstance(seg.get("counts"), bytes)):
+            # Polygons / uncompressed RLE: loadRes only understands compressed RLE for segm results.
+            h, w = sizes.get(r["image_id"], (None, None))
+            if h is None:
+                raise DataError(f"results[{i}]", f"image id {r['image_id']} is not in the ground-truth file")
+            r["segmentation"] = ann_to_rle(seg, h, w, where=f"results[{i}].segmentation")
+        out.append(r)
+    return out
+
+
+def coco_eval_stats(
+    gt_json: dict | str | os.PathLike, results: Sequence[dict], iou_type: str = "segm", *, field: str = "gt_json"
+) -> list[float]:
+    """The 12-number ``COCOeval.stats`` array (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl).
+
+    ``gt_json`` is a COCO instances dict or a path to one; ``results`` are COCO result records
+    (``image_id``, ``category_id``, ``score`` and ``segmentation`` — compressed RLE with str or bytes counts,
+    polygons or uncompressed RLE — or ``bbox`` xywh).  Empty ``results`` are evaluated as "no detections"
+    (0 where the GT has objects, -1 where a size range has none).  ``field`` names ``gt_json`` in errors.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in ("segm", "bbox"):
+        raise ValueError(f"iou_type must be 'segm' or 'bbox', got {iou_type!r}")
+    gt = _prepare_gt(gt_json, field)
+    coco_gt = _quiet_coco(gt)
+    known = set(coco_gt.getImgIds())
+    unknown = sorted({r["image_id"] for r in results if "image_id" in r} - known, key=str)
+    if unknown:
+        raise DataError("results", f"image ids {unknown[:5]} are not in the ground-truth file",
+                        "predictions must use the GT 'images[].id' values")
+    sizes = {img["id"]: (img["height"], img["width"]) for img in gt["images"]}
+    res = _prepare_results(results, iou_type, sizes)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if res:
+            coco_dt = coco_gt.loadRes(res)
+        else:
+            coco_dt = _quiet_coco({"images": gt["images"], "categories": gt["categories"], "annotations": []})
+        ev = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats]
+
+
+def coco_mask_ap(
+    gt_json: dict | str | os.PathLike, results: Sequence[dict], iou_type: str = "segm", *, field: str = "gt_json"
+) -> dict[str, float]:
+    """COCO AP through pycocotools: ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` as fractions in [0, 1].
+
+    -1.0 is kept where pycocotools reports it (no GT in that size range).  See :func:`coco_eval_stats`.
+    """
+    stats = coco_eval_stats(gt_json, results, iou_type, field=field)
+    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), stats[:6], strict=False))
+
+
+# --------------------------------------------------------------------------------------- semantic mIoU
+def semantic_confusion(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    num_classes: int,
+    ignore_index: int = 255,
+    conf: np.ndarray | None = None,
+    *,
+    reduce_zero_label: bool = False,
+) -> np.ndarray:
+    """Confusion matrix ``int64 [C, C]`` (rows = GT class, columns = predicted class) of two label maps.
+
+    Pixels whose GT equals ``ignore_index`` or where either label is outside ``[0, num_classes)`` are skipped.
+    ``reduce_zero_label`` first maps GT 0 → ignored and k → k − 1 (ADE-style maps where 0 is "unlabelled", as
+    TAO Mask2Former's evaluation does); ``pred`` is then expected 0-based.  Pass the previous matrix as
+    ``conf`` to accumulate over images (it is updated in place and returned).
+    """
+    p = np.asarray(pred).astype(np.int64).ravel()
+    g = np.asarray(gt).astype(np.int64).ravel()
+    if reduce_zero_label:
+        g = np.where((g == 0) | (g == ignore_index), ignore_index, g - 1)
+    if p.shape != g.shape:
+        raise ValueError(f"semantic_confusion: shapes differ, pred {np.shape(pred)} vs gt {np.shape(gt)}")
+    c = int(num_classes)
+    valid = (g != ignore_index) & (g >= 0) & (g < c) & (p >= 0) & (p < c)
+    counts = np.bincount(g[valid] * c + p[valid], minlength=c * c).reshape(c, c)
+    if conf is None:
+        return counts
+    conf += counts
+    return conf
+
+
+def miou_from_confusion(conf: np.ndarray) -> dict[str, Any]:
+    """``{"mIoU", "pixel_accuracy", "per_class_iou"}`` from a confusion matrix (rows GT, columns prediction).
+
+    IoU_c = TP / (TP + FP + FN).  Classes absent from both GT and prediction get ``None`` in ``per_class_iou``
+    and are excluded from the mean; an empty matrix gives mIoU = pixel_accuracy = 0.0.
+    """
+    m = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(m)
+    union = m.sum(0) + m.sum(1) - tp
+    present = union > 0
+    iou = np.zeros_like(tp)
+    iou[present] = tp[present] / union[present]
+    total = m.sum()
+    return {
+        "mIoU": float(iou[present].mean()) if present.any() else 0.0,
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "per_class_iou": [float(v) if ok else None for v, ok in zip(iou, present, strict=False)],
+    }
+
+
+# ---------------------------------------------------------------------------------------- panoptic PQ
+_OFFSET = 256 * 256 * 256
+_VOID = 0
+
+
+def _as_id_map(arr: np.ndarray) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim == 3:
+        from networks.common.coco_io import rgb2id
+
+        a = rgb2id(a)
+    if a.ndim != 2:
+        raise ValueError(f"panoptic id map must be H×W (ids) or H×W×3 (RGB), got shape {a.shape}")
+    return a.astype(np.int64)
+
+
+class PanopticQuality:
+    """Panoptic quality accumulated image by image with panopticapi's ``pq_compute`` rules.
+
+    Per image: a GT and a predicted segment match when they share a category, the GT is not crowd, and
+    IoU > 0.5, where the union excludes the predicted pixels lying on GT VOID (id 0).  Unmatched non-crowd GT
+    segments are FN.  An unmatched prediction is ignored when more than half of it lies on VOID plus the
+    (last listed) GT crowd segment of its category; otherwise it is FP.  GT areas come from ``segments_info``
+    ``area`` when given (as panopticapi), else from the map; predicted areas always from the map.
+    """
+
+    def __init__(self, categories: Sequence[dict]):
+        """``categories``: dicts with ``id``, ``isthing`` (0/1, default 1) and optionally ``name``."""
+        self.categories = {int(c["id"]): dict(c) for c in categories}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all images."""
+        self.stats = {cid: {"iou": 0.0, "tp": 0, "fp": 0, "fn": 0} for cid in self.categories}
+
+    def update(self, gt_map: np.ndarray, gt_segments: Sequence[dict], pred_map: np.ndarray,
+               pred_segments: Sequence[dict], *, image: str | int = "") -> None:
+        """Add one image: id maps (``H×W`` ids or ``H×W×3`` RGB) and their ``segments_info`` lists."""
+        gt_ids = _as_id_map(gt_map)
+        pred_ids = _as_id_map(pred_map)
+        if gt_ids.shape != pred_ids.shape:
+            raise ValueError(f"image {image}: GT map {gt_ids.shape} and prediction map {pred_ids.shape} differ")
+        gt_segs = {int(s["id"]): dict(s) for s in gt_segments}
+        pred_segs = {int(s["id"]): dict(s) for s in pred_segments}
+
+        labels, counts = np.unique(gt_ids, return_counts=True)
+        gt_counts = dict(zip(labels.tolist(), counts.tolist(), strict=False))
+        for sid, seg in gt_segs.items():
+            seg.setdefault("iscrowd", 0)
+            if "area" not in seg:
+                seg["area"] = gt_counts.get(sid, 0)
+
+        labels, counts = np.unique(pred_ids, return_counts=True)
+        unseen = set(pred_segs)
+        for label, cnt in zip(labels.tolist(), counts.tolist(), strict=False):
+            if label not in pred_segs:
+                if label == _VOID:
+                    continue
+                raise DataError(f"prediction for image {image}", f"segment id {label} is in the map but not in segments_info")
+            pred_segs[label]["area"] = cnt
+            unseen.discard(label)
+            if int(pred_segs[label]["category_id"]) not in self.categories:
+                raise DataError(f"prediction for image {image}",
+                                f"segment {label} has unknown category_id {pred_segs[label]['category_id']}")
+        if unseen:
+            raise DataError(f"prediction for image {image}", f"segments {sorted(unseen)} are in segments_info but not in the map")
+
+        joint = gt_ids * _OFFSET + pred_ids
+        labels, counts = np.unique(joint, return_counts=True)
+        inter = {(int(lab // _OFFSET), int(lab % _OFFSET)): int(c) for lab, c in zip(labels.tolist(), counts.tolist(), strict=False)}
+
+        gt_matched: set[int] = set()
+        pred_matched: set[int] = set()
+        for (g, p), n in inter.items():
+            if g not in gt_segs or p not in pred_segs:
+                continue
+            gs, ps = gt_segs[g], pred_segs[p]
+            if gs["iscrowd"] == 1 or int(gs["category_id"]) != int(ps["category_id"]):
+                continue
+            union = ps["area"] + gs["area"] - n - inter.get((_VOID, p), 0)
+            iou = n / union
+            if iou > 0.5:
+                st = self.stats[int(gs["category_id"])]
+                st["tp"] += 1
+                st["iou"] += iou
+                gt_matched.add(g)
+                pred_matched.add(p)
+
+        crowd_by_cat: dict[int, int] = {}
+        for g, gs in gt_segs.items():
+            if g in gt_matched:
+                continue
+            cat = int(gs["category_id"])
+            if gs["iscrowd"] == 1:
+                crowd_by_cat[cat] = g
+                continue
+            if cat not in self.stats:
+                raise DataError(f"ground truth for image {image}", f"segment {g} has unknown category_id {cat}")
+            self.stats[cat]["fn"] += 1
+
+        for p, ps in pred_segs.items():
+            if p in pred_matched or ps.get("area", 0) == 0:
+                continue
+            cat = int(ps["category_id"])
+            n = inter.get((_VOID, p), 0)
+            if cat in crowd_by_cat:
+                n += inter.get((crowd_by_cat[cat], p), 0)
+            if n / ps["area"] > 0.5:
+                continue
+            self.stats[cat]["fp"] += 1
+
+    def merge(self, other: PanopticQuality) -> PanopticQuality:
+        """Add another accumulator's counts (same categories) into this one; returns self."""
+        for cid, st in other.stats.items():
+            mine = self.stats.setdefault(cid, {"iou": 0.0, "tp": 0, "fp": 0, "fn": 0})
+            for k in mine:
+                mine[k] += st[k]
+        return self
+
+    def compute(self) -> dict[str, Any]:
+        """``{"PQ","SQ","RQ","PQ_th","SQ_th","RQ_th","PQ_st","SQ_st","RQ_st","N","N_th","N_st","per_class"}``.
+
+        Values are fractions in [0, 1]; averages run over categories with TP+FP+FN > 0 (panopticapi), 0.0 when
+        none.  ``per_class`` lists ``{"id","name","isthing","PQ","SQ","RQ","TP","FP","FN"}`` for those categories.
+        """
+        per_class = []
+        groups: dict[str, list[tuple[float, float, float]]] = {"": [], "_th": [], "_st": []}
+        for cid in sorted(self.stats):
+            st = self.stats[cid]
+            tp, fp, fn = st["tp"], st["fp"], st["fn"]
+            if tp + fp + fn == 0:
+                continue
+            denom = tp + 0.5 * fp + 0.5 * fn
+            pq = st["iou"] / denom
+            sq = st["iou"] / tp if tp else 0.0
+            rq = tp / denom
+            isthing = int(self.categories.get(cid, {}).get("isthing", 1))
+            groups[""].append((pq, sq, rq))
+            groups["_th" if isthing else "_st"].append((pq, sq, rq))
+            per_class.append({"id": cid, "name": self.categories.get(cid, {}).get("name", str(cid)),
+                              "isthing": isthing, "PQ": pq, "SQ": sq, "RQ": rq, "TP": tp, "FP": fp, "FN": fn})
+        out: dict[str, Any] = {}
+        for suffix, vals in groups.items():
+            arr = np.asarray(vals, dtype=np.float64).reshape(-1, 3)
+            means = arr.mean(0) if len(arr) else np.zeros(3)
+            for name, v in zip(("PQ", "SQ", "RQ"), means, strict=False):
+                out[f"{name}{suffix}"] = float(v)
+            out[f"N{suffix}"] = len(vals)
+        out["per_class"] = per_class
+        return out
+
+
+def panoptic_quality(
+    gt_pan: Iterable[tuple[np.ndarray, Sequence[dict]]],
+    pred_pan: Iterable[tuple[np.ndarray, Sequence[dict]]],
+    categories: Sequence[dict],
+) -> dict[str, Any]:
+    """PQ/SQ/RQ (all, things, stuff) over paired images; each item is ``(id map or RGB, segments_info)``.
+
+    See :class:`PanopticQuality` for the matching rules and :meth:`PanopticQuality.compute` for the keys.
+    """
+    pq = PanopticQuality(categories)
+    for i, (g, p) in enumerate(zip(gt_pan, pred_pan, strict=True)):
+        pq.update(g[0], g[1], p[0], p[1], image=i)
+    return pq.compute()

@@ -1,0 +1,78 @@
+"""MAL (Mask Auto-Labeler): box-supervised instance masks from a ViT student/teacher pair.
+
+The engine ↔ network contract (docs/architecture.md): names below are what ``tao_cli`` reads.  Heavy modules
+(torch models, Lightning) are imported inside the builders so ``tao model mal --help`` stays fast.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from networks.mal.config import ExperimentConfig, check
+
+__all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "input_paths",
+           "build_datamodule", "build_module"]
+
+NAME = "mal"
+TITLE = "MAL"
+CHECKPOINT_NAME = "mal_model"
+ACTIONS = {
+    "train": "Train MAL on COCO boxes (student/teacher ViT, MIL + CRF losses).",
+    "evaluate": "Measure mask mIoU of a checkpoint against the validation set's ground-truth masks.",
+    "inference": "Write pseudo-mask COCO JSON (and overlay PNGs) for every box of inference.ann_path.",
+}
+
+
+def input_paths(cfg: Any, action: str) -> dict[str, str]:
+    """``{dotted.key: path}`` of every annotation file, image directory/archive and weights file ``action`` reads.
+
+    train: train and val annotations/images (validation runs during training) and ``train.pretrained_model_path``
+    when set; evaluate: val annotations/images; inference: ``inference.ann_path``/``inference.img_dir``.
+    Checkpoints named by ``<action>.checkpoint`` are the engine's business.
+    """
+    d = cfg.dataset
+    if action == "train":
+        paths = {
+            "dataset.train_ann_path": d.train_ann_path,
+            "dataset.train_img_dir": d.train_img_dir,
+            "dataset.val_ann_path": d.val_ann_path,
+            "dataset.val_img_dir": d.val_img_dir,
+        }
+        if cfg.train.pretrained_model_path:
+            paths["train.pretrained_model_path"] = cfg.train.pretrained_model_path
+        return paths
+    if action == "evaluate":
+        return {"dataset.val_ann_path": d.val_ann_path, "dataset.val_img_dir": d.val_img_dir}
+    if action == "inference":
+        return {"inference.ann_path": cfg.inference.ann_path, "inference.img_dir": cfg.inference.img_dir}
+    return {}
+
+
+def build_datamodule(cfg: Any, ctx: Any):
+    """The :class:`~networks.mal.data.MALDataModule` for ``ctx.action`` (datasets are built in ``setup``)."""
+    from networks.mal.data import MALDataModule
+
+    return MALDataModule(cfg, log=getattr(ctx, "log", None))
+
+
+def build_module(cfg: Any, ctx: Any):
+    """The :class:`~networks.mal.module.MALModule` for ``ctx.action``.
+
+    Passes the metric categories (val JSON for train/evaluate, ``inference.ann_path`` for inference) and, for
+    train, the batches per epoch of the full, unsharded training loader (the module divides by the devices);
+    it sizes the fractional-epoch LR schedule when no Trainer is attached.
+    """
+    import math
+
+    from networks.mal.data import filter_train_records, load_records
+    from networks.mal.module import MALModule
+
+    if ctx.action == "inference":
+        _, coco = load_records(cfg.inference.ann_path, field="inference.ann_path")
+    else:
+        _, coco = load_records(cfg.dataset.val_ann_path, field="dataset.val_ann_path")
+    n_iter = 1
+    if ctx.action == "train":
+        records, _ = load_records(cfg.dataset.train_ann_path, field="dataset.train_ann_path")
+        kept, _ = filter_train_records(records, float(cfg.dataset.min_obj_size), float(cfg.dataset.max_obj_size))
+        n_iter = max(1, math.ceil(len(kept) / int(cfg.train.batch_size)))
+    return MALModule.from_config(cfg, ctx, list(coco["categories"]), n_iter)

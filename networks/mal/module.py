@@ -1,0 +1,415 @@
+"""Lightning module for MAL: box-supervised training (MIL + mean-field CRF losses, EMA teacher), evaluation
+(TAO's class-averaged per-instance mIoU plus COCO mask AP) and pseudo-label prediction.
+
+Differences from TAO, on purpose:
+
+* automatic optimisation, so ``train.accum_grad_batches > 1`` works; the EMA update runs after each real
+  optimizer step and the LR schedule is a per-step ``LambdaLR`` (checkpointed, so resume is exact);
+* the optimiser holds the student's trainable parameters only (TAO also passes the teacher's, which never get
+  gradients, so AdamW skipped them anyway);
+* the teacher forward runs without grad and in eval mode;
+* the step counter for the epoch-0 loss warm-ups is the global optimizer step, which survives resume;
+* the first optimizer step uses the warmed-up LR ``lr(0)`` (0 with warm-up) instead of the unscheduled LR;
+* the LR is scaled by the world size (processes x nodes) times the per-device batch;
+* evaluation de-duplicates instances padded in by the distributed sampler and also reports COCO mask AP.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from networks.common.coco_io import mask_to_rle
+from networks.common.metrics import InstanceIoU, coco_mask_ap, mask_iou
+from networks.mal.losses import MeanField, mal_losses
+from networks.mal.model import MALNetwork, area_bin, build_mal_networks, ema_update
+
+__all__ = ["MALModule", "warmup_cosine_lr"]
+
+_log = logging.getLogger("tao")
+
+KPI_KEYS = ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def warmup_cosine_lr(epoch: float, *, base_lr: float, min_lr: float, warmup_epochs: float, num_epochs: float,
+                     num_wave: float = 1.0) -> float:
+    """TAO's schedule on a fractional epoch: linear 0 -> ``base_lr`` over ``warmup_epochs``, then
+    ``min_lr + (base_lr - min_lr)·½(1 + cos(π·(e-W)/(E-W)·num_wave))``.  With ``E <= W`` there is no cosine
+    phase (TAO divides by zero) and the LR stays at ``base_lr`` after warm-up."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    span = num_epochs - warmup_epochs
+    if span <= 0:
+        return base_lr
+    progress = (epoch - warmup_epochs) / span
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress * num_wave))
+
+
+def _thresholds(mask_thres: Sequence[float]) -> tuple[float, float, float]:
+    values = [float(t) for t in mask_thres]
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        from networks.common.errors import ConfigError
+
+        raise ConfigError("train.mask_thres", f"needs 1 or 3 values, got {len(values)}",
+                          "give one threshold for all sizes or [small, medium, large]")
+    return values[0], values[1], values[2]
+
+
+def _gather(obj: list) -> list:
+    """Concatenate a per-rank list across ranks (identity without an initialised process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return obj
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return obj
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, obj)
+    out: list = []
+    for p in parts:
+        out.extend(p or [])
+    return out
+
+
+class MALModule(pl.LightningModule):
+    """Student/teacher MAL training and evaluation.
+
+    Train batch: ``image``/``timage`` [B,3,S,S] (student / teacher views), ``mask`` [B,1,S,S] crop-space box
+    mask, ``bbox`` [B,4] original-image xyxy.  Eval/predict batch: ``image``, ``boxmask``, ``bbox``,
+    ``ext_box`` [B,4] int crop window (original pixels, exclusive end), ``image_hw`` [B,2] (H, W), ids and
+    ``gt_mask`` (list of uint8 H×W or None).  ``lr`` is the already scaled LR (base × devices × batch).
+    After each validation/test epoch ``kpi`` holds ``mIoU``, ``mIoU_small/medium/large`` and COCO mask
+    ``AP, AP50, AP75, APs, APm, APl`` (fractions); ``outputs`` holds the pseudo-label summary after predict.
+    """
+
+    #: the teacher and timm's unused classifier never receive gradients (read by the engine for DDP)
+    find_unused_parameters = True
+
+    def __init__(self, student: MALNetwork, teacher: MALNetwork, mean_field: MeanField, *,
+                 lr: float, min_lr_rate: float = 0.2, wd: float = 5e-4, optim_eps: float = 1e-8,
+                 optim_betas: Sequence[float] = (0.9, 0.9), warmup_epochs: float = 1, num_epochs: int = 10,
+                 num_wave: float = 1.0, steps_per_epoch: int | None = None, teacher_momentum: float = 0.996,
+                 loss_mil_weight: float = 4.0, loss_crf_weight: float = 0.5, loss_mil_step: int = 1000,
+                 loss_crf_step: int = 4000, crf_size_ratio: int = 1, mask_thres: Sequence[float] = (0.1,),
+                 use_mixed_model_test: bool = False, use_teacher_test: bool = False, use_flip_test: bool = False,
+                 label_dump_path: str | Path | None = None, num_overlays: int = 0):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.mean_field = mean_field
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.lr = float(lr)
+        self.min_lr = float(lr) * float(min_lr_rate)
+        self.wd = float(wd)
+        self.optim_eps = float(optim_eps)
+        self.optim_betas = tuple(float(b) for b in optim_betas)
+        self.warmup_epochs = float(warmup_epochs)
+        self.num_epochs = float(num_epochs)
+        self.num_wave = float(num_wave)
+        self.steps_per_epoch = steps_per_epoch
+        self.teacher_momentum = float(teacher_momentum)
+        self.loss_kw = dict(loss_mil_weight=float(loss_mil_weight), loss_crf_weight=float(loss_crf_weight),
+                            loss_mil_step=int(loss_mil_step), loss_crf_step=int(loss_crf_step),
+                            crf_size_ratio=int(crf_size_ratio))
+        self.mask_thres = _thresholds(mask_thres)
+        self.use_mixed_model_test = bool(use_mixed_model_test)
+        self.use_teacher_test = bool(use_teacher_test)
+        self.use_flip_test = bool(use_flip_test)
+        self.label_dump_path = Path(label_dump_path) if label_dump_path else None
+        self.num_overlays = int(num_overlays)
+        self.kpi: dict[str, float] = {}
+        self.outputs: dict[str, Any] = {}
+        self._ema_seen_step = 0
+        self._records: list[dict] = []
+        self._predictions: list[dict] = []
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg: Any, ctx: Any, categories: Sequence[dict] | None = None,
+                    num_train_batches_per_epoch: int | None = None) -> MALModule:
+        """Build the module from the validated spec (TAO field names) and the run context.
+
+        Pretrained weights (``train.pretrained_model_path``) are loaded for ``train`` unless ``ctx.resuming``.
+        ``num_train_batches_per_epoch`` (full, unsharded loader) is only a fallback for the schedule length when
+        no Trainer is attached; ``categories`` is accepted for the interface (ids come with each sample).
+        """
+        del categories
+        tr, ev = cfg.train, cfg.evaluate
+        action = getattr(ctx, "action", "train")
+        load_pretrained = action == "train" and not getattr(ctx, "resuming", False)
+        student, teacher = build_mal_networks(cfg, resuming=not load_pretrained, log=getattr(ctx, "log", None))
+        mean_field = MeanField(int(tr.crf_kernel_size), float(tr.crf_zeta), int(tr.crf_num_iter),
+                               float(tr.crf_value_low_thres), float(tr.crf_value_high_thres))
+        devices = max(1, int(getattr(ctx, "num_devices", 1)))
+        steps = None
+        if num_train_batches_per_epoch:
+            per_device = math.ceil(int(num_train_batches_per_epoch) / devices)
+            steps = max(1, math.ceil(per_device / max(1, int(tr.accum_grad_batches))))
+        label_dump = None
+        num_overlays = 0
+        if action == "inference":
+            from networks.mal.inference import resolve_label_dump_path
+
+            label_dump = resolve_label_dump_path(cfg.inference.label_dump_path, ctx.run_dir)
+            num_overlays = int(cfg.inference.get("num_overlays", 0) or 0)
+        return cls(
+            student, teacher, mean_field,
+            lr=float(tr.lr) * devices * int(tr.batch_size), min_lr_rate=float(tr.min_lr_rate), wd=float(tr.wd),
+            optim_eps=float(tr.optim_eps), optim_betas=list(tr.optim_betas), warmup_epochs=float(tr.warmup_epochs),
+            num_epochs=int(tr.num_epochs), num_wave=float(tr.num_wave), steps_per_epoch=steps,
+            teacher_momentum=float(cfg.model.teacher_momentum), loss_mil_weight=float(tr.loss_mil_weight),
+            loss_crf_weight=float(tr.loss_crf_weight), loss_mil_step=int(tr.loss_mil_step),
+            loss_crf_step=int(tr.loss_crf_step), crf_size_ratio=int(tr.crf_size_ratio),
+            mask_thres=list(tr.mask_thres), use_mixed_model_test=bool(ev.use_mixed_model_test),
+            use_teacher_test=bool(ev.use_teacher_test), use_flip_test=bool(ev.use_flip_test),
+            label_dump_path=label_dump, num_overlays=num_overlays,
+        )
+
+    def train(self, mode: bool = True):
+        """Lightning toggles train/eval; the teacher always stays in eval mode (deterministic targets)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------------ optimisation
+    def _steps_per_epoch(self) -> int:
+        trainer = self._trainer
+        if trainer is not None:
+            try:
+                total = trainer.estimated_stepping_batches
+                epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else self.num_epochs
+                if math.isfinite(total) and total > 0:
+                    return max(1, int(round(total / epochs)))
+            except Exception:  # no loader yet (e.g. building outside fit)
+                pass
+        return max(1, int(self.steps_per_epoch or 1))
+
+    def lr_at_step(self, step: int, steps_per_epoch: int) -> float:
+        """LR used by the ``step``-th (0-based, global) optimizer step."""
+        return warmup_cosine_lr(step / steps_per_epoch, base_lr=self.lr, min_lr=self.min_lr,
+                                warmup_epochs=self.warmup_epochs, num_epochs=self.num_epochs,
+                                num_wave=self.num_wave)
+
+    def configure_optimizers(self):
+        """AdamW over the student's trainable parameters + per-step warm-up/cosine ``LambdaLR``."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.optim_betas, eps=self.optim_eps,
+                                weight_decay=self.wd)
+        spe = self._steps_per_epoch()
+        base = self.lr
+
+        def factor(step: int) -> float:
+            return self.lr_at_step(step, spe) / base if base > 0 else 0.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------------------------------ training
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Student on ``image``, teacher (no grad) on ``timage``; returns ``loss_mil + loss_crf``."""
+        image, bbox = batch["image"], batch["bbox"]
+        timage = batch.get("timage", image)
+        s_logits = self.student(image, bbox)
+        with torch.no_grad():
+            t_logits = self.teacher(timage, bbox)
+        step = int(self.trainer.global_step) if self._trainer is not None else 0
+        losses = mal_losses(s_logits, t_logits, image, batch["mask"], self.mean_field,
+                            epoch=int(self.current_epoch), step_in_epoch=step, **self.loss_kw)
+        loss = losses["loss_mil"] + losses["loss_crf"]
+        b = image.shape[0]
+        self.log("train/loss_mil", losses["loss_mil"], on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        self.log("train/loss_crf", losses["loss_crf"], on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=b)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+                     batch_size=b)
+        return loss
+
+    def on_train_start(self) -> None:
+        self._ema_seen_step = int(self.trainer.global_step)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA-update the teacher once per optimizer step actually taken (not per accumulated batch)."""
+        step = int(self.trainer.global_step)
+        if step != self._ema_seen_step:
+            ema_update(self.teacher, self.student, self.teacher_momentum)
+            self._ema_seen_step = step
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def _logits(self, image: torch.Tensor, bbox: torch.Tensor, *, student_only: bool = False) -> torch.Tensor:
+        if student_only:
+            return self.student(image, bbox).float()
+        if self.use_mixed_model_test:
+            return (self.student(image, bbox).float() + self.teacher(image, bbox).float()) / 2
+        net = self.teacher if self.use_teacher_test else self.student
+        return net(image, bbox).float()
+
+    def crop_probs(self, batch: dict, *, student_only: bool = False, flip: bool | None = None) -> torch.Tensor:
+        """Crop-space probabilities ``[B,S,S]``: logits (student / teacher / mean per flags, optional flip TTA
+        averaged in logit space) -> bilinear to S x S -> sigmoid -> x ``boxmask``."""
+        image, bbox = batch["image"], batch["bbox"]
+        segs = self._logits(image, bbox, student_only=student_only)
+        if self.use_flip_test if flip is None else flip:
+            flipped = self._logits(torch.flip(image, [3]), bbox, student_only=student_only)
+            segs = (segs + torch.flip(flipped, [3])) / 2
+        segs = F.interpolate(segs, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return (torch.sigmoid(segs) * batch["boxmask"].float())[:, 0]
+
+    def _instances(self, batch: dict, probs: torch.Tensor) -> list[dict]:
+        """Full-image probability and binary mask per instance, plus ids, box area and IoU when GT exists."""
+        from networks.mal.inference import paste_back
+
+        full = paste_back(probs, batch["ext_box"], batch["image_hw"])
+        bins = area_bin(batch["bbox"].float()).tolist()
+        boxes = batch["bbox"].float().cpu().numpy()
+        gts = batch.get("gt_mask") or [None] * len(full)
+        out = []
+        for i, prob in enumerate(full):
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            mask = prob > self.mask_thres[bins[i]]
+            rec = {
+                "ann_id": int(batch["ann_id"][i]), "image_id": int(batch["image_id"][i]),
+                "category_id": int(batch["category_id"][i]),
+                "compact_category_id": int(batch["compact_category_id"][i]),
+                "iscrowd": int(batch["iscrowd"][i]) if "iscrowd" in batch else 0,
+                "bbox_xywh": [x0, y0, x1 - x0, y1 - y0], "box_area": (x1 - x0) * (y1 - y0),
+                "prob": prob, "mask": mask,
+            }
+            gt = gts[i] if i < len(gts) else None
+            if gt is not None:
+                rec["iou"] = mask_iou(mask, gt)
+                rec["gt"] = gt
+            out.append(rec)
+        return out
+
+    def _eval_step(self, batch: dict) -> None:
+        probs = self.crop_probs(batch)
+        for rec in self._instances(batch, probs):
+            if "gt" not in rec:
+                continue
+            mask, prob = rec["mask"], rec["prob"]
+            area = int(mask.sum())
+            self._records.append({
+                "ann_id": rec["ann_id"], "image_id": rec["image_id"], "category_id": rec["category_id"],
+                "compact_category_id": rec["compact_category_id"], "iscrowd": rec["iscrowd"],
+                "bbox": rec["bbox_xywh"], "box_area": rec["box_area"], "iou": rec["iou"],
+                "hw": list(mask.shape), "pred": mask_to_rle(mask), "gt": mask_to_rle(rec["gt"]),
+                "score": float(prob[mask].mean()) if area else 0.0,
+            })
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Accumulate per-instance IoUs and COCO records (instances without a GT mask are skipped)."""
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Same as :meth:`validation_step`."""
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._records = []
+
+    def on_test_epoch_start(self) -> None:
+        self._records = []
+
+    def compute_kpi(self, records: Sequence[dict]) -> dict[str, float]:
+        """mIoU (TAO: class-averaged per-instance IoU, size bins by box area) and COCO mask AP from records."""
+        uniq: dict[int, dict] = {}
+        for r in records:
+            uniq.setdefault(int(r["ann_id"]), r)  # DistributedSampler pads with duplicates
+        if not uniq:
+            return {}
+        acc = InstanceIoU()
+        for r in uniq.values():
+            acc.update(r["iou"], r["compact_category_id"], r["box_area"])
+        stats = acc.compute()
+        kpi = {k: float(stats[k]) for k in ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large")}
+        images, cats, anns, results = {}, {}, [], []
+        for r in uniq.values():
+            h, w = r["hw"]
+            images[r["image_id"]] = {"id": r["image_id"], "height": h, "width": w}
+            cats[r["category_id"]] = {"id": r["category_id"], "name": str(r["category_id"])}
+            anns.append({"id": r["ann_id"], "image_id": r["image_id"], "category_id": r["category_id"],
+                         "segmentation": r["gt"], "iscrowd": r["iscrowd"], "bbox": r["bbox"]})
+            results.append({"image_id": r["image_id"], "category_id": r["category_id"],
+                            "segmentation": r["pred"], "score": r["score"]})
+        gt = {"images": list(images.values()), "categories": list(cats.values()), "annotations": anns}
+        kpi.update({k: float(v) for k, v in coco_mask_ap(gt, results, "segm").items()})
+        return kpi
+
+    def _epoch_end(self, prefix: str) -> None:
+        records = _gather(self._records)
+        self._records = []
+        kpi = self.compute_kpi(records)
+        if not kpi:
+            _log.warning("MAL %s: no instance with a ground-truth mask; no metrics (set dataset.load_mask=true "
+                         "and give segmentations to get mIoU/AP)", prefix)
+            self.kpi = {}
+            return
+        self.kpi = kpi
+        for key, value in kpi.items():
+            self.log(f"{prefix}/{key}", value, on_epoch=True, rank_zero_only=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    # ------------------------------------------------------------------------------------------ prediction
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        """Pseudo-labels from the student without TTA (as TAO): compact per-annotation records
+        ``{ann_id, image_id, segmentation (RLE, full image), area, score, [iou]}`` (see ``inference.py``)."""
+        from networks.mal.inference import encode_prediction
+
+        probs = self.crop_probs(batch, student_only=True, flip=False)
+        out = []
+        for rec in self._instances(batch, probs):
+            pred = {"ann_id": rec["ann_id"], "image_id": rec["image_id"], "prob": rec["prob"], "mask": rec["mask"]}
+            if "iou" in rec:
+                pred["iou"] = rec["iou"]
+            out.append(encode_prediction(pred, rec["bbox_xywh"], self.mask_thres))
+        self._predictions.extend(out)
+        return out
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather predictions and, on rank 0, write the pseudo-label JSON (and overlays) atomically."""
+        preds = _gather(self._predictions)
+        self._predictions = []
+        if self.label_dump_path is None or self.global_rank != 0:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        coco = getattr(dm, "coco", {}).get("inference") if dm is not None else None
+        if coco is None:
+            _log.warning("MAL inference: no input COCO json on the datamodule; %d predictions not written",
+                         len(preds))
+            return
+        from networks.mal.inference import write_pseudo_labels
+
+        summary = write_pseudo_labels(coco, preds, self.label_dump_path, mask_thres=self.mask_thres)
+        if self.num_overlays > 0 and getattr(dm, "predict_dataset", None) is not None:
+            import json
+
+            from networks.mal.inference import write_overlays
+
+            with open(self.label_dump_path, encoding="utf-8") as fh:
+                written = json.load(fh)
+            paths = write_overlays(written, dm.predict_dataset.img_root, self.label_dump_path.parent / "overlays",
+                                   self.num_overlays)
+            summary["overlays"] = [str(p) for p in paths]
+        ious = [p["iou"] for p in preds if p.get("iou") is not None]
+        if ious:
+            summary["mean_iou"] = float(np.mean(ious))
+        self.outputs = summary

@@ -1,0 +1,102 @@
+"""Mask2Former (Cheng et al., CVPR 2022) for tao-cli: TAO's ``mask2former`` spec, train/evaluate/inference/export.
+
+Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` and ``quantize`` are
+listed so TAO users find them, but they belong to tao-deploy and fail with a clear message.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from networks.common.errors import ConfigError
+from networks.mask2former.config import ExperimentConfig, check
+
+__all__ = [
+    "NAME",
+    "TITLE",
+    "CHECKPOINT_NAME",
+    "ACTIONS",
+    "ExperimentConfig",
+    "check",
+    "input_paths",
+    "build_module",
+    "build_datamodule",
+    "run_action",
+]
+
+NAME = "mask2former"
+TITLE = "Mask2Former"
+CHECKPOINT_NAME = "mask2former_model"
+
+ACTIONS: dict[str, str] = {
+    "train": "Train a Mask2Former model (panoptic, instance or semantic segmentation).",
+    "evaluate": "Evaluate a checkpoint on dataset.val: mIoU and pixel accuracy, plus PQ or mask AP.",
+    "inference": "Segment the images of dataset.test.img_dir; writes overlays and PNG/JSON results.",
+    "export": "Export a checkpoint to ONNX (standard ops) and check it with onnxruntime.",
+    "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
+    "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
+}
+
+_SPLIT_FIELDS = {
+    "ade": ("annot_file", "root_dir"),
+    "coco": ("instance_json", "img_dir"),
+    "coco_panoptic": ("panoptic_json", "img_dir", "panoptic_dir"),
+}
+
+
+def input_paths(cfg: Any, action: str) -> dict[str, str]:
+    """``{dotted.key: path}`` of the files/folders ``action`` reads (checked before running)."""
+    paths: dict[str, str] = {}
+    ds = cfg.dataset
+
+    def split(key: str) -> None:
+        s = getattr(ds, key)
+        for f in _SPLIT_FIELDS.get(s.type, ()):
+            value = getattr(s, f)
+            if value:
+                paths[f"dataset.{key}.{f}"] = value
+
+    if action in ("train", "evaluate", "inference") and ds.label_map:
+        paths["dataset.label_map"] = ds.label_map
+    if action == "train":
+        split("train")
+        split("val")
+        if cfg.train.pretrained_model_path:
+            paths["train.pretrained_model_path"] = cfg.train.pretrained_model_path
+        elif cfg.model.backbone.pretrained_weights:
+            paths["model.backbone.pretrained_weights"] = cfg.model.backbone.pretrained_weights
+    elif action == "evaluate":
+        split("val")
+        paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
+    elif action == "inference":
+        if ds.test.img_dir:
+            paths["dataset.test.img_dir"] = ds.test.img_dir
+        paths["inference.checkpoint"] = cfg.inference.checkpoint
+    elif action == "export":
+        paths["export.checkpoint"] = cfg.export.checkpoint
+    return paths
+
+
+def build_module(cfg: Any, ctx: Any):
+    """The :class:`~networks.mask2former.module.Mask2FormerModule` for ``ctx.action``."""
+    from networks.mask2former.module import Mask2FormerModule
+
+    return Mask2FormerModule(cfg, ctx)
+
+
+def build_datamodule(cfg: Any, ctx: Any):
+    """The :class:`~networks.mask2former.data.Mask2FormerDataModule` for ``ctx.action``."""
+    from networks.mask2former.data import Mask2FormerDataModule
+
+    return Mask2FormerDataModule(cfg, ctx.action)
+
+
+def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Non-Lightning actions: ``export`` (returns the ONNX path, I/O spec and parity); tao-deploy ones fail."""
+    if action == "export":
+        from networks.mask2former.export import run_export
+
+        return run_export(cfg, ctx)
+    if action in ("gen_trt_engine", "quantize"):
+        raise ConfigError(action, "is not part of tao-cli yet",
+                          f"use tao-deploy (`mask2former {action}`) with the ONNX file from `export`")
+    raise ConfigError("action", f"'{action}' is not a Mask2Former action", f"choose from {', '.join(ACTIONS)}")

@@ -1,0 +1,172 @@
+"""ONNX export of Mask2Former with TAO's per-mode outputs, standard ONNX ops only.
+
+The graph input is ``inputs`` float [B, 3, H, W]: an image already normalised with ``dataset.pixel_mean/std``
+(no normalisation inside the graph, as TAO) and H, W static multiples of 32.  Mask outputs are upsampled
+bilinearly to (H, W).  Outputs per ``model.mode`` (TAO ``scripts/export.py``):
+
+* ``semantic``: ``pred_masks`` [B, C, H, W] class probabilities (channel k = class index k+1).
+* ``instance``: ``pred_masks`` [B, K, H, W] {0, 1}, ``pred_scores`` [B, K], ``pred_classes`` [B, K] int64
+  0-based (K = min(test_topk_per_image, Q·C)).
+* ``panoptic``: ``prob_masks`` [B, Q, H, W] (score · sigmoid), ``pred_masks`` [B, Q, H, W] (sigmoid),
+  ``pred_scores`` [B, Q] (best real-class probability), ``pred_classes`` [B, Q] int64 0-based.  The panoptic
+  merge is not in the graph.
+
+Deformable attention is exported as the pure-PyTorch ``grid_sample`` path (ONNX ``GridSample``), so no custom
+op or TensorRT plugin is needed; opset 17 or higher.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from networks.common.errors import CheckpointError, ConfigError
+from networks.common.io import atomic_path
+from networks.mask2former.postprocess import instance_topk, semantic_probs
+
+__all__ = ["OUTPUT_NAMES", "ExportWrapper", "export_onnx", "onnx_parity", "load_model_weights", "run_export"]
+
+log = logging.getLogger(__name__)
+
+OUTPUT_NAMES: dict[str, list[str]] = {
+    "semantic": ["pred_masks"],
+    "instance": ["pred_masks", "pred_scores", "pred_classes"],
+    "panoptic": ["prob_masks", "pred_masks", "pred_scores", "pred_classes"],
+}
+MIN_OPSET = 17
+
+
+class ExportWrapper(nn.Module):
+    """``model`` + TAO's export post-processor for ``mode``; forward(inputs [B,3,H,W]) → tuple per OUTPUT_NAMES.
+
+    ``model(inputs)`` must return ``pred_logits`` [B, Q, C+1] (index 0 = no-object) and ``pred_masks``
+    [B, Q, h, w] logits.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, topk: int = 100):
+        super().__init__()
+        if mode not in OUTPUT_NAMES:
+            raise ConfigError("model.mode", f"'{mode}' is not one of {sorted(OUTPUT_NAMES)}")
+        self.model = model
+        self.mode = mode
+        self.topk = int(topk)
+
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(inputs)
+        logits = out["pred_logits"]
+        masks = F.interpolate(out["pred_masks"], size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        if self.mode == "semantic":
+            return (semantic_probs(logits, masks),)
+        if self.mode == "instance":
+            scores, query, cls0 = instance_topk(logits, self.topk)
+            H, W = masks.shape[-2:]
+            index = query[:, :, None, None].expand(-1, -1, H, W)
+            selected = torch.gather(masks, 1, index)
+            binary = (selected > 0).to(selected.dtype)
+            mask_scores = (selected.sigmoid() * binary).flatten(2).sum(-1) / (binary.flatten(2).sum(-1) + 1e-6)
+            return binary, scores * mask_scores, cls0
+        probs = logits.float().softmax(-1)[..., 1:]
+        scores, cls0 = probs.max(-1)
+        sig = masks.sigmoid()
+        return scores[:, :, None, None] * sig, sig, scores, cls0
+
+
+def export_onnx(model: nn.Module, mode: str, out_path: str | Path, input_hw: tuple[int, int],
+                batch_size: int = -1, opset: int = MIN_OPSET, topk: int = 100, verbose: bool = False) -> Path:
+    """Write ``model`` wrapped in :class:`ExportWrapper` to ``out_path`` (atomically) and return the path.
+
+    ``input_hw`` (H, W) is static; ``batch_size`` −1 makes the batch axis dynamic (traced with batch 1).
+    Raises :class:`ConfigError` for opset < 17 or a size that is not a multiple of 32.
+    """
+    if opset < MIN_OPSET:
+        raise ConfigError("export.opset_version", f"{opset} is too low", f"use {MIN_OPSET} or higher")
+    H, W = int(input_hw[0]), int(input_hw[1])
+    if H % 32 or W % 32:
+        raise ConfigError("export.input_height", f"input {H}x{W} must be a multiple of 32")
+    wrapper = ExportWrapper(model, mode, topk).eval()
+    b = 1 if batch_size in (None, -1) else int(batch_size)
+    ref = next(model.parameters(), None)
+    dummy = torch.ones(b, 3, H, W, device=ref.device if ref is not None else None)
+    names = OUTPUT_NAMES[mode]
+    dynamic_axes = None
+    if batch_size in (None, -1):
+        dynamic_axes = {"inputs": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    out_path = Path(out_path)
+    with atomic_path(out_path, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about every shape-dependent Python branch; H and W are static here by design.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=["inputs"], output_names=names,
+                          opset_version=int(opset), dynamic_axes=dynamic_axes, do_constant_folding=True,
+                          verbose=verbose, dynamo=False)
+        import onnx
+
+        onnx.checker.check_model(str(tmp))
+    return out_path
+
+
+def onnx_parity(model: nn.Module, mode: str, onnx_path: str | Path, inputs: torch.Tensor, topk: int = 100
+                ) -> dict[str, float]:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``inputs``; ``{output name: max |diff|}``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    wrapper = ExportWrapper(model, mode, topk).eval()
+    with torch.no_grad():
+        expected = [t.detach().cpu().numpy() for t in wrapper(inputs)]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"inputs": inputs.detach().cpu().numpy()})
+    return {name: float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)))) if e.size else 0.0
+            for name, g, e in zip(OUTPUT_NAMES[mode], got, expected, strict=False)}
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint") -> Any:
+    """Load a tao-cli/TAO Lightning checkpoint (``state_dict`` with ``model.`` prefix) into ``model``.
+
+    Returns the load report.  Reads with ``torch.load(weights_only=True)`` (no arbitrary pickles).
+    """
+    from networks.common.weights import apply_state_dict, unwrap_state_dict
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(field, f"file not found: {checkpoint}", "give the path of a trained checkpoint")
+    # TODO(lead): route through tao_cli.engine.checkpoints' safe loader (encryption, tao_model check).
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
+                              "use a checkpoint written by tao-cli or TAO train") from exc
+    state = unwrap_state_dict(obj)
+    if any(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    report = apply_state_dict(model, state, benign_patterns=("criterion.*",), source=str(path))
+    if report.missing:
+        raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. "
+                              f"{report.missing[:3]}", "check that the spec's model section matches the checkpoint")
+    return report
+
+
+def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
+    """The ``export`` action: build the model from ``cfg.model``, load ``export.checkpoint``, write
+    ``export.onnx_file``, then check it with onnxruntime on random input and report the max abs difference."""
+    from networks.mask2former.model import build_model
+
+    ex = cfg.export
+    if ex.opset_version < MIN_OPSET:
+        raise ConfigError("export.opset_version", f"{ex.opset_version} is too low", f"use {MIN_OPSET} or higher")
+    model = build_model(cfg.model).eval()
+    load_model_weights(model, ex.checkpoint)
+    out = export_onnx(model, cfg.model.mode, ex.onnx_file, (ex.input_height, ex.input_width), ex.batch_size,
+                      ex.opset_version, cfg.model.test_topk_per_image, ex.verbose)
+    b = 1 if ex.batch_size in (None, -1) else int(ex.batch_size)
+    sample = torch.randn(b, 3, ex.input_height, ex.input_width, generator=torch.Generator().manual_seed(0))
+    diffs = onnx_parity(model, cfg.model.mode, out, sample, cfg.model.test_topk_per_image)
+    inputs = {"inputs": [("batch" if ex.batch_size in (None, -1) else b), 3, ex.input_height, ex.input_width]}
+    ctx.log.info("ONNX written to %s; inputs %s; outputs %s; onnxruntime max |diff| vs PyTorch: %s",
+                 out, inputs, OUTPUT_NAMES[cfg.model.mode], diffs)
+    return {"onnx_file": str(out), "inputs": inputs, "outputs": OUTPUT_NAMES[cfg.model.mode],
+            "max_abs_diff": max(diffs.values()) if diffs else 0.0, "per_output_diff": diffs}

@@ -1,0 +1,594 @@
+"""Mask2Former LightningModule: training losses, optimiser/schedule, evaluation metrics and inference outputs.
+
+* Training: ``criterion`` terms weighted here (the one place; ``class_weight``, ``mask_weight``,
+  ``dice_weight`` for the final and every aux prediction); every term is logged, plus ``train_loss``.
+* Optimiser (TAO / original ``train_net.py``): AdamW (or SGD), backbone lr × ``backbone_multiplier``, weight
+  decay 0 for norm layers, embeddings, ``relative_position_bias_table`` and ``absolute_pos_embed``.
+  Schedules: ``MultiStep`` (milestones in epochs) or ``WarmupPoly`` (per step, ``(1 - it/max_it)^0.9``, no
+  warmup as TAO) where ``max_it`` is the real number of optimiser steps (after distributed sharding) — TAO counts
+  before sharding and under-decays on several GPUs.  Gradient clipping is the Trainer's (engine) business.
+* Evaluation (validate/test): losses, then post-processing at the **original image resolution**; metrics:
+  mIoU / pixel accuracy in every mode (``mIoU``, ``ACC_all`` = TAO's name, ``pixel_accuracy``), plus PQ/SQ/RQ
+  (panoptic) or COCO mask AP (instance).  Per-image results are gathered to every rank and de-duplicated by
+  image id (the distributed sampler repeats images to even out ranks) before the metrics are computed.
+* Inference: overlay PNGs plus machine-readable results under ``ctx.run_dir`` (see :meth:`predict_step`).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover
+    import lightning.pytorch as pl  # type: ignore
+
+from networks.common.errors import CheckpointError, ConfigError
+from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
+from networks.mask2former.data import LabelMap, load_label_map
+from networks.mask2former.postprocess import (
+    instance_inference,
+    panoptic_inference,
+    panoptic_keep,
+    semantic_inference,
+    to_image_size,
+)
+from networks.ops.matcher import HungarianMatcher, mask2former_cost_terms
+
+__all__ = ["Mask2FormerModule", "load_pretrained_model", "load_detectron2_pkl", "param_groups", "freeze_modules"]
+
+log = logging.getLogger(__name__)
+
+_NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+    nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)
+_NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+CLASS_HEAD_KEYS = ("sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.class_embed.bias")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_multiplier: float) -> list[dict]:
+    """Trainable parameters bucketed into (lr, weight_decay) groups, as TAO's per-tensor rules.
+
+    lr × ``backbone_multiplier`` for parameters of modules whose name contains ``backbone``; weight decay 0 for
+    norm layers, ``nn.Embedding`` and the Swin position tables.  Each group has a ``name`` for logging.
+    """
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_backbone = "backbone" in module_name
+            no_decay = isinstance(module, (*_NORM_TYPES, nn.Embedding)) or any(n in pname for n in _NO_DECAY_NAMES)
+            buckets.setdefault((is_backbone, no_decay), []).append(p)
+    groups = []
+    for (is_backbone, no_decay), params in sorted(buckets.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        groups.append({
+            "params": params,
+            "lr": lr * (backbone_multiplier if is_backbone else 1.0),
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "name": f"{'backbone' if is_backbone else 'head'}{'_no_decay' if no_decay else ''}",
+        })
+    return groups
+
+
+def freeze_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """Set ``requires_grad=False`` under each dotted path (sub-module or parameter); returns the paths frozen.
+
+    Raises :class:`ConfigError` (``train.freeze``) naming an unknown path and the top-level modules.
+    """
+    frozen = []
+    for raw in paths or []:
+        path = raw.strip()
+        path = path[len("model."):] if path.startswith("model.") else path
+        try:
+            target = model.get_submodule(path)
+            params = list(target.parameters())
+        except AttributeError:
+            try:
+                params = [model.get_parameter(path)]
+            except AttributeError:
+                tops = ", ".join(n for n, _ in model.named_children())
+                raise ConfigError("train.freeze", f"'{raw}' is not a module or parameter of the model",
+                                  f"use dotted paths under: {tops} (e.g. backbone, sem_seg_head.pixel_decoder)"
+                                  ) from None
+        for p in params:
+            p.requires_grad_(False)
+        frozen.append(path)
+    return frozen
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for detectron2 model-zoo ``.pkl`` files: plain dicts/lists of numpy arrays, nothing else."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401 - pickle protocol
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _roll_class_axis_last_to_first(t: torch.Tensor) -> torch.Tensor:
+    """Original/HF class layout (no-object last) → TAO layout (no-object at index 0)."""
+    return torch.cat([t[-1:], t[:-1]], dim=0)
+
+
+def load_detectron2_pkl(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a detectron2 ``.pkl`` (original Mask2Former model zoo), in tao-cli/TAO key and class layout.
+
+    Only numpy arrays are unpickled (anything else raises :class:`CheckpointError`); ``static_query`` becomes
+    ``query_feat`` and the class head rows are rolled so that no-object is index 0.
+    """
+    try:
+        with open(path, "rb") as fh:
+            obj = _NumpyOnlyUnpickler(io.BytesIO(fh.read())).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
+        raise CheckpointError(str(path), f"cannot be loaded safely as a detectron2 .pkl ({exc})",
+                              "only plain dicts of numpy arrays are accepted") from exc
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(str(path), "has no 'model' dict of arrays")
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, np.ndarray):
+            continue
+        key = k.replace("static_query", "query_feat")
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if key in CLASS_HEAD_KEYS:
+            t = _roll_class_axis_last_to_first(t)
+        out[key] = t
+    return out
+
+
+def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
+    """Load ``train.pretrained_model_path`` (TAO/tao-cli ``.pth`` or detectron2 ``.pkl``) into ``model``.
+
+    Everything whose name and shape match is loaded.  The class head is re-initialised (and reported) when its
+    size differs (another ``num_classes``); any other shape mismatch raises :class:`CheckpointError`.
+    Returns the :class:`~networks.common.weights.LoadReport`.
+    """
+    from networks.common.weights import apply_state_dict, unwrap_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("train.pretrained_model_path", f"file not found: {path}")
+    if path.suffix == ".pkl":
+        state = load_detectron2_pkl(path)
+    elif path.suffix == ".engine":
+        raise CheckpointError("train.pretrained_model_path", "a TensorRT engine cannot be used as weights")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+            raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
+                                  "use a .pth written by tao-cli or TAO, or a detectron2 .pkl") from exc
+        state = unwrap_state_dict(obj)
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    report = apply_state_dict(model, state, benign_patterns=("criterion.*", "pixel_mean", "pixel_std",
+                                                             "*.attn_mask", "*relative_position_index"),
+                              source=str(path), raise_on_mismatch=False, log_summary=False)
+    bad = [m for m in report.mismatched if m[0] not in CLASS_HEAD_KEYS]
+    if bad:
+        key, fshape, mshape = bad[0]
+        raise CheckpointError(str(path), f"tensor '{key}' has shape {fshape} in the file but {mshape} in the "
+                              "model", "check that the model section of the spec matches the weights")
+    if report.mismatched:
+        log.info("Re-initialised the class head (%s): the file has %d classes, the model %d.",
+                 ", ".join(m[0] for m in report.mismatched), report.mismatched[0][1][0] - 1,
+                 report.mismatched[0][2][0] - 1)
+    log.info(report.summary(str(path)))
+    return report
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+# -------------------------------------------------------------------------------------------- module
+class Mask2FormerModule(pl.LightningModule):
+    """Mask2Former train/evaluate/inference logic around a :class:`~networks.mask2former.model.Mask2FormerModel`.
+
+    Args:
+        cfg: the validated spec (``DictConfig``).
+        ctx: the engine's :class:`~networks.common.context.RunContext` (or None in tests).
+        model: a built model (default: ``build_model(cfg.model)``).
+        label_map: classes (default: read from ``dataset.label_map`` when set).
+    """
+
+    # Class default for the engine; __init__ refines it from train.activation_checkpoint as TAO does.
+    find_unused_parameters = True
+
+    def __init__(self, cfg: Any, ctx: Any = None, model: nn.Module | None = None,
+                 label_map: LabelMap | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        # TAO: plain DDP with activation checkpointing, else find_unused_parameters (e.g. frozen parts).
+        self.find_unused_parameters = not bool(cfg.train.activation_checkpoint)
+        mc = cfg.model
+        if model is None:
+            from networks.mask2former.model import build_model
+
+            model = build_model(mc, activation_checkpoint=bool(cfg.train.activation_checkpoint))
+        self.model = model
+        mf = mc.mask_former
+        self.num_classes = int(mc.sem_seg_head.num_classes)
+        matcher = HungarianMatcher(mask2former_cost_terms(mf.class_weight, mf.mask_weight, mf.dice_weight,
+                                                          mf.train_num_points))
+        self.criterion = Mask2FormerCriterion(self.num_classes, matcher, mf.no_object_weight, mf.train_num_points,
+                                              mf.oversample_ratio, mf.importance_sample_ratio, mf.deep_supervision)
+        num_aux = max(int(mf.dec_layers) - 1, 0) if mf.deep_supervision else 0
+        self.loss_weights = loss_weights(mf.class_weight, mf.mask_weight, mf.dice_weight, num_aux)
+        if label_map is None and cfg.dataset.label_map:
+            label_map = load_label_map(cfg.dataset.label_map, self.num_classes, cfg.dataset.contiguous_id)
+        self.label_map = label_map
+        self.kpi: dict[str, float] = {}
+        self.outputs: dict[str, Any] = {}
+        self._eval_records: dict[Any, dict] = {}
+        self._predictions: list[dict] = []
+        action = getattr(ctx, "action", None)
+        if action == "train":
+            frozen = freeze_modules(self.model, list(cfg.train.freeze or []))
+            if frozen:
+                log.info("Froze modules: %s", frozen)
+            if not getattr(ctx, "resuming", False):
+                self._load_pretrained()
+
+    # -- weights -------------------------------------------------------------------------------------
+    def _load_pretrained(self) -> None:
+        tr = self.cfg.train
+        if tr.pretrained_model_path:
+            # As TAO: full-model weights take precedence over the backbone file.
+            load_pretrained_model(self.model, tr.pretrained_model_path)
+        elif self.cfg.model.backbone.pretrained_weights:
+            from networks.mask2former.model import load_backbone_weights
+
+            report = load_backbone_weights(self.model, self.cfg.model.backbone.pretrained_weights)
+            log.info(report.summary(str(self.cfg.model.backbone.pretrained_weights)))
+
+    # -- training ------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
+        """Model forward: images [B, 3, H, W] normalised and padded → model outputs."""
+        return self.model(images)
+
+    def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for k, v in losses.items():
+            w = self.loss_weights.get(k, 0.0)
+            if w:
+                total = v * w if total is None else total + v * w
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Weighted loss of one batch; logs ``train_loss`` and every term (``train_loss_ce``, ...)."""
+        outputs = self.model(batch["images"])
+        losses = self.criterion(outputs, batch["targets"])
+        for k, v in losses.items():
+            if not torch.isfinite(v):
+                raise FloatingPointError(f"Mask2Former loss term '{k}' is {v.item()} at step {self.global_step}; "
+                                         "lower train.optim.lr, use fp32/bf16, or check the data")
+        total = self._weighted(losses)
+        bs = len(batch["targets"])
+        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        for k, v in losses.items():
+            self.log(f"train_{k}", v.detach(), on_step="_" not in k[5:], on_epoch=True, batch_size=bs)
+        opt = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        if opt is not None:
+            self.log("lr", opt.param_groups[-1]["lr"], on_step=True, on_epoch=False, batch_size=bs)
+            self.log("lr_backbone", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=bs)
+        return total
+
+    def configure_optimizers(self):
+        """AdamW/SGD over :func:`param_groups`, with a MultiStep (per epoch) or WarmupPoly (per step) schedule."""
+        o = self.cfg.train.optim
+        groups = param_groups(self.model, o.lr, o.weight_decay, o.backbone_multiplier)
+        if o.type.lower() == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr)
+        if o.lr_scheduler.lower() == "warmuppoly":
+            max_iter = self._poly_max_iter()
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda it: max(1.0 - min(it, max_iter) / max_iter, 0.0) ** 0.9)
+            interval = "step"
+        else:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.milestones),
+                                                             gamma=o.gamma)
+            interval = "epoch"
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def _poly_max_iter(self) -> int:
+        tr = self.cfg.train
+        if tr.iters_per_epoch:
+            return int(tr.iters_per_epoch) * int(tr.num_epochs) + 1
+        steps = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        if not math.isfinite(steps):
+            raise ConfigError("train.iters_per_epoch", "cannot infer the number of steps for WarmupPoly",
+                              "set train.iters_per_epoch")
+        return int(steps) + 1
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_records = {}
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Loss (``val_loss``) and per-image results at the original resolution for the metrics."""
+        self._eval_step(batch, "val_loss")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """As :meth:`validation_step` (``evaluate`` runs on ``dataset.val``)."""
+        self._eval_step(batch, "val_loss")
+
+    def _thing_classes(self, device) -> torch.Tensor | None:
+        if self.label_map is None:
+            return None
+        return torch.as_tensor(self.label_map.thing_classes(), device=device)
+
+    def _category_id(self, class_index: int) -> int:
+        return self.label_map.category_id(class_index) if self.label_map is not None else int(class_index)
+
+    def _eval_step(self, batch: dict, loss_name: str) -> None:
+        outputs = self.model(batch["images"])
+        losses = self.criterion(outputs, batch["targets"])
+        if self._trainer is not None:
+            self.log(loss_name, self._weighted(losses), on_step=False, on_epoch=True, sync_dist=True,
+                     batch_size=len(batch["targets"]))
+            if self.trainer.sanity_checking:
+                return
+        from networks.common.coco_io import mask_to_rle
+
+        mode = self.cfg.model.mode
+        padded = tuple(batch["images"].shape[-2:])
+        C = self.num_classes
+        thing = self._thing_classes(batch["images"].device)
+        for i, gt in enumerate(batch["gts"]):
+            if gt is None:
+                continue
+            cls = outputs["pred_logits"][i]
+            masks = to_image_size(outputs["pred_masks"][i], padded, batch["image_sizes"][i], batch["orig_sizes"][i])
+            rec: dict[str, Any] = {}
+            sem = semantic_inference(cls, masks) - 1
+            gt_sem = torch.as_tensor(gt["sem_seg"], device=sem.device) - 1
+            valid = (gt_sem >= 0) & (gt_sem < C)
+            counts = torch.bincount(gt_sem[valid] * C + sem[valid], minlength=C * C)
+            nz = torch.nonzero(counts).flatten()
+            rec["conf"] = (nz.cpu().numpy(), counts[nz].cpu().numpy())
+            if mode == "panoptic":
+                pan, segs = self._panoptic(cls, outputs["pred_masks"][i], padded, batch, i,
+                                           thing if self.label_map is not None and self.label_map.has_stuff()
+                                           else None)
+                rec["pq"] = self._panoptic_stats(gt, pan.cpu().numpy(), segs, batch["image_ids"][i])
+            elif mode == "instance":
+                inst = instance_inference(cls, masks, self.cfg.model.test_topk_per_image,
+                                          thing if self.label_map is not None and self.label_map.has_stuff()
+                                          else None)
+                image_id = batch["image_ids"][i]
+                rec["dets"] = [{"image_id": image_id, "category_id": self._category_id(int(lab)),
+                                "score": float(s), "segmentation": mask_to_rle(m.cpu().numpy())}
+                               for m, s, lab in zip(inst["masks"], inst["scores"], inst["labels"], strict=False)]
+                rec["gt_instances"] = gt["instances"]
+                rec["image"] = {"id": image_id, "height": gt["height"], "width": gt["width"],
+                                "file_name": batch["file_names"][i]}
+            self._eval_records[batch["image_ids"][i]] = rec
+
+    def _panoptic(self, cls: torch.Tensor, small_masks: torch.Tensor, padded: tuple[int, int], batch: dict,
+                  i: int, thing: torch.Tensor | None):
+        """Panoptic result at the original resolution, upsampling only the queries that can be kept."""
+        keep = panoptic_keep(cls, self.cfg.model.object_mask_threshold)
+        masks = to_image_size(small_masks[keep], padded, batch["image_sizes"][i], batch["orig_sizes"][i])
+        return panoptic_inference(cls[keep], masks, self.cfg.model.object_mask_threshold,
+                                  self.cfg.model.overlap_threshold, thing)
+
+    def _categories(self) -> list[dict]:
+        if self.label_map is not None:
+            return self.label_map.coco_categories()
+        return [{"id": k, "name": str(k), "isthing": 1} for k in range(1, self.num_classes + 1)]
+
+    def _panoptic_stats(self, gt: dict, pan: np.ndarray, segs: list[dict], image_id: Any) -> dict:
+        from networks.common.metrics import PanopticQuality
+
+        pq = PanopticQuality(self._categories())
+        pred_segments = [{"id": s["id"], "category_id": self._category_id(s["category"]),
+                          "isthing": int(s["isthing"])} for s in segs]
+        pq.update(gt["pan_ids"], gt["segments"], pan, pred_segments, image=image_id)
+        return {cid: st for cid, st in pq.stats.items() if st["tp"] or st["fp"] or st["fn"]}
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        self._finish_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval()
+
+    def _finish_eval(self) -> None:
+        from networks.common.metrics import PanopticQuality, coco_mask_ap, miou_from_confusion
+
+        merged: dict[Any, dict] = {}
+        for part in _gather_objects(self._eval_records):
+            merged.update(part)
+        self._eval_records = {}
+        C = self.num_classes
+        conf = np.zeros(C * C, dtype=np.int64)
+        for rec in merged.values():
+            idx, cnt = rec["conf"]
+            conf[idx] += cnt
+        sem = miou_from_confusion(conf.reshape(C, C))
+        kpi = {"mIoU": sem["mIoU"], "ACC_all": sem["pixel_accuracy"], "pixel_accuracy": sem["pixel_accuracy"]}
+        mode = self.cfg.model.mode
+        if mode == "panoptic" and merged:
+            pq = PanopticQuality(self._categories())
+            for rec in merged.values():
+                for cid, st in rec.get("pq", {}).items():
+                    for k in st:
+                        pq.stats[cid][k] += st[k]
+            res = pq.compute()
+            kpi.update({k: float(res[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th",
+                                                   "PQ_st", "SQ_st", "RQ_st")})
+        elif mode == "instance" and merged:
+            images, gts, dets = [], [], []
+            for rec in merged.values():
+                images.append(rec["image"])
+                dets.extend(rec["dets"])
+                for a in rec["gt_instances"]:
+                    gts.append(dict(a, id=len(gts) + 1))
+            gt_json = {"images": images, "annotations": gts, "categories": self._categories()}
+            if gts:
+                kpi.update(coco_mask_ap(gt_json, dets))
+            else:
+                log.warning("No instance ground truth in the evaluation set; mask AP not computed.")
+        if self._trainer is not None:
+            for k, v in kpi.items():
+                self.log(k, float(v), rank_zero_only=True)
+        self.kpi = {k: float(v) for k, v in kpi.items()}
+        log.info("Evaluation on %d images: %s", len(merged),
+                 ", ".join(f"{k}={v:.4f}" for k, v in self.kpi.items()))
+
+    # -- inference -----------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def _out_dir(self) -> Path:
+        run_dir = getattr(self.ctx, "run_dir", None)
+        if run_dir is None:
+            raise ConfigError("inference.results_dir", "no run directory to write inference outputs to")
+        return Path(run_dir)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Write per-image outputs under ``ctx.run_dir``.
+
+        Every mode: ``overlays/<name>.png`` (RGB overlay in label-map colours).  ``semantic``:
+        ``semantic/<name>.png`` (dataset category id per pixel, 8- or 16-bit).  ``panoptic``:
+        ``panoptic/<name>.png`` (COCO panoptic RGB id encoding); segments go to ``panoptic.json``.
+        ``instance``: detections go to ``instances.json`` (COCO results, RLE).  JSON files are written at the
+        end of the run (:meth:`on_predict_epoch_end`).
+        """
+        from PIL import Image
+
+        from networks.common.coco_io import id2rgb, mask_to_rle
+        from networks.common.visualize import colorize_semantic, overlay_masks, palette, save_png
+
+        out_dir = self._out_dir()
+        outputs = self.model(batch["images"])
+        padded = tuple(batch["images"].shape[-2:])
+        mode = self.cfg.model.mode
+        colors = self.label_map.colors() if self.label_map is not None else None
+        thing = self._thing_classes(batch["images"].device)
+        has_stuff = self.label_map is not None and self.label_map.has_stuff()
+        for i in range(batch["images"].shape[0]):
+            cls = outputs["pred_logits"][i]
+            if mode != "panoptic":
+                masks = to_image_size(outputs["pred_masks"][i], padded, batch["image_sizes"][i],
+                                      batch["orig_sizes"][i])
+            rel = Path(batch["file_names"][i]).with_suffix(".png")
+            with Image.open(batch["paths"][i]) as im:
+                image = np.asarray(im.convert("RGB"))
+            record: dict[str, Any] = {"file_name": batch["file_names"][i], "image_id": batch["image_ids"][i],
+                                      "height": int(image.shape[0]), "width": int(image.shape[1])}
+            if mode == "semantic":
+                sem = semantic_inference(cls, masks).cpu().numpy()
+                lut = np.array([0] + [self._category_id(k) for k in range(1, self.num_classes + 1)])
+                cat_map = lut[sem]
+                save_png(out_dir / "semantic" / rel,
+                         cat_map.astype(np.uint8 if cat_map.max(initial=0) < 256 else np.uint16))
+                color = colorize_semantic(sem, colors if colors is not None else palette(self.num_classes + 1))
+                overlay = (0.5 * image + 0.5 * color).astype(np.uint8)
+                record["semantic_png"] = str(Path("semantic") / rel)
+            elif mode == "panoptic":
+                pan, segs = self._panoptic(cls, outputs["pred_masks"][i], padded, batch, i,
+                                           thing if has_stuff else None)
+                pan_np = pan.cpu().numpy()
+                save_png(out_dir / "panoptic" / rel, id2rgb(pan_np))
+                record["segments_info"] = [{"id": s["id"], "category_id": self._category_id(s["category"]),
+                                            "isthing": int(s["isthing"]), "score": s["score"], "area": s["area"]}
+                                           for s in segs]
+                record["panoptic_png"] = str(Path("panoptic") / rel)
+                seg_masks = [pan_np == s["id"] for s in segs]
+                overlay = overlay_masks(image, seg_masks, [tuple(colors[s["category"]]) for s in segs]
+                                        if colors is not None else None,
+                                        labels=[self._name(s["category"]) for s in segs])
+            else:
+                inst = instance_inference(cls, masks, self.cfg.model.test_topk_per_image,
+                                          thing if has_stuff else None)
+                dets = []
+                shown = []
+                for m, s, lab in zip(inst["masks"], inst["scores"], inst["labels"], strict=False):
+                    m_np = m.cpu().numpy()
+                    rle = mask_to_rle(m_np)
+                    dets.append({"image_id": batch["image_ids"][i], "category_id": self._category_id(int(lab)),
+                                 "score": float(s), "segmentation": rle})
+                    if float(s) > self.cfg.model.object_mask_threshold:
+                        shown.append((m_np, int(lab), float(s)))
+                record["instances"] = dets
+                overlay = overlay_masks(image, [m for m, _, _ in shown],
+                                        [tuple(colors[lab]) for _, lab, _ in shown] if colors is not None else None,
+                                        labels=[f"{self._name(lab)} {s:.2f}" for _, lab, s in shown])
+            save_png(out_dir / "overlays" / rel, overlay)
+            self._predictions.append(record)
+
+    def _name(self, class_index: int) -> str:
+        return self.label_map.name(class_index) if self.label_map is not None else str(class_index)
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather the per-image records and write ``panoptic.json`` / ``instances.json`` (rank 0, atomically)."""
+        from networks.common.io import atomic_write_json
+
+        records: dict[str, dict] = {}
+        for part in _gather_objects(self._predictions):
+            for r in part:
+                records[r["file_name"]] = r
+        self._predictions = []
+        ordered = [records[k] for k in sorted(records, key=lambda k: records[k]["image_id"])]
+        mode = self.cfg.model.mode
+        out_dir = self._out_dir()
+        summary: dict[str, Any] = {"num_images": len(ordered), "overlays": str(out_dir / "overlays")}
+        if _is_rank_zero():
+            images = [{"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
+                       "width": r["width"]} for r in ordered]
+            if mode == "panoptic":
+                path = out_dir / "panoptic.json"
+                atomic_write_json(path, {
+                    "images": images,
+                    "annotations": [{"image_id": r["image_id"], "file_name": r["panoptic_png"],
+                                     "segments_info": r["segments_info"]} for r in ordered],
+                    "categories": self._categories()})
+                summary["panoptic_json"] = str(path)
+            elif mode == "instance":
+                path = out_dir / "instances.json"
+                dets = [d for r in ordered for d in r["instances"]]
+                atomic_write_json(path, dets)
+                atomic_write_json(out_dir / "images.json", {"images": images, "categories": self._categories()})
+                summary["instances_json"] = str(path)
+            else:
+                summary["semantic_dir"] = str(out_dir / "semantic")
+        self.outputs = summary

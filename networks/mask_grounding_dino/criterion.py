@@ -1,0 +1,222 @@
+"""Mask Grounding DINO set criterion (§4 of the reference): matching, token focal, box and mask losses.
+
+Inputs follow the model contract:
+
+* ``outputs``: ``pred_logits`` [B, Q, T] (contrastive token logits, ``-inf`` on padding), ``pred_boxes``
+  [B, Q, 4] (normalised cxcywh), ``pred_masks`` (stride-4 logits; either all queries [B, Q, (1,) h, w] or, in
+  training, a list per image of the **matched** queries [(1,) n_i, (1,) h, w] in match order), and optionally
+  ``aux_outputs`` (list of the same per intermediate decoder layer) and ``interm_outputs`` (encoder proposals:
+  logits and boxes only).  A layer dict may carry ``mask_indices`` (the matches the model used for its masks);
+  otherwise the matcher runs again (same inputs → same matches).
+* ``targets``: per image ``labels`` [M] (indices into that image's ``positive_map`` [C, T'] of 0/1 token rows),
+  ``boxes`` [M, 4] normalised cxcywh, ``masks`` [M, H, W] on the padded input canvas.
+* ``text_mask`` [B, L] bool: real tokens (the tokenizer's attention mask); only these token slots are scored.
+
+Losses (unweighted; :func:`loss_weights` gives the weights the module applies in one place):
+
+* ``loss_ce``: sigmoid focal (``focal_alpha``, ``focal_gamma``) between logits and the 0/1 target map (the
+  matched target's positive-map row, zeros for unmatched queries) over real tokens, summed and divided by the
+  number of matched queries in the local batch (≥ 1), as TAO.
+* ``loss_bbox`` / ``loss_giou``: L1 and 1 − GIoU of matched boxes, summed / ``num_boxes`` (the GT count averaged
+  over ranks, ≥ 1).
+* ``loss_mask`` / ``loss_dice``: on matched masks against GT masks padded to a multiple of 8 and subsampled at
+  stride 4 with offset 2; focal (α 0.25, γ 2) averaged over pixels and dice with +1 smoothing, each summed /
+  ``num_boxes``.
+* Aux layers get the same terms with suffix ``_<i>``; encoder outputs ``loss_ce/bbox/giou_interm`` (no masks).
+  Unlike TAO, aux/interm class targets use each layer's own matches (TAO re-indexes them cumulatively).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_convert, generalized_box_iou
+
+from networks.ops.detection_costs import grounding_dino_cost_terms, target_token_map
+from networks.ops.losses import dice_loss, sigmoid_focal_loss
+from networks.ops.matcher import HungarianMatcher
+
+__all__ = ["build_matcher", "MaskGDinoCriterion", "loss_weights", "token_sigmoid_focal_loss", "num_boxes_of"]
+
+Indices = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_matcher(model_cfg: Any) -> HungarianMatcher:
+    """Hungarian matcher with ``set_cost_class/bbox/giou`` (α 0.25, γ 2 as TAO's matcher)."""
+    return HungarianMatcher(grounding_dino_cost_terms(float(model_cfg.set_cost_class),
+                                                      float(model_cfg.set_cost_bbox),
+                                                      float(model_cfg.set_cost_giou)))
+
+
+def loss_weights(model_cfg: Any, num_aux: int) -> dict[str, float]:
+    """``{loss name: weight}`` for the final layer, ``num_aux`` aux layers and the encoder (interm) outputs."""
+    base = {
+        "loss_ce": float(model_cfg.cls_loss_coef),
+        "loss_bbox": float(model_cfg.bbox_loss_coef),
+        "loss_giou": float(model_cfg.giou_loss_coef),
+        "loss_mask": float(model_cfg.mask_loss_coef),
+        "loss_dice": float(model_cfg.dice_loss_coef),
+    }
+    weights = dict(base)
+    for i in range(num_aux):
+        weights.update({f"{k}_{i}": v for k, v in base.items()})
+    coef = float(model_cfg.interm_loss_coef)
+    box_coef = 0.0 if model_cfg.no_interm_box_loss else coef
+    weights["loss_ce_interm"] = base["loss_ce"] * coef
+    weights["loss_bbox_interm"] = base["loss_bbox"] * box_coef
+    weights["loss_giou_interm"] = base["loss_giou"] * box_coef
+    return weights
+
+
+def token_sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                             alpha: float, gamma: float) -> torch.Tensor:
+    """Sum of sigmoid focal loss over the ``valid`` entries; logits/target [B, Q, T], valid bool [B, Q, T]."""
+    x = logits[valid].float()
+    t = target[valid].float()
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
+    return loss.sum()
+
+
+def num_boxes_of(targets: Sequence[Mapping[str, Any]], device) -> torch.Tensor:
+    """Number of GT boxes averaged over ranks (all-reduced when a process group exists), at least 1."""
+    n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+        n = n / torch.distributed.get_world_size()
+    return n.clamp(min=1.0)
+
+
+def _squeeze_masks(m: torch.Tensor) -> torch.Tensor:
+    """[(1,) n, (1,) h, w] → [n, h, w]."""
+    if m.dim() == 5:
+        m = m[0]
+    if m.dim() == 4:
+        m = m[:, 0] if m.shape[1] == 1 else m[0]
+    return m
+
+
+class MaskGDinoCriterion(nn.Module):
+    """Computes the unweighted loss terms (see module doc) for final, aux and interm outputs."""
+
+    def __init__(self, matcher: HungarianMatcher, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                 losses: Sequence[str] = ("labels", "boxes", "masks")):
+        super().__init__()
+        self.matcher = matcher
+        self.focal_alpha = float(focal_alpha)
+        self.focal_gamma = float(focal_gamma)
+        self.losses = tuple(losses)
+
+    def match(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]]) -> Indices:
+        """Matches of one layer: ``[(query idx, target idx)]`` per image (used by the model for its masks)."""
+        layer = {k: v for k, v in outputs.items() if k in ("pred_logits", "pred_boxes")}
+        return self.matcher(layer, list(targets))
+
+    # -- single terms ---------------------------------------------------------------------------------
+    def loss_labels(self, outputs, targets, indices: Indices, text_mask: torch.Tensor | None) -> dict:
+        logits = outputs["pred_logits"]
+        B, Q, T = logits.shape
+        target = torch.zeros_like(logits, dtype=torch.float32)
+        for b, (src, tgt) in enumerate(indices):
+            if len(src):
+                rows = target_token_map(targets[b], T, device=logits.device, normalize=False)
+                target[b, src.to(logits.device)] = rows[tgt.to(logits.device)]
+        if text_mask is None:
+            valid_tokens = torch.isfinite(logits[:, :1, :]).expand(B, 1, T)
+        else:
+            valid_tokens = torch.zeros(B, T, dtype=torch.bool, device=logits.device)
+            L = min(T, text_mask.shape[1])
+            valid_tokens[:, :L] = text_mask[:, :L].to(logits.device).bool()
+            valid_tokens = valid_tokens[:, None, :]
+        valid = valid_tokens.expand(B, Q, T)
+        n_matched = max(sum(len(s) for s, _ in indices), 1)
+        loss = token_sigmoid_focal_loss(logits, target, valid, self.focal_alpha, self.focal_gamma) / n_matched
+        return {"loss_ce": loss}
+
+    def loss_boxes(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor) -> dict:
+        pred = outputs["pred_boxes"]
+        src = torch.cat([pred[b, s.to(pred.device)] for b, (s, _) in enumerate(indices)]) \
+            if indices else pred.new_zeros(0, 4)
+        tgt = torch.cat([torch.as_tensor(targets[b]["boxes"], device=pred.device, dtype=pred.dtype)
+                         .reshape(-1, 4)[t.to(pred.device)] for b, (_, t) in enumerate(indices)]) \
+            if indices else pred.new_zeros(0, 4)
+        if src.numel() == 0:
+            zero = pred.sum() * 0.0
+            return {"loss_bbox": zero, "loss_giou": zero}
+        l1 = F.l1_loss(src.float(), tgt.float(), reduction="none").sum() / num_boxes
+        giou = torch.diag(generalized_box_iou(box_convert(src.float(), "cxcywh", "xyxy"),
+                                              box_convert(tgt.float(), "cxcywh", "xyxy")))
+        return {"loss_bbox": l1, "loss_giou": (1 - giou).sum() / num_boxes}
+
+    def loss_masks(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor) -> dict:
+        pm = outputs.get("pred_masks")
+        if pm is None:
+            return {}
+        preds = []
+        if isinstance(pm, torch.Tensor):
+            full = pm[:, :, 0] if pm.dim() == 5 else pm
+            for b, (s, _) in enumerate(indices):
+                preds.append(full[b, s.to(full.device)])
+        else:
+            for b in range(len(indices)):
+                preds.append(_squeeze_masks(pm[b]))
+        ref = preds[0] if preds else None
+        if ref is None or sum(p.shape[0] for p in preds) == 0:
+            zero = (pm.sum() if isinstance(pm, torch.Tensor) else sum(p.sum() for p in pm)) * 0.0
+            return {"loss_mask": zero, "loss_dice": zero}
+        src = torch.cat(preds)
+        gts = []
+        for b, (_, t) in enumerate(indices):
+            m = torch.as_tensor(targets[b]["masks"], device=src.device)
+            H, W = m.shape[-2:]
+            m = F.pad(m.float(), (0, (-W) % 8, 0, (-H) % 8))
+            gts.append(m[t.to(src.device)][:, 2::4, 2::4])
+        tgt = torch.cat(gts)
+        if src.shape[-2:] != tgt.shape[-2:]:
+            h, w = tgt.shape[-2:]
+            sh, sw = src.shape[-2:]
+            if sh >= h and sw >= w:
+                src = src[:, :h, :w]
+            else:
+                src = F.interpolate(src[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        src = src.flatten(1).float()
+        tgt = tgt.flatten(1).to(src.dtype)
+        return {"loss_mask": sigmoid_focal_loss(src, tgt, num_boxes),
+                "loss_dice": dice_loss(src, tgt, num_boxes)}
+
+    # -- all terms ------------------------------------------------------------------------------------
+    def _layer(self, outputs, targets, text_mask, num_boxes, with_masks: bool) -> dict:
+        indices = outputs.get("mask_indices")
+        if indices is None:
+            indices = outputs.get("indices")
+        if indices is None:
+            indices = self.match(outputs, targets)
+        losses: dict[str, torch.Tensor] = {}
+        if "labels" in self.losses:
+            losses.update(self.loss_labels(outputs, targets, indices, text_mask))
+        if "boxes" in self.losses:
+            losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
+        if with_masks and "masks" in self.losses:
+            losses.update(self.loss_masks(outputs, targets, indices, num_boxes))
+        return losses
+
+    def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]],
+                text_mask: torch.Tensor | None = None, with_masks: bool = True) -> dict[str, torch.Tensor]:
+        """All unweighted loss terms; ``with_masks=False`` skips mask terms (validation, as TAO)."""
+        num_boxes = num_boxes_of(targets, outputs["pred_logits"].device)
+        losses = self._layer(outputs, targets, text_mask, num_boxes, with_masks)
+        for i, aux in enumerate(outputs.get("aux_outputs") or []):
+            losses.update({f"{k}_{i}": v for k, v in
+                           self._layer(aux, targets, text_mask, num_boxes, with_masks).items()})
+        interm = outputs.get("interm_outputs")
+        if interm is not None:
+            losses.update({f"{k}_interm": v for k, v in
+                           self._layer(interm, targets, text_mask, num_boxes, False).items()})
+        return losses

@@ -1,0 +1,712 @@
+"""Mask Grounding DINO data: ODVG training sources, COCO evaluation data, inference images, transforms, collate.
+
+Sources (``docs/formats.md``; TAO §2):
+
+* **ODVG** JSON lines (``train_data_sources[i].json_file``).  A source with ``label_map`` holds detection
+  records ``{"file_name", "detection": {"instances": [{"bbox": xyxy px, "label", "mask"}]}}``; one without holds
+  grounding records ``{"file_name", "grounding": {"regions": [{"bbox", "phrase", "mask"}]}}``.  ``mask`` is a
+  polygon list or a COCO RLE (compressed or not).  Detection prompt: the labels present plus negatives sampled
+  from the label map up to ``max_labels``, shuffled, ``"cat . dog ."``; negatives that would not fit in
+  ``model.max_text_len`` tokens are dropped.  Grounding prompt: the unique phrases in first-appearance order;
+  boxes, phrases **and masks** are shuffled together (TAO shuffles masks separately from their boxes).
+* **COCO** JSON (val/test): the prompt lists the categories in the order of the ``categories`` list, and a
+  label is the **position** of its ``category_id`` in that list, so 1-based and 0-based ids both work (TAO uses
+  the raw id as the index and needs ids 0..C-1).  Crowd annotations are not training targets (COCOeval ignores
+  them by itself).
+* **Inference**: images of ``infer_data_sources.image_dir`` (folder, list of folders, or archive) prompted with
+  ``captions`` (category names, lower-cased), or — tao-cli — ``json_file``: JSON lines
+  ``{"file_name": ..., "captions": [...]}`` giving each image its own phrases.
+
+Bad input raises a one-line :class:`DataError` naming the file and line: a line that is not a JSON object, a
+label missing from the label map, a record without masks, the categories present in a record needing more than
+``max_text_len`` tokens.  Boxes outside the image are clipped and counted (one warning per source).
+
+Transforms (§2.7): horizontal flip, random resize / resize-crop-resize (or the LSJ square crop when
+``fixed_random_crop`` is set), normalisation with ``input_mean/std``; boxes become cxcywh normalised by the
+resized, **unpadded** size.  :class:`Collator` pads a batch to its largest image rounded up to 32 and returns
+``pixel_mask`` [B, H, W] (True = valid pixel) — not TAO's fourth input channel — plus the tokenised prompts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover
+    import lightning.pytorch as pl  # type: ignore
+
+from networks.common.errors import ConfigError, DataError
+from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SIZE_DIVISIBILITY",
+    "load_label_map",
+    "OdvgRecord",
+    "read_odvg",
+    "Transform",
+    "OdvgDataset",
+    "CocoDataset",
+    "PredictDataset",
+    "Collator",
+    "MaskGDinoDataModule",
+    "prompt_token_count",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+SIZE_DIVISIBILITY = 32
+
+
+# ------------------------------------------------------------------------------------------- reading
+def load_label_map(path: str | os.PathLike, field: str) -> dict[str, str]:
+    """ODVG label map ``{"0": "person", ...}`` → ``{label key: name}``; DataError on a missing/bad file."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise DataError(field, f"'{path}' does not exist", "point label_map at the ODVG label-map JSON")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}:{exc.lineno}", f"invalid JSON: {exc.msg}", "fix the label map") from exc
+    if not isinstance(data, dict) or not data:
+        raise DataError(str(p), "must be a non-empty JSON object {\"0\": \"name\", ...}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
+@dataclass
+class OdvgRecord:
+    """One ODVG line: image file, boxes (xyxy px as written), per-box class key (detection) or phrase
+    (grounding), raw mask encodings, and where it came from (``file:line``)."""
+
+    file_name: str
+    boxes: list[list[float]]
+    keys: list[str]
+    masks: list[Any]
+    where: str
+    grounding: bool
+    height: int | None = None
+    width: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _box(value: Any, where: str) -> list[float]:
+    try:
+        b = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise DataError(where, f"bbox {value!r} is not 4 numbers", "write bbox as [x1, y1, x2, y2] in pixels") from None
+    if len(b) != 4 or not all(math.isfinite(v) for v in b):
+        raise DataError(where, f"bbox {value!r} is not 4 finite numbers", "write bbox as [x1, y1, x2, y2]")
+    return b
+
+
+def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: str) -> list[OdvgRecord]:
+    """Parse an ODVG JSON-lines file.  ``label_map`` given → detection records, else grounding records.
+
+    Raises :class:`DataError` (``<file>:<line>``) for non-JSON lines, missing keys, labels not in the label map
+    and instances without ``mask``.  Counts boxes outside the image (when the record has ``height``/``width``)
+    and warns once; they are clipped when the image is read.  Grounding records without regions are skipped.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise DataError(field, f"'{path}' does not exist", "point json_file at an ODVG .jsonl file")
+    records: list[OdvgRecord] = []
+    outside = 0
+    first_outside = ""
+    empty_regions = 0
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(where, f"not valid JSON ({exc.msg})", "each line must be one JSON object") from None
+            if not isinstance(obj, dict) or "file_name" not in obj:
+                raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
+            h, w = obj.get("height"), obj.get("width")
+            boxes, keys, masks = [], [], []
+            if label_map is not None:
+                det = obj.get("detection")
+                if not isinstance(det, dict) or not isinstance(det.get("instances", []), list):
+                    raise DataError(where, "has no 'detection': {'instances': [...]}",
+                                    "a source with label_map needs detection records")
+                for j, inst in enumerate(det.get("instances", [])):
+                    key = str(inst.get("label"))
+                    if key not in label_map:
+                        raise DataError(where, f"label {inst.get('label')!r} of instance {j} is not in the label map",
+                                        f"label map keys are {sorted(label_map)[:10]}")
+                    if "mask" not in inst:
+                        raise DataError(where, f"instance {j} has no 'mask'", "give a polygon list or RLE per instance")
+                    boxes.append(_box(inst.get("bbox"), where))
+                    keys.append(key)
+                    masks.append(inst["mask"])
+            else:
+                gr = obj.get("grounding")
+                if not isinstance(gr, dict) or not isinstance(gr.get("regions", []), list):
+                    raise DataError(where, "has no 'grounding': {'regions': [...]}",
+                                    "a source without label_map needs grounding records")
+                for j, reg in enumerate(gr.get("regions", [])):
+                    phrase = str(reg.get("phrase", "")).strip()
+                    if not phrase:
+                        raise DataError(where, f"region {j} has no phrase")
+                    if "mask" not in reg:
+                        raise DataError(where, f"region {j} has no 'mask'", "give a polygon list or RLE per region")
+                    boxes.append(_box(reg.get("bbox"), where))
+                    keys.append(phrase)
+                    masks.append(reg["mask"])
+                if not boxes:
+                    empty_regions += 1
+                    continue
+            if h and w:
+                for b in boxes:
+                    if b[0] < 0 or b[1] < 0 or b[2] > float(w) or b[3] > float(h):
+                        outside += 1
+                        first_outside = first_outside or where
+            records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, label_map is None,
+                                      int(h) if h else None, int(w) if w else None))
+    if outside:
+        log.warning("%s: %d boxes extend outside their image (first at %s); they are clipped to the image.",
+                    p, outside, first_outside)
+    if empty_regions:
+        log.warning("%s: skipped %d grounding records without regions.", p, empty_regions)
+    return records
+
+
+def _read_rgb(path: Path, where: str) -> Image.Image:
+    if not path.is_file():
+        raise DataError(where, f"image '{path}' does not exist", "check image_dir and the record's file_name")
+    try:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except OSError as exc:
+        raise DataError(where, f"image '{path}' cannot be read: {exc}") from exc
+
+
+def _decode_masks(encodings: Sequence[Any], h: int, w: int, where: str) -> np.ndarray:
+    from networks.common.coco_io import ann_to_mask
+
+    if not encodings:
+        return np.zeros((0, h, w), dtype=np.uint8)
+    return np.stack([ann_to_mask(e, h, w, where=where) for e in encodings]).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------- transforms
+def _size_with_aspect(h: int, w: int, size: int, max_size: int | None) -> tuple[int, int]:
+    """(h', w') whose shorter side is ``size`` unless the longer side would exceed ``max_size`` (DETR rule)."""
+    if max_size is not None:
+        mn, mx = float(min(h, w)), float(max(h, w))
+        if mx / mn * size > max_size:
+            size = int(round(max_size * mn / mx))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+class Transform:
+    """Geometric + photometric pipeline on (PIL image, boxes xyxy px [N,4], masks uint8 [N,H,W]).
+
+    ``mode``: ``train`` (TAO's flip + random resize / resize-crop-resize, or LSJ), ``eval`` (resize shorter side
+    to ``test_random_resize``, longer ≤ ``random_resize_max_size``) or ``fixed`` (resize to ``fixed_wh``).
+    :meth:`__call__` returns (image tensor [3,h,w] normalised, boxes cxcywh normalised by (w,h), masks, (h,w)).
+    """
+
+    def __init__(self, aug: Any, mode: str, fixed_wh: tuple[int, int] | None = None):
+        self.mode = mode
+        self.scales = [int(s) for s in aug.scales]
+        self.max_size = int(aug.random_resize_max_size)
+        self.resize_before_crop = [int(s) for s in aug.train_random_resize]
+        self.crop_min = int(aug.train_random_crop_min)
+        self.crop_max = int(aug.train_random_crop_max)
+        self.flip_prob = float(aug.horizontal_flip_prob)
+        self.test_size = int(aug.test_random_resize)
+        self.lsj = int(aug.fixed_random_crop) if aug.fixed_random_crop else None
+        self.fixed_wh = fixed_wh
+        self.mean = torch.as_tensor(list(aug.input_mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.as_tensor(list(aug.input_std), dtype=torch.float32).view(3, 1, 1)
+
+    @staticmethod
+    def resize(img: Image.Image, boxes: np.ndarray, masks: np.ndarray, hw: tuple[int, int]):
+        """Resize to ``hw`` (h, w): image bilinear, boxes scaled, masks nearest."""
+        h, w = hw
+        W0, H0 = img.size
+        if (H0, W0) == (h, w):
+            return img, boxes, masks
+        img = img.resize((w, h), Image.BILINEAR)
+        if len(boxes):
+            boxes = boxes * np.array([w / W0, h / H0, w / W0, h / H0], dtype=np.float32)
+        if masks.shape[0]:
+            t = torch.from_numpy(masks[:, None].astype(np.float32))
+            masks = (F.interpolate(t, size=(h, w), mode="nearest")[:, 0] > 0.5).numpy().astype(np.uint8)
+        else:
+            masks = np.zeros((0, h, w), dtype=np.uint8)
+        return img, boxes, masks
+
+    def _resize_short(self, img, boxes, masks, size: int, max_size: int | None):
+        W0, H0 = img.size
+        return self.resize(img, boxes, masks, _size_with_aspect(H0, W0, size, max_size))
+
+    @staticmethod
+    def crop(img: Image.Image, boxes: np.ndarray, masks: np.ndarray, top: int, left: int, h: int, w: int,
+             keep_ids: np.ndarray):
+        """Crop to the window; boxes clipped, boxes left without area dropped (with their masks and ids)."""
+        img = img.crop((left, top, left + w, top + h))
+        masks = masks[:, top:top + h, left:left + w]
+        if len(boxes):
+            boxes = boxes - np.array([left, top, left, top], dtype=np.float32)
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, masks, keep_ids = boxes[keep], masks[keep], keep_ids[keep]
+        return img, boxes, masks, keep_ids
+
+    def __call__(self, img: Image.Image, boxes: np.ndarray, masks: np.ndarray, rng: random.Random):
+        """Apply the pipeline; returns (image [3,h,w], boxes cxcywh normalised [N,4], masks [N,h,w], kept ids)."""
+        ids = np.arange(len(boxes))
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        if self.mode == "train":
+            if rng.random() < self.flip_prob:
+                W = img.size[0]
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+                masks = masks[:, :, ::-1].copy()
+                if len(boxes):
+                    boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], dtype=np.float32) + \
+                        np.array([W, 0, W, 0], dtype=np.float32)
+            if self.lsj:
+                S = self.lsj
+                W0, H0 = img.size
+                scale = rng.uniform(0.1, 2.0) * S / max(H0, W0)
+                img, boxes, masks = self.resize(img, boxes, masks, (max(1, round(H0 * scale)),
+                                                                    max(1, round(W0 * scale))))
+                W1, H1 = img.size
+                ch, cw = min(S, H1), min(S, W1)
+                top, left = rng.randint(0, H1 - ch), rng.randint(0, W1 - cw)
+                img, boxes, masks, ids = self.crop(img, boxes, masks, top, left, ch, cw, ids)
+            elif rng.random() < 0.5:
+                img, boxes, masks = self._resize_short(img, boxes, masks, rng.choice(self.scales), self.max_size)
+            else:
+                img, boxes, masks = self._resize_short(img, boxes, masks, rng.choice(self.resize_before_crop), None)
+                W1, H1 = img.size
+                cw = rng.randint(min(W1, self.crop_min), min(W1, self.crop_max))
+                ch = rng.randint(min(H1, self.crop_min), min(H1, self.crop_max))
+                top, left = rng.randint(0, H1 - ch), rng.randint(0, W1 - cw)
+                img, boxes, masks, ids = self.crop(img, boxes, masks, top, left, ch, cw, ids)
+                img, boxes, masks = self._resize_short(img, boxes, masks, rng.choice(self.scales), self.max_size)
+        elif self.mode == "fixed" and self.fixed_wh is not None:
+            img, boxes, masks = self.resize(img, boxes, masks, (int(self.fixed_wh[1]), int(self.fixed_wh[0])))
+        else:
+            img, boxes, masks = self._resize_short(img, boxes, masks, self.test_size, self.max_size)
+        W, H = img.size
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        x = (x - self.mean) / self.std
+        b = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        if len(b):
+            b = torch.stack([(b[:, 0] + b[:, 2]) / 2 / W, (b[:, 1] + b[:, 3]) / 2 / H,
+                             (b[:, 2] - b[:, 0]) / W, (b[:, 3] - b[:, 1]) / H], dim=1)
+        return x, b, torch.from_numpy(np.ascontiguousarray(masks)).to(torch.uint8), ids
+
+
+# ----------------------------------------------------------------------------------------- datasets
+def prompt_token_count(token_lengths: Sequence[int]) -> int:
+    """Tokens of the prompt "n0 . n1 . ... ." with [CLS]/[SEP]: 2 + Σ (tokens(name) + 1)."""
+    return 2 + sum(int(n) + 1 for n in token_lengths)
+
+
+class _NameTokens:
+    """Cached token counts of category names / phrases (without special tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, name: str) -> int:
+        if name not in self.cache:
+            self.cache[name] = len(self.tokenizer(name, add_special_tokens=False)["input_ids"])
+        return self.cache[name]
+
+
+def _clip_boxes(boxes: list[list[float]], w: int, h: int) -> np.ndarray:
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    b[:, 0::2] = b[:, 0::2].clip(0, w)
+    b[:, 1::2] = b[:, 1::2].clip(0, h)
+    return b
+
+
+class OdvgDataset(Dataset):
+    """Training samples of one ODVG source (see module doc).  Item: ``image`` [3,h,w], ``target``
+    (``labels`` [M] into ``names``, ``boxes`` [M,4] cxcywh normalised, ``masks`` [M,h,w] uint8, ``size`` (h,w),
+    ``orig_size``), ``names`` (prompt categories/phrases), ``image_id``, ``file_name``."""
+
+    def __init__(self, source: Any, index: int, transform: Transform, tokenizer, max_text_len: int,
+                 max_labels: int):
+        from networks.common.sources import resolve_dir
+
+        key = f"dataset.train_data_sources[{index}]"
+        self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
+        lm_path = source.get("label_map")
+        self.label_map = load_label_map(lm_path, f"{key}.label_map") if lm_path else None
+        self.records = read_odvg(source.get("json_file"), self.label_map, f"{key}.json_file")
+        if not self.records:
+            raise DataError(f"{key}.json_file", f"'{source.get('json_file')}' holds no usable records")
+        self.transform = transform
+        self.max_text_len = int(max_text_len)
+        self.max_labels = int(max_labels)
+        self.tokens = _NameTokens(tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @staticmethod
+    def _rng(index: int) -> random.Random:
+        # Drawn from torch's generator: seeded by the engine (seed_everything) and re-seeded per worker/epoch.
+        return random.Random(int(torch.randint(0, 2**62, (1,)).item()) ^ index)
+
+    def _detection_prompt(self, rec: OdvgRecord, rng: random.Random) -> tuple[list[str], list[int]]:
+        pos = list(dict.fromkeys(rec.keys))
+        others = [k for k in self.label_map if k not in set(pos)]
+        neg = rng.sample(others, max(0, min(len(others), self.max_labels - len(pos))))
+        need = prompt_token_count([self.tokens(self.label_map[k]) for k in pos])
+        if need > self.max_text_len:
+            raise DataError(rec.where, f"the {len(pos)} categories present need {need} prompt tokens, more than "
+                            f"model.max_text_len={self.max_text_len}",
+                            "raise model.max_text_len or shorten the label-map names")
+        # Negatives that do not fit are dropped (TAO would silently clip the prompt, losing positives too).
+        budget = self.max_text_len - need
+        kept_neg = []
+        for k in neg:
+            n = self.tokens(self.label_map[k]) + 1
+            if n <= budget:
+                kept_neg.append(k)
+                budget -= n
+        keys = pos + kept_neg
+        rng.shuffle(keys)
+        slot = {k: i for i, k in enumerate(keys)}
+        return [self.label_map[k] for k in keys], [slot[k] for k in rec.keys]
+
+    def _grounding_prompt(self, rec: OdvgRecord) -> tuple[list[str], list[int]]:
+        phrases = list(dict.fromkeys(rec.keys))
+        need = prompt_token_count([self.tokens(p) for p in phrases])
+        if need > self.max_text_len:
+            raise DataError(rec.where, f"the {len(phrases)} phrases need {need} prompt tokens, more than "
+                            f"model.max_text_len={self.max_text_len}", "raise model.max_text_len or shorten phrases")
+        slot = {p: i for i, p in enumerate(phrases)}
+        return phrases, [slot[p] for p in rec.keys]
+
+    def __getitem__(self, index: int) -> dict:
+        from networks.common.sources import resolve_member
+
+        rec = self.records[index]
+        rng = self._rng(index)
+        img = _read_rgb(resolve_member(self.root, rec.file_name), rec.where)
+        W, H = img.size
+        masks = _decode_masks(rec.masks, H, W, rec.where)
+        boxes = _clip_boxes(rec.boxes, W, H)
+        order = list(range(len(boxes)))
+        if rec.grounding:
+            # Boxes, phrases and masks move together (TAO shuffles only boxes and phrases).
+            rng.shuffle(order)
+        boxes, masks = boxes[order], masks[order]
+        keys = [rec.keys[i] for i in order]
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) if len(boxes) else np.zeros(0, bool)
+        boxes, masks = boxes[valid], masks[valid]
+        keys = [k for k, v in zip(keys, valid) if v]
+        rec_view = OdvgRecord(rec.file_name, [], keys, [], rec.where, rec.grounding)
+        names, labels = self._grounding_prompt(rec_view) if rec.grounding else self._detection_prompt(rec_view, rng)
+        x, b, m, kept = self.transform(img, boxes, masks, rng)
+        labels_t = torch.as_tensor([labels[i] for i in kept], dtype=torch.long)
+        h, w = x.shape[-2:]
+        return {"image": x, "names": names, "image_id": index, "file_name": rec.file_name,
+                "target": {"labels": labels_t, "boxes": b, "masks": m, "size": (int(h), int(w)),
+                           "orig_size": (int(H), int(W)), "image_id": index}}
+
+
+class CocoDataset(Dataset):
+    """Evaluation samples from a COCO instances file; every image gets the prompt of all categories (in
+    ``categories`` order).  Item as :class:`OdvgDataset` plus ``category_ids`` (COCO id per prompt slot)."""
+
+    def __init__(self, source: Any, key: str, transform: Transform):
+        from networks.common.coco_io import load_coco
+        from networks.common.sources import resolve_dir
+
+        self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
+        self.json_file = str(source.get("json_file"))
+        self.coco = load_coco(self.json_file, field=f"{key}.json_file")
+        cats = self.coco["categories"]
+        if not cats:
+            raise DataError(self.json_file, "has no categories", "the prompt is built from the category names")
+        self.category_ids = [c["id"] for c in cats]
+        self.names = [str(c.get("name", c["id"])) for c in cats]
+        slot = {cid: i for i, cid in enumerate(self.category_ids)}
+        self.images = list(self.coco["images"])
+        self.anns: dict[Any, list[dict]] = {img["id"]: [] for img in self.images}
+        for k, a in enumerate(self.coco["annotations"]):
+            if a.get("category_id") not in slot:
+                raise DataError(f"{self.json_file}: annotation {a.get('id', k)}",
+                                f"category_id {a.get('category_id')!r} is not in 'categories'")
+            if a.get("image_id") in self.anns:
+                self.anns[a["image_id"]].append(a)
+        self.slot = slot
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        from networks.common.coco_io import ann_to_mask
+        from networks.common.sources import resolve_member
+
+        info = self.images[index]
+        where = f"{self.json_file}: image {info['id']}"
+        img = _read_rgb(resolve_member(self.root, info["file_name"]), where)
+        W, H = img.size
+        anns = [a for a in self.anns[info["id"]] if not a.get("iscrowd", 0)]
+        boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                            for a in anns], dtype=np.float32).reshape(-1, 4)
+        boxes = _clip_boxes(boxes, W, H)
+        masks = np.stack([ann_to_mask(a["segmentation"], H, W, where=f"{where}, annotation {a.get('id')}")
+                          for a in anns]).astype(np.uint8) if anns else np.zeros((0, H, W), np.uint8)
+        labels = np.asarray([self.slot[a["category_id"]] for a in anns], dtype=np.int64)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, masks, labels = boxes[valid], masks[valid], labels[valid]
+        x, b, m, kept = self.transform(img, boxes, masks, random.Random(0))
+        h, w = x.shape[-2:]
+        return {"image": x, "names": self.names, "category_ids": self.category_ids, "image_id": info["id"],
+                "file_name": info["file_name"],
+                "target": {"labels": torch.as_tensor(labels[kept], dtype=torch.long), "boxes": b, "masks": m,
+                           "size": (int(h), int(w)), "orig_size": (int(H), int(W)), "image_id": info["id"]}}
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def _clean_captions(captions: Any, where: str) -> list[str]:
+    if isinstance(captions, str):
+        captions = [c for c in captions.split(".")]
+    if not isinstance(captions, (list, tuple)):
+        raise DataError(where, f"captions must be a list of phrases, got {type(captions).__name__}")
+    out = [str(c).strip().lower() for c in captions if str(c).strip()]
+    return list(dict.fromkeys(out))
+
+
+class PredictDataset(Dataset):
+    """Inference images with their prompt: ``captions`` for all, or per image from a JSON-lines file."""
+
+    def __init__(self, source: Any, transform: Transform, key: str = "dataset.infer_data_sources"):
+        from networks.common.sources import resolve_dir
+
+        dirs = source.get("image_dir")
+        dirs = [dirs] if isinstance(dirs, str) else [d for d in (dirs or []) if d]
+        if not dirs:
+            raise ConfigError(f"{key}.image_dir", "is empty", "point it at a folder or archive of images")
+        self.roots = [resolve_dir(d, field=f"{key}.image_dir") for d in dirs]
+        default = _clean_captions(source.get("captions") or [], f"{key}.captions")
+        self.items: list[tuple[Path, str, list[str]]] = []
+        json_file = source.get("json_file")
+        if json_file:
+            from networks.common.sources import resolve_member
+
+            p = Path(os.path.expanduser(str(json_file)))
+            if not p.is_file():
+                raise DataError(f"{key}.json_file", f"'{json_file}' does not exist")
+            with open(p, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{p}:{lineno}"
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(where, f"not valid JSON ({exc.msg})",
+                                        'each line is {"file_name": ..., "captions": [...]}') from None
+                    if not isinstance(obj, dict) or "file_name" not in obj:
+                        raise DataError(where, "needs 'file_name'", 'each line is {"file_name": ..., "captions": [...]}')
+                    caps = _clean_captions(obj.get("captions", obj.get("caption", default)), where)
+                    if not caps:
+                        raise DataError(where, "has no captions and infer_data_sources.captions is empty")
+                    path = resolve_member(self.roots[0], obj["file_name"])
+                    if not path.is_file():
+                        raise DataError(where, f"image '{obj['file_name']}' not found under {self.roots[0]}")
+                    self.items.append((path, str(obj["file_name"]), caps))
+        else:
+            if not default:
+                raise ConfigError(f"{key}.captions", "is empty", "list the category names to detect")
+            for root in self.roots:
+                for path in _list_images(root):
+                    self.items.append((path, str(path.relative_to(root)), default))
+        if not self.items:
+            raise DataError(f"{key}.image_dir", f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {dirs}")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        path, rel, names = self.items[index]
+        img = _read_rgb(path, str(path))
+        W, H = img.size
+        x, _, _, _ = self.transform(img, np.zeros((0, 4), np.float32), np.zeros((0, H, W), np.uint8),
+                                    random.Random(0))
+        h, w = x.shape[-2:]
+        return {"image": x, "names": names, "image_id": index, "file_name": rel, "path": str(path),
+                "target": {"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4),
+                           "masks": torch.zeros(0, h, w, dtype=torch.uint8), "size": (int(h), int(w)),
+                           "orig_size": (int(H), int(W)), "image_id": index}}
+
+
+# ------------------------------------------------------------------------------------------- collate
+class Collator:
+    """Batch samples: pad images (batch max, rounded up to ``size_divisibility``), tokenise prompts.
+
+    Returns ``images`` [B,3,H,W], ``pixel_mask`` [B,H,W] bool (True = valid), the :func:`tokenize` tensors
+    (``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``, ``text_self_attention_masks``),
+    ``targets`` (each with ``masks`` padded to [M,H,W] and ``positive_map`` [C, max_text_len]), ``names``,
+    ``captions``, ``image_ids``, ``file_names``, ``orig_sizes``, ``image_sizes`` (h, w) and, when present,
+    ``category_ids`` and ``paths``.  Categories whose tokens do not fit in ``max_text_len`` are warned about
+    once per prompt (they cannot be detected).
+    """
+
+    def __init__(self, tokenizer, max_text_len: int, size_divisibility: int = SIZE_DIVISIBILITY):
+        self.tokenizer = tokenizer
+        self.max_text_len = int(max_text_len)
+        self.size_divisibility = int(size_divisibility)
+        self._warned: set[str] = set()
+
+    def __call__(self, samples: list[dict]) -> dict:
+        d = self.size_divisibility
+        H = max(s["image"].shape[1] for s in samples)
+        W = max(s["image"].shape[2] for s in samples)
+        H, W = int(math.ceil(H / d) * d), int(math.ceil(W / d) * d)
+        B = len(samples)
+        images = samples[0]["image"].new_zeros(B, 3, H, W)
+        pixel_mask = torch.zeros(B, H, W, dtype=torch.bool)
+        captions, spans_list, targets = [], [], []
+        for i, s in enumerate(samples):
+            _, h, w = s["image"].shape
+            images[i, :, :h, :w] = s["image"]
+            pixel_mask[i, :h, :w] = True
+            cap, spans = build_caption(s["names"])
+            captions.append(cap)
+            spans_list.append(spans)
+            t = dict(s["target"])
+            m = t["masks"]
+            t["masks"] = F.pad(m, (0, W - m.shape[-1], 0, H - m.shape[-2]))
+            targets.append(t)
+        tok = tokenize(captions, self.tokenizer, self.max_text_len)
+        for i, t in enumerate(targets):
+            pm = positive_map(spans_list[i], tok["offsets"][i], self.max_text_len)
+            t["positive_map"] = pm
+            empty = (pm.sum(-1) == 0).nonzero().flatten().tolist()
+            if empty and captions[i] not in self._warned:
+                self._warned.add(captions[i])
+                dropped = [samples[i]["names"][j] for j in empty]
+                log.warning("Prompt longer than model.max_text_len=%d tokens: categories %s cannot be detected "
+                            "(TAO clips silently).", self.max_text_len, dropped[:20])
+        batch = {"images": images, "pixel_mask": pixel_mask, "targets": targets,
+                 "names": [s["names"] for s in samples], "captions": captions,
+                 "image_ids": [s["image_id"] for s in samples], "file_names": [s["file_name"] for s in samples],
+                 "orig_sizes": [s["target"]["orig_size"] for s in samples],
+                 "image_sizes": [s["target"]["size"] for s in samples]}
+        batch.update({k: v for k, v in tok.items() if k != "offsets"})
+        if "category_ids" in samples[0]:
+            batch["category_ids"] = [s["category_ids"] for s in samples]
+        if "path" in samples[0]:
+            batch["paths"] = [s["path"] for s in samples]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------- datamodule
+def eval_source(cfg: Any) -> tuple[str, Any]:
+    """(key, source) evaluated by ``evaluate``: test_data_sources when it names a json_file, else val."""
+    test = cfg.dataset.test_data_sources
+    if test and test.get("json_file"):
+        return "dataset.test_data_sources", test
+    return "dataset.val_data_sources", cfg.dataset.val_data_sources
+
+
+class MaskGDinoDataModule(pl.LightningDataModule):
+    """Loaders for one action: train (+ val), evaluate (test or val COCO data), inference (images + captions).
+
+    Batch size ``dataset.batch_size`` (``evaluate/inference.batch_size`` when > 0), ``dataset.workers`` workers.
+    Train drops the last partial batch when there is more than one batch (as TAO).
+    """
+
+    def __init__(self, cfg: Any, action: str):
+        super().__init__()
+        self.cfg = cfg
+        self.action = action
+        self.tokenizer = load_tokenizer(cfg.model.text_encoder_type)
+        self.collate = Collator(self.tokenizer, int(cfg.model.max_text_len))
+        aug = cfg.dataset.augmentation
+        self.train_tf = Transform(aug, "train")
+        self.eval_tf = Transform(aug, "eval")
+        inf = cfg.inference
+        if action == "inference" and inf.input_width and inf.input_height:
+            self.predict_tf = Transform(aug, "fixed", (int(inf.input_width), int(inf.input_height)))
+        else:
+            self.predict_tf = self.eval_tf
+        self.train_dataset = self.val_dataset = self.predict_dataset = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (``fit``, ``validate``, ``test``, ``predict``)."""
+        ds = self.cfg.dataset
+        if stage in ("fit", None) and self.train_dataset is None:
+            parts = [OdvgDataset(src, i, self.train_tf, self.tokenizer, self.cfg.model.max_text_len, ds.max_labels)
+                     for i, src in enumerate(ds.train_data_sources)]
+            self.train_dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+        if stage in ("fit", "validate", None) and self.val_dataset is None:
+            self.val_dataset = CocoDataset(ds.val_data_sources, "dataset.val_data_sources", self.eval_tf)
+        if stage == "test" and self.val_dataset is None:
+            key, src = eval_source(self.cfg)
+            self.val_dataset = CocoDataset(src, key, self.eval_tf)
+        if stage == "predict" and self.predict_dataset is None:
+            self.predict_dataset = PredictDataset(ds.infer_data_sources, self.predict_tf)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, workers: int | None = None):
+        n = int(self.cfg.dataset.workers) if workers is None else workers
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=n,
+                          collate_fn=self.collate, persistent_workers=n > 0,
+                          pin_memory=bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available())
+
+    def _bs(self, section: str | None) -> int:
+        if section is not None:
+            bs = int(getattr(self.cfg, section).batch_size)
+            if bs > 0:
+                return bs
+        return int(self.cfg.dataset.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        bs = self._bs(None)
+        return self._loader(self.train_dataset, bs, True, len(self.train_dataset) > bs)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches (every image; TAO uses no workers for validation)."""
+        return self._loader(self.val_dataset, self._bs("evaluate" if self.action == "evaluate" else None),
+                            False, False, workers=0)
+
+    def test_dataloader(self) -> DataLoader:
+        """``evaluate``: test_data_sources when set, else val_data_sources."""
+        return self._loader(self.val_dataset, self._bs("evaluate"), False, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Inference images."""
+        return self._loader(self.predict_dataset, self._bs("inference"), False, False)

@@ -1,0 +1,179 @@
+"""ONNX export of Mask Grounding DINO with TAO's input/output names, standard ONNX operators only.
+
+Inputs (TAO §6; note TAO's naming swap — ``attention_mask`` is the [B, T] padding mask and ``text_token_mask``
+the [B, T, T] phrase block mask):
+
+=====================  ======================  ==========================================================
+name                   shape / dtype           meaning
+=====================  ======================  ==========================================================
+``inputs``             [B, 3, H, W] float32    image normalised with ``dataset.augmentation.input_mean/std``
+``input_ids``          [B, T] int64            token ids of the prompt, padded to T = ``model.max_text_len``
+``attention_mask``     [B, T] bool             True = real token
+``position_ids``       [B, T] int64            positions restarting at 0 per phrase
+``token_type_ids``     [B, T] int64            zeros
+``text_token_mask``    [B, T, T] bool          phrase block-diagonal self-attention mask
+=====================  ======================  ==========================================================
+
+Outputs: ``pred_logits`` [B, Q, T] (−inf on padding tokens), ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
+``pred_masks`` [B, Q, 1, H/4, W/4] mask logits.  H, W and T are static; the batch axis is dynamic when
+``export.batch_size`` is −1.  The image has no padding (the model sees an all-valid pixel mask).  Deformable
+attention is the pure-PyTorch ``grid_sample`` path (ONNX ``GridSample``): no TensorRT plugin is needed.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from networks.common.errors import CheckpointError, ConfigError
+from networks.common.io import atomic_path
+from networks.mask_grounding_dino.text import phrase_masks
+
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
+           "onnx_parity", "load_model_weights", "run_export"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
+OUTPUT_NAMES = ["pred_logits", "pred_boxes", "pred_masks"]
+MIN_OPSET = 17
+#: TAO's dummy prompt for tracing.
+DUMMY_CAPTION = "the running dog ."
+
+
+class ExportWrapper(nn.Module):
+    """``model`` with TAO's ONNX signature: forward(inputs, input_ids, attention_mask, position_ids,
+    token_type_ids, text_token_mask) → (pred_logits, pred_boxes, pred_masks)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
+        out = self.model(inputs, None, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask)
+        return out["pred_logits"], out["pred_boxes"], out["pred_masks"]
+
+
+def text_inputs(tokenizer, captions: list[str], text_len: int) -> dict[str, torch.Tensor]:
+    """Prompt tensors padded to exactly ``text_len`` tokens (cut if longer), as the exported graph expects."""
+    enc = tokenizer(list(captions), padding="max_length", max_length=max(text_len, 1), truncation=False,
+                    return_tensors="pt")
+    ids = enc["input_ids"].long()
+    special = {int(tokenizer.convert_tokens_to_ids(t)) for t in ("[CLS]", "[SEP]", ".", "?")}
+    block, pos = phrase_masks(ids, special)
+    ttype = enc.get("token_type_ids")
+    ttype = torch.zeros_like(ids) if ttype is None else ttype.long()
+    return {"input_ids": ids[:, :text_len], "attention_mask": enc["attention_mask"][:, :text_len].bool(),
+            "position_ids": pos[:, :text_len], "token_type_ids": ttype[:, :text_len],
+            "text_token_mask": block[:, :text_len, :text_len]}
+
+
+def _example(tokenizer, batch: int, hw: tuple[int, int], text_len: int, seed: int = 0,
+             captions: list[str] | None = None) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(batch, 3, int(hw[0]), int(hw[1]), generator=g)
+    caps = captions or [DUMMY_CAPTION] * batch
+    t = text_inputs(tokenizer, caps, text_len)
+    return (image,) + tuple(t[k] for k in INPUT_NAMES[1:])
+
+
+def export_onnx(model: nn.Module, tokenizer, out_path: str | Path, input_hw: tuple[int, int], text_len: int,
+                batch_size: int = -1, opset: int = MIN_OPSET, verbose: bool = False) -> Path:
+    """Write ``model`` (eval mode) as ONNX to ``out_path`` atomically; checked with ``onnx.checker``."""
+    if opset < MIN_OPSET:
+        raise ConfigError("export.opset_version", f"{opset} is too low", f"use {MIN_OPSET} or higher")
+    H, W = int(input_hw[0]), int(input_hw[1])
+    if H % 32 or W % 32:
+        raise ConfigError("export.input_height", f"input {H}x{W} must be a multiple of 32 in both dimensions")
+    wrapper = ExportWrapper(model).eval()
+    b = 1 if batch_size in (None, -1) else int(batch_size)
+    args = _example(tokenizer, b, (H, W), text_len)
+    dynamic_axes = None
+    if batch_size in (None, -1):
+        dynamic_axes = {n: {0: "batch_size"} for n in INPUT_NAMES + OUTPUT_NAMES}
+    out_path = Path(out_path)
+    with atomic_path(out_path, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
+        # Tracing warns about shape-dependent Python branches; H, W and T are static by design.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, args, str(tmp), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+                          opset_version=int(opset), dynamic_axes=dynamic_axes, do_constant_folding=True,
+                          verbose=verbose, dynamo=False)
+        import onnx
+
+        onnx.checker.check_model(str(tmp))
+    return out_path
+
+
+def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
+    """Max |ONNX Runtime − PyTorch| per output on ``example`` (finite entries; a differing ±inf pattern → inf)."""
+    import onnxruntime as ort
+
+    wrapper = ExportWrapper(model).eval()
+    with torch.no_grad():
+        expected = [t.detach().cpu().numpy() for t in wrapper(*example)]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, example)}
+    got = session.run(OUTPUT_NAMES, feeds)
+    diffs = {}
+    for name, g, e in zip(OUTPUT_NAMES, got, expected):
+        g64, e64 = g.astype(np.float64), e.astype(np.float64)
+        fin = np.isfinite(e64)
+        if g64.shape != e64.shape or not np.array_equal(fin, np.isfinite(g64)):
+            diffs[name] = float("inf")
+            continue
+        diffs[name] = float(np.max(np.abs(g64[fin] - e64[fin]))) if fin.any() else 0.0
+    return diffs
+
+
+def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint") -> Any:
+    """Load a tao-cli/TAO checkpoint into ``model``; every model tensor must be present (CheckpointError)."""
+    from networks.common.weights import unwrap_state_dict
+    from networks.mask_grounding_dino.model import load_pretrained
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise CheckpointError(field, f"file not found: {checkpoint}", "give the path of a trained checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
+                              "use a checkpoint written by tao-cli or TAO train") from exc
+    state = unwrap_state_dict(obj)
+    # tao-cli's Lightning module keeps the network as `model.`; TAO's as `model.model.` (handled downstream).
+    if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    report = load_pretrained(model, state, source=str(path), raise_on_mismatch=True)
+    if report.missing:
+        raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. {report.missing[:3]}",
+                              "check that the spec's model section matches the checkpoint")
+    return report
+
+
+def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
+    """The ``export`` action: build the model, load ``export.checkpoint``, write ``export.onnx_file``, then run
+    it in onnxruntime on a random image + the dummy prompt and report the max abs difference per output."""
+    from networks.mask_grounding_dino.model import build_model
+    from networks.mask_grounding_dino.text import load_tokenizer
+
+    ex = cfg.export
+    model = build_model(cfg).eval()
+    load_model_weights(model, ex.checkpoint)
+    tokenizer = load_tokenizer(cfg.model.text_encoder_type)
+    T = int(cfg.model.max_text_len)
+    out = export_onnx(model, tokenizer, ex.onnx_file, (ex.input_height, ex.input_width), T, ex.batch_size,
+                      ex.opset_version, ex.verbose)
+    b = 1 if ex.batch_size in (None, -1) else int(ex.batch_size)
+    diffs = onnx_parity(model, out, _example(tokenizer, b, (ex.input_height, ex.input_width), T))
+    batch = "batch_size" if ex.batch_size in (None, -1) else b
+    inputs = {"inputs": [batch, 3, ex.input_height, ex.input_width], "input_ids": [batch, T],
+              "attention_mask": [batch, T], "position_ids": [batch, T], "token_type_ids": [batch, T],
+              "text_token_mask": [batch, T, T]}
+    ctx.log.info("ONNX written to %s; inputs %s; outputs %s; onnxruntime max |diff| vs PyTorch: %s",
+                 out, inputs, OUTPUT_NAMES, diffs)
+    return {"onnx_file": str(out), "inputs": inputs, "outputs": OUTPUT_NAMES,
+            "max_abs_diff": max(diffs.values()) if diffs else 0.0, "per_output_diff": diffs}

@@ -1,0 +1,397 @@
+"""Mask Grounding DINO LightningModule: losses, optimiser/schedule, COCO bbox+segm evaluation, inference outputs.
+
+* Training: the model is called with the criterion's matcher as ``match_fn`` (it predicts masks only for
+  matched queries, per decoder layer); the criterion's unweighted terms are weighted **here** (the one place;
+  :func:`~networks.mask_grounding_dino.criterion.loss_weights`) into ``train_loss``; every term is logged.
+* Optimiser (TAO §7.1): AdamW over trainable parameters in three groups by name substring —
+  ``model.backbone_names`` → ``lr_backbone``, ``model.linear_proj_names`` → ``lr · lr_linear_proj_mult``, the rest
+  → ``lr`` — all with ``weight_decay``; MultiStepLR (``lr_steps``) or StepLR (``lr_step_size``), per epoch.
+* ``train.freeze`` freezes dotted sub-modules (``backbone.0``, ``bert``, ...); ``train.pretrained_model_path``
+  (full model) or ``model.pretrained_backbone_path`` (Swin only) are loaded unless the run resumes.
+* Evaluation: ``val_loss`` (no mask terms, as TAO) and COCO AP through pycocotools for ``bbox`` and ``segm`` on
+  the images seen (gathered over ranks): ``bbox_val_mAP``, ``bbox_val_mAP50``, ``bbox_val_mAP75`` and the same
+  for ``segm_``.  Detections use ``evaluate.{conf,nms}_threshold``.
+* Inference: ``overlays/<image>.png`` per image and one ``results.json`` (COCO results + ``file_name``,
+  ``category_name``, ``phrase``) under ``ctx.run_dir``, written atomically.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover
+    import lightning.pytorch as pl  # type: ignore
+
+from networks.common.errors import CheckpointError, ConfigError
+from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
+from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
+
+__all__ = ["MaskGDinoModule", "param_groups", "freeze_modules", "load_full_weights", "TEXT_KEYS"]
+
+log = logging.getLogger(__name__)
+
+#: Batch keys of the tokenised prompt, in the model's argument order after images/pixel_mask.
+TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "text_self_attention_masks")
+
+
+def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj_mult: float,
+                 backbone_names: list[str], linear_proj_names: list[str]) -> list[dict]:
+    """TAO's three AdamW groups over trainable parameters, by substring of the parameter name (backbone first)."""
+    groups: dict[str, list[nn.Parameter]] = {"backbone": [], "linear_proj": [], "rest": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(k in name for k in backbone_names):
+            groups["backbone"].append(p)
+        elif any(k in name for k in linear_proj_names):
+            groups["linear_proj"].append(p)
+        else:
+            groups["rest"].append(p)
+    lrs = {"rest": lr, "backbone": lr_backbone, "linear_proj": lr * lr_linear_proj_mult}
+    return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def freeze_modules(model: nn.Module, paths: list[str]) -> list[str]:
+    """``requires_grad=False`` under each dotted sub-module path; ConfigError (``train.freeze``) if unknown."""
+    done = []
+    for raw in paths or []:
+        path = raw.strip()
+        for prefix in ("model.model.", "model."):
+            if path.startswith(prefix) and not _has_module(model, path):
+                path = path[len(prefix):]
+        if not _has_module(model, path):
+            tops = ", ".join(n for n, _ in model.named_children())
+            raise ConfigError("train.freeze", f"'{raw}' is not a sub-module of the model",
+                              f"use dotted paths under: {tops} (e.g. backbone.0, bert)")
+        for p in model.get_submodule(path).parameters():
+            p.requires_grad_(False)
+        done.append(path)
+    return done
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pretrained_model_path") -> Any:
+    """Load a TAO / IDEA / tao-cli checkpoint into ``model`` (safe ``weights_only`` load, keys remapped)."""
+    from networks.mask_grounding_dino.model import load_pretrained
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(field, f"file not found: {path}", "check the path")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+        raise CheckpointError(str(p), f"cannot be read safely ({type(exc).__name__}: {exc})",
+                              "use a .pth written by tao-cli or TAO") from exc
+    report = load_pretrained(model, obj, source=str(p))
+    log.info(report.summary(str(p)))
+    return report
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _xywh(box: list[float]) -> list[float]:
+    return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+
+
+class MaskGDinoModule(pl.LightningModule):
+    """Train/evaluate/inference logic around :class:`~networks.mask_grounding_dino.model.MaskGroundingDINO`.
+
+    Args:
+        cfg: the validated spec (``DictConfig``).
+        ctx: the engine's :class:`~networks.common.context.RunContext` (or None in tests).
+        model: a built model (default ``build_model(cfg)``).
+    """
+
+    find_unused_parameters = True
+
+    def __init__(self, cfg: Any, ctx: Any = None, model: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+        mc = cfg.model
+        if model is None:
+            from networks.mask_grounding_dino.model import build_model
+
+            model = build_model(cfg)
+        self.model = model
+        if hasattr(model, "set_activation_checkpoint") and getattr(ctx, "action", None) == "train":
+            model.set_activation_checkpoint(bool(cfg.train.activation_checkpoint))
+        self.criterion = MaskGDinoCriterion(build_matcher(mc), mc.focal_alpha, mc.focal_gamma,
+                                            [t for t in mc.loss_types if t != "rela"])
+        num_aux = int(mc.dec_layers) - 1 if mc.aux_loss else 0
+        self.loss_weights = loss_weights(mc, num_aux)
+        self.kpi: dict[str, float] = {}
+        self.outputs: dict[str, Any] = {}
+        self._records: dict[Any, dict] = {}
+        self._val_loss = [0.0, 0]
+        self._predictions: list[dict] = []
+        self._tokenizer = None
+        if getattr(ctx, "action", None) == "train":
+            frozen = freeze_modules(self.model, list(cfg.train.freeze or []))
+            if frozen:
+                log.info("Froze modules: %s", frozen)
+            if not getattr(ctx, "resuming", False):
+                self._load_pretrained()
+
+    def _load_pretrained(self) -> None:
+        if self.cfg.train.pretrained_model_path:
+            load_full_weights(self.model, self.cfg.train.pretrained_model_path)
+        elif self.cfg.model.pretrained_backbone_path:
+            from networks.mask_grounding_dino.model import load_backbone_weights
+
+            report = load_backbone_weights(self.model, self.cfg.model.pretrained_backbone_path)
+            log.info(report.summary(str(self.cfg.model.pretrained_backbone_path)))
+
+    @property
+    def tokenizer(self):
+        """The prompt tokenizer (for phrase decoding), loaded on first use."""
+        if self._tokenizer is None:
+            from networks.mask_grounding_dino.text import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.cfg.model.text_encoder_type)
+        return self._tokenizer
+
+    # -- forward / training ---------------------------------------------------------------------------
+    def forward(self, batch: dict, match: bool = False) -> dict[str, Any]:
+        """Model outputs for a collated batch; ``match`` passes targets and the matcher (training masks)."""
+        args = [batch[k] for k in TEXT_KEYS]
+        if match:
+            return self.model(batch["images"], batch["pixel_mask"], *args, targets=batch["targets"],
+                              match_fn=self.criterion.match)
+        return self.model(batch["images"], batch["pixel_mask"], *args)
+
+    def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Σ weight · term over the terms that have a weight."""
+        total = None
+        for k, v in losses.items():
+            w = self.loss_weights.get(k, 0.0)
+            if w:
+                total = v * w if total is None else total + v * w
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """Weighted loss of one batch; logs ``train_loss`` (epoch mean) and every term."""
+        outputs = self(batch, match=True)
+        losses = self.criterion(outputs, batch["targets"], batch["attention_mask"])
+        total = self.weighted_loss(losses)
+        if not torch.isfinite(total):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"Mask Grounding DINO loss is not finite at step {self.global_step} "
+                                     f"(terms {bad}); lower train.optim.lr, use fp32/bf16, or check the data")
+        bs = len(batch["targets"])
+        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
+            if k in losses:
+                self.log(f"train_{k}", losses[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        return total
+
+    def configure_optimizers(self):
+        """AdamW with TAO's three parameter groups and a per-epoch MultiStep/StepLR schedule."""
+        o = self.cfg.train.optim
+        mc = self.cfg.model
+        groups = param_groups(self.model, float(o.lr), float(o.lr_backbone), float(o.lr_linear_proj_mult),
+                              list(mc.backbone_names), list(mc.linear_proj_names))
+        optimizer = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay))
+        if o.lr_scheduler == "StepLR":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(o.lr_step_size), gamma=float(o.lr_decay))
+        else:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.lr_steps),
+                                                             gamma=float(o.lr_decay))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch",
+                                                         "monitor": o.monitor_name}}
+
+    # -- evaluation ------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._records = {}
+        self._val_loss = [0.0, 0]
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """``val_loss`` and the batch's detections for COCO AP."""
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """As :meth:`validation_step` (``evaluate`` runs on the test or val COCO file)."""
+        self._eval_step(batch)
+
+    def _eval_step(self, batch: dict) -> None:
+        from networks.common.coco_io import mask_to_rle
+
+        outputs = self(batch)
+        losses = self.criterion(outputs, batch["targets"], batch["attention_mask"], with_masks=False)
+        loss = self.weighted_loss(losses)
+        bs = len(batch["targets"])
+        self._val_loss[0] += float(loss) * bs
+        self._val_loss[1] += bs
+        if self._trainer is not None:
+            self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
+            if self.trainer.sanity_checking:
+                return
+        ev = self.cfg.evaluate
+        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
+                           batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
+                           float(ev.conf_threshold), float(ev.nms_threshold))
+        for i, det in enumerate(dets):
+            cat_ids = batch["category_ids"][i]
+            rows = []
+            masks = det["masks"].cpu().numpy()
+            for j, (s, lab, box) in enumerate(zip(det["scores"].tolist(), det["labels"].tolist(),
+                                                  det["boxes"].tolist())):
+                rows.append({"image_id": batch["image_ids"][i], "category_id": cat_ids[lab], "score": float(s),
+                             "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
+            self._records[batch["image_ids"][i]] = rows
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        self._finish_eval(self.cfg.dataset.val_data_sources)
+
+    def on_test_epoch_end(self) -> None:
+        from networks.mask_grounding_dino.data import eval_source
+
+        self._finish_eval(eval_source(self.cfg)[1])
+
+    def _finish_eval(self, source: Any) -> None:
+        from networks.common.coco_io import load_coco
+        from networks.common.metrics import coco_eval_stats
+
+        merged: dict[Any, list] = {}
+        loss_sum, loss_n = 0.0, 0
+        for part in _gather_objects((self._records, self._val_loss)):
+            merged.update(part[0])
+            loss_sum += part[1][0]
+            loss_n += part[1][1]
+        self._records = {}
+        kpi: dict[str, float] = {}
+        if loss_n:
+            kpi["val_loss"] = loss_sum / loss_n
+        if merged:
+            gt = load_coco(source.get("json_file"), field="json_file")
+            seen = set(merged)
+            gt = {**gt, "images": [im for im in gt["images"] if im["id"] in seen],
+                  "annotations": [a for a in gt["annotations"] if a.get("image_id") in seen]}
+            dets = [d for rows in merged.values() for d in rows]
+            if gt["annotations"]:
+                for iou_type in ("bbox", "segm"):
+                    stats = coco_eval_stats(gt, dets, iou_type)
+                    kpi[f"{iou_type}_val_mAP"] = max(stats[0], 0.0)
+                    kpi[f"{iou_type}_val_mAP50"] = max(stats[1], 0.0)
+                    kpi[f"{iou_type}_val_mAP75"] = max(stats[2], 0.0)
+            else:
+                log.warning("No ground-truth instances in the evaluated images; AP not computed.")
+        if self._trainer is not None:
+            for k, v in kpi.items():
+                if k != "val_loss":
+                    self.log(k, float(v), rank_zero_only=True)
+        self.kpi = {k: float(v) for k, v in kpi.items()}
+        log.info("Evaluation on %d images: %s", len(merged), ", ".join(f"{k}={v:.4f}" for k, v in self.kpi.items()))
+
+    # -- inference -------------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._predictions = []
+
+    def _out_dir(self) -> Path:
+        run_dir = getattr(self.ctx, "run_dir", None)
+        if run_dir is None:
+            raise ConfigError("inference.results_dir", "no run directory to write inference outputs to")
+        return Path(run_dir)
+
+    def _colors(self, names: list[str]) -> list[tuple[int, int, int]]:
+        from PIL import ImageColor
+
+        from networks.common.visualize import palette
+
+        base = palette(max(len(names), 1))
+        cmap = dict(self.cfg.inference.color_map or {})
+        out = []
+        for k, n in enumerate(names):
+            try:
+                out.append(tuple(ImageColor.getrgb(cmap[n])) if n in cmap else tuple(base[k]))
+            except ValueError:
+                raise ConfigError(f"inference.color_map.{n}", f"'{cmap[n]}' is not a colour",
+                                  "use a name (red) or #rrggbb") from None
+        return out
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Write ``overlays/<image>.png`` per image and collect its detections for ``results.json``."""
+        from PIL import Image
+
+        from networks.common.coco_io import mask_to_rle
+        from networks.common.visualize import overlay_masks, save_png
+
+        inf = self.cfg.inference
+        outputs = self(batch)
+        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
+                           batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
+                           float(inf.conf_threshold), float(inf.nms_threshold))
+        out_dir = self._out_dir()
+        for i, det in enumerate(dets):
+            names = batch["names"][i]
+            phrases = detection_phrases(det, outputs["pred_logits"][i], batch["input_ids"][i],
+                                        batch["targets"][i]["positive_map"], names, self.tokenizer,
+                                        float(inf.text_threshold))
+            masks = det["masks"].cpu().numpy()
+            rows = []
+            for j, (s, lab, box) in enumerate(zip(det["scores"].tolist(), det["labels"].tolist(),
+                                                  det["boxes"].tolist())):
+                rows.append({"image_id": batch["image_ids"][i], "file_name": batch["file_names"][i],
+                             "category_id": int(lab), "category_name": names[lab], "phrase": phrases[j],
+                             "score": float(s), "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
+            with Image.open(batch["paths"][i]) as im:
+                from PIL import ImageOps
+
+                image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            colors = self._colors(names)
+            overlay = overlay_masks(image, list(masks), [colors[lab] for lab in det["labels"].tolist()],
+                                    boxes=det["boxes"].cpu().numpy(),
+                                    labels=[f"{p} {s:.2f}" for p, s in zip(phrases, det["scores"].tolist())],
+                                    alpha=0.4)
+            save_png(out_dir / "overlays" / Path(batch["file_names"][i]).with_suffix(".png"), overlay)
+            self._predictions.append({"file_name": batch["file_names"][i], "image_id": batch["image_ids"][i],
+                                      "height": int(image.shape[0]), "width": int(image.shape[1]),
+                                      "captions": list(names), "detections": rows})
+
+    def on_predict_epoch_end(self) -> None:
+        """Gather the per-image records and write ``results.json`` (rank 0, atomically)."""
+        from networks.common.io import atomic_write_json
+
+        records: dict[str, dict] = {}
+        for part in _gather_objects(self._predictions):
+            for r in part:
+                records[r["file_name"]] = r
+        self._predictions = []
+        ordered = [records[k] for k in sorted(records)]
+        out_dir = self._out_dir()
+        path = out_dir / "results.json"
+        if _is_rank_zero():
+            atomic_write_json(path, [d for r in ordered for d in r["detections"]])
+            atomic_write_json(out_dir / "images.json", [{k: r[k] for k in ("image_id", "file_name", "height",
+                                                                              "width", "captions")} for r in ordered])
+        self.outputs = {"num_images": len(ordered), "results_json": str(path), "overlays": str(out_dir / "overlays"),
+                        "num_detections": sum(len(r["detections"]) for r in ordered)}

@@ -1,0 +1,104 @@
+"""Post-processing of Mask Grounding DINO outputs into per-image detections at the original image size (§5).
+
+Class scores come from token probabilities: ``sigmoid(pred_logits)`` [Q, T] times the **row-normalised**
+positive map of the prompt's categories [C, T] → [Q, C].  The top ``num_select`` (query, category) pairs over
+all Q·C scores are kept (a query may appear with several categories, as TAO), then — beyond TAO's evaluation
+path — detections scoring below ``conf_threshold`` are dropped and per-category NMS at ``nms_threshold``
+(torchvision; 0 disables) is applied.  Boxes (normalised cxcywh of the un-padded resized image) become xyxy
+pixels of the original image.  Masks (stride-4 logits of the padded input) are upsampled ×4 bilinearly to the
+padded size, cropped to the resized image, resized bilinearly to the original size and thresholded at 0.5
+probability.  Masks always stay aligned with their detections, whatever the thresholds (TAO drops masks when
+``conf_threshold > 0``, which breaks its segm evaluation).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import batched_nms, box_convert
+
+from networks.mask_grounding_dino.text import decode_phrase, normalize_rows
+
+__all__ = ["class_scores", "select_topk", "masks_to_image", "postprocess", "detection_phrases"]
+
+
+def class_scores(logits: torch.Tensor, pos_map: torch.Tensor) -> torch.Tensor:
+    """[Q, C] category scores of one image: ``sigmoid(logits [Q, T]) @ normalise(pos_map [C, T'])ᵀ``
+    (the map is zero-padded or cut to T)."""
+    T = logits.shape[-1]
+    pm = pos_map.to(device=logits.device, dtype=torch.float32)
+    if pm.shape[-1] < T:
+        pm = F.pad(pm, (0, T - pm.shape[-1]))
+    return logits.float().sigmoid() @ normalize_rows(pm[:, :T]).T
+
+
+def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of the flattened [Q, C] scores → (scores [k], query indices [k], category indices [k])."""
+    Q, C = scores.shape
+    k = min(int(k), Q * C)
+    top, idx = scores.flatten().topk(k)
+    return top, torch.div(idx, C, rounding_mode="floor"), idx % C
+
+
+def masks_to_image(mask_logits: torch.Tensor, padded_hw: tuple[int, int], image_hw: tuple[int, int],
+                   orig_hw: tuple[int, int]) -> torch.Tensor:
+    """Stride-4 mask logits [K, h, w] → probabilities [K, H0, W0] at the original size (see module doc)."""
+    if mask_logits.shape[0] == 0:
+        return mask_logits.new_zeros(0, int(orig_hw[0]), int(orig_hw[1]))
+    x = F.interpolate(mask_logits[:, None].float(), size=tuple(int(v) for v in padded_hw), mode="bilinear",
+                      align_corners=False)
+    x = x[:, :, :int(image_hw[0]), :int(image_hw[1])]
+    x = F.interpolate(x, size=tuple(int(v) for v in orig_hw), mode="bilinear", align_corners=False)
+    return x[:, 0].sigmoid()
+
+
+def postprocess(outputs: dict[str, Any], pos_maps: Sequence[torch.Tensor], image_sizes: Sequence[Sequence[int]],
+                orig_sizes: Sequence[Sequence[int]], padded_hw: Sequence[int], num_select: int = 300,
+                conf_threshold: float = 0.0, nms_threshold: float = 0.0, with_masks: bool = True
+                ) -> list[dict[str, torch.Tensor]]:
+    """Detections per image: ``scores`` [K], ``labels`` [K] (index into that image's prompt categories),
+    ``queries`` [K], ``boxes`` [K, 4] xyxy pixels of the original image, and (``with_masks``) ``masks``
+    [K, H0, W0] bool.  ``pos_maps[i]`` is image i's 0/1 positive map [C_i, T']; sizes are (h, w); ``padded_hw``
+    is the model input size."""
+    logits = outputs["pred_logits"]
+    boxes_all = outputs["pred_boxes"]
+    masks_all = outputs.get("pred_masks") if with_masks else None
+    if isinstance(masks_all, torch.Tensor) and masks_all.dim() == 5:
+        masks_all = masks_all[:, :, 0]
+    results = []
+    for i in range(logits.shape[0]):
+        scores = class_scores(logits[i], pos_maps[i])
+        top, query, label = select_topk(scores, num_select)
+        H0, W0 = (int(v) for v in orig_sizes[i])
+        scale = torch.tensor([W0, H0, W0, H0], dtype=torch.float32, device=logits.device)
+        boxes = box_convert(boxes_all[i, query].float(), "cxcywh", "xyxy") * scale
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W0)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H0)
+        if conf_threshold > 0:
+            keep = top >= float(conf_threshold)
+            top, query, label, boxes = top[keep], query[keep], label[keep], boxes[keep]
+        if nms_threshold > 0 and top.numel():
+            k = batched_nms(boxes, top, label, float(nms_threshold))
+            k = k.sort().values  # keep the score order of top-k
+            top, query, label, boxes = top[k], query[k], label[k], boxes[k]
+        det = {"scores": top, "labels": label, "queries": query, "boxes": boxes}
+        if masks_all is not None:
+            det["masks"] = masks_to_image(masks_all[i, query], padded_hw, image_sizes[i], (H0, W0)) > 0.5
+        results.append(det)
+    return results
+
+
+def detection_phrases(det: dict[str, torch.Tensor], logits: torch.Tensor, input_ids: torch.Tensor,
+                      pos_map: torch.Tensor, names: Sequence[str], tokenizer, text_threshold: float) -> list[str]:
+    """Phrase of each detection of one image: the words of its category whose token probability exceeds
+    ``text_threshold`` (all of the category name when ``text_threshold`` is 0 or no token passes it)."""
+    out = []
+    probs = logits.float().sigmoid()
+    for q, c in zip(det["queries"].tolist(), det["labels"].tolist()):
+        phrase = ""
+        if text_threshold > 0:
+            phrase = decode_phrase(probs[q], input_ids, pos_map[c], tokenizer, text_threshold)
+        out.append(phrase or str(names[c]))
+    return out

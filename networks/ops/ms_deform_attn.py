@@ -1,0 +1,157 @@
+"""Multi-scale deformable attention (Deformable DETR) in pure PyTorch.
+
+The sampling uses ``F.grid_sample`` (bilinear, zero padding, ``align_corners=False``), so it runs on any device,
+supports autograd and exports to ONNX with standard ops (``GridSample``).  Coordinates: sampling locations and
+reference points are normalised to ``[0, 1]`` with ``(x, y)`` order, where 0 and 1 are the outer edges of the
+feature map (pixel centres at ``(i + 0.5) / size``).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ms_deform_attn_core", "MSDeformAttn", "spatial_shapes_list"]
+
+
+def spatial_shapes_list(spatial_shapes) -> list[tuple[int, int]]:
+    """Normalise spatial shapes given as a ``[L, 2]`` tensor or a sequence of ``(H, W)`` to a list of tuples.
+
+    A tensor is read with ``tolist()`` (its values become constants when tracing for export).
+    """
+    if torch.is_tensor(spatial_shapes):
+        return [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    return [(h, w) for h, w in spatial_shapes]
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def ms_deform_attn_core(
+    value: torch.Tensor,
+    spatial_shapes,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of bilinearly sampled values over levels and points.
+
+    Args:
+        value: ``[N, S, h, d]`` values of all levels flattened row-major and concatenated (S = Σ H_l·W_l).
+        spatial_shapes: ``[L, 2]`` tensor or sequence of ``(H_l, W_l)``.
+        sampling_locations: ``[N, Lq, h, L, P, 2]`` normalised ``(x, y)`` in ``[0, 1]``; outside → zeros.
+        attention_weights: ``[N, Lq, h, L, P]`` (already softmax-normalised by the caller).
+
+    Returns:
+        ``[N, Lq, h·d]`` (heads concatenated, head-major).
+    """
+    shapes = spatial_shapes_list(spatial_shapes)
+    n, _, heads, dim = value.shape
+    _, lq, _, levels, points, _ = sampling_locations.shape
+    values = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        # [N, H*W, h, d] -> [N*h, d, H, W]
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(n * heads, dim, h, w)
+        # [N, Lq, h, P, 2] -> [N*h, Lq, P, 2]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [N*h, d, Lq, L*P] · [N*h, 1, Lq, L*P]
+    stacked = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(n * heads, 1, lq, levels * points)
+    out = (stacked * weights).sum(-1).view(n, heads * dim, lq)
+    return out.transpose(1, 2).contiguous()
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention module.
+
+    Parameters (names as in Deformable DETR / Mask2Former / TAO): ``sampling_offsets`` Linear(C → h·L·P·2),
+    ``attention_weights`` Linear(C → h·L·P), ``value_proj`` and ``output_proj`` Linear(C → C).
+
+    ``forward(query [N,Lq,C], reference_points, input_flatten [N,S,C], spatial_shapes, level_start_index=None,
+    input_padding_mask=None) -> [N,Lq,C]``.
+
+    * ``reference_points`` ``[N,Lq,L,2]``: normalised ``(x, y)``; location = ref + offset / (W_l, H_l) (offsets in
+      pixels of each level).
+    * ``reference_points`` ``[N,Lq,L,4]``: normalised ``(cx, cy, w, h)`` boxes; location = ref_xy +
+      offset / P · ref_wh · 0.5 (Deformable DETR two-stage / Grounding DINO decoder).
+    * ``input_padding_mask`` ``[N,S]`` bool, True = padding: those values are zeroed before sampling.
+    * ``level_start_index`` is accepted for API compatibility; level sizes come from ``spatial_shapes``.
+    """
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable-DETR init: zero offset weights with a bias pointing each head in its own direction
+        (unit square directions scaled by point index 1..P), uniform attention, xavier projections."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]
+        grid = grid.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.reshape(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        spatial_shapes,
+        level_start_index: torch.Tensor | Sequence[int] | None = None,
+        input_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shapes = spatial_shapes_list(spatial_shapes)
+        if len(shapes) != self.n_levels:
+            raise ValueError(f"expected {self.n_levels} levels in spatial_shapes, got {len(shapes)}")
+        n, lq, _ = query.shape
+        _, s, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        out_dtype = value.dtype
+        # sampling runs in float32 even under fp16/bf16 autocast (as TAO's kernel does): half-precision
+        # locations are off by a sizeable fraction of a pixel on large maps
+        value = _upcast(value).view(n, s, self.n_heads, self.d_model // self.n_heads)
+        offsets = _upcast(self.sampling_offsets(query)).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
+        weights = _upcast(self.attention_weights(query)).view(n, lq, self.n_heads, self.n_levels * self.n_points)
+        weights = weights.softmax(-1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
+        reference_points = _upcast(reference_points)
+        if reference_points.shape[-1] == 2:
+            # offsets are in level pixels: divide by (W_l, H_l)
+            normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+            loc = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            loc = (reference_points[:, :, None, :, None, :2]
+                   + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
+        out = ms_deform_attn_core(value, shapes, loc, weights)
+        return self.output_proj(out.to(out_dtype))
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
