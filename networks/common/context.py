@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -13,7 +15,9 @@ class RunContext:
     ``run_dir`` is ``<results_dir>/<action>`` (already created); ``num_devices`` is the number of processes per
     node times nodes (the world size the Trainer will use); ``resuming`` is true when train resumes from a
     checkpoint (pretrained weights must then not be loaded); ``log`` is the run's logger (tee'd to
-    ``<action>.log``).
+    ``<action>.log``).  ``load_checkpoint(path) -> dict`` is the engine's safe loader (weights-only
+    unpickling, decryption with the spec's ``encryption_key``, ``tao_model`` tag check); networks use it for
+    files they read themselves (e.g. ``export.checkpoint``).
     """
 
     action: str
@@ -23,3 +27,4 @@ class RunContext:
     resuming: bool = False
     accelerator: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("tao"))
+    load_checkpoint: Callable[[str | Path], dict[str, Any]] | None = None

@@ -20,6 +20,10 @@ class TaoUserError(Exception):
         self.hint = hint
         super().__init__(self.one_line())
 
+    def __reduce__(self):
+        # DataLoader workers pickle exceptions back to the main process; keep all three parts
+        return (type(self), (self.subject, self.problem, self.hint))
+
     def one_line(self) -> str:
         text = f"{self.subject}: {self.problem}" if self.subject else self.problem
         if self.hint:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from networks.common.errors import ConfigError, DataError
+from networks.common.errors import CheckpointError, ConfigError, DataError, TaoUserError
 
 __all__ = [
     "Category",
@@ -562,6 +562,12 @@ class Mask2FormerDataset(Dataset):
                 "height": int(ids.shape[0]), "width": int(ids.shape[1])}
 
     def __getitem__(self, index: int) -> dict:
+        try:
+            return self._load(index)
+        except TaoUserError as exc:
+            return _error_sample(exc)
+
+    def _load(self, index: int) -> dict:
         rec = self.records[index]
         img, ids, seg_cls, info = self.decode(rec)
         orig_size = img.shape[:2]
@@ -611,6 +617,12 @@ class PredictDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
+        try:
+            return self._load(index)
+        except TaoUserError as exc:
+            return _error_sample(exc)
+
+    def _load(self, index: int) -> dict:
         path = self.files[index]
         img = _read_rgb(path)
         orig = img.shape[:2]
@@ -623,6 +635,21 @@ class PredictDataset(Dataset):
                 "gt": None, "path": str(path)}
 
 
+_USER_ERRORS = {cls.__name__: cls for cls in (DataError, ConfigError, CheckpointError, TaoUserError)}
+
+
+def _error_sample(exc: TaoUserError) -> dict:
+    """A user error as plain data: DataLoader workers cannot re-create TaoUserError in the main process."""
+    return {"_error": (type(exc).__name__, exc.subject, exc.problem, exc.hint)}
+
+
+def raise_if_error(batch: dict) -> None:
+    """Re-raise (in the main process) a user error that a worker turned into a batch (see :func:`collate`)."""
+    if isinstance(batch, dict) and "_error" in batch:
+        name, subject, problem, hint = batch["_error"]
+        raise _USER_ERRORS.get(name, DataError)(subject, problem, hint)
+
+
 def collate(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> dict:
     """Pad a list of samples to one batch (bottom/right, to the batch max rounded up to ``size_divisibility``).
 
@@ -630,8 +657,12 @@ def collate(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> 
     [B, Hp, Wp] (True = padded), ``sem_seg`` int64 [B, Hp, Wp] (0 = ignore, also on padding),
     ``targets`` ``[{"labels" [N], "masks" bool [N, Hp, Wp], "valid_extent" float [2] = (w/Wp, h/Hp)}]``,
     ``image_sizes`` [(h, w)] before padding, and per-image ``orig_sizes``, ``image_ids``, ``file_names``,
-    ``gts`` (and ``paths`` for prediction).
+    ``gts`` (and ``paths`` for prediction).  If a sample failed with a user error (bad record), the batch is
+    ``{"_error": ...}`` instead and :func:`raise_if_error` raises it where it can reach the user.
     """
+    for s in samples:
+        if "_error" in s:
+            return {"_error": s["_error"]}
     hs = [s["image"].shape[1] for s in samples]
     ws = [s["image"].shape[2] for s in samples]
     d = size_divisibility
@@ -693,6 +724,11 @@ class Mask2FormerDataModule(pl.LightningDataModule):
         self.val_aug = Augmentation(False, [aug.test_min_size], aug.test_max_size, None, ds.val.target_size)
         self.test_aug = Augmentation(False, [aug.test_min_size], aug.test_max_size, None, ds.test.target_size)
         self.train_dataset = self.val_dataset = self.predict_dataset = None
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Raise a dataset user error (DataError naming the file/record) in the main process."""
+        raise_if_error(batch)
+        return batch
 
     def _require_label_map(self) -> LabelMap:
         if self.label_map is None:

@@ -124,22 +124,26 @@ def onnx_parity(model: nn.Module, mode: str, onnx_path: str | Path, inputs: torc
             for name, g, e in zip(OUTPUT_NAMES[mode], got, expected, strict=False)}
 
 
-def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint") -> Any:
+def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
+                       loader: Any = None) -> Any:
     """Load a tao-cli/TAO Lightning checkpoint (``state_dict`` with ``model.`` prefix) into ``model``.
 
-    Returns the load report.  Reads with ``torch.load(weights_only=True)`` (no arbitrary pickles).
+    ``loader(path) -> dict`` is the engine's safe loader (decryption, network tag check); without it the file
+    is read with ``torch.load(weights_only=True)`` (no arbitrary pickles).  Returns the load report.
     """
     from networks.common.weights import apply_state_dict, unwrap_state_dict
 
     path = Path(checkpoint)
     if not path.is_file():
         raise CheckpointError(field, f"file not found: {checkpoint}", "give the path of a trained checkpoint")
-    # TODO(lead): route through tao_cli.engine.checkpoints' safe loader (encryption, tao_model check).
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
-                              "use a checkpoint written by tao-cli or TAO train") from exc
+    if loader is not None:
+        obj = loader(path)
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
+            raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
+                                  "use a checkpoint written by tao-cli or TAO train") from exc
     state = unwrap_state_dict(obj)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -159,7 +163,7 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
     if ex.opset_version < MIN_OPSET:
         raise ConfigError("export.opset_version", f"{ex.opset_version} is too low", f"use {MIN_OPSET} or higher")
     model = build_model(cfg.model).eval()
-    load_model_weights(model, ex.checkpoint)
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None))
     out = export_onnx(model, cfg.model.mode, ex.onnx_file, (ex.input_height, ex.input_width), ex.batch_size,
                       ex.opset_version, cfg.model.test_topk_per_image, ex.verbose)
     b = 1 if ex.batch_size in (None, -1) else int(ex.batch_size)

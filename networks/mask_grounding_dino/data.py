@@ -500,7 +500,9 @@ def _list_images(folder: Path) -> list[Path]:
 
 def _clean_captions(captions: Any, where: str) -> list[str]:
     if isinstance(captions, str):
-        captions = [c for c in captions.split(".")]
+        captions = captions.split(".")
+    elif not isinstance(captions, (list, tuple)) and hasattr(captions, "__iter__"):
+        captions = list(captions)  # OmegaConf ListConfig
     if not isinstance(captions, (list, tuple)):
         raise DataError(where, f"captions must be a list of phrases, got {type(captions).__name__}")
     out = [str(c).strip().lower() for c in captions if str(c).strip()]

@@ -370,8 +370,14 @@ def _dispatch(net, action: str, cfg: DictConfig, run_dir: Path, plan: DevicePlan
     from .trainer import seed_run
 
     title = getattr(net, "TITLE", getattr(net, "NAME", "network"))
+    from .checkpoints import load_checkpoint
+
+    def safe_load(path):
+        return load_checkpoint(path, key=key, expected_network=getattr(net, "NAME", None))
+
     ctx = RunContext(action=action, run_dir=run_dir, num_devices=plan.world_size, num_nodes=plan.num_nodes,
-                     resuming=resume is not None, accelerator=plan.accelerator, log=log)
+                     resuming=resume is not None, accelerator=plan.accelerator, log=log,
+                     load_checkpoint=safe_load)
     if action not in LIGHTNING_ACTIONS:
         if not hasattr(net, "run_action"):
             raise ConfigError("action", f"{getattr(net, 'NAME', '?')} has no action {action!r}")

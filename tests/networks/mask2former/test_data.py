@@ -15,6 +15,7 @@ from networks.mask2former.data import (
     collate,
     expand_min_sizes,
     load_label_map,
+    raise_if_error,
     resize_shortest_edge_shape,
 )
 
@@ -93,7 +94,22 @@ def test_unknown_category_ids_are_named(m2f_synthetic, tmp_path):
     dm.setup("fit")
     with pytest.raises(DataError, match=r"\[.*5.*\]"):
         for i in range(len(dm.train_dataset)):
-            dm.train_dataset[i]
+            raise_if_error(dm.train_dataset[i])  # samples carry user errors out of DataLoader workers
+
+
+def test_worker_errors_reach_the_user_as_data_errors(m2f_synthetic, tmp_path):
+    """A DataError inside a DataLoader worker arrives as a DataError (exit code 2), not a RuntimeError."""
+    lm = tmp_path / "label_map.json"
+    cats = json.loads(m2f_synthetic["train"]["label_map"].read_text())
+    lm.write_text(json.dumps([c for c in cats if c["id"] != 5]))
+    cfg = make_tiny_cfg(m2f_synthetic, kind="ade", archives=False)
+    cfg.dataset.label_map = str(lm)
+    cfg.dataset.val.num_workers = 1
+    dm = Mask2FormerDataModule(cfg, "evaluate")
+    dm.setup("test")
+    batch = next(iter(dm.val_dataloader()))
+    with pytest.raises(DataError, match="semantic/000001.png"):
+        dm.on_before_batch_transfer(batch, 0)
 
 
 def test_label_map_vs_num_classes(m2f_synthetic):

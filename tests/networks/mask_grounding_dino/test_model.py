@@ -258,3 +258,38 @@ def test_state_dict_uses_tao_names(model):
     # one shared box head
     assert model.bbox_embed[0] is model.bbox_embed[1] is model.transformer.decoder.bbox_embed[1]
     assert isinstance(model, MaskGroundingDINO)
+
+
+def test_activation_checkpoint_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = build_model(_cfg(enc_layers=1, dec_layers=1), text_encoder=_tiny_bert()).train()
+    images, pm, ids, att, pos, tt, block = _inputs(b=1, size=64)
+
+    def grads(enabled):
+        m.set_activation_checkpoint(enabled)
+        m.zero_grad()
+        torch.manual_seed(7)  # same dropout / drop-path draws (checkpointing replays the RNG state)
+        out = m(images, pm, ids, att, pos, tt, block)
+        (out["pred_boxes"].sum() + out["pred_masks"].mean()).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    a, b = grads(False), grads(True)
+    assert a.keys() == b.keys() and "transformer.encoder.fusion_layers.0.gamma_v" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_load_backbone_weights_from_a_release_file(tmp_path, model):
+    from networks.common.errors import CheckpointError
+    from networks.mask_grounding_dino.model import load_backbone_weights
+
+    path = tmp_path / "swin.pth"
+    torch.save({"model": {k: v.clone() for k, v in model.swin.state_dict().items()}}, path)
+    torch.manual_seed(5)
+    fresh = build_model(_cfg(), text_encoder=_tiny_bert())
+    report = load_backbone_weights(fresh, path)
+    assert report.clean
+    assert torch.equal(fresh.swin.patch_embed.proj.weight, model.swin.patch_embed.proj.weight)
+    with pytest.raises(CheckpointError) as err:
+        load_backbone_weights(fresh, tmp_path / "missing.pth")
+    assert err.value.subject == "model.pretrained_backbone_path"

@@ -41,7 +41,8 @@ def test_phrase_masks_match_hf_reference(tokenizer):
 
     caps = ["red circle . square . a big blue triangle .", "cat ."]
     tok = tokenize(caps, tokenizer, 256)
-    ref_mask, ref_pos = generate_masks_with_special_tokens_and_transfer_map(tok["input_ids"])
+    special = torch.tensor([101, 102, 1012, 1029])
+    ref_mask, ref_pos = generate_masks_with_special_tokens_and_transfer_map(tok["input_ids"], special)
     assert torch.equal(tok["text_self_attention_masks"], ref_mask.bool())
     assert torch.equal(tok["position_ids"], ref_pos.long())
 
