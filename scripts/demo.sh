@@ -19,9 +19,9 @@ else
 fi
 
 echo "== 1/4 synthetic dataset -> ${DATA}"
-if ! "${TAO[@]}" dataset synthetic --out "${DATA}" --seed 0 >/dev/null; then
+if ! "${TAO[@]}" dataset synthetic --out "${DATA}" --seed 0 --num-train 96 --num-val 32 >/dev/null; then
     echo "'tao dataset synthetic' failed; generating with networks.common.synthetic directly"
-    python -c "from networks.common.synthetic import generate; generate('${DATA}', seed=0)"
+    python -c "from networks.common.synthetic import generate; generate('${DATA}', seed=0, num_train=96, num_val=32)"
 fi
 
 # A fresh run every time: re-running train on an existing results dir would resume (TAO behaviour).

@@ -49,9 +49,25 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
 
 def build_datamodule(cfg: Any, ctx: Any):
     """The :class:`~networks.mal.data.MALDataModule` for ``ctx.action`` (datasets are built in ``setup``)."""
+    from networks.common.sources import resolve_dir
     from networks.mal.data import MALDataModule
 
+    # Resolve image dirs/archives now, so a missing or unsafe archive fails before the Trainer exists (extraction
+    # is cached and safe when several ranks arrive at once).
+    for key, path in _image_dirs(cfg, getattr(ctx, "action", "train")).items():
+        resolve_dir(path, field=key)
     return MALDataModule(cfg, log=getattr(ctx, "log", None))
+
+
+def _image_dirs(cfg: Any, action: str) -> dict:
+    d = cfg.dataset
+    if action == "train":
+        return {"dataset.train_img_dir": d.train_img_dir, "dataset.val_img_dir": d.val_img_dir}
+    if action == "evaluate":
+        return {"dataset.val_img_dir": d.val_img_dir}
+    if action == "inference":
+        return {"inference.img_dir": cfg.inference.img_dir}
+    return {}
 
 
 def build_module(cfg: Any, ctx: Any):

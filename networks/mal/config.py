@@ -269,8 +269,12 @@ def check(cfg: Any, action: str) -> None:
     if action == "train":
         epochs, warm = int(_get(cfg, "train.num_epochs")), int(_get(cfg, "train.warmup_epochs"))
         if epochs <= warm:
-            raise ConfigError("train.warmup_epochs", f"{warm} is not below train.num_epochs={epochs}",
-                              "the cosine schedule needs num_epochs > warmup_epochs")
+            # TAO divides by zero here; we run warm-up only (the LR ramps up and then stays at its peak)
+            import logging
+
+            logging.getLogger("tao").warning(
+                "train.warmup_epochs=%d is not below train.num_epochs=%d: the whole run is warm-up, no cosine decay",
+                warm, epochs)
         for key in ("dataset.train_ann_path", "dataset.train_img_dir"):
             if _blank(_get(cfg, key)):
                 raise ConfigError(key, "is not set", "training needs the training annotations and images")

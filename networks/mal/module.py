@@ -126,6 +126,8 @@ class MALModule(pl.LightningModule):
         self.use_flip_test = bool(use_flip_test)
         self.label_dump_path = Path(label_dump_path) if label_dump_path else None
         self.num_overlays = int(num_overlays)
+        #: where overlay PNGs go (set from the run dir by ``from_config``; else beside the pseudo-label JSON)
+        self.overlay_dir: Path | None = None
         self.kpi: dict[str, float] = {}
         self.outputs: dict[str, Any] = {}
         self._ema_seen_step = 0
@@ -161,7 +163,7 @@ class MALModule(pl.LightningModule):
 
             label_dump = resolve_label_dump_path(cfg.inference.label_dump_path, ctx.run_dir)
             num_overlays = int(cfg.inference.get("num_overlays", 0) or 0)
-        return cls(
+        module = cls(
             student, teacher, mean_field,
             lr=float(tr.lr) * devices * int(tr.batch_size), min_lr_rate=float(tr.min_lr_rate), wd=float(tr.wd),
             optim_eps=float(tr.optim_eps), optim_betas=list(tr.optim_betas), warmup_epochs=float(tr.warmup_epochs),
@@ -173,6 +175,9 @@ class MALModule(pl.LightningModule):
             use_teacher_test=bool(ev.use_teacher_test), use_flip_test=bool(ev.use_flip_test),
             label_dump_path=label_dump, num_overlays=num_overlays,
         )
+        if action == "inference" and getattr(ctx, "run_dir", None) is not None:
+            module.overlay_dir = Path(ctx.run_dir) / "overlays"
+        return module
 
     def train(self, mode: bool = True):
         """Lightning toggles train/eval; the teacher always stays in eval mode (deterministic targets)."""
@@ -406,8 +411,8 @@ class MALModule(pl.LightningModule):
 
             with open(self.label_dump_path, encoding="utf-8") as fh:
                 written = json.load(fh)
-            paths = write_overlays(written, dm.predict_dataset.img_root, self.label_dump_path.parent / "overlays",
-                                   self.num_overlays)
+            overlay_dir = self.overlay_dir or self.label_dump_path.parent / "overlays"
+            paths = write_overlays(written, dm.predict_dataset.img_root, overlay_dir, self.num_overlays)
             summary["overlays"] = [str(p) for p in paths]
         ious = [p["iou"] for p in preds if p.get("iou") is not None]
         if ious:

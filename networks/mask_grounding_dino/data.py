@@ -426,7 +426,7 @@ class OdvgDataset(Dataset):
         keys = [rec.keys[i] for i in order]
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) if len(boxes) else np.zeros(0, bool)
         boxes, masks = boxes[valid], masks[valid]
-        keys = [k for k, v in zip(keys, valid) if v]
+        keys = [k for k, v in zip(keys, valid, strict=True) if v]
         rec_view = OdvgRecord(rec.file_name, [], keys, [], rec.where, rec.grounding)
         names, labels = self._grounding_prompt(rec_view) if rec.grounding else self._detection_prompt(rec_view, rng)
         x, b, m, kept = self.transform(img, boxes, masks, rng)

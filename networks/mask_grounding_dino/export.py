@@ -117,10 +117,10 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Te
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in wrapper(*example)]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, example)}
+    feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, example, strict=True)}
     got = session.run(OUTPUT_NAMES, feeds)
     diffs = {}
-    for name, g, e in zip(OUTPUT_NAMES, got, expected):
+    for name, g, e in zip(OUTPUT_NAMES, got, expected, strict=True):
         g64, e64 = g.astype(np.float64), e.astype(np.float64)
         fin = np.isfinite(e64)
         if g64.shape != e64.shape or not np.array_equal(fin, np.isfinite(g64)):
@@ -132,8 +132,8 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Te
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint") -> Any:
     """Load a tao-cli/TAO checkpoint into ``model``; every model tensor must be present (CheckpointError)."""
-    from networks.common.weights import unwrap_state_dict
     from networks.mask_grounding_dino.model import load_pretrained
+    from networks.mask_grounding_dino.module import strip_lightning_prefix
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -143,11 +143,7 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "e
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
                               "use a checkpoint written by tao-cli or TAO train") from exc
-    state = unwrap_state_dict(obj)
-    # tao-cli's Lightning module keeps the network as `model.`; TAO's as `model.model.` (handled downstream).
-    if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items()}
-    report = load_pretrained(model, state, source=str(path), raise_on_mismatch=True)
+    report = load_pretrained(model, strip_lightning_prefix(obj), source=str(path), raise_on_mismatch=True)
     if report.missing:
         raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. {report.missing[:3]}",
                               "check that the spec's model section matches the checkpoint")

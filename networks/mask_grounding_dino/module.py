@@ -33,7 +33,8 @@ from networks.common.errors import CheckpointError, ConfigError
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
 
-__all__ = ["MaskGDinoModule", "param_groups", "freeze_modules", "load_full_weights", "TEXT_KEYS"]
+__all__ = ["MaskGDinoModule", "param_groups", "freeze_modules", "strip_lightning_prefix", "load_full_weights",
+           "TEXT_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,17 @@ def _has_module(model: nn.Module, path: str) -> bool:
         return False
 
 
+def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
+    """State dict of a checkpoint object; a tao-cli Lightning checkpoint's ``model.`` prefix is removed (TAO's
+    ``model.model.`` and bare/IDEA layouts are left for ``model.load_pretrained`` to remap)."""
+    from networks.common.weights import unwrap_state_dict
+
+    state = unwrap_state_dict(obj)
+    if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    return state
+
+
 def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pretrained_model_path") -> Any:
     """Load a TAO / IDEA / tao-cli checkpoint into ``model`` (safe ``weights_only`` load, keys remapped)."""
     from networks.mask_grounding_dino.model import load_pretrained
@@ -96,7 +108,7 @@ def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pr
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
         raise CheckpointError(str(p), f"cannot be read safely ({type(exc).__name__}: {exc})",
                               "use a .pth written by tao-cli or TAO") from exc
-    report = load_pretrained(model, obj, source=str(p))
+    report = load_pretrained(model, strip_lightning_prefix(obj), source=str(p))
     log.info(report.summary(str(p)))
     return report
 
@@ -204,7 +216,7 @@ class MaskGDinoModule(pl.LightningModule):
             raise FloatingPointError(f"Mask Grounding DINO loss is not finite at step {self.global_step} "
                                      f"(terms {bad}); lower train.optim.lr, use fp32/bf16, or check the data")
         bs = len(batch["targets"])
-        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
             if k in losses:
                 self.log(f"train_{k}", losses[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
@@ -222,8 +234,7 @@ class MaskGDinoModule(pl.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.lr_steps),
                                                              gamma=float(o.lr_decay))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch",
-                                                         "monitor": o.monitor_name}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # -- evaluation ------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -262,7 +273,7 @@ class MaskGDinoModule(pl.LightningModule):
             rows = []
             masks = det["masks"].cpu().numpy()
             for j, (s, lab, box) in enumerate(zip(det["scores"].tolist(), det["labels"].tolist(),
-                                                  det["boxes"].tolist())):
+                                                  det["boxes"].tolist(), strict=True)):
                 rows.append({"image_id": batch["image_ids"][i], "category_id": cat_ids[lab], "score": float(s),
                              "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
             self._records[batch["image_ids"][i]] = rows
@@ -359,7 +370,7 @@ class MaskGDinoModule(pl.LightningModule):
             masks = det["masks"].cpu().numpy()
             rows = []
             for j, (s, lab, box) in enumerate(zip(det["scores"].tolist(), det["labels"].tolist(),
-                                                  det["boxes"].tolist())):
+                                                  det["boxes"].tolist(), strict=True)):
                 rows.append({"image_id": batch["image_ids"][i], "file_name": batch["file_names"][i],
                              "category_id": int(lab), "category_name": names[lab], "phrase": phrases[j],
                              "score": float(s), "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
@@ -370,7 +381,7 @@ class MaskGDinoModule(pl.LightningModule):
             colors = self._colors(names)
             overlay = overlay_masks(image, list(masks), [colors[lab] for lab in det["labels"].tolist()],
                                     boxes=det["boxes"].cpu().numpy(),
-                                    labels=[f"{p} {s:.2f}" for p, s in zip(phrases, det["scores"].tolist())],
+                                    labels=[f"{p} {s:.2f}" for p, s in zip(phrases, det["scores"].tolist(), strict=True)],
                                     alpha=0.4)
             save_png(out_dir / "overlays" / Path(batch["file_names"][i]).with_suffix(".png"), overlay)
             self._predictions.append({"file_name": batch["file_names"][i], "image_id": batch["image_ids"][i],

@@ -96,7 +96,7 @@ def detection_phrases(det: dict[str, torch.Tensor], logits: torch.Tensor, input_
     ``text_threshold`` (all of the category name when ``text_threshold`` is 0 or no token passes it)."""
     out = []
     probs = logits.float().sigmoid()
-    for q, c in zip(det["queries"].tolist(), det["labels"].tolist()):
+    for q, c in zip(det["queries"].tolist(), det["labels"].tolist(), strict=True):
         phrase = ""
         if text_threshold > 0:
             phrase = decode_phrase(probs[q], input_ids, pos_map[c], tokenizer, text_threshold)

@@ -69,7 +69,7 @@ def test_matcher_picks_the_right_queries():
     pred_boxes[0, 4] = torch.tensor(boxes[1])
     matcher = build_matcher(_cfg())
     (src, tgt), = matcher({"pred_logits": logits, "pred_boxes": pred_boxes}, [_target([1, 0], boxes, pm)])
-    assert dict(zip(src.tolist(), tgt.tolist())) == {2: 0, 4: 1}
+    assert dict(zip(src.tolist(), tgt.tolist(), strict=True)) == {2: 0, 4: 1}
 
 
 def test_losses_near_zero_for_perfect_predictions():

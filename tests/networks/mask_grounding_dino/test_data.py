@@ -67,7 +67,7 @@ def test_grounding_masks_follow_their_boxes(mgd_synthetic, tiny_cfg, tokenizer):
         s = ds[i]
         t = s["target"]
         h, w = s["image"].shape[-2:]
-        for box, m in zip(t["boxes"], t["masks"]):
+        for box, m in zip(t["boxes"], t["masks"], strict=True):
             if not m.any():
                 continue
             cx, cy, bw, bh = box.tolist()

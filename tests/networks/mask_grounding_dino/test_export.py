@@ -60,7 +60,7 @@ def test_onnxruntime_matches_pytorch_dynamic_batch(exported):
     with torch.no_grad():
         ref = [t.numpy() for t in ExportWrapper(model).eval()(*ex)]
     sess = ort.InferenceSession(result["onnx_file"], providers=["CPUExecutionProvider"])
-    got = sess.run(OUTPUT_NAMES, {n: t.numpy() for n, t in zip(INPUT_NAMES, ex)})
+    got = sess.run(OUTPUT_NAMES, {n: t.numpy() for n, t in zip(INPUT_NAMES, ex, strict=True)})
     logits, boxes, masks = got
     assert logits.shape == (2, cfg.model.num_queries, 256) and boxes.shape == (2, cfg.model.num_queries, 4)
     assert masks.shape == (2, cfg.model.num_queries, 1, 32, 32)

@@ -1,0 +1,199 @@
+"""Mask2Former: our train step vs HuggingFace's on the same small config, peak memory, ONNX Runtime vs PyTorch.
+
+Config (both models, random init, built from one HF config, ours via ``networks.mask2former.convert``): the
+``SMALL`` architecture of ``benchmarks/learn_mask2former.py`` (Swin embed 48, depths 2-2-2-2, 20 queries,
+hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks per image.
+
+* Train step = forward + loss (each model's own criterion: Hungarian matching + point-sampled mask/dice + CE
+  with deep supervision) + backward, measured side by side in this process, alternating ours/HF per repeat so
+  that load from other processes hits both alike.  Target: ours/HF <= 1.0.
+* Peak memory of one train step: CUDA max allocated (in process), or on CPU the growth of the peak RSS over
+  the RSS after building the model, measured in a fresh subprocess per model (max RSS never goes down).
+* Inference: ``networks.mask2former.export.export_onnx`` (panoptic outputs, batch 1) in a temp dir; latency of
+  onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch model, and the max |difference|.
+
+Environment: ``BENCH_REPEAT`` (default 5), ``BENCH_M2F_SIZE`` (default 256).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from benchmarks.common import device, peak_memory_mib, reset_peak, sync, time_it  # noqa: E402
+from benchmarks.learn_mask2former import (  # noqa: E402
+    SMALL,
+    build_hf_model,
+    hf_config,
+    hf_loss,
+    our_loss,
+    our_spec,
+)
+
+SIZE = int(os.environ.get("BENCH_M2F_SIZE", "256"))
+BATCH = 2
+REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
+
+
+def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
+    """A fixed batch in our collate layout: random image, 4 box-shaped masks (2 things, 2 stuff) per image."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    targets = []
+    for _ in range(batch):
+        masks = torch.zeros(4, size, size, dtype=torch.bool)
+        half = size // 2
+        masks[2, :half] = True  # "sky"
+        masks[3, half:] = True  # "ground"
+        for k in range(2):
+            y, x = torch.randint(0, size - size // 4, (2,), generator=g).tolist()
+            masks[k, y:y + size // 4, x:x + size // 4] = True
+        masks[2:] &= ~(masks[0] | masks[1])
+        targets.append({"labels": torch.tensor([1, 2, 4, 5]), "masks": masks,
+                        "valid_extent": torch.tensor([1.0, 1.0])})
+    return {"images": images.to(dev), "padding_mask": torch.zeros(batch, size, size, dtype=torch.bool, device=dev),
+            "targets": [{k: v.to(dev) for k, v in t.items()} for t in targets]}
+
+
+def build_pair(dev: torch.device):
+    """(our module, our model, HF model), both in train mode on ``dev``, random init with seed 0."""
+    from networks.mask2former.model import build_model
+    from networks.mask2former.module import Mask2FormerModule
+
+    hcfg = hf_config()
+    cfg = our_spec(hcfg)
+    torch.manual_seed(0)
+    ours = build_model(cfg.model).to(dev).train()
+    module = Mask2FormerModule(cfg, None, model=ours).to(dev)
+    torch.manual_seed(0)
+    hf = build_hf_model(hcfg).to(dev).train()
+    return module, ours, hf
+
+
+def _step_fns(module, ours, hf, batch):
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        our_loss(module, batch).backward()
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        hf_loss(hf, batch).backward()
+
+    return ours_step, hf_step
+
+
+def _memory_child(which: str) -> dict:
+    """Run in a fresh process: peak RSS growth (CPU) or max allocated (CUDA) of 2 train steps of one model."""
+    dev = device()
+    module, ours, hf = build_pair(dev)
+    ours_step, hf_step = _step_fns(module, ours, hf, make_batch(dev))
+    step = ours_step if which == "ours" else hf_step
+    # Drop the other model so that only one set of weights is resident.
+    if which == "ours":
+        del hf
+    else:
+        del module, ours
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    reset_peak(dev)
+    for _ in range(2):
+        step()
+    sync(dev)
+    if dev.type == "cuda":
+        return {"peak_mib": peak_memory_mib(dev)}
+    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+
+
+def _memory(which: str) -> float:
+    code = ("import json; from benchmarks.bench_mask2former import _memory_child; "
+            f"print('MEM_JSON ' + json.dumps(_memory_child('{which}')))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    for line in proc.stdout.splitlines():
+        if line.startswith("MEM_JSON "):
+            return round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)
+    raise RuntimeError(f"memory probe for {which} failed: {(proc.stderr or proc.stdout)[-2000:]}")
+
+
+def run() -> dict:
+    """The benchmark; returns a flat-ish dict of seconds, ratios and MiB (see the module docstring)."""
+    import time
+
+    from networks.mask2former.export import ExportWrapper, export_onnx
+
+    dev = device()
+    module, ours, hf = build_pair(dev)
+    batch = make_batch(dev)
+    ours_step, hf_step = _step_fns(module, ours, hf, batch)
+    ours_step()
+    hf_step()  # warm-up both before timing either
+    ours_t, hf_t = [], []
+    for _ in range(REPEAT):
+        ours_t.append(time_it(ours_step, dev, warmup=0, repeat=1)["median_s"])
+        hf_t.append(time_it(hf_step, dev, warmup=0, repeat=1)["median_s"])
+    ours_t.sort()
+    hf_t.sort()
+    ours_s, hf_s = ours_t[len(ours_t) // 2], hf_t[len(hf_t) // 2]
+
+    mem = {"ours": _memory("ours"), "hf": _memory("hf")}
+
+    # ONNX Runtime vs PyTorch, batch 1, panoptic outputs
+    import onnxruntime as ort
+
+    ours.eval()
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(dev)
+    wrapper = ExportWrapper(ours, "panoptic", int(SMALL["num_queries"])).eval()
+    with tempfile.TemporaryDirectory(prefix="bench_m2f_") as tmp:
+        start = time.perf_counter()
+        path = export_onnx(ours, "panoptic", Path(tmp) / "m2f.onnx", (SIZE, SIZE), batch_size=-1,
+                           topk=int(SMALL["num_queries"]))
+        export_s = time.perf_counter() - start
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        providers = ["CPUExecutionProvider"]
+        if dev.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        sess = ort.InferenceSession(str(path), opts, providers=providers)
+        feed = {"inputs": x.cpu().numpy()}
+        got = sess.run(None, feed)
+
+        def torch_infer():
+            with torch.no_grad():
+                return wrapper(x)
+
+        with torch.no_grad():
+            want = wrapper(x)
+        diff = max(float((torch.as_tensor(g) - w.cpu()).abs().max()) for g, w in zip(got, want, strict=False))
+        torch_s = time_it(torch_infer, dev, warmup=1, repeat=REPEAT)["median_s"]
+        ort_s = time_it(lambda: sess.run(None, feed), torch.device("cpu"), warmup=1, repeat=REPEAT)["median_s"]
+
+    return {
+        "config": {**SMALL, "input": [SIZE, SIZE], "batch": BATCH, "device": str(dev),
+                   "threads": torch.get_num_threads(), "repeat": REPEAT},
+        "params_m": {"ours": round(sum(p.numel() for p in ours.parameters()) / 1e6, 3),
+                     "hf": round(sum(p.numel() for p in hf.parameters()) / 1e6, 3)},
+        "train_step_s": {"ours": round(ours_s, 4), "hf": round(hf_s, 4)},
+        "train_step_runs_s": {"ours": [round(t, 4) for t in ours_t], "hf": [round(t, 4) for t in hf_t]},
+        "ratio_ours_over_hf": round(ours_s / hf_s, 3),
+        "target_ratio": 1.0,
+        "peak_memory_mib": mem,
+        "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "CPU peak RSS growth in a fresh process",
+        "inference_batch1_s": {"pytorch": round(torch_s, 4), "onnxruntime": round(ort_s, 4)},
+        "onnxruntime_provider": sess.get_providers()[0],
+        "ratio_ort_over_pytorch": round(ort_s / torch_s, 3),
+        "onnx_export_s": round(export_s, 1),
+        "onnx_max_abs_diff": diff,
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
