@@ -71,6 +71,7 @@ def build_pair(dev: torch.device):
 
     hcfg = hf_config()
     cfg = our_spec(hcfg)
+    cfg.dataset.label_map = ""  # no data here: the module needs only the model and the criterion
     torch.manual_seed(0)
     ours = build_model(cfg.model).to(dev).train()
     module = Mask2FormerModule(cfg, None, model=ours).to(dev)

@@ -216,3 +216,24 @@ def write_overlays(coco_out: dict, img_root: str | os.PathLike, out_dir: str | o
         visualize.save_png(dest, visualize.overlay_masks(rgb, masks, boxes=boxes, labels=labels))
         written.append(dest)
     return written
+
+
+def box_fill_miou(ann_path: str) -> float:
+    """TAO's mIoU of the trivial baseline that fills each (one-pixel-grown) box: what MAL must beat.
+
+    Reads the COCO file at ``ann_path`` (which needs ``segmentation``), scores a box-filled mask per
+    annotation against its ground-truth mask, class-averaged per instance like the MAL metric.
+    """
+    from networks.common.coco_io import ann_to_mask
+    from networks.common.metrics import InstanceIoU, mask_iou
+    from networks.mal.data import load_records
+
+    records, _ = load_records(ann_path, field="val")
+    acc = InstanceIoU()
+    for r in records:
+        gt = ann_to_mask(r.segmentation, r.height, r.width)
+        pred = np.zeros_like(gt)
+        x0, y0, x1, y1 = r.xyxy
+        pred[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = 1
+        acc.update(mask_iou(pred, gt), r.compact_category_id, (x1 - x0) * (y1 - y0))
+    return acc.compute()["mIoU"]

@@ -18,9 +18,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from networks.common.coco_io import ann_to_mask
 from networks.common.context import RunContext
-from networks.common.metrics import InstanceIoU, mask_iou
+from networks.common.metrics import mask_iou
 from networks.common.synthetic import generate
 
 pytestmark = pytest.mark.slow
@@ -95,25 +94,12 @@ def test_mean_field_recovers_corrupted_masks(synthetic: Path, one_thread):
     assert iou > naive
 
 
-def _box_fill_baseline(ann_path: str) -> float:
-    from networks.mal.data import load_records
-
-    records, _ = load_records(ann_path, field="val")
-    acc = InstanceIoU()
-    for r in records:
-        gt = ann_to_mask(r.segmentation, r.height, r.width)
-        pred = np.zeros_like(gt)
-        x0, y0, x1, y1 = r.xyxy
-        pred[int(y0):int(y1) + 1, int(x0):int(x1) + 1] = 1  # the box mask MAL itself is given
-        acc.update(mask_iou(pred, gt), r.compact_category_id, (x1 - x0) * (y1 - y0))
-    return acc.compute()["mIoU"]
-
-
 def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog):
     import pytorch_lightning as pl
 
     from networks.mal.config import ExperimentConfig
     from networks.mal.data import MALDataModule
+    from networks.mal.inference import box_fill_miou
     from networks.mal.module import MALModule
 
     cfg = OmegaConf.structured(ExperimentConfig)
@@ -137,7 +123,7 @@ def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog
     with caplog.at_level(logging.WARNING):
         trainer.fit(module, dm)
     elapsed = time.time() - start
-    baseline = _box_fill_baseline(paths["dataset.val_ann_path"])
+    baseline = box_fill_miou(paths["dataset.val_ann_path"])
     kpi = module.kpi
     print(f"MAL val mIoU {kpi['mIoU']:.4f} vs box fill {baseline:.4f} (+{kpi['mIoU'] - baseline:.4f}), "
           f"AP {kpi['AP']:.4f}, {trainer.global_step} steps in {elapsed:.0f}s")
