@@ -8,11 +8,11 @@ hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks
   with deep supervision) + backward, measured side by side in this process, alternating ours/HF per repeat so
   that load from other processes hits both alike.  Target: ours/HF <= 1.0.
 * Peak memory of one train step: CUDA max allocated (in process), or on CPU the growth of the peak RSS over
-  the RSS after building the model, measured in a fresh subprocess per model (max RSS never goes down).
+  the RSS after building the model and the batch, measured in a fresh subprocess per model (max RSS never goes down).
 * Inference: ``networks.mask2former.export.export_onnx`` (panoptic outputs, batch 1) in a temp dir; latency of
   onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch model, and the max |difference|.
 
-Environment: ``BENCH_REPEAT`` (default 5), ``BENCH_M2F_SIZE`` (default 256).
+Environment: ``BENCH_REPEAT`` (default 3), ``BENCH_M2F_SIZE`` (default 256).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from benchmarks.learn_mask2former import (  # noqa: E402
 
 SIZE = int(os.environ.get("BENCH_M2F_SIZE", "256"))
 BATCH = 2
-REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 
 
 def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
@@ -64,46 +64,53 @@ def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
             "targets": [{k: v.to(dev) for k, v in t.items()} for t in targets]}
 
 
-def build_pair(dev: torch.device):
-    """(our module, our model, HF model), both in train mode on ``dev``, random init with seed 0."""
+def build_ours(dev: torch.device):
+    """(our module, our model) in train mode on ``dev``, random init with seed 0, matching :func:`build_hf`."""
     from networks.mask2former.model import build_model
     from networks.mask2former.module import Mask2FormerModule
 
-    hcfg = hf_config()
-    cfg = our_spec(hcfg)
+    cfg = our_spec(hf_config())
     cfg.dataset.label_map = ""  # no data here: the module needs only the model and the criterion
     torch.manual_seed(0)
     ours = build_model(cfg.model).to(dev).train()
-    module = Mask2FormerModule(cfg, None, model=ours).to(dev)
+    return Mask2FormerModule(cfg, None, model=ours).to(dev), ours
+
+
+def build_hf(dev: torch.device):
+    """HF's model for the same config, train mode on ``dev``, random init with seed 0."""
     torch.manual_seed(0)
-    hf = build_hf_model(hcfg).to(dev).train()
-    return module, ours, hf
+    return build_hf_model(hf_config()).to(dev).train()
 
 
-def _step_fns(module, ours, hf, batch):
-    def ours_step():
+def ours_step_fn(module, ours, batch):
+    """One train step of ours without the optimiser: zero grads, forward + loss, backward."""
+    def step():
         ours.zero_grad(set_to_none=True)
         our_loss(module, batch).backward()
 
-    def hf_step():
+    return step
+
+
+def hf_step_fn(hf, batch):
+    """One train step of HF's model without the optimiser: zero grads, forward + loss, backward."""
+    def step():
         hf.zero_grad(set_to_none=True)
         hf_loss(hf, batch).backward()
 
-    return ours_step, hf_step
+    return step
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _memory_child(which: str) -> dict:
     """Run in a fresh process: peak RSS growth (CPU) or max allocated (CUDA) of 2 train steps of one model."""
     dev = device()
-    module, ours, hf = build_pair(dev)
-    ours_step, hf_step = _step_fns(module, ours, hf, make_batch(dev))
-    step = ours_step if which == "ours" else hf_step
-    # Drop the other model so that only one set of weights is resident.
-    if which == "ours":
-        del hf
-    else:
-        del module, ours
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    batch = make_batch(dev)
+    step = ours_step_fn(*build_ours(dev), batch) if which == "ours" else hf_step_fn(build_hf(dev), batch)
+    base = _rss_mib()  # after imports, model and batch; the steps' activations and grads come on top
     reset_peak(dev)
     for _ in range(2):
         step()
@@ -132,9 +139,10 @@ def run() -> dict:
     from networks.mask2former.export import ExportWrapper, export_onnx
 
     dev = device()
-    module, ours, hf = build_pair(dev)
+    module, ours = build_ours(dev)
+    hf = build_hf(dev)
     batch = make_batch(dev)
-    ours_step, hf_step = _step_fns(module, ours, hf, batch)
+    ours_step, hf_step = ours_step_fn(module, ours, batch), hf_step_fn(hf, batch)
     ours_step()
     hf_step()  # warm-up both before timing either
     ours_t, hf_t = [], []

@@ -20,6 +20,7 @@ Environment: ``LEARN_MINUTES`` (float), ``LEARN_NUM_TRAIN`` / ``LEARN_NUM_VAL`` 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -162,9 +163,13 @@ def train_for(loss_fn, model: nn.Module, cfg, seconds: float, dev: torch.device,
     while time.perf_counter() - start < seconds:
         torch.manual_seed(seed + epoch)  # the loader's shuffle and augmentation: same order for both models
         for batch in dm.train_dataloader():
-            loss = loss_fn(to_device(batch, dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # The loader draws its augmentation from the global CPU RNG; the models' own draws (point sampling)
+            # run on a forked RNG so both models see exactly the same batches.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + len(losses))
+                loss = loss_fn(to_device(batch, dev))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
@@ -227,7 +232,7 @@ def main() -> dict:
         module = Mask2FormerModule(cfg, None, model=ours).to(dev)
         print(f"ours: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f} M parameters; training "
               f"{minutes} min ...", flush=True)
-        train = train_for(lambda b: our_loss(module, b), ours, cfg, minutes * 60, dev)
+        train = train_for(functools.partial(our_loss, module), ours, cfg, minutes * 60, dev)
         results["ours"] = {"train": train, "metrics": evaluate(ours, cfg, dev)}
         print("ours:", json.dumps(results["ours"]), flush=True)
         del module, ours
@@ -236,7 +241,7 @@ def main() -> dict:
         hf = build_hf_model(hcfg).to(dev)
         print(f"HF: {sum(p.numel() for p in hf.parameters()) / 1e6:.2f} M parameters; training "
               f"{minutes} min ...", flush=True)
-        train = train_for(lambda b: hf_loss(hf, b), hf, cfg, minutes * 60, dev)
+        train = train_for(functools.partial(hf_loss, hf), hf, cfg, minutes * 60, dev)
         results["hf"] = {"train": train, "metrics": evaluate(HFAsOurs(hf), cfg, dev)}
         print("HF:", json.dumps(results["hf"]), flush=True)
 

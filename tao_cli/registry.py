@@ -15,6 +15,7 @@ from networks.common.errors import ConfigError
 NETWORKS: dict[str, str] = {
     "mal": "networks.mal",
     "mask2former": "networks.mask2former",
+    "mask_grounding_dino": "networks.mask_grounding_dino",
 }
 
 _extra: dict[str, str] = {}

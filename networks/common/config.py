@@ -25,6 +25,7 @@ __all__ = [
     "GenTrtEngineConfig",
     "TensorRTConfig",
     "ExperimentConfig",
+    "QuantizeConfig",
 ]
 
 _META_KEYS = (
@@ -242,3 +243,39 @@ class ExperimentConfig:
         None, description="Key used to encrypt checkpoints (AES-256-GCM, see docs/encryption.md).")
     results_dir: str | None = param("", description="Root results directory; each action writes to <results_dir>/<action>.")
     wandb: WandBConfig = param(WandBConfig, description="Weights & Biases settings.")
+
+
+@dataclass
+class QuantDtypeConfig:
+    """Weights or activations settings of one quantized layer (tao-core ``QuantizationConfig``)."""
+
+    dtype: str = param("native", valid_options=["int8", "fp8_e4m3fn", "fp8_e5m2", "native"])
+    observer_or_fake_quant: str | None = param(None)
+    quant_axis: int | None = param(None)
+    observer_or_fake_quant_kwargs: dict[str, Any] = param({})
+
+
+@dataclass
+class LayerQuantizationConfig:
+    """One entry of ``quantize.layers``."""
+
+    module_name: str = param("")
+    weights: QuantDtypeConfig = param(QuantDtypeConfig)
+    activations: QuantDtypeConfig = param(QuantDtypeConfig)
+
+
+@dataclass
+class QuantizeConfig:
+    """``quantize`` (tao-core ``ModelQuantizationConfig``); accepted so TAO specs load, the action is tao-deploy's."""
+
+    backend: str = param("torchao", valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx"])
+    mode: str = param("weight_only_ptq", valid_options=["static_ptq", "weight_only_ptq"])
+    algorithm: str = param("minmax", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
+                                                    "awq_full", "rtn_dq"])
+    layers: list[LayerQuantizationConfig] = param([])
+    skip_names: list[str] = param([])
+    model_path: str = param("")
+    results_dir: str = param("")
+    backend_kwargs: dict[str, Any] = param({})
+    # TAO's default, kept verbatim so specs round-trip; nothing in tao-cli reads it.
+    device: str = param("cuda", description="Quantization device (tao-deploy).")

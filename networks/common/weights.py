@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from networks.common.errors import CheckpointError
+from networks.common.errors import CheckpointError, ConfigError
 
 __all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict"]
 
@@ -129,3 +129,38 @@ def apply_state_dict(
     if log_summary:
         log.info(report.summary(source))
     return report
+
+
+def freeze_modules(model: nn.Module, paths: list[str], *, strip_prefixes: tuple[str, ...] = ("model.",),
+                   example: str = "backbone") -> list[str]:
+    """Set ``requires_grad=False`` under each dotted path (sub-module or parameter) of ``model``.
+
+    TAO's ``train.freeze`` names paths inside its Lightning wrapper, so leading ``strip_prefixes`` are removed
+    when the path does not exist as written.  Returns the paths frozen; an unknown path is a
+    :class:`ConfigError` on ``train.freeze`` naming the model's top-level modules.
+    """
+    frozen = []
+    for raw in paths or []:
+        path = raw.strip()
+        for prefix in strip_prefixes:
+            if path.startswith(prefix) and _resolve(model, path) is None:
+                path = path[len(prefix):]
+        params = _resolve(model, path)
+        if params is None:
+            tops = ", ".join(n for n, _ in model.named_children())
+            raise ConfigError("train.freeze", f"'{raw}' is not a module or parameter of the model",
+                              f"use dotted paths under: {tops} (e.g. {example})")
+        for p in params:
+            p.requires_grad_(False)
+        frozen.append(path)
+    return frozen
+
+
+def _resolve(model: nn.Module, path: str) -> list[nn.Parameter] | None:
+    try:
+        return list(model.get_submodule(path).parameters())
+    except AttributeError:
+        try:
+            return [model.get_parameter(path)]
+        except AttributeError:
+            return None

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from networks.common.coco_io import mask_to_rle
+from networks.common.distributed import gather_lists
 from networks.common.metrics import InstanceIoU, coco_mask_ap, mask_iou
 from networks.mal.losses import MeanField, mal_losses
 from networks.mal.model import MALNetwork, area_bin, build_mal_networks, ema_update
@@ -62,21 +63,6 @@ def _thresholds(mask_thres: Sequence[float]) -> tuple[float, float, float]:
         raise ConfigError("train.mask_thres", f"needs 1 or 3 values, got {len(values)}",
                           "give one threshold for all sizes or [small, medium, large]")
     return values[0], values[1], values[2]
-
-
-def _gather(obj: list) -> list:
-    """Concatenate a per-rank list across ranks (identity without an initialised process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return obj
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return obj
-    parts: list[Any] = [None] * world
-    torch.distributed.all_gather_object(parts, obj)
-    out: list = []
-    for p in parts:
-        out.extend(p or [])
-    return out
 
 
 class MALModule(pl.LightningModule):
@@ -352,7 +338,7 @@ class MALModule(pl.LightningModule):
         return kpi
 
     def _epoch_end(self, prefix: str) -> None:
-        records = _gather(self._records)
+        records = gather_lists(self._records)
         self._records = []
         kpi = self.compute_kpi(records)
         if not kpi:
@@ -391,7 +377,7 @@ class MALModule(pl.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         """Gather predictions and, on rank 0, write the pseudo-label JSON (and overlays) atomically."""
-        preds = _gather(self._predictions)
+        preds = gather_lists(self._predictions)
         self._predictions = []
         if self.label_dump_path is None or self.global_rank != 0:
             return

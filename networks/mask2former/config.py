@@ -15,6 +15,7 @@ from networks.common.config import (
     EvaluateConfig,
     GenTrtEngineConfig,
     InferenceConfig,
+    QuantizeConfig,
     TrainConfig,
     param,
 )
@@ -36,9 +37,6 @@ __all__ = [
     "OptimConfig",
     "Mask2FormerTrainConfig",
     "Mask2FormerExportConfig",
-    "QuantDtypeConfig",
-    "LayerQuantizationConfig",
-    "QuantizeConfig",
     "ExperimentConfig",
     "check",
     "swin_dims",
@@ -280,42 +278,6 @@ class Mask2FormerExportConfig:
     opset_version: int = param(17, description="ONNX opset version (>= 17).", valid_min=1)
     batch_size: int = param(-1, description="Batch size; -1 makes the batch axis dynamic.", valid_min=-1)
     verbose: bool = param(False, description="Verbose export log.")
-
-
-@dataclass
-class QuantDtypeConfig:
-    """Weights or activations settings of one quantized layer (tao-core ``QuantizationConfig``)."""
-
-    dtype: str = param("native", valid_options=["int8", "fp8_e4m3fn", "fp8_e5m2", "native"])
-    observer_or_fake_quant: str | None = param(None)
-    quant_axis: int | None = param(None)
-    observer_or_fake_quant_kwargs: dict[str, Any] = param({})
-
-
-@dataclass
-class LayerQuantizationConfig:
-    """One entry of ``quantize.layers``."""
-
-    module_name: str = param("")
-    weights: QuantDtypeConfig = param(QuantDtypeConfig)
-    activations: QuantDtypeConfig = param(QuantDtypeConfig)
-
-
-@dataclass
-class QuantizeConfig:
-    """``quantize`` (tao-core ``ModelQuantizationConfig``); accepted so TAO specs load, the action is tao-deploy's."""
-
-    backend: str = param("torchao", valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx"])
-    mode: str = param("weight_only_ptq", valid_options=["static_ptq", "weight_only_ptq"])
-    algorithm: str = param("minmax", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
-                                                    "awq_full", "rtn_dq"])
-    layers: list[LayerQuantizationConfig] = param([])
-    skip_names: list[str] = param([])
-    model_path: str = param("")
-    results_dir: str = param("")
-    backend_kwargs: dict[str, Any] = param({})
-    # TAO's default, kept verbatim so specs round-trip; nothing in tao-cli reads it.
-    device: str = param("cuda", description="Quantization device (tao-deploy).")
 
 
 @dataclass

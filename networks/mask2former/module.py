@@ -31,7 +31,9 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
+from networks.common.distributed import gather_objects, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.weights import freeze_modules
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
 from networks.mask2former.postprocess import (
@@ -81,32 +83,6 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_mult
             "name": f"{'backbone' if is_backbone else 'head'}{'_no_decay' if no_decay else ''}",
         })
     return groups
-
-
-def freeze_modules(model: nn.Module, paths: list[str]) -> list[str]:
-    """Set ``requires_grad=False`` under each dotted path (sub-module or parameter); returns the paths frozen.
-
-    Raises :class:`ConfigError` (``train.freeze``) naming an unknown path and the top-level modules.
-    """
-    frozen = []
-    for raw in paths or []:
-        path = raw.strip()
-        path = path[len("model."):] if path.startswith("model.") else path
-        try:
-            target = model.get_submodule(path)
-            params = list(target.parameters())
-        except AttributeError:
-            try:
-                params = [model.get_parameter(path)]
-            except AttributeError:
-                tops = ", ".join(n for n, _ in model.named_children())
-                raise ConfigError("train.freeze", f"'{raw}' is not a module or parameter of the model",
-                                  f"use dotted paths under: {tops} (e.g. backbone, sem_seg_head.pixel_decoder)"
-                                  ) from None
-        for p in params:
-            p.requires_grad_(False)
-        frozen.append(path)
-    return frozen
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -198,20 +174,6 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
     return report
 
 
-def _gather_objects(obj: Any) -> list[Any]:
-    """``[obj of rank 0, obj of rank 1, ...]`` (just ``[obj]`` without a process group)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
-
-
 # -------------------------------------------------------------------------------------------- module
 class Mask2FormerModule(pl.LightningModule):
     """Mask2Former train/evaluate/inference logic around a :class:`~networks.mask2former.model.Mask2FormerModel`.
@@ -256,7 +218,8 @@ class Mask2FormerModule(pl.LightningModule):
         self._predictions: list[dict] = []
         action = getattr(ctx, "action", None)
         if action == "train":
-            frozen = freeze_modules(self.model, list(cfg.train.freeze or []))
+            frozen = freeze_modules(self.model, list(cfg.train.freeze or []),
+                                    example="backbone, sem_seg_head.pixel_decoder")
             if frozen:
                 log.info("Froze modules: %s", frozen)
             if not getattr(ctx, "resuming", False):
@@ -435,7 +398,7 @@ class Mask2FormerModule(pl.LightningModule):
         from networks.common.metrics import PanopticQuality, coco_mask_ap, miou_from_confusion
 
         merged: dict[Any, dict] = {}
-        for part in _gather_objects(self._eval_records):
+        for part in gather_objects(self._eval_records):
             merged.update(part)
         self._eval_records = {}
         C = self.num_classes
@@ -564,7 +527,7 @@ class Mask2FormerModule(pl.LightningModule):
         from networks.common.io import atomic_write_json
 
         records: dict[str, dict] = {}
-        for part in _gather_objects(self._predictions):
+        for part in gather_objects(self._predictions):
             for r in part:
                 records[r["file_name"]] = r
         self._predictions = []
@@ -572,7 +535,7 @@ class Mask2FormerModule(pl.LightningModule):
         mode = self.cfg.model.mode
         out_dir = self._out_dir()
         summary: dict[str, Any] = {"num_images": len(ordered), "overlays": str(out_dir / "overlays")}
-        if _is_rank_zero():
+        if is_rank_zero():
             images = [{"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],
                        "width": r["width"]} for r in ordered]
             if mode == "panoptic":

@@ -26,17 +26,13 @@ from networks.common.config import (
     ExportConfig,
     GenTrtEngineConfig,
     InferenceConfig,
+    QuantizeConfig,
     TensorRTConfig,
     TrainConfig,
     param,
 )
 from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
-
-try:  # the quantize section is shared with other networks once it lives in networks.common.config
-    from networks.common.config import QuantizeConfig as _QuantizeConfig  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the shared module's version
-    _QuantizeConfig = None
 
 __all__ = [
     "BACKBONES",
@@ -57,13 +53,6 @@ __all__ = [
 
 BACKBONES = ["swin_tiny_224_1k", "swin_base_224_22k", "swin_base_384_22k", "swin_large_224_22k",
              "swin_large_384_22k", "resnet_50", "swin_custom"]
-
-# tao-core's ModelQuantizationConfig defaults (used as a free-form section until a shared dataclass exists).
-_QUANTIZE_DEFAULTS: dict[str, Any] = {
-    "backend": "torchao", "mode": "weight_only_ptq", "algorithm": "minmax", "layers": [], "skip_names": [],
-    "model_path": "", "results_dir": "", "backend_kwargs": {}, "device": "cuda",
-}
-
 
 @dataclass
 class SwinCustomConfig:
@@ -245,13 +234,9 @@ class MGDinoTrainConfig(TrainConfig):
 
 
 @dataclass
-class MGDinoEvaluateConfig(EvaluateConfig):
-    """``evaluate``."""
+class _ReLAThresholds:
+    """Post-processing thresholds of TAO's newer (ReLA) backend, shared by ``evaluate`` and ``inference``."""
 
-    input_width: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
-    input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
-    conf_threshold: float = param(0.0, description="Drop detections scoring below this.", valid_min=0,
-                                  valid_max=1)
     ioi_threshold: float = param(0.5, description="ReLA intersection-over-instance filter (accepted only).",
                                  valid_min=0, valid_max=1)
     nms_threshold: float = param(0.2, description="Per-class NMS IoU threshold; 0 disables NMS.", valid_min=0,
@@ -261,7 +246,17 @@ class MGDinoEvaluateConfig(EvaluateConfig):
 
 
 @dataclass
-class MGDinoInferenceConfig(InferenceConfig):
+class MGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
+    """``evaluate``."""
+
+    input_width: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
+    input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
+    conf_threshold: float = param(0.0, description="Drop detections scoring below this.", valid_min=0,
+                                  valid_max=1)
+
+
+@dataclass
+class MGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
     """``inference``."""
 
     color_map: dict[str, str] | None = param(None, description="Category name → colour of the overlays.")
@@ -273,12 +268,6 @@ class MGDinoInferenceConfig(InferenceConfig):
     input_height: int | None = param(None, description="If set with input_width: resize images to W×H.",
                                      valid_min=32)
     outline_width: int = param(3, description="Box outline width in pixels.", valid_min=1)
-    ioi_threshold: float = param(0.5, description="ReLA intersection-over-instance filter (accepted only).",
-                                 valid_min=0, valid_max=1)
-    nms_threshold: float = param(0.2, description="Per-class NMS IoU threshold; 0 disables NMS.", valid_min=0,
-                                 valid_max=1)
-    text_threshold: float = param(0.3, description="Token probability above which a token joins a predicted "
-                                  "phrase.", valid_min=0, valid_max=1)
 
 
 @dataclass
@@ -316,10 +305,7 @@ class ExperimentConfig(CommonExperimentConfig):
     export: MGDinoExportConfig = param(MGDinoExportConfig, description="ONNX export.")
     gen_trt_engine: MGDinoGenTrtEngineConfig = param(MGDinoGenTrtEngineConfig,
                                                      description="TensorRT engine (tao-deploy).")
-    if _QuantizeConfig is not None:
-        quantize: _QuantizeConfig = param(_QuantizeConfig, description="Quantization (tao-deploy).")
-    else:
-        quantize: dict[str, Any] = param(_QUANTIZE_DEFAULTS, description="Quantization (tao-deploy; accepted).")
+    quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
 
 
 def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigError:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
 
+from networks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from networks.ops.detection_costs import grounding_dino_cost_terms, target_token_map
 from networks.ops.losses import dice_loss, sigmoid_focal_loss
 from networks.ops.matcher import HungarianMatcher
@@ -151,8 +151,8 @@ class MaskGDinoCriterion(nn.Module):
             zero = pred.sum() * 0.0
             return {"loss_bbox": zero, "loss_giou": zero}
         l1 = F.l1_loss(src.float(), tgt.float(), reduction="none").sum() / num_boxes
-        giou = torch.diag(generalized_box_iou(box_convert(src.float(), "cxcywh", "xyxy"),
-                                              box_convert(tgt.float(), "cxcywh", "xyxy")))
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src.float()),
+                                              box_cxcywh_to_xyxy(tgt.float())))
         return {"loss_bbox": l1, "loss_giou": (1 - giou).sum() / num_boxes}
 
     def loss_masks(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor) -> dict:

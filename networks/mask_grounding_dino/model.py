@@ -779,7 +779,10 @@ class MaskGroundingDINO(nn.Module):
             out_mem = tr.enc_output_norm(tr.enc_output(out_mem))
             enc_logits = tr.enc_out_class_embed(out_mem, text, text_mask)
             enc_coords = tr.enc_out_bbox_embed(out_mem) + props
-            topk = torch.topk(enc_logits.max(-1)[0], self.num_queries, dim=1)[1]
+            # Proposals on padding / near the border are +inf: never select them (TAO/IDEA can, and training
+            # then learns to pick padded tokens whose boxes are stuck at (1, 1, 1, 1)).
+            scores = enc_logits.max(-1)[0].masked_fill(torch.isinf(props).any(-1), float("-inf"))
+            topk = torch.topk(scores, self.num_queries, dim=1)[1]
             ref_undetached = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))
             hs_enc = torch.gather(out_mem, 1, topk[..., None].expand(-1, -1, self.hidden_dim))
             ref_sig = ref_undetached.detach().sigmoid()

@@ -29,7 +29,9 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
+from networks.common.distributed import gather_objects, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.weights import freeze_modules
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
 
@@ -59,32 +61,6 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
     return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
 
 
-def freeze_modules(model: nn.Module, paths: list[str]) -> list[str]:
-    """``requires_grad=False`` under each dotted sub-module path; ConfigError (``train.freeze``) if unknown."""
-    done = []
-    for raw in paths or []:
-        path = raw.strip()
-        for prefix in ("model.model.", "model."):
-            if path.startswith(prefix) and not _has_module(model, path):
-                path = path[len(prefix):]
-        if not _has_module(model, path):
-            tops = ", ".join(n for n, _ in model.named_children())
-            raise ConfigError("train.freeze", f"'{raw}' is not a sub-module of the model",
-                              f"use dotted paths under: {tops} (e.g. backbone.0, bert)")
-        for p in model.get_submodule(path).parameters():
-            p.requires_grad_(False)
-        done.append(path)
-    return done
-
-
-def _has_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
-
-
 def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
     """State dict of a checkpoint object; a tao-cli Lightning checkpoint's ``model.`` prefix is removed (TAO's
     ``model.model.`` and bare/IDEA layouts are left for ``model.load_pretrained`` to remap)."""
@@ -111,19 +87,6 @@ def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pr
     report = load_pretrained(model, strip_lightning_prefix(obj), source=str(p))
     log.info(report.summary(str(p)))
     return report
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _is_rank_zero() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 def _xywh(box: list[float]) -> list[float]:
@@ -164,7 +127,8 @@ class MaskGDinoModule(pl.LightningModule):
         self._predictions: list[dict] = []
         self._tokenizer = None
         if getattr(ctx, "action", None) == "train":
-            frozen = freeze_modules(self.model, list(cfg.train.freeze or []))
+            frozen = freeze_modules(self.model, list(cfg.train.freeze or []),
+                                    strip_prefixes=("model.model.", "model."), example="backbone.0, bert")
             if frozen:
                 log.info("Froze modules: %s", frozen)
             if not getattr(ctx, "resuming", False):
@@ -294,7 +258,7 @@ class MaskGDinoModule(pl.LightningModule):
 
         merged: dict[Any, list] = {}
         loss_sum, loss_n = 0.0, 0
-        for part in _gather_objects((self._records, self._val_loss)):
+        for part in gather_objects((self._records, self._val_loss)):
             merged.update(part[0])
             loss_sum += part[1][0]
             loss_n += part[1][1]
@@ -393,14 +357,14 @@ class MaskGDinoModule(pl.LightningModule):
         from networks.common.io import atomic_write_json
 
         records: dict[str, dict] = {}
-        for part in _gather_objects(self._predictions):
+        for part in gather_objects(self._predictions):
             for r in part:
                 records[r["file_name"]] = r
         self._predictions = []
         ordered = [records[k] for k in sorted(records)]
         out_dir = self._out_dir()
         path = out_dir / "results.json"
-        if _is_rank_zero():
+        if is_rank_zero():
             atomic_write_json(path, [d for r in ordered for d in r["detections"]])
             atomic_write_json(out_dir / "images.json", [{k: r[k] for k in ("image_id", "file_name", "height",
                                                                               "width", "captions")} for r in ordered])

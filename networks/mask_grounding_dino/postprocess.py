@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import batched_nms
 
 from networks.mask_grounding_dino.text import decode_phrase, normalize_rows
+from networks.ops.box_ops import box_cxcywh_to_xyxy
 
 __all__ = ["class_scores", "select_topk", "masks_to_image", "postprocess", "detection_phrases"]
 
@@ -73,7 +74,7 @@ def postprocess(outputs: dict[str, Any], pos_maps: Sequence[torch.Tensor], image
         top, query, label = select_topk(scores, num_select)
         H0, W0 = (int(v) for v in orig_sizes[i])
         scale = torch.tensor([W0, H0, W0, H0], dtype=torch.float32, device=logits.device)
-        boxes = box_convert(boxes_all[i, query].float(), "cxcywh", "xyxy") * scale
+        boxes = box_cxcywh_to_xyxy(boxes_all[i, query].float()) * scale
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W0)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H0)
         if conf_threshold > 0:

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torchvision.ops import box_convert, generalized_box_iou
 
+from networks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from networks.ops.matcher import CostFn
 
 __all__ = ["token_focal_cost", "box_l1_cost", "giou_cost", "grounding_dino_cost_terms", "target_token_map"]
@@ -70,7 +70,7 @@ def giou_cost(boxes_key: str = "pred_boxes", target_key: str = "boxes") -> CostF
     def cost(pred: Mapping[str, torch.Tensor], target: Mapping[str, Any], cache: dict) -> torch.Tensor:
         out = pred[boxes_key].float()
         tgt = torch.as_tensor(target[target_key], device=out.device, dtype=out.dtype).reshape(-1, 4)
-        return -generalized_box_iou(box_convert(out, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
+        return -generalized_box_iou(box_cxcywh_to_xyxy(out), box_cxcywh_to_xyxy(tgt))
 
     return cost
 

@@ -56,12 +56,14 @@ def test_tiny_model_learns_shapes(tmp_path, one_thread):
 
     module.train()  # Lightning keeps the eval mode that test() left behind
     start = time.monotonic()
-    _trainer(max_epochs=MAX_EPOCHS, max_time={"minutes": TRAIN_MINUTES}, gradient_clip_val=cfg.train.clip_grad_norm,
-             check_val_every_n_epoch=MAX_EPOCHS + 1, num_sanity_val_steps=0).fit(module, datamodule=dm)
+    fit = _trainer(max_epochs=MAX_EPOCHS, max_time={"minutes": TRAIN_MINUTES},
+                   gradient_clip_val=cfg.train.clip_grad_norm, check_val_every_n_epoch=MAX_EPOCHS + 1,
+                   num_sanity_val_steps=0)
+    fit.fit(module, datamodule=dm)
     train_s = time.monotonic() - start
     _trainer().test(module, datamodule=dm, verbose=False)
     after = dict(module.kpi)
-    report = f"untrained {before}, trained {after} after {train_s:.0f} s, {module.current_epoch} epochs"
+    report = f"untrained {before}, trained {after} after {train_s:.0f} s, {fit.current_epoch} epochs"
     print(report)
     assert train_s <= TRAIN_MINUTES * 60 + 30, report
     assert after["bbox_val_mAP50"] >= max(0.1, 5 * before["bbox_val_mAP50"]), report

@@ -85,3 +85,19 @@ def test_inference_writes_overlays_and_results(tiny_module, tmp_path):
     assert results[0]["category_name"] in ("circle", "square", "triangle")
     assert set(results[0]["segmentation"]) == {"size", "counts"} and len(results[0]["bbox"]) == 4
     assert module.outputs["num_images"] == 4
+
+
+def test_pretrained_model_path_loaded_unless_resuming(mgd_synthetic, tmp_path):
+    cfg = make_tiny_cfg(mgd_synthetic)
+    torch.manual_seed(1)
+    src = MaskGDinoModule(cfg, None)
+    ckpt = tmp_path / "init.pth"
+    torch.save({"state_dict": src.state_dict()}, ckpt)  # tao-cli layout: keys "model.<name>"
+    cfg.train.pretrained_model_path = str(ckpt)
+    key = "transformer.tgt_embed.weight"
+    torch.manual_seed(2)
+    loaded = MaskGDinoModule(cfg, RunContext("train", tmp_path))
+    assert torch.equal(loaded.model.state_dict()[key], src.model.state_dict()[key])
+    torch.manual_seed(2)
+    resumed = MaskGDinoModule(cfg, RunContext("train", tmp_path, resuming=True))
+    assert not torch.equal(resumed.model.state_dict()[key], src.model.state_dict()[key])

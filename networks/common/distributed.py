@@ -1,0 +1,32 @@
+"""Small helpers for code that runs the same way with or without an initialised process group."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` via ``all_gather_object``; ``[obj]`` without a process group."""
+    if not _initialised() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def gather_lists(items: list) -> list:
+    """Concatenation of every rank's list (rank order); the list itself without a process group."""
+    out: list = []
+    for part in gather_objects(items):
+        out.extend(part or [])
+    return out
+
+
+def is_rank_zero() -> bool:
+    """True on global rank 0, and always without a process group."""
+    return not _initialised() or torch.distributed.get_rank() == 0
