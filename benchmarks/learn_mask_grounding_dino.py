@@ -16,7 +16,9 @@ HF gets ``pixel_values``, ``pixel_mask`` (1 = real pixel), ``input_ids`` / ``tok
 normalised cxcywh}]`` (its own loss builds the token label maps from the caption's ``.`` delimiters, so phrase
 index = our label).  Ours uses our criterion + loss weights (:class:`MaskGDinoModule`), masks included.
 Optimiser for both: AdamW lr 2e-4, weight decay 1e-4 on every parameter, global grad-norm clip 0.1, constant
-rate, for ``LEARN_MINUTES`` (default 6) of wall clock each, data loading included.
+rate.  Budget: ``LEARN_MINUTES`` (default 6) of wall clock each, counted over the training steps (forward,
+loss, backward, optimiser; batches are drawn once and shared, so data loading is not counted).  The two models
+step in turn (a, b, a, b, ...) so that the load of a shared machine hits both alike.
 
 Evaluation: the same 16 training images (COCO file of the train split; prompt ``"circle . square . triangle ."``)
 and, as a hint of generalisation, the 4 val images.  Each model's ``pred_logits`` / ``pred_boxes`` go through
@@ -113,39 +115,80 @@ class HFAsOurs(nn.Module):
         return {"pred_logits": out.logits, "pred_boxes": out.pred_boxes}
 
 
-def train_for(loss_fn, model: nn.Module, cfg, seconds: float, dev: torch.device, lr: float = 2e-4,
-              weight_decay: float = 1e-4, clip: float = 0.1, seed: int = 0) -> dict:
-    """Train ``model`` with ``loss_fn(batch)`` on our train loader until ``seconds`` of wall clock have passed.
+class BatchStream:
+    """Our train loader's batches per epoch, drawn once (epoch ``e`` seeded with ``seed + e``: shuffle, prompt
+    order and augmentation) and served to every model, so all models see the same batches in the same order."""
 
-    Returns ``{"steps", "epochs", "seconds", "first_loss", "last_loss"}`` (losses: mean of the first/last 5 steps).
+    def __init__(self, cfg, seed: int = 0):
+        from networks.mask_grounding_dino.data import MaskGDinoDataModule
+
+        self.dm = MaskGDinoDataModule(cfg, "train")
+        self.dm.setup("fit")
+        self.seed = seed
+        self.cache: dict[int, list[dict]] = {}
+
+    def epoch(self, e: int) -> list[dict]:
+        if e not in self.cache:
+            torch.manual_seed(self.seed + e)
+            self.cache[e] = list(self.dm.train_dataloader())
+        return self.cache[e]
+
+    def forget_before(self, e: int) -> None:
+        for k in [k for k in self.cache if k < e]:
+            del self.cache[k]
+
+
+class Trainer:
+    """One model's optimiser state and progress through a :class:`BatchStream`; :meth:`step` runs one timed
+    step (forward, loss, backward, clip, AdamW) and adds its wall-clock time to ``elapsed``."""
+
+    def __init__(self, name: str, loss_fn, model: nn.Module, dev: torch.device, lr: float = 2e-4,
+                 weight_decay: float = 1e-4, clip: float = 0.1):
+        self.name, self.loss_fn, self.model, self.dev, self.clip = name, loss_fn, model, dev, clip
+        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                     weight_decay=weight_decay)
+        self.elapsed = 0.0
+        self.epoch = 0
+        self.index = 0
+        self.losses: list[float] = []
+
+    def step(self, stream: BatchStream) -> None:
+        batches = stream.epoch(self.epoch)
+        batch = to_device(batches[self.index], self.dev)
+        self.model.train()
+        t0 = time.perf_counter()
+        loss = self.loss_fn(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        value = float(loss.detach())  # also synchronises CUDA
+        self.elapsed += time.perf_counter() - t0
+        self.losses.append(value)
+        self.index += 1
+        if self.index == len(batches):
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def summary(self) -> dict:
+        """``{"steps", "epochs" (completed), "seconds", "first_loss", "last_loss"}`` (losses: mean of the
+        first/last 5 steps)."""
+        ls = self.losses
+        return {"steps": len(ls), "epochs": self.epoch,
+                "seconds": round(self.elapsed, 1), "first_loss": sum(ls[:5]) / max(len(ls[:5]), 1),
+                "last_loss": sum(ls[-5:]) / max(len(ls[-5:]), 1), "losses": [round(x, 2) for x in ls]}
+
+
+def train_interleaved(trainers: list[Trainer], stream: BatchStream, seconds: float) -> None:
+    """Step the models in turn (a, b, a, b, ...) until each has spent ``seconds`` in its own training steps.
+
+    Interleaving exposes both to the same machine load (this CPU is shared); data loading is not counted.
     """
-    from networks.mask_grounding_dino.data import MaskGDinoDataModule
-
-    dm = MaskGDinoDataModule(cfg, "train")
-    dm.setup("fit")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    epoch = 0
-    while time.perf_counter() - start < seconds:
-        torch.manual_seed(seed + epoch)  # shuffle, prompt order and augmentation: the same for both models
-        for batch in dm.train_dataloader():
-            loss = loss_fn(to_device(batch, dev))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-            if time.perf_counter() - start >= seconds:
-                break
-        epoch += 1
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return {"steps": len(losses), "epochs": epoch, "seconds": round(time.perf_counter() - start, 1),
-            "first_loss": sum(losses[:5]) / max(len(losses[:5]), 1),
-            "last_loss": sum(losses[-5:]) / max(len(losses[-5:]), 1)}
+    while any(t.elapsed < seconds for t in trainers):
+        for t in trainers:
+            if t.elapsed < seconds:
+                t.step(stream)
+        stream.forget_before(min(t.epoch for t in trainers))
 
 
 @torch.no_grad()
@@ -213,30 +256,22 @@ def main() -> dict:
         val_src = {"image_dir": str(data["val"]["images"]), "json_file": str(data["val"]["annotations"])}
         hcfg = hf_config(LEARN_ARCH, TEXT_ENCODER, auxiliary_loss=True)
         hf = build_hf(hcfg, seed=0, text_weights=TEXT_ENCODER)
-        ours = ours_from_hf(hf, hcfg)  # same starting weights
-        hf_state = {k: v.clone() for k, v in hf.state_dict().items()}
-        del hf
-
-        ours = ours.to(dev)
+        ours = ours_from_hf(hf, hcfg)  # same starting weights (copied: the two train independently)
+        ours, hf = ours.to(dev), hf.to(dev)
         module = MaskGDinoModule(cfg, None, model=ours).to(dev)
-        print(f"ours: {sum(p.numel() for p in ours.parameters()) / 1e6:.2f} M parameters; training {minutes} min ...",
-              flush=True)
-        train = train_for(lambda b: our_loss(module, b), ours, cfg, minutes * 60, dev)
-        results["ours"] = {"train": train, "train16": evaluate(ours, cfg, train_src, dev, True),
-                           "val4": evaluate(ours, cfg, val_src, dev, True)}
-        print("ours:", json.dumps(results["ours"]), flush=True)
-        del module, ours
-
-        hf = build_hf(hcfg, seed=0)
-        hf.load_state_dict(hf_state)
-        hf = hf.to(dev)
-        print(f"HF: {sum(p.numel() for p in hf.parameters()) / 1e6:.2f} M parameters; training {minutes} min ...",
-              flush=True)
-        train = train_for(lambda b: hf_loss(hf, b), hf, cfg, minutes * 60, dev)
+        for name, m in (("ours", ours), ("HF", hf)):
+            print(f"{name}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f} M parameters", flush=True)
+        stream = BatchStream(cfg)
+        trainers = [Trainer("ours", lambda b: our_loss(module, b), ours, dev),
+                    Trainer("hf", lambda b: hf_loss(hf, b), hf, dev)]
+        print(f"training both, interleaved, {minutes} min of step time each ...", flush=True)
+        train_interleaved(trainers, stream, minutes * 60)
+        del stream
         wrapped = HFAsOurs(hf)
-        results["hf"] = {"train": train, "train16": evaluate(wrapped, cfg, train_src, dev, False),
-                         "val4": evaluate(wrapped, cfg, val_src, dev, False)}
-        print("HF:", json.dumps(results["hf"]), flush=True)
+        for t, model, masks in ((trainers[0], ours, True), (trainers[1], wrapped, False)):
+            results[t.name] = {"train": t.summary(), "train16": evaluate(model, cfg, train_src, dev, masks),
+                               "val4": evaluate(model, cfg, val_src, dev, masks)}
+            print(f"{t.name}:", json.dumps(results[t.name]), flush=True)
 
     nan = float("nan")
     rows = [("steps", "{:d}", lambda r: r["train"]["steps"]),

@@ -80,13 +80,12 @@ def pairwise_dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 def pairwise_sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean BCE-with-logits of every prediction against every target: [N, P] × [M, P] → [N, M].
 
-    Uses ``BCE(x, t) = t·softplus(-x) + (1 - t)·softplus(x)`` so the cost is two matrix products.
+    ``BCE(x, t) = t·softplus(-x) + (1 - t)·softplus(x) = softplus(x) - t·x``, so summed over points the cost
+    is one row sum and one matrix product (no ones/zeros tensors; this runs for every prediction set).
     """
     num_points = inputs.shape[1]
     t = targets.to(inputs.dtype)
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    return (pos @ t.T + neg @ (1 - t).T) / num_points
+    return (F.softplus(inputs).sum(-1)[:, None] - inputs @ t.T) / num_points
 
 
 def pairwise_sigmoid_focal_loss(
