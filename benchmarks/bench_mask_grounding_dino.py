@@ -9,11 +9,11 @@ with :func:`~networks.mask_grounding_dino.convert.hf_to_ours_state_dict`, so bot
 
 Timing: batch ``BENCH_MGD_BATCH`` (default 1) of 320×320 images (``BENCH_MGD_SIZE``), caption
 ``"a cat . a dog . a remote control . a person ."`` tokenised to its own length, eval mode, ``torch.no_grad``,
-fp32, ``BENCH_THREADS`` torch threads (default: torch's choice); the two models alternate call by call in one
-process so machine load hits both alike.  Target: ours/HF
-forward time ≤ 1.0.  Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
+fp32, on CUDA when available (else CPU), ``BENCH_THREADS`` torch threads (default: torch's choice); the two
+models alternate call by call in one process so machine load hits both alike.  Target: ours/HF forward time
+≤ 1.0.  Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
 padded to ``BENCH_MGD_TEXT_LEN`` = 32 tokens, static batch) and ONNX Runtime (CPU provider) is timed against
-PyTorch on the same padded inputs; if the export fails, ``ort_error`` holds the reason.
+PyTorch, both on CPU, on the same padded inputs; if the export fails, ``ort_error`` holds the reason.
 """
 from __future__ import annotations
 
@@ -109,15 +109,20 @@ def ours_from_hf(hf: nn.Module, cfg) -> nn.Module:
     return ours
 
 
-def _alternate(fns: dict[str, Any], repeat: int) -> dict[str, dict]:
+def _alternate(fns: dict[str, Any], repeat: int, dev: torch.device | None = None) -> dict[str, dict]:
     """Time every fn ``repeat`` times, interleaved (a, b, a, b, ...) after one warm-up each; seconds per call."""
+    from benchmarks.common import sync
+
+    dev = dev or torch.device("cpu")
     for fn in fns.values():
         fn()
+    sync(dev)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            sync(dev)
             times[k].append(time.perf_counter() - t0)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs_s": [round(x, 4) for x in v]}
             for k, v in times.items()}
@@ -129,19 +134,23 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run() -> dict:
+    from benchmarks.common import device
     from networks.mask_grounding_dino.text import load_tokenizer, tokenize
 
     if THREADS > 0:
         torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     cfg = hf_config(BENCH_ARCH)
+    dev = device()
     hf = build_hf(cfg).eval()
     ours = ours_from_hf(hf, cfg).eval()
+    hf, ours = hf.to(dev), ours.to(dev)
     tok = load_tokenizer(TEXT_ENCODER)
-    text = tokenize([CAPTION] * BATCH, tok, cfg.max_text_len)
+    text = {k: v.to(dev) for k, v in tokenize([CAPTION] * BATCH, tok, cfg.max_text_len).items()
+            if isinstance(v, torch.Tensor)}
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
-    pixel_mask = torch.ones(BATCH, SIZE, SIZE, dtype=torch.bool)
+    images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g).to(dev)
+    pixel_mask = torch.ones(BATCH, SIZE, SIZE, dtype=torch.bool, device=dev)
     text_args = (text["input_ids"], text["attention_mask"], text["position_ids"], text["token_type_ids"],
                  text["text_self_attention_masks"])
 
@@ -155,10 +164,10 @@ def run() -> dict:
                       token_type_ids=text["token_type_ids"], attention_mask=text["attention_mask"].long())
 
     o, r = run_ours(), run_hf()
-    timing = _alternate({"ours": run_ours, "hf": run_hf}, REPEAT)
+    timing = _alternate({"ours": run_ours, "hf": run_hf}, REPEAT, dev)
     result: dict[str, Any] = {
         "config": dict(BENCH_ARCH, image=SIZE, batch=BATCH, text_tokens=int(text["input_ids"].shape[1]),
-                       text_encoder=f"{TEXT_ENCODER} config (random weights)", device="cpu",
+                       text_encoder=f"{TEXT_ENCODER} config (random weights)", device=str(dev),
                        threads=torch.get_num_threads(), repeat=REPEAT),
         "params_ours_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 2),
         "params_hf_m": round(sum(p.numel() for p in hf.parameters()) / 1e6, 2),
@@ -174,12 +183,13 @@ def run() -> dict:
         "note": "ours also computes pred_masks (mask head); HF has no mask head",
     }
     hf = None  # frees its memory before the export
-    result.update(_ort(ours, tok, images))
+    result.update(_ort(ours.cpu(), tok, images.cpu()))
     return result
 
 
 def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
-    """ONNX export of ``ours`` and ORT vs PyTorch latency on the same padded inputs (or ``ort_error``)."""
+    """ONNX export of ``ours`` and ORT (CPU provider) vs PyTorch (CPU) latency on the same padded inputs, or
+    ``ort_error``."""
     try:
         import onnxruntime as ort
 
