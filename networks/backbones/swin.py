@@ -95,16 +95,17 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(n, n, -1).permute(2, 0, 1)
-        attn = attn + bias.unsqueeze(0).to(attn.dtype)
+        bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # [1, heads, n, n]
         if mask is not None:
+            # the shift mask differs per window: broadcast bias + mask over [images, windows, heads, n, n]
             nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None].to(attn.dtype)
-            attn = attn.view(bw, self.num_heads, n, n)
-        attn = self.attn_drop(attn.softmax(-1))
-        out = (attn @ v).transpose(1, 2).reshape(bw, n, c)
+            bias = (bias.unsqueeze(0) + mask[None, :, None].to(q.dtype)).expand(bw // nw, -1, -1, -1, -1)
+            bias = bias.reshape(bw, self.num_heads, n, n)
+        # fused attention (same math as softmax(q·kᵀ·scale + bias)·v, fewer temporaries)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                             dropout_p=self.attn_drop.p if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
 
