@@ -32,7 +32,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 
 from networks.common.io import atomic_write_text
-from tao_cli.spec import FieldInfo, _split_optional, iter_fields
+from tao_cli.spec import FieldInfo, _cast_option, _scalar_type, _split_optional, iter_fields
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
@@ -106,25 +106,6 @@ def _bound(value: Any) -> float | None:
 
 def _as_type(number: float, integer: bool) -> int | float:
     return int(number) if integer and float(number).is_integer() else number
-
-
-def _scalar_of(tp: Any) -> Any:
-    base, _ = _split_optional(tp)
-    while (typing.get_origin(base) or base) in (list, tuple):
-        args = typing.get_args(base)
-        base, _ = _split_optional(args[0] if args else Any)
-    return base
-
-
-def _cast_option(option: Any, tp: Any) -> Any:
-    try:
-        if tp is bool and isinstance(option, str):
-            return option.strip().lower() in ("true", "yes", "1", "on")
-        if tp in (int, float, str) and not isinstance(option, tp):
-            return tp(option)
-    except (TypeError, ValueError):
-        pass
-    return option
 
 
 def _json_safe(value: Any) -> Any:
@@ -208,7 +189,7 @@ def _x_tao(meta: dict[str, Any]) -> dict[str, Any]:
 def _leaf_schema(field: FieldInfo) -> dict[str, Any]:
     meta = field.metadata
     base_schema = _type_schema(field.base)
-    scalar = _scalar_of(field.type)
+    scalar = _scalar_type(field.type)
     is_list = (typing.get_origin(field.base) or field.base) in (list, tuple)
     target = _innermost(base_schema)
     integer = scalar is int
@@ -338,7 +319,7 @@ def _comment(field: FieldInfo, action: str) -> str:
         description = _class_description(field.section_cls)
     parts = [description]
     if not field.section:
-        rng = _range_text(meta, _scalar_of(field.type) is int)
+        rng = _range_text(meta, _scalar_type(field.type) is int)
         if rng:
             parts.append(f"Range: {rng}.")
         options = meta["valid_options"]

@@ -9,18 +9,15 @@ and DeiT/timm checkpoints map onto it by key, and MAL checkpoints hold it under 
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import pickle
 from collections.abc import Iterable, Mapping
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
-from networks.common.weights import LoadReport, apply_state_dict
+from networks.common.weights import LoadReport, apply_state_dict, read_weights_file
 
 __all__ = ["ARCHS", "ViTBackbone", "LoadReport", "build_vit", "load_vit_weights", "read_weights_file"]
 
@@ -220,31 +217,3 @@ def load_vit_weights(backbone: nn.Module, state_dict: Mapping, *, source: str = 
     report.missing = [k for k in report.missing if not k.startswith("head.")]
     _log.info("%s", report.summary(f"ViT backbone from {source}"))
     return report
-
-
-def read_weights_file(path: str | Path) -> Mapping:
-    """Read a ``.safetensors`` file or a torch pickle with ``weights_only=True`` and return its (nested) dict.
-
-    Official MAE checkpoints pickle an ``argparse.Namespace`` next to the weights; it is allow-listed.
-    Anything else that is not plain tensors/containers raises :class:`CheckpointError` (no arbitrary code runs).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(str(path), "file not found", "check train.pretrained_model_path")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from None
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(str(path), f"cannot be loaded safely as weights ({first})",
-                              "save the weights as a plain state dict or .safetensors") from None
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(str(path), f"holds a {type(obj).__name__}, not a state dict")
-    return obj

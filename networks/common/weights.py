@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -164,3 +165,38 @@ def _resolve(model: nn.Module, path: str) -> list[nn.Parameter] | None:
             return [model.get_parameter(path)]
         except AttributeError:
             return None
+
+
+def read_weights_file(path: str | Path, *, field: str = "weights", loader: Callable | None = None) -> Mapping:
+    """Read weights safely: ``.safetensors``, or a torch file with ``weights_only=True``; returns the dict.
+
+    ``loader(path) -> dict`` (the engine's safe loader, which also decrypts and checks the network tag) is used
+    for non-safetensors files when given.  Official MAE checkpoints pickle an ``argparse.Namespace`` next to
+    the weights; it is allow-listed.  A missing file names ``field``; anything that is not plain
+    tensors/containers raises :class:`CheckpointError` (no arbitrary code runs).
+    """
+    import argparse
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(field, f"file not found: {path}", f"check {field}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from None
+    if loader is not None:
+        return loader(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(str(path), f"cannot be loaded safely as weights ({first})",
+                              "save the weights as a plain state dict or .safetensors") from None
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(str(path), f"holds a {type(obj).__name__}, not a state dict")
+    return obj

@@ -131,19 +131,10 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "e
     ``loader(path) -> dict`` is the engine's safe loader (decryption, network tag check); without it the file
     is read with ``torch.load(weights_only=True)`` (no arbitrary pickles).  Returns the load report.
     """
-    from networks.common.weights import apply_state_dict, unwrap_state_dict
+    from networks.common.weights import apply_state_dict, read_weights_file, unwrap_state_dict
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(field, f"file not found: {checkpoint}", "give the path of a trained checkpoint")
-    if loader is not None:
-        obj = loader(path)
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-            raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
-                                  "use a checkpoint written by tao-cli or TAO train") from exc
+    obj = read_weights_file(path, field=field, loader=loader)
     state = unwrap_state_dict(obj)
     if any(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}

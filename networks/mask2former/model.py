@@ -23,8 +23,8 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from networks.backbones.swin import SWIN_PRESETS, SwinTransformer, load_swin_weights
-from networks.common.errors import CheckpointError, ConfigError
-from networks.common.weights import LoadReport
+from networks.common.errors import ConfigError
+from networks.common.weights import LoadReport, read_weights_file
 from networks.ops.layers import MLP, ConvNorm, build_norm2d, c2_xavier_fill
 from networks.ops.ms_deform_attn import MSDeformAttn
 from networks.ops.position_encoding import PositionEmbeddingSine
@@ -560,12 +560,5 @@ def load_backbone_weights(model: Mask2FormerModel, path: str | Path) -> LoadRepo
     without a ``backbone.`` prefix; raises :class:`CheckpointError` for unreadable files and shape mismatches.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("model.backbone.pretrained_weights", f"file not found: {path}",
-                              "give the path of a Swin .pth file or leave the field empty")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise CheckpointError(str(path), f"cannot be read as PyTorch weights ({type(exc).__name__}: {exc})",
-                              "use a .pth file saved with torch.save (tensors only)") from exc
+    obj = read_weights_file(path, field="model.backbone.pretrained_weights")
     return load_swin_weights(model.backbone, obj, source=str(path))

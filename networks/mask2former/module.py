@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover
 
 from networks.common.distributed import gather_objects, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
-from networks.common.weights import freeze_modules
+from networks.ops.losses import weighted_sum
+from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
 from networks.mask2former.postprocess import (
@@ -140,7 +141,8 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
     size differs (another ``num_classes``); any other shape mismatch raises :class:`CheckpointError`.
     Returns the :class:`~networks.common.weights.LoadReport`.
     """
-    from networks.common.weights import apply_state_dict, unwrap_state_dict
+    from networks.ops.losses import weighted_sum
+from networks.common.weights import apply_state_dict, unwrap_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -150,11 +152,7 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
     elif path.suffix == ".engine":
         raise CheckpointError("train.pretrained_model_path", "a TensorRT engine cannot be used as weights")
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-            raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
-                                  "use a .pth written by tao-cli or TAO, or a detectron2 .pkl") from exc
+        obj = read_weights_file(path, field="train.pretrained_model_path")
         state = unwrap_state_dict(obj)
         if any(k.startswith("model.") for k in state):
             state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -243,12 +241,7 @@ class Mask2FormerModule(pl.LightningModule):
         return self.model(images)
 
     def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = None
-        for k, v in losses.items():
-            w = self.loss_weights.get(k, 0.0)
-            if w:
-                total = v * w if total is None else total + v * w
-        return total
+        return weighted_sum(losses, self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Weighted loss of one batch; logs ``train_loss`` and every term (``train_loss_ce``, ...)."""

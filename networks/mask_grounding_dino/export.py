@@ -32,6 +32,7 @@ from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.io import atomic_path
+from networks.common.weights import read_weights_file
 from networks.mask_grounding_dino.text import phrase_masks
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
@@ -130,19 +131,14 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Te
     return diffs
 
 
-def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint") -> Any:
+def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
+                       loader: Any = None) -> Any:
     """Load a tao-cli/TAO checkpoint into ``model``; every model tensor must be present (CheckpointError)."""
     from networks.mask_grounding_dino.model import load_pretrained
     from networks.mask_grounding_dino.module import strip_lightning_prefix
 
     path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(field, f"file not found: {checkpoint}", "give the path of a trained checkpoint")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(str(path), f"cannot be read safely ({type(exc).__name__}: {exc})",
-                              "use a checkpoint written by tao-cli or TAO train") from exc
+    obj = read_weights_file(path, field=field, loader=loader)
     report = load_pretrained(model, strip_lightning_prefix(obj), source=str(path), raise_on_mismatch=True)
     if report.missing:
         raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. {report.missing[:3]}",
@@ -158,7 +154,7 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
 
     ex = cfg.export
     model = build_model(cfg).eval()
-    load_model_weights(model, ex.checkpoint)
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None))
     tokenizer = load_tokenizer(cfg.model.text_encoder_type)
     T = int(cfg.model.max_text_len)
     out = export_onnx(model, tokenizer, ex.onnx_file, (ex.input_height, ex.input_width), T, ex.batch_size,

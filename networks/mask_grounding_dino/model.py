@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.backbones.swin import SwinTransformer, load_swin_weights
-from networks.common.errors import CheckpointError, ConfigError
-from networks.common.weights import LoadReport, apply_state_dict, unwrap_state_dict
+from networks.common.errors import ConfigError
+from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
 from networks.ops.layers import MLP, DropPath
 from networks.ops.ms_deform_attn import MSDeformAttn
 from networks.ops.position_encoding import PositionEmbeddingSine
@@ -974,12 +974,7 @@ def load_backbone_weights(model: MaskGroundingDINO, path: str | Path,
     """Load Swin weights (official release ``{"model": ...}``, bare, or a TAO/IDEA full checkpoint) into the
     image backbone only.  Raises :class:`CheckpointError` naming ``field`` for a missing/unreadable file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(field, f"file not found: {path}", "check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors have many types
-        raise CheckpointError(field, f"cannot read {path}: {err}", "give a PyTorch weights file") from err
+    obj = read_weights_file(path, field=field)
     sd = remap_checkpoint_keys(unwrap_state_dict(obj))
     prefix = "backbone.0.body."
     if any(k.startswith(prefix) for k in sd):

@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
 from networks.common.distributed import gather_objects, is_rank_zero
-from networks.common.errors import CheckpointError, ConfigError
-from networks.common.weights import freeze_modules
+from networks.common.errors import ConfigError
+from networks.ops.losses import weighted_sum
+from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
 
@@ -64,7 +65,8 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
 def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
     """State dict of a checkpoint object; a tao-cli Lightning checkpoint's ``model.`` prefix is removed (TAO's
     ``model.model.`` and bare/IDEA layouts are left for ``model.load_pretrained`` to remap)."""
-    from networks.common.weights import unwrap_state_dict
+    from networks.ops.losses import weighted_sum
+from networks.common.weights import unwrap_state_dict
 
     state = unwrap_state_dict(obj)
     if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
@@ -77,13 +79,7 @@ def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pr
     from networks.mask_grounding_dino.model import load_pretrained
 
     p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(field, f"file not found: {path}", "check the path")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is unusable
-        raise CheckpointError(str(p), f"cannot be read safely ({type(exc).__name__}: {exc})",
-                              "use a .pth written by tao-cli or TAO") from exc
+    obj = read_weights_file(p, field=field)
     report = load_pretrained(model, strip_lightning_prefix(obj), source=str(p))
     log.info(report.summary(str(p)))
     return report
@@ -163,12 +159,7 @@ class MaskGDinoModule(pl.LightningModule):
 
     def weighted_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Σ weight · term over the terms that have a weight."""
-        total = None
-        for k, v in losses.items():
-            w = self.loss_weights.get(k, 0.0)
-            if w:
-                total = v * w if total is None else total + v * w
-        return total
+        return weighted_sum(losses, self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Weighted loss of one batch; logs ``train_loss`` (epoch mean) and every term."""

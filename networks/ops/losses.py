@@ -105,3 +105,17 @@ def pairwise_sigmoid_focal_loss(
         focal_pos = focal_pos * alpha
         focal_neg = focal_neg * (1 - alpha)
     return (focal_pos @ t.T + focal_neg @ (1 - t).T) / num_points
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor | None:
+    """``Σ weights[k] · losses[k]`` over the terms that have a non-zero weight (None when none has).
+
+    The one place a network turns its loss dict into the scalar it optimises; terms without a weight are
+    logged but not optimised.
+    """
+    total = None
+    for key, value in losses.items():
+        w = weights.get(key, 0.0)
+        if w:
+            total = value * w if total is None else total + value * w
+    return total
