@@ -33,7 +33,6 @@ except ImportError:  # pragma: no cover
 
 from networks.common.distributed import gather_objects, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
-from networks.ops.losses import weighted_sum
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
@@ -44,6 +43,7 @@ from networks.mask2former.postprocess import (
     semantic_inference,
     to_image_size,
 )
+from networks.ops.losses import weighted_sum
 from networks.ops.matcher import HungarianMatcher, mask2former_cost_terms
 
 __all__ = ["Mask2FormerModule", "load_pretrained_model", "load_detectron2_pkl", "param_groups", "freeze_modules"]
@@ -141,8 +141,7 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
     size differs (another ``num_classes``); any other shape mismatch raises :class:`CheckpointError`.
     Returns the :class:`~networks.common.weights.LoadReport`.
     """
-    from networks.ops.losses import weighted_sum
-from networks.common.weights import apply_state_dict, unwrap_state_dict
+    from networks.common.weights import apply_state_dict, unwrap_state_dict
 
     path = Path(path)
     if not path.is_file():

@@ -31,10 +31,10 @@ except ImportError:  # pragma: no cover
 
 from networks.common.distributed import gather_objects, is_rank_zero
 from networks.common.errors import ConfigError
-from networks.ops.losses import weighted_sum
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
+from networks.ops.losses import weighted_sum
 
 __all__ = ["MaskGDinoModule", "param_groups", "freeze_modules", "strip_lightning_prefix", "load_full_weights",
            "TEXT_KEYS"]
@@ -65,8 +65,7 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
 def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
     """State dict of a checkpoint object; a tao-cli Lightning checkpoint's ``model.`` prefix is removed (TAO's
     ``model.model.`` and bare/IDEA layouts are left for ``model.load_pretrained`` to remap)."""
-    from networks.ops.losses import weighted_sum
-from networks.common.weights import unwrap_state_dict
+    from networks.common.weights import unwrap_state_dict
 
     state = unwrap_state_dict(obj)
     if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
