@@ -26,7 +26,7 @@ from networks.backbones.swin import SWIN_PRESETS, SwinTransformer, load_swin_wei
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, read_weights_file
 from networks.ops.layers import MLP, ConvNorm, build_norm2d, c2_xavier_fill
-from networks.ops.ms_deform_attn import MSDeformAttn
+from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn
 from networks.ops.position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -58,32 +58,6 @@ def _run(module: nn.Module, use_checkpoint: bool, *args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MSDeformAttnTransformerEncoderLayer(nn.Module):
-    """Post-norm deformable self-attention layer: MSDA(src+pos, src) → dropout → add → LN → FFN → add → LN.
-
-    ``forward(src [B,S,C], pos [B,S,C], reference_points [B,S,L,2], spatial_shapes, level_start_index,
-    padding_mask [B,S] or None) -> [B,S,C]``.
-    """
-
-    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 3,
-                 n_heads: int = 8, n_points: int = 4):
-        super().__init__()
-        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.linear1 = nn.Linear(d_model, d_ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ffn, d_model)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(d_model)
-
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
-
-
 class _EncoderStack(nn.Module):
     """Holds ``layers`` (name kept for checkpoint compatibility: ``transformer.encoder.layers.{k}``)."""
 
@@ -107,7 +81,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
         self.encoder = _EncoderStack([
-            MSDeformAttnTransformerEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
+            DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead,
                                                 enc_n_points)
             for _ in range(num_encoder_layers)
         ])

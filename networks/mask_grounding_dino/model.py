@@ -34,7 +34,7 @@ from networks.backbones.swin import SwinTransformer, load_swin_weights
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
 from networks.ops.layers import MLP, DropPath
-from networks.ops.ms_deform_attn import MSDeformAttn
+from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn
 from networks.ops.position_encoding import PositionEmbeddingSine
 
 from .text_encoder import BertTextEncoder, resolve_text_encoder
@@ -278,31 +278,6 @@ class TextEnhancerLayer(nn.Module):
         x = self.norm1(x + self.dropout1(attn))
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))
         return self.norm2(x + self.dropout2(ff))
-
-
-class DeformableEncoderLayer(nn.Module):
-    """Deformable self-attention over the flattened multi-level map (post-norm) + ReLU FFN.
-
-    ``forward(src [B,S,d], pos [B,S,d], ref [B,S,L,2], shapes, level_start, pad [B,S] bool) -> [B,S,d]``.
-    Names ``self_attn`` (MSDeformAttn), ``norm1``, ``linear1``, ``linear2``, ``norm2``.
-    """
-
-    def __init__(self, dim: int, ffn: int, dropout: float, n_levels: int, n_heads: int, n_points: int):
-        super().__init__()
-        self.self_attn = MSDeformAttn(dim, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn)
-        self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn, dim)
-        self.dropout3 = nn.Dropout(dropout)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, src, pos, ref, shapes, level_start, pad):
-        attn = self.self_attn(src + pos, ref, src, shapes, level_start, pad)
-        src = self.norm1(src + self.dropout1(attn))
-        ff = self.linear2(self.dropout2(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ff))
 
 
 class FeatureEnhancer(nn.Module):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ms_deform_attn_core", "MSDeformAttn", "spatial_shapes_list"]
+__all__ = ["ms_deform_attn_core", "MSDeformAttn", "DeformableEncoderLayer", "spatial_shapes_list"]
 
 
 def spatial_shapes_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -155,3 +155,31 @@ class MSDeformAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm deformable self-attention encoder layer (Deformable DETR / Mask2Former / Grounding DINO).
+
+    MSDA(src + pos, src) → dropout → add → LayerNorm → Linear-ReLU-Linear FFN → dropout → add → LayerNorm.
+    ``forward(src [B,S,C], pos [B,S,C], reference_points [B,S,L,2], spatial_shapes, level_start_index,
+    padding_mask [B,S] bool or None) -> [B,S,C]``.  Submodule names (``self_attn``, ``norm1``, ``linear1``,
+    ``linear2``, ``norm2``) are the original ones, so TAO/detectron2/IDEA checkpoints load.
+    """
+
+    def __init__(self, d_model: int = 256, d_ffn: int = 1024, dropout: float = 0.1, n_levels: int = 3,
+                 n_heads: int = 8, n_points: int = 4):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, d_ffn)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ffn, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attn))
+        ffn = self.linear2(self.dropout2(torch.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(ffn))
