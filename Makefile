@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# DEMO_QUICK=1: the same commands with a shorter schedule (what CI runs).
+DEMO_QUICK ?= 0
 demo: install
-	bash scripts/demo.sh
+	DEMO_QUICK=$(DEMO_QUICK) TAO_BIN=$(BIN) bash scripts/demo.sh
 
 bench: install
 	$(BIN)/python -m benchmarks.run

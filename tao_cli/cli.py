@@ -1,14 +1,20 @@
 """The ``tao`` command: parse argv and dispatch; all work happens in spec, schema and engine.
 
     tao model list
-    tao model <net> --help
-    tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [OVERRIDE ...]
+    tao model <net> -h
+    tao model <net> <action> -h                 (the action's spec fields: type, default, bounds/options)
+    tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]
     tao spec <net> <action>
     tao schema <net> --out DIR
+    tao plot RUN_DIR [RUN_DIR ...] [--out DIR]
     tao dataset synthetic --out DIR [--seed S]
+    tao dataset browse <net> [--spec SPEC] [--action A] --out DIR [--num N] [KEY=VALUE ...]
     tao info
 
 Overrides use Hydra's grammar and are passed on as the argv list they arrived as (never joined and re-split).
+``-h`` works wherever ``--help`` does.  Help is rendered without Rich markup so ``[KEY=VALUE ...]`` survives.
+Shell completion (``tao --install-completion``) completes networks, actions, flags and dotted spec keys after
+``tao model``; see :func:`complete_model_args`.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import traceback
 from pathlib import Path
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
@@ -24,18 +31,40 @@ from networks.common.errors import ConfigError, TaoUserError
 from tao_cli import __version__, registry
 from tao_cli.paths import packaged_spec
 
+# ``-h`` everywhere: sub-commands inherit help_option_names from the root context.
+_CONTEXT = {"help_option_names": ["-h", "--help"]}
+# rich_markup_mode=None: plain click help, so "[KEY=VALUE ...]" is not eaten as a Rich markup tag.
 app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
-    help="TAO-compatible launcher: `tao model <net> <action> -e spec.yaml key=value`.",
+    rich_markup_mode=None,
+    context_settings=_CONTEXT,
+    help="""TAO-compatible launcher for MAL, Mask2Former and Mask Grounding DINO.
+
+\b
+  tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]
+  tao model list                networks and their actions
+  tao model <net> -h            actions of one network
+  tao model <net> <action> -h   the action's spec fields: type, default, bounds/options
+  tao spec <net> <action>       the default spec as commented YAML""",
     pretty_exceptions_enable=False,
 )
-dataset_app = typer.Typer(no_args_is_help=True, help="Dataset tools.")
+dataset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=_CONTEXT,
+                          help="Dataset tools.")
 app.add_typer(dataset_app, name="dataset")
 
 _out = Console()
 
-MODEL_USAGE = "usage: tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [key=value ...]"
+MODEL_USAGE = "usage: tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]"
+_SPEC_FLAGS = ("-e", "--experiment_spec_file", "--experiment-spec-file", "--experiment_spec")
+# (flag, help) offered by completion after `tao model`; the spec flag's value is left to the shell (files).
+_MODEL_FLAGS = (
+    ("-e", "spec YAML"),
+    ("--experiment_spec_file", "spec YAML"),
+    ("--dry-run", "print the resolved spec and run plan, write nothing"),
+    ("--debug", "full tracebacks"),
+    ("--help", "help"),
+)
 
 
 def _fail(exc: BaseException, debug: bool) -> int:
@@ -83,19 +112,70 @@ def _print_networks() -> None:
     _out.print(table)
 
 
-def _print_network_help(name: str) -> None:
-    net = registry.load(name)
-    _out.print(f"{MODEL_USAGE.replace('<net>', name)}\n\n{net.TITLE} actions:", highlight=False)
-    for action, description in net.ACTIONS.items():
-        _out.print(f"  {action:<16} {description}", highlight=False)
-    _out.print(
-        "\noptions:\n"
-        "  -e, --experiment_spec_file SPEC  spec YAML (default: the packaged configs/<net>/<action>.yaml)\n"
+def _say(text: str = "") -> None:
+    """Plain stdout: no Rich markup (brackets stay) and no wrapping at the terminal width."""
+    sys.stdout.write(text + "\n")
+
+
+def _options_text(name: str, action: str) -> str:
+    return (
+        "options:\n"
+        f"  -e, --experiment_spec_file SPEC  spec YAML (default: the packaged configs/{name}/{action}.yaml)\n"
         "  --dry-run                        print the resolved spec and run plan, write nothing\n"
         "  --debug                          full tracebacks\n"
-        f"\n`tao spec {name} <action>` prints the default spec with every field documented.",
-        highlight=False,
+        "  -h, --help                       show this help and exit"
     )
+
+
+def _print_network_help(name: str) -> None:
+    net = registry.load(name)
+    _say(f"{MODEL_USAGE.replace('<net>', name)}\n\n{net.TITLE} actions:")
+    for action, description in net.ACTIONS.items():
+        _say(f"  {action:<16} {description}")
+    _say(f"\n{_options_text(name, '<action>')}\n")
+    _say(f"`tao model {name} <action> -h` lists the action's spec fields (type, default, bounds/options);\n"
+         f"`tao spec {name} <action>` prints the default spec as commented YAML.")
+
+
+def _check_action(net, name: str, action: str) -> None:
+    """ConfigError (with a close match) unless ``action`` is one of the network's actions."""
+    if action not in net.ACTIONS:
+        import difflib
+
+        close = difflib.get_close_matches(action, net.ACTIONS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"actions: {', '.join(net.ACTIONS)}"
+        raise ConfigError(f"action '{action}'", f"is not an action of {name}", hint)
+
+
+def _cell(text: str, width: int) -> str:
+    """``text`` padded to ``width``; longer text is kept whole (the line stays one line)."""
+    return text.ljust(width) + "  "
+
+
+def _print_action_help(name: str, action: str) -> None:
+    """Usage, options and one line per spec field (key, type, default, bounds/options, description) of an action;
+    the fields and metadata are the ones ``tao spec`` prints (schema.field_summaries)."""
+    from tao_cli import schema
+
+    net = registry.load(name)
+    _check_action(net, name, action)
+    rows = schema.field_summaries(net.ExperimentConfig, action, list(net.ACTIONS))
+    _say(f"usage: tao model {name} {action} [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]\n")
+    _say(f"{net.ACTIONS[action]}\n")
+    _say(f"{_options_text(name, action)}\n")
+    _say(f"spec fields: set any with KEY=VALUE (Hydra grammar: a.b=1, 'a.l=[0, 1]', ~a.b resets to the default).\n"
+         f"??? (required) must be set; `tao spec {name} {action}` prints the same fields as commented YAML.")
+    header = ("KEY", "TYPE", "DEFAULT", "BOUNDS/OPTIONS")
+    # Column widths fit most values; a long default (a list) overflows its column instead of wrapping.
+    widths = [max(len(header[0]), *(len(r.key) for r in rows)),
+              min(14, max(len(header[1]), *(len(r.type) for r in rows))),
+              min(22, max(len(header[2]), *(len(r.default) for r in rows))),
+              min(22, max(len(header[3]), *(len(r.limits) for r in rows)))]
+    _say("  " + "".join(_cell(h, w) for h, w in zip(header, widths, strict=True)) + "DESCRIPTION")
+    for r in rows:
+        default = r.default + (" (required)" if r.required else "")
+        cells = (r.key, r.type, default, r.limits)
+        _say(("  " + "".join(_cell(c, w) for c, w in zip(cells, widths, strict=True)) + r.description).rstrip())
 
 
 def parse_model_args(args: list[str]) -> dict:
@@ -106,7 +186,7 @@ def parse_model_args(args: list[str]) -> dict:
     i = 0
     while i < len(args):
         tok = args[i]
-        if tok in ("-e", "--experiment_spec_file", "--experiment-spec-file", "--experiment_spec"):
+        if tok in _SPEC_FLAGS:
             if i + 1 >= len(args):
                 raise ConfigError(tok, "needs a spec file path", "tao model <net> <action> -e spec.yaml")
             spec = args[i + 1]
@@ -131,11 +211,77 @@ def parse_model_args(args: list[str]) -> dict:
             "help": help_, "overrides": overrides}
 
 
+def _spec_fields(name: str, action: str) -> list:
+    from tao_cli import schema
+
+    net = registry.load(name)
+    return schema.field_summaries(net.ExperimentConfig, action, list(net.ACTIONS))
+
+
+def complete_model_args(args: list[str], incomplete: str) -> list[tuple[str, str]]:
+    """Shell completions ``(value, help)`` for ``tao model <args> <incomplete>``.
+
+    The first positional word completes to network names and ``list``; the second to the network's actions;
+    later words to the dotted spec keys of that action as ``key=`` (``~key`` and ``+key=`` keep their prefix),
+    to a field's values after ``key=`` where it has options or is a boolean, and to the flags when the word
+    starts with ``-``.  After ``-e`` nothing is offered, so the shell completes a file name.  Imports only the
+    named network's package (its config), never torch.  Errors (an unknown network) give no completions.
+    """
+    if args and args[-1] in _SPEC_FLAGS:
+        return []
+    try:
+        pos = parse_model_args(args)["positional"]
+    except ConfigError:
+        return []
+    if incomplete.startswith("-"):
+        return [(flag, text) for flag, text in _MODEL_FLAGS if flag.startswith(incomplete)]
+    try:
+        if not pos:
+            candidates = [(n, "") for n in registry.names()] + [("list", "networks and their actions")]
+        elif len(pos) == 1:
+            if pos[0] == "list":
+                return []
+            candidates = list(registry.load(pos[0]).ACTIONS.items())
+        else:
+            candidates = _complete_spec_word(_spec_fields(pos[0], pos[1]), args, incomplete)
+    except Exception:  # noqa: BLE001 - a completion must never print a traceback into the shell
+        return []
+    return [(value, text) for value, text in candidates if value.startswith(incomplete)]
+
+
+def _complete_spec_word(fields: list, args: list[str], incomplete: str) -> list[tuple[str, str]]:
+    by_key = {f.key: f for f in fields}
+    if "=" in incomplete:  # zsh/fish keep "key=partial" as one word
+        key, _, _ = incomplete.partition("=")
+        field = by_key.get(key.lstrip("+"))
+        return [(f"{key}={o}", "") for o in field.options] if field else []
+    # bash splits words at "=": "key", "=", "partial" (click drops a lone "=" being completed)
+    last = args[-2] if len(args) >= 2 and args[-1] == "=" else (args[-1] if args else "")
+    if (args and args[-1] == "=") or last in by_key:
+        field = by_key.get(last.lstrip("+"))
+        return [(o, "") for o in field.options] if field else []
+    prefix = incomplete[:1] if incomplete[:1] in ("~", "+") else ""
+    suffix = "" if prefix == "~" else "="
+    return [(f"{prefix}{f.key}{suffix}", f.description) for f in fields]
+
+
+class _ModelCommand(typer.core.TyperCommand):
+    """``tao model``: raw argv parsed by :func:`parse_model_args`; every word completed by
+    :func:`complete_model_args` (the command declares no click parameters to complete)."""
+
+    def shell_complete(self, ctx, incomplete):  # noqa: D102 - see the class docstring
+        # typer (pinned) vendors click; its CompletionItem is the type the completion machinery expects.
+        return [typer.core.CompletionItem(value, help=text or None)
+                for value, text in complete_model_args(list(ctx.args), incomplete)]
+
+
 @app.command(
     "model",
+    cls=_ModelCommand,
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    help="Run an action: tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [key=value ...]; "
-         "`tao model list`; `tao model <net> --help`.",
+    short_help="Run an action: tao model <net> <action> [-e SPEC] [KEY=VALUE ...] (tao model -h).",
+    help="Run an action: tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]; "
+         "`tao model list`; `tao model <net> -h`; `tao model <net> <action> -h`.",
 )
 def model(ctx: typer.Context) -> None:
     args = list(ctx.args)
@@ -144,16 +290,21 @@ def model(ctx: typer.Context) -> None:
         parsed = parse_model_args(args)
         pos = parsed["positional"]
         if not pos or pos[0] in ("help",) or (parsed["help"] and not pos):
-            _out.print(MODEL_USAGE, highlight=False)
+            _say(MODEL_USAGE)
+            _say("\n`tao model <net> -h`: actions of a network; `tao model <net> <action> -h`: the action's spec "
+                 "fields.")
             _print_networks()
             raise typer.Exit(0)
         if pos[0] == "list":
             _print_networks()
             raise typer.Exit(0)
         name = pos[0]
-        if len(pos) < 2 or parsed["help"]:
+        if len(pos) < 2:
             _print_network_help(name)
-            raise typer.Exit(0 if parsed["help"] or len(pos) < 2 else 2)
+            raise typer.Exit(0)
+        if parsed["help"]:
+            _print_action_help(name, pos[1])
+            raise typer.Exit(0)
         code = run_model(name, pos[1], parsed["spec"], parsed["overrides"],
                          dry_run=parsed["dry_run"], debug=parsed["debug"], argv=["tao", "model", *args])
     except typer.Exit:
@@ -170,18 +321,14 @@ def run_model(name: str, action: str, spec_path: str | None, overrides: list[str
               debug: bool = False, argv: list[str] | None = None) -> int:
     """Load the network, its spec and run one action; returns the exit code (errors raise)."""
     net = registry.load(name)
-    if action not in net.ACTIONS:
-        import difflib
-
-        close = difflib.get_close_matches(action, net.ACTIONS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"actions: {', '.join(net.ACTIONS)}"
-        raise ConfigError(f"action '{action}'", f"is not an action of {name}", hint)
+    _check_action(net, name, action)
     from tao_cli import spec as spec_mod
     from tao_cli.engine.run import run_action
 
     path = Path(spec_path) if spec_path else packaged_spec(name, action)
     cfg = spec_mod.load_spec(net.ExperimentConfig, action, path, overrides, check=net.check)
-    return run_action(net, action, cfg, argv=argv or sys.argv, dry_run=dry_run, debug=debug)
+    return run_action(net, action, cfg, argv=argv or sys.argv, dry_run=dry_run, debug=debug,
+                      overrides=overrides)
 
 
 @app.command("spec")
@@ -194,9 +341,7 @@ def spec_cmd(
 
     try:
         net = registry.load(network)
-        if action not in net.ACTIONS:
-            raise ConfigError(f"action '{action}'", f"is not an action of {network}",
-                              f"actions: {', '.join(net.ACTIONS)}")
+        _check_action(net, network, action)
         sys.stdout.write(schema.commented_yaml(net.ExperimentConfig, action, list(net.ACTIONS)))
     except TaoUserError as exc:
         raise typer.Exit(_fail(exc, False)) from None
@@ -216,6 +361,61 @@ def schema_cmd(
             _out.print(str(path), highlight=False)
     except TaoUserError as exc:
         raise typer.Exit(_fail(exc, False)) from None
+
+
+def _guarded(work, debug: bool) -> None:
+    """Run ``work()``; any error becomes one stderr line and its exit code (2 for bad input, 1 otherwise)."""
+    try:
+        work()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _error_line("ERROR: interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - errors become exit codes here, as in `tao model`
+        raise typer.Exit(_fail(exc, debug)) from None
+
+
+@app.command("plot")
+def plot_cmd(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR",
+                                          help="Run directories (e.g. results/train) to plot; several overlay."),
+    out: Path | None = typer.Option(None, "--out", help="Directory for the figures (default: chosen by plot_runs)."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Plot the curves of one or more runs (loss, metrics) and print the written files."""
+    def work() -> None:
+        from tao_cli.plot import plot_runs
+
+        for path in plot_runs(list(run_dirs), out):
+            _say(str(path))
+
+    _guarded(work, debug)
+
+
+@dataset_app.command("browse")
+def dataset_browse(
+    network: str = typer.Argument(..., help="Network name, e.g. mal."),
+    overrides: list[str] | None = typer.Argument(None, metavar="KEY=VALUE",
+                                                 help="Spec overrides (Hydra grammar), as for tao model."),
+    spec: Path | None = typer.Option(None, "--spec", "-e",
+                                     help="Spec YAML (default: the packaged configs/<net>/<action>.yaml)."),
+    action: str = typer.Option("train", "--action", help="Whose dataset to browse: train, evaluate, inference."),
+    out: Path = typer.Option(..., "--out", help="Directory for the rendered samples."),
+    num: int = typer.Option(8, "--num", min=1, help="Number of samples to render."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Render a few samples as the network's data pipeline sees them (images with boxes/masks/labels)."""
+    def work() -> None:
+        net = registry.load(network)
+        _check_action(net, network, action)
+        from tao_cli.browse import browse
+
+        spec_path = spec if spec is not None else packaged_spec(network, action)
+        for path in browse(network, spec_path, action, out, num, list(overrides or [])):
+            _say(str(path))
+
+    _guarded(work, debug)
 
 
 @dataset_app.command("synthetic")
@@ -258,8 +458,8 @@ def info() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point (also ``python -m tao_cli``: the same prog name, so _TAO_COMPLETE works)."""
+    app(prog_name="tao")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ __all__ = [
     "json_schema",
     "spec_template",
     "commented_yaml",
+    "FieldSummary",
+    "field_summaries",
     "default_instance",
     "kept_sections",
     "write_schemas",
@@ -312,19 +314,29 @@ def _range_text(meta: dict[str, Any], integer: bool) -> str | None:
     return f"{left}, {right}"
 
 
-def _comment(field: FieldInfo, action: str) -> str:
-    meta = field.metadata
-    description = str(meta.get("description") or "").strip()
+def _valid_options(meta: dict[str, Any]) -> list[Any]:
+    """``valid_options`` of a field as a list (metadata may hold a comma-separated string)."""
+    options = meta["valid_options"]
+    if isinstance(options, str):
+        options = [o.strip() for o in options.split(",") if o.strip()]
+    return list(options or [])
+
+
+def _description(field: FieldInfo) -> str:
+    description = str(field.metadata.get("description") or "").strip()
     if not description and field.section_cls is not None:
         description = _class_description(field.section_cls)
-    parts = [description]
+    return description
+
+
+def _comment(field: FieldInfo, action: str) -> str:
+    meta = field.metadata
+    parts = [_description(field)]
     if not field.section:
         rng = _range_text(meta, _scalar_type(field.type) is int)
         if rng:
             parts.append(f"Range: {rng}.")
-        options = meta["valid_options"]
-        if isinstance(options, str):
-            options = [o.strip() for o in options.split(",") if o.strip()]
+        options = _valid_options(meta)
         if options:
             parts.append("Options: " + ", ".join(str(o) for o in options) + ".")
         if field.missing:
@@ -367,6 +379,67 @@ def commented_yaml(schema_cls: type, action: str, actions: list[str] | dict[str,
 
     emit("", values, 0)
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSummary:
+    """One leaf of an action's spec, as ``tao model <net> <action> --help`` lists it and shell completion offers it.
+
+    ``type`` is a short name (``int``, ``float|null``, ``list[int]``); ``default`` is one-line YAML (``???`` when
+    the value must come from the spec); ``limits`` is the range (``[1, inf)``) or the options (``a|b``), or ``""``;
+    ``options`` are the values a shell may offer after ``key=`` (valid options, enum names, true/false).
+    """
+
+    key: str
+    type: str
+    default: str
+    limits: str
+    description: str
+    required: bool
+    options: tuple[str, ...]
+
+
+def _type_name(tp: Any) -> str:
+    """A short, Python-like name of an annotation for one-line listings."""
+    base, optional = _split_optional(tp)
+    origin = typing.get_origin(base) or base
+    args = typing.get_args(base)
+    if base in (bool, int, float, str):
+        name = base.__name__
+    elif isinstance(base, type) and issubclass(base, enum.Enum):
+        name = "str"
+    elif origin in (list, tuple):
+        item = args[0] if args and args[0] is not Ellipsis else Any
+        name = "list" if item is Any else f"list[{_type_name(item)}]"
+    elif origin is dict:
+        name = "dict"
+    elif origin is typing.Union:
+        name = "|".join(_type_name(a) for a in args)
+    else:
+        name = "any"
+    return name + ("|null" if optional else "")
+
+
+def field_summaries(schema_cls: type, action: str, actions: list[str] | dict[str, str]) -> list[FieldSummary]:
+    """Every leaf field kept for ``action`` (the same fields and metadata as :func:`commented_yaml`), in
+    declaration order."""
+    keep = set(kept_sections(schema_cls, action, actions))
+    out: list[FieldSummary] = []
+    for field in iter_fields(schema_cls):
+        if field.section or field.key.split(".")[0] not in keep:
+            continue
+        meta = field.metadata
+        scalar = _scalar_type(field.type)
+        options = [str(_flow(_cast_option(o, scalar))) for o in _valid_options(meta)]
+        if not options and isinstance(field.base, type) and issubclass(field.base, enum.Enum):
+            options = [m.name for m in field.base]
+        limits = "|".join(options) if options else (_range_text(meta, scalar is int) or "")
+        if not options and field.base is bool:
+            options = ["true", "false"]
+        required = field.missing and field.key.split(".")[0] == action
+        out.append(FieldSummary(field.key, _type_name(field.type), _flow(field.default), limits,
+                                " ".join(_description(field).split()), required, tuple(options)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -18,6 +18,7 @@ __all__ = [
     "ACTIONS",
     "ExperimentConfig",
     "check",
+    "main_kpi",
     "input_paths",
     "build_module",
     "build_datamodule",
@@ -36,6 +37,11 @@ ACTIONS: dict[str, str] = {
     "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
     "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
 }
+
+
+def main_kpi(cfg: Any) -> tuple[str, str]:
+    """The validation metric that picks ``mask_gdino_model_best.pth``: COCO ``segm_val_mAP``, higher is better."""
+    return "segm_val_mAP", "max"
 
 
 def _eval_source(cfg: Any) -> tuple[str, Any]:
@@ -78,6 +84,11 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
         paths["inference.checkpoint"] = cfg.inference.checkpoint
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
+    if action in ("train", "evaluate", "inference", "export"):
+        from networks.mask_grounding_dino.text_encoder import resolve_text_encoder
+
+        # Resolved here so --dry-run refuses an encoder that is neither local nor cached (never downloaded).
+        paths["model.text_encoder_type"] = str(resolve_text_encoder(cfg.model.text_encoder_type))
     return paths
 
 

@@ -53,6 +53,10 @@ __all__ = [
 
 BACKBONES = ["swin_tiny_224_1k", "swin_base_224_22k", "swin_base_384_22k", "swin_large_224_22k",
              "swin_large_384_22k", "resnet_50", "swin_custom"]
+#: The preset Swin backbones tao-cli builds (TAO also lists resnet_50, which it never finished either).
+SWIN_BACKBONE_NAMES = [b for b in BACKBONES if b.startswith("swin_") and b != "swin_custom"]
+#: TAO actions that belong to tao-deploy: listed so TAO users find them, refused before anything runs.
+DEPLOY_ACTIONS = ("gen_trt_engine", "quantize")
 
 @dataclass
 class SwinCustomConfig:
@@ -314,7 +318,13 @@ def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigErro
 
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
+    if action in DEPLOY_ACTIONS:
+        raise ConfigError(action, "is not part of tao-cli yet",
+                          f"use tao-deploy (`mask_grounding_dino {action}`) with the ONNX file from `export`")
     m = cfg.model
+    if m.backbone not in SWIN_BACKBONE_NAMES and m.backbone != "swin_custom":
+        raise ConfigError("model.backbone", f"'{m.backbone}' is not implemented in tao-cli (Swin backbones only)",
+                          f"use one of {', '.join(SWIN_BACKBONE_NAMES[:4])}, ... or swin_custom")
     loss_types = list(m.loss_types)
     if "rela" in loss_types:
         raise ConfigError("model.loss_types", "the ReLA region-query branch is not implemented yet; remove 'rela' "

