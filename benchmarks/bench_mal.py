@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from benchmarks.common import device, peak_memory_mib, reset_peak, time_it
 from networks.mal.config import ExperimentConfig
-from networks.mal.losses import MeanField, mal_losses
+from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import build_mal_networks, ema_update
 
 ARCH = os.environ.get("BENCH_MAL_ARCH", "vit-mae-base/16")

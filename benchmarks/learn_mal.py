@@ -64,8 +64,8 @@ def _plot(rows: list[dict], baseline: float, path: Path) -> None:
 def main() -> None:
     from networks.mal.config import ExperimentConfig
     from networks.mal.data import MALDataModule
-    from networks.mal.inference import box_fill_miou
     from networks.mal.module import MALModule
+    from networks.mal.postprocess import box_fill_miou
 
     minutes = float(os.environ.get("LEARN_MINUTES", "30"))
     torch.set_num_threads(int(os.environ.get("LEARN_THREADS", "1")))  # small ops: extra threads mostly add contention

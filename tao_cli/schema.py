@@ -22,7 +22,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import math
 import textwrap
 import typing
 from pathlib import Path
@@ -32,7 +31,15 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 
 from networks.common.io import atomic_write_text
-from tao_cli.spec import FieldInfo, _cast_option, _scalar_type, _split_optional, iter_fields
+from tao_cli.fields import (
+    FieldInfo,
+    bound,
+    cast_option,
+    iter_fields,
+    scalar_type,
+    split_optional,
+    valid_options,
+)
 
 __all__ = [
     "JSON_SCHEMA_DIALECT",
@@ -96,16 +103,6 @@ def _children(fields: list[FieldInfo], parent: str) -> list[FieldInfo]:
     return [f for f in fields if f.key.startswith(prefix) and f.depth == depth]
 
 
-def _bound(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isinf(number) or math.isnan(number) else number
-
-
 def _as_type(number: float, integer: bool) -> int | float:
     return int(number) if integer and float(number).is_integer() else number
 
@@ -125,7 +122,7 @@ _UNSAFE = object()
 # ------------------------------------------------------------------------------------------- JSON Schema
 def _type_schema(tp: Any) -> dict[str, Any]:
     """The JSON-Schema fragment for a Python annotation (without Optional handling)."""
-    base, optional = _split_optional(tp)
+    base, optional = split_optional(tp)
     if optional:
         return _nullable(_type_schema(base))
     origin = typing.get_origin(base) or base
@@ -191,20 +188,18 @@ def _x_tao(meta: dict[str, Any]) -> dict[str, Any]:
 def _leaf_schema(field: FieldInfo) -> dict[str, Any]:
     meta = field.metadata
     base_schema = _type_schema(field.base)
-    scalar = _scalar_type(field.type)
+    scalar = scalar_type(field.type)
     is_list = (typing.get_origin(field.base) or field.base) in (list, tuple)
     target = _innermost(base_schema)
     integer = scalar is int
-    lo, hi = _bound(meta["valid_min"]), _bound(meta["valid_max"])
+    lo, hi = bound(meta["valid_min"]), bound(meta["valid_max"])
     if scalar in (int, float) and lo is not None:
         target["minimum"] = _as_type(lo, integer)
     if scalar in (int, float) and hi is not None:
         target["maximum"] = _as_type(hi, integer)
-    options = meta["valid_options"]
-    if isinstance(options, str):
-        options = [o.strip() for o in options.split(",") if o.strip()]
+    options = valid_options(meta)
     if options:
-        enum_values = [_json_safe(_cast_option(o, scalar)) for o in options]
+        enum_values = [_json_safe(cast_option(o, scalar)) for o in options]
         target["enum"] = [v for v in enum_values if v is not _UNSAFE]
     schema = _nullable(base_schema) if field.optional else base_schema
     if field.optional and not is_list and "enum" in schema and None not in schema["enum"]:
@@ -306,20 +301,12 @@ def _flow(value: Any) -> str:
 
 
 def _range_text(meta: dict[str, Any], integer: bool) -> str | None:
-    lo, hi = _bound(meta["valid_min"]), _bound(meta["valid_max"])
+    lo, hi = bound(meta["valid_min"]), bound(meta["valid_max"])
     if lo is None and hi is None:
         return None
     left = "(-inf" if lo is None else f"[{_as_type(lo, integer)}"
     right = "inf)" if hi is None else f"{_as_type(hi, integer)}]"
     return f"{left}, {right}"
-
-
-def _valid_options(meta: dict[str, Any]) -> list[Any]:
-    """``valid_options`` of a field as a list (metadata may hold a comma-separated string)."""
-    options = meta["valid_options"]
-    if isinstance(options, str):
-        options = [o.strip() for o in options.split(",") if o.strip()]
-    return list(options or [])
 
 
 def _description(field: FieldInfo) -> str:
@@ -333,10 +320,10 @@ def _comment(field: FieldInfo, action: str) -> str:
     meta = field.metadata
     parts = [_description(field)]
     if not field.section:
-        rng = _range_text(meta, _scalar_type(field.type) is int)
+        rng = _range_text(meta, scalar_type(field.type) is int)
         if rng:
             parts.append(f"Range: {rng}.")
-        options = _valid_options(meta)
+        options = valid_options(meta)
         if options:
             parts.append("Options: " + ", ".join(str(o) for o in options) + ".")
         if field.missing:
@@ -401,7 +388,7 @@ class FieldSummary:
 
 def _type_name(tp: Any) -> str:
     """A short, Python-like name of an annotation for one-line listings."""
-    base, optional = _split_optional(tp)
+    base, optional = split_optional(tp)
     origin = typing.get_origin(base) or base
     args = typing.get_args(base)
     if base in (bool, int, float, str):
@@ -429,8 +416,8 @@ def field_summaries(schema_cls: type, action: str, actions: list[str] | dict[str
         if field.section or field.key.split(".")[0] not in keep:
             continue
         meta = field.metadata
-        scalar = _scalar_type(field.type)
-        options = [str(_flow(_cast_option(o, scalar))) for o in _valid_options(meta)]
+        scalar = scalar_type(field.type)
+        options = [str(_flow(cast_option(o, scalar))) for o in valid_options(meta)]
         if not options and isinstance(field.base, type) and issubclass(field.base, enum.Enum):
             options = [m.name for m in field.base]
         limits = "|".join(options) if options else (_range_text(meta, scalar is int) or "")

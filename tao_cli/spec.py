@@ -21,17 +21,12 @@ resolver is registered: TAO's ``${eval:...}`` ran Python on spec text.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import enum
-import functools
-import math
 import re
-import types
 import typing
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +44,20 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from networks.common.config import metadata_of
 from networks.common.errors import ConfigError
+from tao_cli.fields import (
+    FieldInfo,
+    all_keys,
+    bound,
+    cast_option,
+    element_type,
+    field_map,
+    iter_fields,
+    lookup,
+    scalar_type,
+    split_optional,
+    valid_options,
+)
 
 __all__ = ["FieldInfo", "load_spec", "iter_fields", "all_keys", "lookup", "to_yaml", "REDACTED"]
 
@@ -58,153 +65,9 @@ REDACTED = "*****"
 _NO_DEFAULT = object()
 
 
-# --------------------------------------------------------------------------------------------------- fields
-@dataclass(frozen=True)
-class FieldInfo:
-    """One field of a spec dataclass.
-
-    ``key`` is the dotted path from the root (``train.optim.lr``); ``type`` the resolved annotation;
-    ``base`` the annotation without ``Optional``; ``default`` the default value as plain Python (``"???"`` for
-    MISSING; a dict of defaults for a section); ``section`` is true for nested dataclasses; ``metadata`` is
-    :func:`networks.common.config.metadata_of` of the field (every key present, ``None`` where unset).
-    """
-
-    key: str
-    name: str
-    type: Any
-    base: Any
-    optional: bool
-    default: Any
-    metadata: dict[str, Any]
-    section: bool
-    section_cls: type | None = None
-
-    @property
-    def missing(self) -> bool:
-        """True when the default is MISSING (``???``): the value must come from the spec."""
-        return isinstance(self.default, str) and self.default == MISSING
-
-    @property
-    def depth(self) -> int:
-        """Nesting level: 0 for a top-level field."""
-        return self.key.count(".")
-
-
-def _split_optional(tp: Any) -> tuple[Any, bool]:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        optional = len(args) < len(typing.get_args(tp))
-        if len(args) == 1:
-            return args[0], optional
-        return typing.Union[tuple(args)], optional  # noqa: UP007 - a real Union object is needed here
-    return tp, False
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
-    return MISSING
-
-
-def _plain(value: Any) -> Any:
-    """Dataclass instances, lists and dicts → plain Python containers (MISSING stays ``"???"``)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return OmegaConf.to_container(OmegaConf.structured(value), resolve=False, enum_to_str=True)
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _walk(cls: type, prefix: str) -> Iterator[FieldInfo]:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints.get(f.name, Any)
-        base, optional = _split_optional(tp)
-        default = _field_default(f)
-        key = f"{prefix}{f.name}"
-        section_cls = None
-        if dataclasses.is_dataclass(default) and not isinstance(default, type):
-            section_cls = type(default)
-        elif isinstance(base, type) and dataclasses.is_dataclass(base):
-            section_cls = base
-        if section_cls is not None:
-            if default is MISSING or default is None:
-                plain_default = default
-            elif dataclasses.is_dataclass(default):
-                plain_default = _plain(default)
-            else:
-                plain_default = _plain(section_cls())
-            yield FieldInfo(key, f.name, tp, section_cls, optional, plain_default, metadata_of(f), True,
-                            section_cls)
-            yield from _walk(section_cls, key + ".")
-        else:
-            yield FieldInfo(key, f.name, tp, base, optional, _plain(default), metadata_of(f), False)
-
-
-@functools.lru_cache(maxsize=64)
-def _fields(schema_cls: type) -> tuple[FieldInfo, ...]:
-    # Cached: building section defaults goes through OmegaConf and dominates load time otherwise.
-    return tuple(_walk(schema_cls, ""))
-
-
-@functools.lru_cache(maxsize=64)
-def _field_map_cached(schema_cls: type) -> dict[str, FieldInfo]:
-    return {f.key: f for f in _fields(schema_cls)}
-
-
-def _field_map(schema_cls: type) -> dict[str, FieldInfo]:
-    return _field_map_cached(schema_cls)
-
-
-def iter_fields(schema_cls: type) -> Iterator[FieldInfo]:
-    """Every field of ``schema_cls``, sections before their children, in declaration order (defaults are
-    fresh copies: callers may mutate them)."""
-    for f in _fields(schema_cls):
-        yield dataclasses.replace(f, default=copy.deepcopy(f.default), metadata=dict(f.metadata))
-
-
-def all_keys(schema_cls: type) -> list[str]:
-    """All dotted keys of ``schema_cls`` (sections and leaves), in declaration order."""
-    return [f.key for f in _fields(schema_cls)]
-
-
-def _is_free_container(tp: Any) -> bool:
-    """A leaf whose value may hold keys the schema does not list (dicts, lists, ``Any``)."""
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp) or tp
-    return origin in (dict, list, tuple, typing.Dict, typing.List)  # noqa: UP006
-
-
-def lookup(schema_cls: type, key: str) -> tuple[FieldInfo | None, bool]:
-    """Find ``key`` in the schema.
-
-    Returns ``(field, inside)``: ``field`` is the schema field at ``key`` (``inside`` False), or the free-form
-    dict/list field that ``key`` points into (``inside`` True), or ``None`` when the key is not in the schema.
-    """
-    fields = _field_map(schema_cls)
-    if key in fields:
-        return fields[key], False
-    parts = key.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        parent = fields.get(".".join(parts[:i]))
-        if parent is not None:
-            if not parent.section and _is_free_container(parent.base):
-                return parent, True
-            return None, False
-    return None, False
-
-
 # --------------------------------------------------------------------------------------------- messages
 def _type_phrase(tp: Any, optional: bool = False) -> str:
-    base, opt = _split_optional(tp)
+    base, opt = split_optional(tp)
     optional = optional or opt
     origin = typing.get_origin(base) or base
     if base is bool:
@@ -240,17 +103,6 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _element_type(tp: Any) -> Any:
-    base, _ = _split_optional(tp)
-    args = typing.get_args(base)
-    origin = typing.get_origin(base)
-    if origin in (list, tuple) and args:
-        return args[0]
-    if origin is dict and len(args) == 2:
-        return args[1]
-    return Any
-
-
 def _expected_for(schema_cls: type, full_key: str) -> tuple[str, Any, bool]:
     """(dotted key, annotation, optional) of the field a (possibly indexed) OmegaConf key refers to."""
     key = re.sub(r"\[(\d+)\]", r".\1", full_key)
@@ -261,8 +113,8 @@ def _expected_for(schema_cls: type, full_key: str) -> tuple[str, Any, bool]:
             tp = field.type
             optional = field.optional
             for _ in range(indexes):
-                tp, optional = _element_type(tp), False
-                tp, opt = _split_optional(tp)
+                tp, optional = element_type(tp), False
+                tp, opt = split_optional(tp)
                 optional = opt
             return key, tp, optional
         if "." not in key:
@@ -275,7 +127,7 @@ def _expected_for(schema_cls: type, full_key: str) -> tuple[str, Any, bool]:
 def _suggest(schema_cls: type, key: str) -> str | None:
     """A ``did you mean`` candidate for an unknown dotted key: a close name in the same section; for a misspelt
     section, a close key at the same depth; else the same (or a close) leaf name under another section."""
-    fields = _field_map(schema_cls)
+    fields = field_map(schema_cls)
     parts = key.split(".")
     ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
     keys = [k for k in fields if k not in ancestors]
@@ -302,7 +154,7 @@ def _suggest(schema_cls: type, key: str) -> str | None:
 
 
 def _unknown_key(schema_cls: type, key: str, problem: str) -> ConfigError:
-    fields = _field_map(schema_cls)
+    fields = field_map(schema_cls)
     parts = key.split(".")
     for i in range(len(parts) - 1, 0, -1):
         holder = fields.get(".".join(parts[:i]))
@@ -569,7 +421,7 @@ def _conform(value: Any, tp: Any, path: str) -> tuple[str, Any, Any] | None:
     """First element of ``value`` (a resolved plain value) that does not match the annotation ``tp``, as
     (path, value, expected annotation); ``None`` when it all matches.  OmegaConf checks scalars itself but lets a
     nested list into a ``list[str]`` field."""
-    base, optional = _split_optional(tp)
+    base, optional = split_optional(tp)
     if value is None:
         return None if optional or base is Any else (path, value, tp)
     if isinstance(value, str) and value == MISSING:
@@ -607,7 +459,7 @@ def _conform(value: Any, tp: Any, path: str) -> tuple[str, Any, Any] | None:
 
 def _check_types(cfg: DictConfig, schema_cls: type) -> None:
     """Element types of list/dict leaves (OmegaConf already enforced the scalar leaves)."""
-    for field in _fields(schema_cls):
+    for field in field_map(schema_cls).values():
         if field.section or typing.get_origin(field.base) not in (list, tuple, dict):
             continue
         try:
@@ -622,40 +474,10 @@ def _check_types(cfg: DictConfig, schema_cls: type) -> None:
             raise ConfigError(path, f"{_show(v)} is not {_type_phrase(tp)}")
 
 
-def _bound(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value.strip().lower() in ("inf", "+inf", "-inf", "infinity", "-infinity", ""):
-            return None
-        value = float(value)
-    value = float(value)
-    return None if math.isinf(value) else value
-
-
 def _fmt_bound(b: float | None, integer: bool, low: bool) -> str:
     if b is None:
         return "-inf" if low else "inf"
     return str(int(b)) if integer and float(b).is_integer() else repr(float(b))
-
-
-def _scalar_type(tp: Any) -> Any:
-    base, _ = _split_optional(tp)
-    while typing.get_origin(base) in (list, tuple):
-        args = typing.get_args(base)
-        base, _ = _split_optional(args[0] if args else Any)
-    return base
-
-
-def _cast_option(option: Any, tp: Any) -> Any:
-    try:
-        if tp is bool and isinstance(option, str):
-            return option.strip().lower() in ("true", "yes", "1", "on")
-        if tp in (int, float, str) and not isinstance(option, tp):
-            return tp(option)
-    except (TypeError, ValueError):
-        pass
-    return option
 
 
 def _elements(value: Any, path: str) -> Iterator[tuple[str, Any]]:
@@ -668,7 +490,7 @@ def _elements(value: Any, path: str) -> Iterator[tuple[str, Any]]:
 
 def _check_metadata(cfg: DictConfig, schema_cls: type) -> None:
     """valid_min / valid_max / valid_options of every leaf (each element of list fields); None and MISSING skip."""
-    for field in _fields(schema_cls):
+    for field in field_map(schema_cls).values():
         meta = field.metadata
         if field.section or (meta["valid_min"] is None and meta["valid_max"] is None and not meta["valid_options"]):
             continue
@@ -681,12 +503,10 @@ def _check_metadata(cfg: DictConfig, schema_cls: type) -> None:
             continue
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
-        scalar = _scalar_type(field.type)
-        lo, hi = _bound(meta["valid_min"]), _bound(meta["valid_max"])
-        options = meta["valid_options"]
-        if isinstance(options, str):
-            options = [o.strip() for o in options.split(",") if o.strip()]
-        options = [_cast_option(o, scalar) for o in options] if options else None
+        scalar = scalar_type(field.type)
+        lo, hi = bound(meta["valid_min"]), bound(meta["valid_max"])
+        options = valid_options(meta)
+        options = [cast_option(o, scalar) for o in options] if options else None
         for path, v in _elements(value, field.key):
             if v is None:
                 continue
@@ -722,7 +542,7 @@ def _required_hint(field_name: str, key: str, examples: Any) -> str:
 def _check_mandatory(cfg: DictConfig, schema_cls: type, action: str) -> None:
     if action not in cfg or not isinstance(cfg._get_node(action), DictConfig) or cfg._get_node(action)._is_none():
         return
-    fields = _field_map(schema_cls)
+    fields = field_map(schema_cls)
     for container, k, path in _iter_nodes(cfg[action], f"{action}."):
         missing = OmegaConf.is_missing(container, k)
         if not missing and OmegaConf.is_interpolation(container, k):
@@ -763,7 +583,7 @@ def load_spec(
     if spec_path is not None:
         data, lines = _read_yaml(spec_path)
         name = Path(spec_path).name
-        _check_yaml_keys(schema_cls, data, "", _field_map(schema_cls), name, lines)
+        _check_yaml_keys(schema_cls, data, "", field_map(schema_cls), name, lines)
         try:
             cfg = OmegaConf.merge(cfg, data)
         except OmegaConfBaseException as exc:

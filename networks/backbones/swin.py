@@ -16,22 +16,15 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from timm.layers import DropPath, Mlp
 from torch import nn
 
+from networks.backbones.swin_presets import SWIN_PRESETS
 from networks.common.weights import LoadReport, apply_state_dict, unwrap_state_dict
-from networks.ops.layers import DropPath
 
 __all__ = ["SwinTransformer", "SWIN_PRESETS", "load_swin_weights", "SWIN_BENIGN_KEYS"]
 
 log = logging.getLogger(__name__)
-
-#: name -> (embed_dim, depths, num_heads), as used by TAO's ``model.backbone.swin.type``.
-SWIN_PRESETS: dict[str, tuple[int, list[int], list[int]]] = {
-    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24]),
-    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
-    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
-    "large": (192, [2, 2, 18, 2], [6, 12, 24, 48]),
-}
 
 #: Keys of official release files that have no slot in the backbone and are dropped silently.
 SWIN_BENIGN_KEYS = ("head.*", "norm.weight", "norm.bias", "*.attn_mask", "*.relative_position_index")
@@ -49,20 +42,6 @@ def window_reverse(windows: torch.Tensor, ws: int, h: int, w: int) -> torch.Tens
     c = windows.shape[-1]
     x = windows.reshape(-1, h // ws, w // ws, ws, ws, c)
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, h, w, c)
-
-
-class Mlp(nn.Module):
-    """Transformer FFN: Linear → GELU → dropout → Linear → dropout (names ``fc1``, ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
 class WindowAttention(nn.Module):
@@ -126,7 +105,8 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        # timm's Mlp: fc1 → GELU → dropout → fc2 → dropout, parameters fc1.*/fc2.* as in the Swin release
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, h: int, w: int, attn_mask: torch.Tensor | None) -> torch.Tensor:
         b, _, c = x.shape

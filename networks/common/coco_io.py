@@ -8,7 +8,6 @@ in column-major order starting with a run of zeros.  Panoptic PNGs store a segme
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from networks.common.errors import DataError
+from networks.common.io import read_json
 
 __all__ = [
     "load_coco",
@@ -41,17 +41,8 @@ def load_coco(path: str | os.PathLike, *, field: str, required: tuple[str, ...] 
     JSON; ``<path>`` when the top level is not an object or lacks one of ``required`` (each must be a list).
     """
     p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        what = "is a directory, not a JSON file" if p.is_dir() else "does not exist"
-        raise DataError(field, f"'{path}' {what}", "check the annotation file path")
-    try:
-        with open(p, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}",
-                        "fix or regenerate the annotation file") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(str(p), "is not UTF-8 text", "the annotation file must be UTF-8 JSON") from exc
+    data = read_json(path, field=field, hint="check the annotation file path",
+                     invalid_hint="fix or regenerate the annotation file")
     if not isinstance(data, dict):
         raise DataError(str(p), f"top level is a JSON {type(data).__name__}, expected an object",
                         "a COCO file is an object with 'images', 'annotations' and 'categories'")

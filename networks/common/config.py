@@ -21,6 +21,7 @@ __all__ = [
     "TrainConfig",
     "EvaluateConfig",
     "InferenceConfig",
+    "OnnxExportConfig",
     "ExportConfig",
     "GenTrtEngineConfig",
     "TensorRTConfig",
@@ -159,6 +160,9 @@ class TrainConfig:
     checkpoint_interval_unit: str = param("epoch", description="Unit of checkpoint_interval.",
                                           valid_options=["epoch", "step"])
     validation_interval: int = param(1, description="Validate every this many epochs.", valid_min=1, popular=True)
+    keep_checkpoints: int = param(
+        0, description="Keep only the newest N periodic model_epoch_*_step_*.pth files (the files the latest and "
+        "best checkpoints point at are always kept); 0 keeps all, as TAO does (not a TAO field).", valid_min=0)
     resume_training_checkpoint_path: str | None = param(
         None, description="Resume from this checkpoint; when unset the latest one in the results dir is used.")
     results_dir: str | None = param(None, description="Results directory of this action; default <results_dir>/train.")
@@ -175,6 +179,9 @@ class EvaluateConfig:
     trt_engine: str | None = param(None, description="TensorRT engine (tao-deploy only; unused here).")
     results_dir: str | None = param(None, description="Results directory; default <results_dir>/evaluate.")
     batch_size: int = param(-1, description="Batch size; -1 uses the dataset setting.", valid_min=-1)
+    num_overlays: int = param(
+        8, description="Number of images for which a ground-truth | prediction PNG is written to "
+        "<results>/evaluate/overlays; 0 disables (not a TAO field).", valid_min=0)
 
 
 @dataclass
@@ -191,8 +198,8 @@ class InferenceConfig:
 
 
 @dataclass
-class ExportConfig:
-    """Fields of TAO's common ``export`` section (ONNX export)."""
+class OnnxExportConfig:
+    """The ``export`` fields every network has (TAO's common export section without ``format``)."""
 
     results_dir: str | None = param(None, description="Results directory; default <results_dir>/export.")
     gpu_id: int = param(0, description="GPU used for export.", valid_min=0)
@@ -205,6 +212,12 @@ class ExportConfig:
     opset_version: int = param(17, description="ONNX opset version.", valid_min=1)
     batch_size: int = param(-1, description="Batch size; -1 makes the batch axis dynamic.", valid_min=-1)
     verbose: bool = param(False, description="Verbose export log.")
+
+
+@dataclass
+class ExportConfig(OnnxExportConfig):
+    """Fields of TAO's common ``export`` section (ONNX export)."""
+
     format: str = param("onnx", description="Export format.", valid_options=["onnx", "xdl"])
 
 

@@ -1,6 +1,8 @@
-"""Atomic file writes: write to a temporary file in the destination directory, fsync, then rename.
+"""File I/O shared by the networks: atomic writes and checked JSON reads.
 
-A crash mid-write therefore leaves either the old file or nothing, never a half-written one.
+Writes go to a temporary file in the destination directory, are fsync'ed, then renamed: a crash mid-write
+therefore leaves either the old file or nothing, never a half-written one.  :func:`read_json` turns every way a
+user's JSON file can be wrong into one :class:`DataError` line.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from networks.common.errors import DataError
 
 
 @contextmanager
@@ -53,3 +57,22 @@ def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(dest: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
     """Serialise ``obj`` as JSON to ``dest`` atomically and return ``dest``."""
     return atomic_write_text(dest, json.dumps(obj, indent=indent))
+
+
+def read_json(path: str | os.PathLike, *, field: str, hint: str | None = None, invalid_hint: str | None = None) -> Any:
+    """The parsed content of the JSON file ``path`` (``~`` expanded).
+
+    Raises :class:`DataError`: subject ``field`` (with ``hint``) when the file is missing or is a directory;
+    ``<path>:<line>:<col>`` (with ``invalid_hint``) for invalid JSON; ``<path>`` when it is not UTF-8 text.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        what = "is a directory, not a JSON file" if p.is_dir() else "does not exist"
+        raise DataError(field, f"'{path}' {what}", hint)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}", invalid_hint) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(str(p), "is not UTF-8 text", "save the file as UTF-8 JSON") from exc

@@ -3,6 +3,10 @@
 * :func:`mask_iou` and :class:`InstanceIoU` — TAO MAL's per-instance mask IoU, class-averaged, with size bins
   by **box** area (pixels²): small (0, 32²], medium (32², 96²], large (96², ∞) — half-open like TAO's eval.
 * :func:`coco_mask_ap` — COCO mask (or box) AP through pycocotools ``COCOeval``.
+
+A metric that is not defined on the data (a size bin, thing/stuff group or area range with nothing in it) is
+``None`` — JSON ``null`` in ``metrics.json`` and ``status.json`` — next to the count it would rest on, never a
+0.0 that reads like a bad score, nor NaN (not valid JSON).
 * :func:`semantic_confusion` / :func:`miou_from_confusion` — semantic-segmentation mIoU and pixel accuracy.
 * :class:`PanopticQuality` / :func:`panoptic_quality` — PQ/SQ/RQ with panopticapi's matching rules.
 """
@@ -11,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,9 @@ from networks.common.errors import DataError
 
 __all__ = [
     "SIZE_BINS",
+    "as_metrics",
+    "defined_metrics",
+    "format_metrics",
     "mask_iou",
     "size_bin",
     "InstanceIoU",
@@ -39,6 +47,36 @@ SIZE_BINS: tuple[tuple[str, float, float], ...] = (
     ("medium", 32.0**2, 96.0**2),
     ("large", 96.0**2, float("inf")),
 )
+
+
+def as_metrics(values: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """``values`` as a ``module.kpi`` dict: ints stay ints (counts), other numbers become float, and None, NaN
+    and ±inf become None (undefined; JSON null)."""
+    out: dict[str, float | int | None] = {}
+    for key, value in values.items():
+        if value is None:
+            out[key] = None
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            out[key] = int(value)
+        else:
+            value = float(value)
+            out[key] = value if math.isfinite(value) else None
+    return out
+
+
+def defined_metrics(values: Mapping[str, Any]) -> dict[str, float]:
+    """The entries of ``values`` that are defined (not None, finite), as floats: what a logger can take."""
+    return {k: float(v) for k, v in as_metrics(values).items() if v is not None}
+
+
+def format_metrics(values: Mapping[str, Any]) -> str:
+    """``"mIoU=0.7500, mIoU_small=null, num_small=0"`` for log lines."""
+    def one(v: Any) -> str:
+        if v is None:
+            return "null"
+        return str(v) if isinstance(v, int) else f"{v:.4f}"
+
+    return ", ".join(f"{k}={one(v)}" for k, v in as_metrics(values).items())
 
 
 def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -68,8 +106,8 @@ class InstanceIoU:
 
     ``compute()`` returns ``mIoU`` = mean over categories with ≥ 1 instance of that category's mean instance IoU,
     and ``mIoU_small/medium/large`` = the same restricted to one box-area bin.  A bin (or the whole set) with no
-    instance reports 0.0 rather than NaN; ``num_instances``/``num_small``/``num_medium``/``num_large`` say how
-    many instances each value rests on.  Instances of different ranks can be combined with :meth:`merge`.
+    instance reports None (undefined, JSON null); ``num_instances``/``num_small``/``num_medium``/``num_large``
+    say how many instances each value rests on.  Instances of different ranks can be combined with :meth:`merge`.
     """
 
     def __init__(self) -> None:
@@ -106,15 +144,18 @@ class InstanceIoU:
             obj._acc[(int(c), str(b))] = [float(s), int(n)]
         return obj
 
-    def _mean(self, bin_name: str) -> tuple[float, int]:
+    def _mean(self, bin_name: str) -> tuple[float | None, int]:
         per_class = [s / n for (c, b), (s, n) in self._acc.items() if b == bin_name and n > 0]
         count = sum(n for (c, b), (s, n) in self._acc.items() if b == bin_name)
-        return (float(np.mean(per_class)) if per_class else 0.0), int(count)
+        return (float(np.mean(per_class)) if per_class else None), int(count)
 
-    def compute(self) -> dict[str, float]:
-        """``{"mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "num_instances", "num_small", ...}``."""
+    def compute(self) -> dict[str, float | int | None]:
+        """``{"mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "num_instances", "num_small", ...}``.
+
+        An mIoU whose count is 0 is None.
+        """
         miou, n = self._mean("all")
-        out: dict[str, float] = {"mIoU": miou}
+        out: dict[str, float | int | None] = {"mIoU": miou}
         counts = {"num_instances": n}
         for name, _, _ in SIZE_BINS:
             value, count = self._mean(name)
@@ -195,7 +236,8 @@ def coco_eval_stats(
     ``gt_json`` is a COCO instances dict or a path to one; ``results`` are COCO result records
     (``image_id``, ``category_id``, ``score`` and ``segmentation`` — compressed RLE with str or bytes counts,
     polygons or uncompressed RLE — or ``bbox`` xywh).  Empty ``results`` are evaluated as "no detections"
-    (0 where the GT has objects, -1 where a size range has none).  ``field`` names ``gt_json`` in errors.
+    (0 where the GT has objects, -1 where a size range has none).  The array is pycocotools' own, -1 included;
+    :func:`coco_mask_ap` turns -1 into None.  ``field`` names ``gt_json`` in errors.
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -227,10 +269,12 @@ def coco_mask_ap(
 ) -> dict[str, float]:
     """COCO AP through pycocotools: ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` as fractions in [0, 1].
 
-    -1.0 is kept where pycocotools reports it (no GT in that size range).  See :func:`coco_eval_stats`.
+    None where pycocotools reports -1 (no ground truth in that area range: undefined, not 0).  See
+    :func:`coco_eval_stats`.
     """
     stats = coco_eval_stats(gt_json, results, iou_type, field=field)
-    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), stats[:6], strict=False))
+    return {k: (None if v < 0 else v) for k, v in zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), stats[:6],
+                                                      strict=False)}
 
 
 # --------------------------------------------------------------------------------------- semantic mIoU
@@ -407,8 +451,8 @@ class PanopticQuality:
     def compute(self) -> dict[str, Any]:
         """``{"PQ","SQ","RQ","PQ_th","SQ_th","RQ_th","PQ_st","SQ_st","RQ_st","N","N_th","N_st","per_class"}``.
 
-        Values are fractions in [0, 1]; averages run over categories with TP+FP+FN > 0 (panopticapi), 0.0 when
-        none.  ``per_class`` lists ``{"id","name","isthing","PQ","SQ","RQ","TP","FP","FN"}`` for those categories.
+        Values are fractions in [0, 1]; averages run over categories with TP+FP+FN > 0 (panopticapi); a group
+        with no such category (``N_st == 0`` when the data has no stuff classes) has None.  ``per_class`` lists ``{"id","name","isthing","PQ","SQ","RQ","TP","FP","FN"}`` for those categories.
         """
         per_class = []
         groups: dict[str, list[tuple[float, float, float]]] = {"": [], "_th": [], "_st": []}
@@ -429,9 +473,9 @@ class PanopticQuality:
         out: dict[str, Any] = {}
         for suffix, vals in groups.items():
             arr = np.asarray(vals, dtype=np.float64).reshape(-1, 3)
-            means = arr.mean(0) if len(arr) else np.zeros(3)
+            means = arr.mean(0).tolist() if len(arr) else [None, None, None]
             for name, v in zip(("PQ", "SQ", "RQ"), means, strict=False):
-                out[f"{name}{suffix}"] = float(v)
+                out[f"{name}{suffix}"] = v
             out[f"N{suffix}"] = len(vals)
         out["per_class"] = per_class
         return out

@@ -32,11 +32,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from PIL import Image, ImageOps
+
 from networks.common.errors import DataError
 
-__all__ = ["ARCHIVE_SUFFIXES", "cache_root", "is_archive", "resolve_dir", "resolve_member", "archive_key"]
+__all__ = ["ARCHIVE_SUFFIXES", "IMAGE_EXTENSIONS", "cache_root", "is_archive", "resolve_dir", "resolve_member",
+           "archive_key", "list_images", "read_rgb"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+#: File suffixes (lower case) that count as images when a folder is listed.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 COMPLETE_MARKER = ".complete"
 _CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -232,3 +237,32 @@ def _extract(archive: Path, target: Path) -> None:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files under ``folder``: recursive, sorted, by :data:`IMAGE_EXTENSIONS` (case-insensitive), hidden
+    files (``.name``) skipped."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def read_rgb(path: str | os.PathLike, *, where: str | None = None, hint: str | None = None,
+             exif_transpose: bool = False) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image (decoded now, file closed).
+
+    ``exif_transpose`` applies the EXIF orientation.  A missing or unreadable file is a :class:`DataError`
+    whose subject is ``where`` (a record's ``file:line``) when given, else the path; ``hint`` goes with the
+    missing-file error.
+    """
+    path = Path(path)
+    if where is None:
+        where, missing, unreadable = str(path), "image file does not exist", "cannot be read as an image"
+    else:
+        missing, unreadable = f"image '{path}' does not exist", f"image '{path}' cannot be read"
+    if not path.is_file():
+        raise DataError(where, missing, hint)
+    try:
+        with Image.open(path) as im:
+            return (ImageOps.exif_transpose(im) if exif_transpose else im).convert("RGB")
+    except OSError as exc:
+        raise DataError(where, f"{unreadable}: {exc}") from exc

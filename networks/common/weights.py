@@ -18,7 +18,7 @@ from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 
-__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict"]
+__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict", "strip_prefix", "freeze_modules", "read_weights_file"]
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,34 @@ class LoadReport:
 
 
 def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
-    """Return the tensor mapping inside a checkpoint object.
+    """Return the tensor mapping inside a checkpoint object (entries in file order).
 
-    Accepts a bare state dict or one wrapped under ``"model"`` or ``"state_dict"`` (official Swin releases,
-    Lightning/TAO checkpoints).  Raises :class:`CheckpointError` when no tensor mapping is found.
+    Accepts a dict wrapped under ``"state_dict"`` (Lightning/TAO checkpoints) or ``"model"`` (official Swin, MAE
+    and DeiT releases), looked up in that order and used when it holds a tensor, else a bare state dict (its
+    tensors).  Raises :class:`CheckpointError` when no tensor mapping is found.
     """
     if not isinstance(obj, Mapping):
         raise CheckpointError("checkpoint", f"expected a dict of tensors, got {type(obj).__name__}",
                               "pass a PyTorch state dict or a file saved with torch.save({'model': ...})")
-    for key in ("model", "state_dict"):
+    for key in ("state_dict", "model"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and any(torch.is_tensor(v) for v in inner.values()):
             return dict(inner)
     if any(torch.is_tensor(v) for v in obj.values()):
         return {k: v for k, v in obj.items() if torch.is_tensor(v)}
-    raise CheckpointError("checkpoint", "contains no tensors under 'model', 'state_dict' or at the top level",
+    raise CheckpointError("checkpoint", "contains no tensors under 'state_dict', 'model' or at the top level",
                           "check that the file is a PyTorch weights file")
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The entries under ``prefix`` with the prefix removed when any key has it, else a copy of ``state_dict``.
+
+    A tao-cli/TAO Lightning checkpoint holds the network as the module attribute ``model``; its other entries
+    (e.g. ``criterion.*``) are dropped with the prefix.
+    """
+    if not any(k.startswith(prefix) for k in state_dict):
+        return dict(state_dict)
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

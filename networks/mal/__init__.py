@@ -9,7 +9,7 @@ from typing import Any
 
 from networks.mal.config import ExperimentConfig, check
 
-__all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "input_paths",
+__all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
            "build_datamodule", "build_module"]
 
 NAME = "mal"
@@ -20,6 +20,11 @@ ACTIONS = {
     "evaluate": "Measure mask mIoU of a checkpoint against the validation set's ground-truth masks.",
     "inference": "Write pseudo-mask COCO JSON (and overlay PNGs) for every box of inference.ann_path.",
 }
+
+
+def main_kpi(cfg: Any) -> tuple[str, str]:
+    """The validation metric that picks ``mal_model_best.pth``: class-averaged mask ``mIoU``, higher is better."""
+    return "mIoU", "max"
 
 
 def input_paths(cfg: Any, action: str) -> dict[str, str]:

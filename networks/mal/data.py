@@ -35,7 +35,7 @@ from torchvision.transforms import functional as TF
 
 from networks.common.coco_io import ann_to_mask, load_coco
 from networks.common.errors import DataError
-from networks.common.sources import resolve_dir
+from networks.common.sources import read_rgb, resolve_dir
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -203,11 +203,7 @@ def _check_images(records: Sequence[BoxRecord], root: Path, ann_path: str) -> No
 
 def _load_image(root: Path, rec: BoxRecord) -> Image.Image:
     path = root / rec.file_name
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except OSError as exc:
-        raise DataError(str(path), f"cannot be read as an image: {exc}") from exc
+    img = read_rgb(path)
     if img.size != (rec.width, rec.height):
         raise DataError(str(path), f"is {img.size[0]}x{img.size[1]} but its COCO entry says "
                         f"{rec.width}x{rec.height}", "fix width/height in the annotation file")

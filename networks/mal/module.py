@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from networks.common.coco_io import mask_to_rle
 from networks.common.distributed import gather_lists
-from networks.common.metrics import InstanceIoU, coco_mask_ap, mask_iou
-from networks.mal.losses import MeanField, mal_losses
+from networks.common.metrics import InstanceIoU, as_metrics, coco_mask_ap, defined_metrics, mask_iou
+from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import MALNetwork, area_bin, build_mal_networks, ema_update
 
 __all__ = ["MALModule", "warmup_cosine_lr"]
@@ -72,8 +72,10 @@ class MALModule(pl.LightningModule):
     mask, ``bbox`` [B,4] original-image xyxy.  Eval/predict batch: ``image``, ``boxmask``, ``bbox``,
     ``ext_box`` [B,4] int crop window (original pixels, exclusive end), ``image_hw`` [B,2] (H, W), ids and
     ``gt_mask`` (list of uint8 H×W or None).  ``lr`` is the already scaled LR (base × devices × batch).
-    After each validation/test epoch ``kpi`` holds ``mIoU``, ``mIoU_small/medium/large`` and COCO mask
-    ``AP, AP50, AP75, APs, APm, APl`` (fractions); ``outputs`` holds the pseudo-label summary after predict.
+    After each validation/test epoch ``kpi`` holds ``mIoU``, ``mIoU_small/medium/large`` with their instance
+    counts ``num_instances``/``num_small/medium/large`` and COCO mask ``AP, AP50, AP75, APs, APm, APl``
+    (fractions; None where a bin or area range is empty); ``outputs`` holds the pseudo-label summary after
+    predict (``mean_instance_iou``: plain mean over instances, when the input has masks).
     """
 
     #: the teacher and timm's unused classifier never receive gradients (read by the engine for DDP)
@@ -143,9 +145,9 @@ class MALModule(pl.LightningModule):
             per_device = math.ceil(int(num_train_batches_per_epoch) / devices)
             steps = max(1, math.ceil(per_device / max(1, int(tr.accum_grad_batches))))
         label_dump = None
-        num_overlays = 0
+        num_overlays = int(ev.get("num_overlays", 0) or 0) if action == "evaluate" else 0
         if action == "inference":
-            from networks.mal.inference import resolve_label_dump_path
+            from networks.mal.postprocess import resolve_label_dump_path
 
             label_dump = resolve_label_dump_path(cfg.inference.label_dump_path, ctx.run_dir)
             num_overlays = int(cfg.inference.get("num_overlays", 0) or 0)
@@ -161,7 +163,7 @@ class MALModule(pl.LightningModule):
             use_teacher_test=bool(ev.use_teacher_test), use_flip_test=bool(ev.use_flip_test),
             label_dump_path=label_dump, num_overlays=num_overlays,
         )
-        if action == "inference" and getattr(ctx, "run_dir", None) is not None:
+        if action in ("inference", "evaluate") and getattr(ctx, "run_dir", None) is not None:
             module.overlay_dir = Path(ctx.run_dir) / "overlays"
         return module
 
@@ -217,12 +219,13 @@ class MALModule(pl.LightningModule):
                             epoch=int(self.current_epoch), step_in_epoch=step, **self.loss_kw)
         loss = losses["loss_mil"] + losses["loss_crf"]
         b = image.shape[0]
-        self.log("train/loss_mil", losses["loss_mil"], on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
-        self.log("train/loss_crf", losses["loss_crf"], on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=b)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+        # Naming shared by every network: train/<term> per step, train/loss_epoch (epoch mean), train/lr.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        for key, value in losses.items():
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
         if self._trainer is not None and self.trainer.optimizers:
-            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False,
                      batch_size=b)
         return loss
 
@@ -258,7 +261,7 @@ class MALModule(pl.LightningModule):
 
     def _instances(self, batch: dict, probs: torch.Tensor) -> list[dict]:
         """Full-image probability and binary mask per instance, plus ids, box area and IoU when GT exists."""
-        from networks.mal.inference import paste_back
+        from networks.mal.postprocess import paste_back
 
         full = paste_back(probs, batch["ext_box"], batch["image_hw"])
         bins = area_bin(batch["bbox"].float()).tolist()
@@ -312,8 +315,9 @@ class MALModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._records = []
 
-    def compute_kpi(self, records: Sequence[dict]) -> dict[str, float]:
-        """mIoU (TAO: class-averaged per-instance IoU, size bins by box area) and COCO mask AP from records."""
+    def compute_kpi(self, records: Sequence[dict]) -> dict[str, float | int | None]:
+        """mIoU (TAO: class-averaged per-instance IoU, size bins by box area) with the instance count of each bin,
+        and COCO mask AP from records; a bin without instances is None (``mIoU_small: None, num_small: 0``)."""
         uniq: dict[int, dict] = {}
         for r in records:
             uniq.setdefault(int(r["ann_id"]), r)  # DistributedSampler pads with duplicates
@@ -323,7 +327,7 @@ class MALModule(pl.LightningModule):
         for r in uniq.values():
             acc.update(r["iou"], r["compact_category_id"], r["box_area"])
         stats = acc.compute()
-        kpi = {k: float(stats[k]) for k in ("mIoU", "mIoU_small", "mIoU_medium", "mIoU_large")}
+        kpi = dict(stats)  # mIoU, mIoU_<bin>, num_instances, num_<bin>
         images, cats, anns, results = {}, {}, [], []
         for r in uniq.values():
             h, w = r["hw"]
@@ -334,12 +338,14 @@ class MALModule(pl.LightningModule):
             results.append({"image_id": r["image_id"], "category_id": r["category_id"],
                             "segmentation": r["pred"], "score": r["score"]})
         gt = {"images": list(images.values()), "categories": list(cats.values()), "annotations": anns}
-        kpi.update({k: float(v) for k, v in coco_mask_ap(gt, results, "segm").items()})
-        return kpi
+        kpi.update(coco_mask_ap(gt, results, "segm"))
+        return as_metrics(kpi)
 
     def _epoch_end(self, prefix: str) -> None:
         records = gather_lists(self._records)
         self._records = []
+        if prefix == "test":
+            self._gathered = records  # read by on_test_epoch_end for the overlay pictures
         kpi = self.compute_kpi(records)
         if not kpi:
             _log.warning("MAL %s: no instance with a ground-truth mask; no metrics (set dataset.load_mask=true "
@@ -347,7 +353,7 @@ class MALModule(pl.LightningModule):
             self.kpi = {}
             return
         self.kpi = kpi
-        for key, value in kpi.items():
+        for key, value in defined_metrics(kpi).items():  # an undefined (None) metric is not logged
             self.log(f"{prefix}/{key}", value, on_epoch=True, rank_zero_only=True)
 
     def on_validation_epoch_end(self) -> None:
@@ -355,6 +361,29 @@ class MALModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
+        records, self._gathered = getattr(self, "_gathered", []), []
+        self._write_eval_overlays(records)
+
+    def _write_eval_overlays(self, records: Sequence[dict]) -> list[Path]:
+        """Rank 0: ``overlay_dir/<image>.png`` (ground truth | prediction masks per box) for the first
+        ``num_overlays`` evaluated images that have ground-truth masks."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        ds = getattr(dm, "val_dataset", None)
+        if self.num_overlays <= 0 or self.overlay_dir is None or self.global_rank != 0 or not records or ds is None:
+            return []
+        from networks.common.visualize import SideBySideWriter
+        from networks.mal.visualize import eval_pairs
+
+        coco = dm.coco.get("val", {})
+        names = {c["id"]: str(c.get("name", c["id"])) for c in coco.get("categories", [])}
+        writer = SideBySideWriter(self.overlay_dir, self.num_overlays)
+        for image_id, file_name, left, right in eval_pairs(records, coco.get("images", []), ds.img_root,
+                                                           self.num_overlays, names):
+            writer.add(image_id, file_name, left, right)
+        written = writer.finish(gather=False)
+        if written:
+            _log.info("Wrote %d ground truth | prediction pictures to %s", len(written), self.overlay_dir)
+        return written
 
     # ------------------------------------------------------------------------------------------ prediction
     def on_predict_epoch_start(self) -> None:
@@ -362,8 +391,8 @@ class MALModule(pl.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """Pseudo-labels from the student without TTA (as TAO): compact per-annotation records
-        ``{ann_id, image_id, segmentation (RLE, full image), area, score, [iou]}`` (see ``inference.py``)."""
-        from networks.mal.inference import encode_prediction
+        ``{ann_id, image_id, segmentation (RLE, full image), area, score, [iou]}`` (see ``postprocess.py``)."""
+        from networks.mal.postprocess import encode_prediction
 
         probs = self.crop_probs(batch, student_only=True, flip=False)
         out = []
@@ -387,13 +416,13 @@ class MALModule(pl.LightningModule):
             _log.warning("MAL inference: no input COCO json on the datamodule; %d predictions not written",
                          len(preds))
             return
-        from networks.mal.inference import write_pseudo_labels
+        from networks.mal.postprocess import write_pseudo_labels
 
         summary = write_pseudo_labels(coco, preds, self.label_dump_path, mask_thres=self.mask_thres)
         if self.num_overlays > 0 and getattr(dm, "predict_dataset", None) is not None:
             import json
 
-            from networks.mal.inference import write_overlays
+            from networks.mal.postprocess import write_overlays
 
             with open(self.label_dump_path, encoding="utf-8") as fh:
                 written = json.load(fh)
@@ -402,5 +431,6 @@ class MALModule(pl.LightningModule):
             summary["overlays"] = [str(p) for p in paths]
         ious = [p["iou"] for p in preds if p.get("iou") is not None]
         if ious:
-            summary["mean_iou"] = float(np.mean(ious))
+            # Plain mean over instances: not evaluate's class-averaged mIoU, hence another name.
+            summary["mean_instance_iou"] = float(np.mean(ious))
         self.outputs = summary

@@ -17,6 +17,7 @@ __all__ = [
     "ACTIONS",
     "ExperimentConfig",
     "check",
+    "main_kpi",
     "input_paths",
     "build_module",
     "build_datamodule",
@@ -41,6 +42,12 @@ _SPLIT_FIELDS = {
     "coco": ("instance_json", "img_dir"),
     "coco_panoptic": ("panoptic_json", "img_dir", "panoptic_dir"),
 }
+
+
+def main_kpi(cfg: Any) -> tuple[str, str]:
+    """The validation metric that picks ``mask2former_model_best.pth``, by ``model.mode``: ``PQ`` (panoptic),
+    ``mIoU`` (semantic) or COCO mask ``AP`` (instance); higher is better."""
+    return {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}[str(cfg.model.mode)], "max"
 
 
 def input_paths(cfg: Any, action: str) -> dict[str, str]:

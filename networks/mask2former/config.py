@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from networks.backbones.swin_presets import SWIN_PRESETS
 from networks.common.config import (
-    MISSING,
     EvaluateConfig,
     GenTrtEngineConfig,
     InferenceConfig,
+    OnnxExportConfig,
     QuantizeConfig,
     TrainConfig,
     param,
@@ -23,7 +24,6 @@ from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
 
 __all__ = [
-    "SWIN_VARIANTS",
     "SwinConfig",
     "EfficientViTConfig",
     "BackboneConfig",
@@ -42,22 +42,13 @@ __all__ = [
     "swin_dims",
 ]
 
-# (embed_dim, depths, num_heads) per Swin variant; TAO's `swin.type` overrides the three explicit fields.
-SWIN_VARIANTS: dict[str, tuple[int, list[int], list[int]]] = {
-    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24]),
-    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
-    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
-    "large": (192, [2, 2, 18, 2], [6, 12, 24, 48]),
-}
-
-
 @dataclass
 class SwinConfig:
     """Swin Transformer backbone (``model.backbone.swin``)."""
 
     type: str = param("tiny", description="Swin variant; tiny/small/base/large override embed_dim, depths and "
                       "num_heads. 'custom' (tao-cli) uses those three fields as given.",
-                      valid_options=["tiny", "small", "base", "large", "custom"], popular=True)
+                      valid_options=[*SWIN_PRESETS, "custom"], popular=True)
     embed_dim: int = param(96, description="Patch embedding width (used only when type is 'custom').", valid_min=1)
     depths: list[int] = param([2, 2, 6, 2], description="Blocks per stage (used only when type is 'custom').")
     num_heads: list[int] = param([3, 6, 12, 24], description="Heads per stage (used only when type is 'custom').")
@@ -264,20 +255,11 @@ class Mask2FormerTrainConfig(TrainConfig):
 
 
 @dataclass
-class Mask2FormerExportConfig:
+class Mask2FormerExportConfig(OnnxExportConfig):
     """``export`` (TAO ``Mask2FormerExportExpConfig``: the common export fields without ``format``)."""
 
-    results_dir: str | None = param(None, description="Results directory; default <results_dir>/export.")
-    gpu_id: int = param(0, description="GPU used for export.", valid_min=0)
-    checkpoint: str = param(MISSING, description="Checkpoint to export.", required=True)
-    onnx_file: str = param(MISSING, description="Path of the ONNX file to write.", required=True)
-    on_cpu: bool = param(False, description="Export on the CPU.")
     input_channel: int = param(3, description="Input channels.", valid_min=3, valid_max=3)
-    input_width: int = param(960, description="Input width in pixels.", valid_min=32)
-    input_height: int = param(544, description="Input height in pixels.", valid_min=32)
     opset_version: int = param(17, description="ONNX opset version (>= 17).", valid_min=1)
-    batch_size: int = param(-1, description="Batch size; -1 makes the batch axis dynamic.", valid_min=-1)
-    verbose: bool = param(False, description="Verbose export log.")
 
 
 @dataclass
@@ -299,7 +281,7 @@ def swin_dims(swin: Any) -> tuple[int, list[int], list[int]]:
     """(embed_dim, depths, num_heads) of ``model.backbone.swin``: the variant table, or the fields for 'custom'."""
     if swin.type == "custom":
         return int(swin.embed_dim), [int(d) for d in swin.depths], [int(h) for h in swin.num_heads]
-    embed, depths, heads = SWIN_VARIANTS[swin.type]
+    embed, depths, heads = SWIN_PRESETS[swin.type]
     return embed, list(depths), list(heads)
 
 

@@ -35,6 +35,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from networks.common.errors import CheckpointError, ConfigError, DataError, TaoUserError
+from networks.common.io import read_json
+from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 
 __all__ = [
     "Category",
@@ -51,7 +53,6 @@ __all__ = [
 ]
 
 SIZE_DIVISIBILITY = 32
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------------------ label map
@@ -143,12 +144,7 @@ def load_label_map(path: str | os.PathLike, num_classes: int, contiguous_id: boo
     from networks.common.visualize import palette
 
     p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise DataError(field, f"'{path}' does not exist", "point it at a JSON list of categories")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}") from exc
+    data = read_json(path, field=field, hint="point it at a JSON list of categories")
     if isinstance(data, dict) and isinstance(data.get("categories"), list):
         data = data["categories"]
     if not isinstance(data, list) or not data:
@@ -388,13 +384,7 @@ def color_aug_ssd(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ datasets
 def _read_rgb(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(str(path), "image file does not exist", "check img_dir / root_dir and the file names")
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")).copy()
-    except OSError as exc:
-        raise DataError(str(path), f"cannot be read as an image: {exc}") from exc
+    return np.array(read_rgb(path, hint="check img_dir / root_dir and the file names"))
 
 
 def _map_ids(ids: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
@@ -590,12 +580,6 @@ class Mask2FormerDataset(Dataset):
             "orig_size": (int(orig_size[0]), int(orig_size[1])),
             "gt": gt,
         }
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted, by extension, case-insensitive)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
 
 
 class PredictDataset(Dataset):

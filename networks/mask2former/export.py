@@ -131,13 +131,11 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "e
     ``loader(path) -> dict`` is the engine's safe loader (decryption, network tag check); without it the file
     is read with ``torch.load(weights_only=True)`` (no arbitrary pickles).  Returns the load report.
     """
-    from networks.common.weights import apply_state_dict, read_weights_file, unwrap_state_dict
+    from networks.common.weights import apply_state_dict, read_weights_file, strip_prefix, unwrap_state_dict
 
     path = Path(checkpoint)
     obj = read_weights_file(path, field=field, loader=loader)
-    state = unwrap_state_dict(obj)
-    if any(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    state = strip_prefix(unwrap_state_dict(obj))
     report = apply_state_dict(model, state, benign_patterns=("criterion.*",), source=str(path))
     if report.missing:
         raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. "

@@ -1,7 +1,7 @@
 """Mask2Former LightningModule: training losses, optimiser/schedule, evaluation metrics and inference outputs.
 
 * Training: ``criterion`` terms weighted here (the one place; ``class_weight``, ``mask_weight``,
-  ``dice_weight`` for the final and every aux prediction); every term is logged, plus ``train_loss``.
+  ``dice_weight`` for the final and every aux prediction); every term is logged (``train/<term>``), plus ``train/loss``.
 * Optimiser (TAO / original ``train_net.py``): AdamW (or SGD), backbone lr × ``backbone_multiplier``, weight
   decay 0 for norm layers, embeddings, ``relative_position_bias_table`` and ``absolute_pos_embed``.
   Schedules: ``MultiStep`` (milestones in epochs) or ``WarmupPoly`` (per step, ``(1 - it/max_it)^0.9``, no
@@ -141,7 +141,7 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
     size differs (another ``num_classes``); any other shape mismatch raises :class:`CheckpointError`.
     Returns the :class:`~networks.common.weights.LoadReport`.
     """
-    from networks.common.weights import apply_state_dict, unwrap_state_dict
+    from networks.common.weights import apply_state_dict, strip_prefix, unwrap_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -152,9 +152,7 @@ def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
         raise CheckpointError("train.pretrained_model_path", "a TensorRT engine cannot be used as weights")
     else:
         obj = read_weights_file(path, field="train.pretrained_model_path")
-        state = unwrap_state_dict(obj)
-        if any(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = strip_prefix(unwrap_state_dict(obj))
     report = apply_state_dict(model, state, benign_patterns=("criterion.*", "pixel_mean", "pixel_std",
                                                              "*.attn_mask", "*relative_position_index"),
                               source=str(path), raise_on_mismatch=False, log_summary=False)
@@ -243,7 +241,8 @@ class Mask2FormerModule(pl.LightningModule):
         return weighted_sum(losses, self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Weighted loss of one batch; logs ``train_loss`` and every term (``train_loss_ce``, ...)."""
+        """Weighted loss of one batch; logs ``train/loss`` and every term (``train/loss_ce``, ``train/loss_ce_0``, ...)
+        per step, ``train/loss_epoch`` (epoch mean), ``train/lr`` (head) and ``train/lr_backbone``."""
         outputs = self.model(batch["images"])
         losses = self.criterion(outputs, batch["targets"])
         for k, v in losses.items():
@@ -252,13 +251,16 @@ class Mask2FormerModule(pl.LightningModule):
                                          "lower train.optim.lr, use fp32/bf16, or check the data")
         total = self._weighted(losses)
         bs = len(batch["targets"])
-        self.log("train_loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        self.log("train/loss_epoch", total, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
         for k, v in losses.items():
-            self.log(f"train_{k}", v.detach(), on_step="_" not in k[5:], on_epoch=True, batch_size=bs)
+            # Only the final layer's terms go to the progress bar; aux terms (loss_ce_0, ...) to the loggers.
+            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k.count("_") == 1,
+                     batch_size=bs)
         opt = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
         if opt is not None:
-            self.log("lr", opt.param_groups[-1]["lr"], on_step=True, on_epoch=False, batch_size=bs)
-            self.log("lr_backbone", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=bs)
+            self.log("train/lr", opt.param_groups[-1]["lr"], on_step=True, on_epoch=False, batch_size=bs)
+            self.log("train/lr_backbone", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=bs)
         return total
 
     def configure_optimizers(self):
@@ -294,15 +296,36 @@ class Mask2FormerModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._eval_records = {}
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+        self._overlays = self._overlay_writer()
+
+    def _overlay_writer(self):
+        """Writer of ``<run_dir>/overlays/<image>.png`` (ground truth | prediction) for the first
+        ``evaluate.num_overlays`` images; disabled without a run directory."""
+        from networks.common.visualize import SideBySideWriter
+
+        run_dir = getattr(self.ctx, "run_dir", None)
+        num = int(self.cfg.evaluate.get("num_overlays", 0) or 0) if "evaluate" in self.cfg else 0
+        return SideBySideWriter(Path(run_dir) / "overlays" if run_dir is not None else None, num)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Loss (``val_loss``) and per-image results at the original resolution for the metrics."""
-        self._eval_step(batch, "val_loss")
+        """Loss (``val/loss``) and per-image results at the original resolution for the metrics."""
+        self._eval_step(batch, "val/loss")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """As :meth:`validation_step` (``evaluate`` runs on ``dataset.val``)."""
-        self._eval_step(batch, "val_loss")
+        outputs = self._eval_step(batch, "test/loss")
+        overlays = getattr(self, "_overlays", None)
+        if overlays is not None and overlays.wanted and outputs is not None:
+            from networks.mask2former.visualize import eval_pair
+
+            ds = self.cfg.dataset
+            for i, gt in enumerate(batch["gts"]):
+                if gt is not None and overlays.wanted:
+                    left, right = eval_pair(batch, i, outputs, self.cfg.model, self.label_map, ds.pixel_mean,
+                                            ds.pixel_std, self.num_classes)
+                    overlays.add(batch["image_ids"][i], batch["file_names"][i], left, right)
 
     def _thing_classes(self, device) -> torch.Tensor | None:
         if self.label_map is None:
@@ -312,14 +335,15 @@ class Mask2FormerModule(pl.LightningModule):
     def _category_id(self, class_index: int) -> int:
         return self.label_map.category_id(class_index) if self.label_map is not None else int(class_index)
 
-    def _eval_step(self, batch: dict, loss_name: str) -> None:
+    def _eval_step(self, batch: dict, loss_name: str) -> dict | None:
+        """Loss and metric records of one batch; returns the model outputs (None during the sanity check)."""
         outputs = self.model(batch["images"])
         losses = self.criterion(outputs, batch["targets"])
         if self._trainer is not None:
             self.log(loss_name, self._weighted(losses), on_step=False, on_epoch=True, sync_dist=True,
                      batch_size=len(batch["targets"]))
             if self.trainer.sanity_checking:
-                return
+                return None
         from networks.common.coco_io import mask_to_rle
 
         mode = self.cfg.model.mode
@@ -355,6 +379,7 @@ class Mask2FormerModule(pl.LightningModule):
                 rec["image"] = {"id": image_id, "height": gt["height"], "width": gt["width"],
                                 "file_name": batch["file_names"][i]}
             self._eval_records[batch["image_ids"][i]] = rec
+        return outputs
 
     def _panoptic(self, cls: torch.Tensor, small_masks: torch.Tensor, padded: tuple[int, int], batch: dict,
                   i: int, thing: torch.Tensor | None):
@@ -385,9 +410,21 @@ class Mask2FormerModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._finish_eval()
+        overlays = getattr(self, "_overlays", None)
+        if overlays is not None:
+            written = overlays.finish()
+            if written:
+                log.info("Wrote %d ground truth | prediction pictures to %s", len(written), written[0].parent)
 
     def _finish_eval(self) -> None:
-        from networks.common.metrics import PanopticQuality, coco_mask_ap, miou_from_confusion
+        from networks.common.metrics import (
+            PanopticQuality,
+            as_metrics,
+            coco_mask_ap,
+            defined_metrics,
+            format_metrics,
+            miou_from_confusion,
+        )
 
         merged: dict[Any, dict] = {}
         for part in gather_objects(self._eval_records):
@@ -408,8 +445,8 @@ class Mask2FormerModule(pl.LightningModule):
                     for k in st:
                         pq.stats[cid][k] += st[k]
             res = pq.compute()
-            kpi.update({k: float(res[k]) for k in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th",
-                                                   "PQ_st", "SQ_st", "RQ_st")})
+            kpi.update({k: res[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th",
+                                            "PQ_st", "SQ_st", "RQ_st")})  # None for an empty thing/stuff group
         elif mode == "instance" and merged:
             images, gts, dets = [], [], []
             for rec in merged.values():
@@ -423,11 +460,11 @@ class Mask2FormerModule(pl.LightningModule):
             else:
                 log.warning("No instance ground truth in the evaluation set; mask AP not computed.")
         if self._trainer is not None:
-            for k, v in kpi.items():
-                self.log(k, float(v), rank_zero_only=True)
-        self.kpi = {k: float(v) for k, v in kpi.items()}
-        log.info("Evaluation on %d images: %s", len(merged),
-                 ", ".join(f"{k}={v:.4f}" for k, v in self.kpi.items()))
+            prefix = "test" if self.trainer.testing else "val"
+            for k, v in defined_metrics(kpi).items():  # an undefined (None) metric is not logged
+                self.log(f"{prefix}/{k}", float(v), rank_zero_only=True)
+        self.kpi = as_metrics(kpi)
+        log.info("Evaluation on %d images: %s", len(merged), format_metrics(self.kpi))
 
     # -- inference -----------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:

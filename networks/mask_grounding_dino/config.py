@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from networks.backbones.swin_presets import SWIN_BACKBONES
 from networks.common.config import (
     EvaluateConfig,
     ExportConfig,
@@ -51,10 +52,10 @@ __all__ = [
     "check",
 ]
 
-BACKBONES = ["swin_tiny_224_1k", "swin_base_224_22k", "swin_base_384_22k", "swin_large_224_22k",
-             "swin_large_384_22k", "resnet_50", "swin_custom"]
+#: ``model.backbone`` options: TAO's list (its Swin presets, then resnet_50) plus tao-cli's swin_custom.
+BACKBONES = [*SWIN_BACKBONES, "resnet_50", "swin_custom"]
 #: The preset Swin backbones tao-cli builds (TAO also lists resnet_50, which it never finished either).
-SWIN_BACKBONE_NAMES = [b for b in BACKBONES if b.startswith("swin_") and b != "swin_custom"]
+SWIN_BACKBONE_NAMES = list(SWIN_BACKBONES)
 #: TAO actions that belong to tao-deploy: listed so TAO users find them, refused before anything runs.
 DEPLOY_ACTIONS = ("gen_trt_engine", "quantize")
 

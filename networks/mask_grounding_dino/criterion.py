@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
 from networks.ops.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from networks.ops.detection_costs import grounding_dino_cost_terms, target_token_map
@@ -74,15 +75,8 @@ def loss_weights(model_cfg: Any, num_aux: int) -> dict[str, float]:
 def token_sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
                              alpha: float, gamma: float) -> torch.Tensor:
     """Sum of sigmoid focal loss over the ``valid`` entries; logits/target [B, Q, T], valid bool [B, Q, T]."""
-    x = logits[valid].float()
-    t = target[valid].float()
-    p = x.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * t + (1 - alpha) * (1 - t)) * loss
-    return loss.sum()
+    return tv_sigmoid_focal_loss(logits[valid].float(), target[valid].float(), alpha=alpha, gamma=gamma,
+                                 reduction="sum")
 
 
 def num_boxes_of(targets: Sequence[Mapping[str, Any]], device) -> torch.Tensor:

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 try:
@@ -50,12 +50,13 @@ except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
 from networks.common.errors import ConfigError, DataError
+from networks.common.io import read_json
+from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "SIZE_DIVISIBILITY",
-    "load_label_map",
+    "load_odvg_label_map",
     "OdvgRecord",
     "read_odvg",
     "Transform",
@@ -69,22 +70,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SIZE_DIVISIBILITY = 32
 
 
 # ------------------------------------------------------------------------------------------- reading
-def load_label_map(path: str | os.PathLike, field: str) -> dict[str, str]:
-    """ODVG label map ``{"0": "person", ...}`` → ``{label key: name}``; DataError on a missing/bad file."""
-    p = Path(os.path.expanduser(str(path)))
-    if not p.is_file():
-        raise DataError(field, f"'{path}' does not exist", "point label_map at the ODVG label-map JSON")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{p}:{exc.lineno}", f"invalid JSON: {exc.msg}", "fix the label map") from exc
+def load_odvg_label_map(path: str | os.PathLike, field: str) -> dict[str, str]:
+    """ODVG label map ``{"0": "person", ...}`` → ``{label key: name}``; DataError on a missing/bad file.
+
+    (Mask2Former's ``load_label_map`` reads another format: a list of ``{id, name, color, isthing}``.)
+    """
+    data = read_json(path, field=field, hint="point label_map at the ODVG label-map JSON",
+                     invalid_hint="fix the label map")
     if not isinstance(data, dict) or not data:
-        raise DataError(str(p), "must be a non-empty JSON object {\"0\": \"name\", ...}")
+        raise DataError(str(Path(os.path.expanduser(str(path)))),
+                        "must be a non-empty JSON object {\"0\": \"name\", ...}")
     return {str(k): str(v) for k, v in data.items()}
 
 
@@ -189,13 +188,7 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
 
 
 def _read_rgb(path: Path, where: str) -> Image.Image:
-    if not path.is_file():
-        raise DataError(where, f"image '{path}' does not exist", "check image_dir and the record's file_name")
-    try:
-        with Image.open(path) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as exc:
-        raise DataError(where, f"image '{path}' cannot be read: {exc}") from exc
+    return read_rgb(path, where=where, hint="check image_dir and the record's file_name", exif_transpose=True)
 
 
 def _decode_masks(encodings: Sequence[Any], h: int, w: int, where: str) -> np.ndarray:
@@ -361,7 +354,7 @@ class OdvgDataset(Dataset):
         key = f"dataset.train_data_sources[{index}]"
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
         lm_path = source.get("label_map")
-        self.label_map = load_label_map(lm_path, f"{key}.label_map") if lm_path else None
+        self.label_map = load_odvg_label_map(lm_path, f"{key}.label_map") if lm_path else None
         self.records = read_odvg(source.get("json_file"), self.label_map, f"{key}.json_file")
         if not self.records:
             raise DataError(f"{key}.json_file", f"'{source.get('json_file')}' holds no usable records")
@@ -493,11 +486,6 @@ class CocoDataset(Dataset):
                            "size": (int(h), int(w)), "orig_size": (int(H), int(W)), "image_id": info["id"]}}
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
-
-
 def _clean_captions(captions: Any, where: str) -> list[str]:
     if isinstance(captions, str):
         captions = captions.split(".")
@@ -552,7 +540,7 @@ class PredictDataset(Dataset):
             if not default:
                 raise ConfigError(f"{key}.captions", "is empty", "list the category names to detect")
             for root in self.roots:
-                for path in _list_images(root):
+                for path in list_images(root):
                     self.items.append((path, str(path.relative_to(root)), default))
         if not self.items:
             raise DataError(f"{key}.image_dir", f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {dirs}")

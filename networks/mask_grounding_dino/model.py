@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from torch import nn
 
 from networks.backbones.swin import SwinTransformer, load_swin_weights
+from networks.backbones.swin_presets import SWIN_BACKBONES, swin_backbone
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
-from networks.ops.layers import MLP, DropPath
+from networks.ops.layers import MLP
 from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn
 from networks.ops.position_encoding import PositionEmbeddingSine
 
@@ -54,20 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: ``model.backbone`` → (embed_dim, depths, num_heads, window_size), TAO's table (swin_base_224_22k has TAO's
-#: depths 2,2,12,2).  ``swin_custom`` reads ``model.swin.*`` instead.
-SWIN_BACKBONES: dict[str, tuple[int, list[int], list[int], int]] = {
-    "swin_tiny_224_1k": (96, [2, 2, 6, 2], [3, 6, 12, 24], 7),
-    "swin_base_224_22k": (128, [2, 2, 12, 2], [4, 8, 16, 32], 7),
-    "swin_base_384_22k": (128, [2, 2, 18, 2], [4, 8, 16, 32], 12),
-    "swin_large_224_22k": (192, [2, 2, 18, 2], [6, 12, 24, 48], 7),
-    "swin_large_384_22k": (192, [2, 2, 18, 2], [6, 12, 24, 48], 12),
-}
-for _alias, _name in (("swin_T_224_1k", "swin_tiny_224_1k"), ("swin_B_224_22k", "swin_base_224_22k"),
-                      ("swin_B_384_22k", "swin_base_384_22k"), ("swin_L_224_22k", "swin_large_224_22k"),
-                      ("swin_L_384_22k", "swin_large_384_22k")):
-    SWIN_BACKBONES[_alias] = SWIN_BACKBONES[_name]
 
 # Dynamic mask head constants (TAO): 2 relative coords + mask features → 8 → 8 → 1, mask features at stride 8.
 _DYN_CHANNELS = 8
@@ -840,11 +828,11 @@ def _swin_from_cfg(m: Any, out_indices: Sequence[int]) -> SwinTransformer:
         heads = list(_get(sw, "num_heads", [3, 6, 12, 24]))
         window = int(_get(sw, "window_size", 7))
         drop_path = float(_get(sw, "drop_path_rate", 0.1))
-    elif name in SWIN_BACKBONES:
-        embed, depths, heads, window = SWIN_BACKBONES[name]
+    elif (preset := swin_backbone(name)) is not None:
+        embed, depths, heads, window = preset
     else:
         raise ConfigError("model.backbone", f"'{name}' is not supported by tao-cli",
-                          f"use one of {', '.join(sorted(k for k in SWIN_BACKBONES if k.islower()))} or swin_custom")
+                          f"use one of {', '.join(sorted(SWIN_BACKBONES))} or swin_custom")
     if len(depths) != 4 or len(heads) != 4:
         raise ConfigError("model.swin", f"depths {depths} and num_heads {heads} must have 4 stages",
                           "give 4 values for each")

@@ -2,15 +2,16 @@
 
 * Training: the model is called with the criterion's matcher as ``match_fn`` (it predicts masks only for
   matched queries, per decoder layer); the criterion's unweighted terms are weighted **here** (the one place;
-  :func:`~networks.mask_grounding_dino.criterion.loss_weights`) into ``train_loss``; every term is logged.
+  :func:`~networks.mask_grounding_dino.criterion.loss_weights`) into ``train/loss``; every term is logged
+  (``train/<term>``).
 * Optimiser (TAO §7.1): AdamW over trainable parameters in three groups by name substring —
   ``model.backbone_names`` → ``lr_backbone``, ``model.linear_proj_names`` → ``lr · lr_linear_proj_mult``, the rest
   → ``lr`` — all with ``weight_decay``; MultiStepLR (``lr_steps``) or StepLR (``lr_step_size``), per epoch.
 * ``train.freeze`` freezes dotted sub-modules (``backbone.0``, ``bert``, ...); ``train.pretrained_model_path``
   (full model) or ``model.pretrained_backbone_path`` (Swin only) are loaded unless the run resumes.
-* Evaluation: ``val_loss`` (no mask terms, as TAO) and COCO AP through pycocotools for ``bbox`` and ``segm`` on
-  the images seen (gathered over ranks): ``bbox_val_mAP``, ``bbox_val_mAP50``, ``bbox_val_mAP75`` and the same
-  for ``segm_``.  Detections use ``evaluate.{conf,nms}_threshold``.
+* Evaluation: ``val/loss`` (KPI ``val_loss``; no mask terms, as TAO) and COCO AP through pycocotools for ``bbox``
+  and ``segm`` on the images seen (gathered over ranks): ``bbox_val_mAP``, ``bbox_val_mAP50``, ``bbox_val_mAP75``
+  and the same for ``segm_``.  Detections use ``evaluate.{conf,nms}_threshold``.
 * Inference: ``overlays/<image>.png`` per image and one ``results.json`` (COCO results + ``file_name``,
   ``category_name``, ``phrase``) under ``ctx.run_dir``, written atomically.
 """
@@ -65,11 +66,11 @@ def param_groups(model: nn.Module, lr: float, lr_backbone: float, lr_linear_proj
 def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
     """State dict of a checkpoint object; a tao-cli Lightning checkpoint's ``model.`` prefix is removed (TAO's
     ``model.model.`` and bare/IDEA layouts are left for ``model.load_pretrained`` to remap)."""
-    from networks.common.weights import unwrap_state_dict
+    from networks.common.weights import strip_prefix, unwrap_state_dict
 
     state = unwrap_state_dict(obj)
     if state and all(k.startswith("model.") for k in state) and not any(k.startswith("model.model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items()}
+        state = strip_prefix(state)
     return state
 
 
@@ -161,7 +162,9 @@ class MaskGDinoModule(pl.LightningModule):
         return weighted_sum(losses, self.loss_weights)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """Weighted loss of one batch; logs ``train_loss`` (epoch mean) and every term."""
+        """Weighted loss of one batch; logs ``train/loss`` and every term (``train/loss_ce``, ``train/loss_ce_0``,
+        ``train/loss_ce_interm``, ...) per step, ``train/loss_epoch`` (epoch mean), ``train/lr`` and
+        ``train/lr_backbone``."""
         outputs = self(batch, match=True)
         losses = self.criterion(outputs, batch["targets"], batch["attention_mask"])
         total = self.weighted_loss(losses)
@@ -170,10 +173,18 @@ class MaskGDinoModule(pl.LightningModule):
             raise FloatingPointError(f"Mask Grounding DINO loss is not finite at step {self.global_step} "
                                      f"(terms {bad}); lower train.optim.lr, use fp32/bf16, or check the data")
         bs = len(batch["targets"])
-        self.log("train_loss", total, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
-        for k in ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"):
-            if k in losses:
-                self.log(f"train_{k}", losses[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
+        self.log("train/loss_epoch", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        for k, v in losses.items():
+            # Only the final layer's terms go to the progress bar; aux/interm terms to the loggers.
+            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k.count("_") == 1,
+                     batch_size=bs)
+        if self._trainer is not None and self.trainer.optimizers:
+            lrs = {g.get("name"): g["lr"] for g in self.trainer.optimizers[0].param_groups}
+            self.log("train/lr", lrs.get("rest", self.trainer.optimizers[0].param_groups[-1]["lr"]), on_step=True,
+                     on_epoch=False, batch_size=bs)
+            if "backbone" in lrs:
+                self.log("train/lr_backbone", lrs["backbone"], on_step=True, on_epoch=False, batch_size=bs)
         return total
 
     def configure_optimizers(self):
@@ -195,17 +206,41 @@ class MaskGDinoModule(pl.LightningModule):
         self._records = {}
         self._val_loss = [0.0, 0]
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+        from networks.common.visualize import SideBySideWriter
+
+        # <run_dir>/overlays/<image>.png (ground truth | prediction) for the first evaluate.num_overlays images.
+        run_dir = getattr(self.ctx, "run_dir", None)
+        self._overlays = SideBySideWriter(Path(run_dir) / "overlays" if run_dir is not None else None,
+                                          int(self.cfg.evaluate.get("num_overlays", 0) or 0))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """``val_loss`` and the batch's detections for COCO AP."""
+        """``val/loss`` and the batch's detections for COCO AP."""
         self._eval_step(batch)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        """As :meth:`validation_step` (``evaluate`` runs on the test or val COCO file)."""
-        self._eval_step(batch)
+        """As :meth:`validation_step` (``evaluate`` runs on the test or val COCO file), plus the overlay pictures."""
+        result = self._eval_step(batch)
+        overlays = getattr(self, "_overlays", None)
+        if result is None or overlays is None or not overlays.wanted:
+            return
+        from networks.mask_grounding_dino.visualize import eval_pair
 
-    def _eval_step(self, batch: dict) -> None:
+        outputs, dets = result
+        aug = self.cfg.dataset.augmentation
+        for i, det in enumerate(dets):
+            if not overlays.wanted:
+                break
+            names = batch["names"][i]
+            phrases = detection_phrases(det, outputs["pred_logits"][i], batch["input_ids"][i],
+                                        batch["targets"][i]["positive_map"], names, self.tokenizer,
+                                        float(self.cfg.evaluate.text_threshold))
+            left, right = eval_pair(batch, i, det, phrases, aug.input_mean, aug.input_std)
+            overlays.add(batch["image_ids"][i], batch["file_names"][i], left, right)
+
+    def _eval_step(self, batch: dict) -> tuple[dict, list[dict]] | None:
+        """Loss and detection records of one batch; returns (outputs, detections) (None during the sanity check)."""
         from networks.common.coco_io import mask_to_rle
 
         outputs = self(batch)
@@ -215,9 +250,10 @@ class MaskGDinoModule(pl.LightningModule):
         self._val_loss[0] += float(loss) * bs
         self._val_loss[1] += bs
         if self._trainer is not None:
-            self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
+            self.log("test/loss" if self.trainer.testing else "val/loss", loss, on_step=False, on_epoch=True,
+                     sync_dist=True, batch_size=bs)
             if self.trainer.sanity_checking:
-                return
+                return None
         ev = self.cfg.evaluate
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
@@ -231,6 +267,7 @@ class MaskGDinoModule(pl.LightningModule):
                 rows.append({"image_id": batch["image_ids"][i], "category_id": cat_ids[lab], "score": float(s),
                              "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
             self._records[batch["image_ids"][i]] = rows
+        return outputs, dets
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
@@ -241,6 +278,12 @@ class MaskGDinoModule(pl.LightningModule):
         from networks.mask_grounding_dino.data import eval_source
 
         self._finish_eval(eval_source(self.cfg)[1])
+        overlays = getattr(self, "_overlays", None)
+        if overlays is not None:
+            written = overlays.finish()
+            if written:
+                log.info("Wrote %d ground truth | prediction pictures to %s", len(written), written[0].parent)
+            self._overlays = None
 
     def _finish_eval(self, source: Any) -> None:
         from networks.common.coco_io import load_coco
@@ -271,9 +314,10 @@ class MaskGDinoModule(pl.LightningModule):
             else:
                 log.warning("No ground-truth instances in the evaluated images; AP not computed.")
         if self._trainer is not None:
+            prefix = "test" if self.trainer.testing else "val"
             for k, v in kpi.items():
-                if k != "val_loss":
-                    self.log(k, float(v), rank_zero_only=True)
+                if k != "val_loss":  # logged per batch as <prefix>/loss
+                    self.log(f"{prefix}/{k}", float(v), rank_zero_only=True)
         self.kpi = {k: float(v) for k, v in kpi.items()}
         log.info("Evaluation on %d images: %s", len(merged), ", ".join(f"{k}={v:.4f}" for k, v in self.kpi.items()))
 

@@ -1,15 +1,21 @@
-"""Small building blocks shared by several networks: MLP, stochastic depth, activation lookup, conv+norm."""
+"""Small building blocks shared by several networks: MLP, activation lookup, conv+norm.
+
+Stochastic depth and the transformer FFN come from ``timm.layers`` (``DropPath``, ``Mlp``).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP", "DropPath", "drop_path", "get_activation", "c2_xavier_fill", "ConvNorm", "build_norm2d"]
+__all__ = ["MLP", "get_activation", "c2_xavier_fill", "ConvNorm", "build_norm2d"]
 
 
 class MLP(nn.Module):
     """``num_layers`` Linear layers with ReLU between them (not after the last).
+
+    Kept rather than ``timm.layers.Mlp`` (fixed two layers, ``fc1``/``fc2``) or ``torchvision.ops.MLP``
+    (``Sequential`` indices that count the activations), whose state-dict names would break checkpoints.
 
     Input ``[..., input_dim]`` → output ``[..., output_dim]``.  Parameters are ``layers.{j}.{weight,bias}``
     (the detectron2/DETR naming used by Mask2Former's ``mask_embed`` and DETR-style box heads).
@@ -28,33 +34,6 @@ class MLP(nn.Module):
             if i < self.num_layers - 1:
                 x = F.relu(x)
         return x
-
-
-def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``drop_prob`` (train only).
-
-    Surviving samples are scaled by ``1/(1-drop_prob)`` so the expectation is unchanged.
-    """
-    if drop_prob == 0.0 or not training:
-        return x
-    keep = 1.0 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = x.new_empty(shape).bernoulli_(keep)
-    return x * mask / keep
-
-
-class DropPath(nn.Module):
-    """Module form of :func:`drop_path` (no parameters)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
 
 
 def get_activation(name: str):

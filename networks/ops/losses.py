@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 
 __all__ = [
     "dice_loss",
@@ -58,13 +59,10 @@ def sigmoid_focal_loss(
     """Sigmoid focal loss ``α_t (1 - p_t)^γ · BCE``, averaged over P, summed over N, divided by ``num_masks``.
 
     ``alpha < 0`` disables the class-balancing factor.  ``inputs`` logits [N, P]; ``targets`` [N, P] in [0, 1].
+    The element-wise loss is ``torchvision.ops.sigmoid_focal_loss``; only the reduction (mean over points,
+    normalised by the batch-wide mask count) is ours, as torchvision offers none/mean/sum only.
     """
-    p = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * ((1 - p_t) ** gamma)
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    loss = tv_sigmoid_focal_loss(inputs, targets, alpha=alpha, gamma=gamma, reduction="none")
     return loss.mean(1).sum() / num_masks
 
 

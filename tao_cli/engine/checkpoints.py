@@ -3,8 +3,11 @@ RNG state capture/restore, and safe loading.
 
 Files are ``model_epoch_<EEE>_step_<SSSSS>.pth`` (0-based epoch, global step), the names TAO's AutoML tooling
 searches for, and ``<CHECKPOINT_NAME>_latest.pth`` is a relative symlink to the newest one (a copy where the
-filesystem has no symlinks).  Every file is written to a temporary name in the same directory, fsync'ed and
-renamed, so a crash leaves the previous files intact.  Every checkpoint carries ``tao_model: <net.NAME>``.
+filesystem has no symlinks).  ``<CHECKPOINT_NAME>_best.pth`` is a full checkpoint of the validation with the best
+main KPI (the network's ``main_kpi(cfg)``), rewritten whenever the KPI improves.  ``train.keep_checkpoints: N``
+(N ≥ 1) deletes the oldest periodic files beyond N after each save, never the one the latest or best file
+points at.  Every file is written to a temporary name in the same directory, fsync'ed and renamed, so a crash
+leaves the previous files intact.  Every checkpoint carries ``tao_model: <net.NAME>``.
 
 Loading never runs arbitrary pickle code: ``torch.load(weights_only=True)`` with a short explicit allow-list.
 """
@@ -12,11 +15,13 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import random
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import torch
 
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.io import atomic_write_bytes
+from networks.common.weights import unwrap_state_dict
 
 from . import crypto
 
@@ -32,6 +38,8 @@ __all__ = [
     "checkpoint_filename",
     "save_checkpoint_file",
     "update_latest_link",
+    "best_filename",
+    "prune_checkpoints",
     "find_latest",
     "resolve_resume",
     "load_checkpoint",
@@ -53,6 +61,11 @@ RESUME_SUFFIXES = (".pth", ".tlt", ".ckpt")
 def checkpoint_filename(epoch: int, step: int) -> str:
     """``model_epoch_<EEE>_step_<SSSSS>.pth`` for a 0-based ``epoch`` and global ``step``."""
     return f"model_epoch_{epoch:03d}_step_{step:05d}.pth"
+
+
+def best_filename(checkpoint_name: str) -> str:
+    """``<checkpoint_name>_best.pth``: the checkpoint with the best main KPI (named like the latest link)."""
+    return f"{checkpoint_name}_best.pth"
 
 
 # ---------------------------------------------------------------------------------------------- saving
@@ -133,6 +146,34 @@ def update_latest_link(run_dir: str | os.PathLike, checkpoint_name: str, target:
             os.fsync(fh.fileno())
     os.replace(tmp, link)
     return link
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int, protect: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the oldest periodic ``model_epoch_*_step_*.pth`` files in ``run_dir`` beyond the newest ``keep``.
+
+    ``keep <= 0`` keeps everything (TAO's behaviour).  Age is the global step (then the epoch) in the name, not
+    the file time, so files of a resumed run sort with the run they continue.  A periodic file that a name in
+    ``protect`` resolves to (the latest and best links; copies resolve to themselves) is never deleted, even
+    when it is older than the newest ``keep``.  Returns the deleted paths.
+    """
+    if keep <= 0:
+        return []
+    run_dir = Path(run_dir)
+    protected = {os.path.realpath(run_dir / name) for name in protect if (run_dir / name).exists()}
+    periodic = []
+    for path in run_dir.iterdir():
+        match = CHECKPOINT_RE.match(path.name)
+        if match and path.is_file() and not path.is_symlink():
+            periodic.append(((int(match.group(2)), int(match.group(1))), path))
+    periodic.sort()
+    removed = []
+    for _, path in periodic[: max(0, len(periodic) - keep)]:
+        if os.path.realpath(path) in protected:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+        log.info("Removed checkpoint %s (train.keep_checkpoints=%d)", path.name, keep)
+    return removed
 
 
 def find_latest(run_dir: str | os.PathLike, checkpoint_name: str | None = None) -> Path | None:
@@ -279,22 +320,59 @@ def _read_bytes(path: Path, key: str | None) -> bytes:
     return data
 
 
-def _torch_load(data: bytes, source: str, map_location: Any) -> Any:
-    import pickle
+# Messages of torch's weights-only unpickler that mean "this file wants a global we do not allow" (a real
+# pickle refused on purpose).  Every other UnpicklingError (an unknown opcode, a string running past the end)
+# comes from bytes that are not a complete pickle, i.e. a truncated or corrupt file.
+_REFUSAL_MARKERS = ("GLOBAL", "reduce for unrecognized function", "Can only create new object",
+                    "Can only build", "must be imported to load")
 
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError):  # torch's legacy reader looks the header bytes up in a table
+        return "no torch checkpoint header"
+    if not text:
+        return "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")
+
+
+def _torch_load(data: bytes, source: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` of ``data``; errors become one-line ``CheckpointError``s.
+
+    Refused globals say "needs arbitrary code execution"; a file cut short or damaged (bad zip directory, EOF,
+    a seek past the start, an opcode that is no pickle opcode) says "is truncated or corrupt".
+    """
+    import pickle
+    import struct
+
+    corrupt_hint = "copy or save the file again; an interrupted copy or download leaves a partial file"
+    if not data:
+        raise CheckpointError(source, "is truncated or corrupt (the file is empty)", corrupt_hint)
     try:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = _GLOBAL_RE.search(str(exc))
+        text = str(exc)
+        if not any(marker in text for marker in _REFUSAL_MARKERS):
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+            reason = detail.splitlines()[0] if "WeightsUnpickler error:" in text and detail else _first_sentence(exc)
+            raise CheckpointError(source, f"is truncated or corrupt ({reason})", corrupt_hint) from None
+        match = _GLOBAL_RE.search(text)
         what = match.group(1) if match else "an object"
         raise CheckpointError(
             source,
             f"refusing to unpickle '{what}' (this file needs arbitrary code execution to load)",
             "re-save it as a plain state_dict or .safetensors",
         ) from None
-    except (RuntimeError, EOFError, ValueError) as exc:
-        raise CheckpointError(source, f"is not a readable checkpoint ({str(exc).splitlines()[0]})") from None
+    except (EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
+        # EOF / negative seek / a bad legacy header: the bytes end early or are not a torch file.
+        raise CheckpointError(source, f"is truncated or corrupt ({_first_sentence(exc)})", corrupt_hint) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if any(s in text for s in ("zip archive", "EOF", "corrupt", "file might be")):
+            raise CheckpointError(source, f"is truncated or corrupt ({_first_sentence(exc)})",
+                                  corrupt_hint) from None
+        raise CheckpointError(source, f"is not a readable checkpoint ({text.splitlines()[0]})") from None
 
 
 def _check_network(obj: Any, expected: str | None, source: str) -> None:
@@ -333,20 +411,15 @@ def _safetensors_from_bytes(data: bytes, source: str) -> dict:
         raise CheckpointError(source, f"is not a readable .safetensors file ({exc})") from None
 
 
-def state_dict_of(obj: dict) -> dict:
-    """The weights inside a checkpoint dict: ``state_dict`` or ``model`` entry, else the dict itself."""
-    for name in ("state_dict", "model"):
-        inner = obj.get(name)
-        if isinstance(inner, dict):
-            return inner
-    return obj
+# ``state_dict_of`` is the engine's historical name (run.py imports it); the function lives in networks.
+state_dict_of = unwrap_state_dict
 
 
 def load_weights(path: str | os.PathLike, *, key: str | None = None,
                  expected_network: str | None = None) -> dict[str, torch.Tensor]:
     """``{name: Tensor}`` from a .pth/.ckpt/.tlt checkpoint or a .safetensors file (safe loading)."""
     obj = load_checkpoint(path, key=key, expected_network=expected_network)
-    weights = state_dict_of(obj)
+    weights = unwrap_state_dict(obj)
     return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
 
@@ -384,33 +457,67 @@ class TaoCheckpointIO(CheckpointIO):
 
 
 class TaoCheckpoint(Checkpoint):
-    """Periodic TAO-named checkpoints, the latest link, RNG capture, and a checkpoint on interruption.
+    """Periodic TAO-named checkpoints, the latest link, the best checkpoint, retention, RNG capture, and a
+    checkpoint on interruption.
 
     ``unit`` is ``"epoch"`` (save after every ``interval``-th epoch, after validation) or ``"step"`` (every
     ``interval`` global steps).  The last epoch is always saved so a re-run with more epochs continues from it.
     On KeyboardInterrupt/SIGTERM during fit the current state is saved too.  The callback's own state holds the
     RNG states at save time; on resume they are restored before the train dataloader is iterated, so a run
     resumed from an epoch-end checkpoint draws the same shuffles and dropout masks as an uninterrupted one.
+
+    ``main_kpi`` is ``(key, "max"|"min")``: after each validation (not the sanity check) ``pl_module.kpi[key]``
+    is compared with the best so far; a strictly better, finite value rewrites ``<checkpoint_name>_best.pth``
+    (the full checkpoint, through the Trainer's CheckpointIO: atomic, tagged, encrypted like the others) and
+    calls ``on_best(info)`` on rank 0 with ``info = {path, kpi, value, mode, epoch, step}``.  A NaN, inf or None
+    value never becomes best.  The best value, epoch and step are part of the callback state, so they survive
+    resume (they are forgotten when the best file is no longer in ``dirpath``, e.g. a resume from another
+    directory, or when the main KPI changed).  ``keep > 0`` deletes the oldest periodic files beyond ``keep``
+    after each save (:func:`prune_checkpoints`).
     """
 
-    def __init__(self, dirpath: str | os.PathLike, checkpoint_name: str, interval: int = 1, unit: str = "epoch"):
+    def __init__(self, dirpath: str | os.PathLike, checkpoint_name: str, interval: int = 1, unit: str = "epoch",
+                 *, main_kpi: tuple[str, str] | None = None, keep: int = 0,
+                 on_best: Callable[[dict], None] | None = None):
         if unit not in ("epoch", "step"):
             raise ConfigError("train.checkpoint_interval_unit", f"{unit!r} must be 'epoch' or 'step'")
+        if main_kpi is not None and main_kpi[1] not in ("max", "min"):
+            raise ValueError(f"main_kpi mode must be 'max' or 'min', got {main_kpi[1]!r}")
         self.dirpath = Path(dirpath)
         self.checkpoint_name = checkpoint_name
         self.interval = max(1, int(interval))
         self.unit = unit
+        self.main_kpi = tuple(main_kpi) if main_kpi is not None else None
+        self.keep = int(keep or 0)
+        self.on_best = on_best
+        self.best: dict | None = None  # {"value", "epoch", "step"} of the best validation so far
         self.saved: list[Path] = []
         self.interrupt_path: Path | None = None
         self._last_saved_step = -1
+        self._warned_missing = False
+
+    @property
+    def best_path(self) -> Path:
+        """``<dirpath>/<checkpoint_name>_best.pth`` (it exists once a validation produced the main KPI)."""
+        return self.dirpath / best_filename(self.checkpoint_name)
+
+    def best_info(self) -> dict | None:
+        """``{path, kpi, value, mode, epoch, step}`` of the best checkpoint, or None (no main KPI value yet)."""
+        if self.best is None or self.main_kpi is None:
+            return None
+        return {"path": str(self.best_path), "kpi": self.main_kpi[0], "value": self.best["value"],
+                "mode": self.main_kpi[1], "epoch": self.best["epoch"], "step": self.best["step"]}
 
     # Lightning callback state ------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """RNG states at the moment the checkpoint is written."""
-        return {"rng": collect_rng_states(), "unit": self.unit, "interval": self.interval}
+        """RNG states at the moment the checkpoint is written, and the best main-KPI value so far."""
+        state = {"rng": collect_rng_states(), "unit": self.unit, "interval": self.interval}
+        if self.best is not None and self.main_kpi is not None:
+            state["best"] = {"kpi": self.main_kpi[0], "mode": self.main_kpi[1], **self.best}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore the saved RNG states at once.
+        """Restore the saved RNG states at once, and the best main-KPI value.
 
         Lightning restores callback state before it sets up the train dataloader (whose first ``iter()`` draws
         the shuffle seed from torch's global RNG), and the sanity check in between runs under ``isolate_rng``,
@@ -419,10 +526,26 @@ class TaoCheckpoint(Checkpoint):
         rng = state_dict.get("rng")
         if rng is not None:
             restore_rng_states(rng)
+        best = state_dict.get("best")
+        if best is None or self.main_kpi is None:
+            return
+        if (best.get("kpi"), best.get("mode")) != self.main_kpi:
+            log.info("Best checkpoint was chosen by %s (%s); now by %s (%s): starting a new best",
+                     best.get("kpi"), best.get("mode"), *self.main_kpi)
+        elif not self.best_path.is_file():
+            log.info("Resumed best %s=%s has no %s in %s; starting a new best", best["kpi"], best["value"],
+                     self.best_path.name, self.dirpath)
+        else:
+            self.best = {"value": float(best["value"]), "epoch": int(best["epoch"]), "step": int(best["step"])}
 
     # saving -----------------------------------------------------------------------------------------
     def _path(self, trainer) -> Path:
         return self.dirpath / checkpoint_filename(trainer.current_epoch, trainer.global_step)
+
+    def _prune(self) -> None:
+        if self.keep > 0:
+            prune_checkpoints(self.dirpath, self.keep,
+                              protect=(f"{self.checkpoint_name}_latest.pth", best_filename(self.checkpoint_name)))
 
     def _save(self, trainer) -> None:
         if trainer.fast_dev_run or trainer.sanity_checking:
@@ -436,6 +559,45 @@ class TaoCheckpoint(Checkpoint):
             update_latest_link(self.dirpath, self.checkpoint_name, path)
             self.saved.append(path)
             log.info("Saved checkpoint %s", path)
+            self._prune()
+
+    def _improves(self, value: Any) -> bool:
+        if value is None or isinstance(value, bool):
+            return False
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.main_kpi[1] == "max" else value < self.best["value"]
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """Rewrite the best checkpoint when this validation's main KPI beats the best so far."""
+        if self.main_kpi is None or trainer.fast_dev_run or trainer.sanity_checking:
+            return
+        key = self.main_kpi[0]
+        kpi = getattr(pl_module, "kpi", None) or {}
+        if key not in kpi and not self._warned_missing and trainer.is_global_zero:
+            self._warned_missing = True
+            log.warning("Main KPI '%s' is not among the validation metrics %s; no best checkpoint this time",
+                        key, sorted(kpi))
+        value = kpi.get(key)
+        # Every rank must take the same branch (save_checkpoint has a barrier): rank 0 decides.
+        improved = bool(trainer.strategy.broadcast(self._improves(value), src=0))
+        if not improved:
+            return
+        value = float(trainer.strategy.broadcast(float(value) if value is not None else float("nan"), src=0))
+        self.best = {"value": value, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step)}
+        trainer.save_checkpoint(self.best_path, weights_only=False)
+        if trainer.is_global_zero:
+            info = self.best_info()
+            log.info("New best checkpoint %s: %s=%s (epoch %d, step %d)", self.best_path, key, value,
+                     info["epoch"], info["step"])
+            if self.on_best is not None:
+                self.on_best(info)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.unit == "step" and trainer.global_step > 0 and trainer.global_step % self.interval == 0:
@@ -465,5 +627,6 @@ class TaoCheckpoint(Checkpoint):
             update_latest_link(self.dirpath, self.checkpoint_name, path)
             self.interrupt_path = path
             log.warning("Interrupted: saved checkpoint %s", path)
+            self._prune()
         except Exception as exc:  # never mask the interruption itself
             log.error("Interrupted: could not save a checkpoint (%s: %s)", type(exc).__name__, exc)

@@ -18,6 +18,8 @@ __all__ = ["run_logging", "RedactFilter", "LIGHTNING_LOGGERS"]
 
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "lightning")
 _FILE_FORMAT = "%(asctime)s [%(levelname)s] %(name)s: %(message)s"
+#: Modules whose DeprecationWarnings are shown during a run (regex on the module the warning is attributed to).
+_OWN_MODULES = r"(tao_cli|networks|__main__)(\.|$)"
 
 
 class RedactFilter(logging.Filter):
@@ -38,9 +40,12 @@ class RedactFilter(logging.Filter):
 
 
 class _NoiseFilter(logging.Filter):
-    """Drop Lightning messages that advertise services or restate our own configuration choices."""
+    """Drop Lightning messages that advertise services, restate our own configuration choices, or list
+    accelerators the run does not use (``GPU available: False``; the run's own device line says what is used)."""
 
-    _PREFIXES = ("💡 Tip:", "Trainer already configured with model summary callbacks")
+    _PREFIXES = ("💡 Tip:", "Trainer already configured with model summary callbacks", "GPU available:",
+                 "TPU available:", "HPU available:", "IPU available:",
+                 "Loading `train_dataloader` to estimate number of stepping batches")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).lstrip().startswith(self._PREFIXES)
@@ -55,7 +60,7 @@ class _NotFileOnly(logging.Filter):
 
 class _ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        text = super().format(record).rstrip("\n")  # warnings.formatwarning ends with a newline
         if record.levelno >= logging.WARNING and record.name != "py.warnings":
             return f"{record.levelname}: {text}"
         return text
@@ -104,11 +109,17 @@ def run_logging(log_file: str | Path | None, *, debug: bool = False,
     tao = logging.getLogger("tao")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("default")
+            # Each distinct warning once per run, wherever it is raised from.
+            warnings.simplefilter("once")
             # Known noise that says nothing actionable to a tao user.
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=".*number of training batches.*is smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            # Deprecations raised inside third-party code (e.g. pycocotools calling numpy the old way) are not
+            # actionable by a tao user; those attributed to our own modules (our call of a deprecated API) show.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=PendingDeprecationWarning)
+            warnings.filterwarnings("once", category=DeprecationWarning, module=_OWN_MODULES)
             yield tao
     finally:
         logging.captureWarnings(False)

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from networks.common.io import atomic_write_json, atomic_write_text
 
 from .devices import PLAN_ENV, DevicePlan, is_launch_rank_zero, plan_for_action
 
-__all__ = ["run_action", "resolve_results_dir", "check_input_paths", "LIGHTNING_ACTIONS", "redacted_yaml"]
+__all__ = ["run_action", "resolve_results_dir", "choose_results_dir", "check_input_paths", "LIGHTNING_ACTIONS", "redacted_yaml"]
 
 #: Actions the engine runs through a Lightning Trainer; any other action calls ``net.run_action``.
 LIGHTNING_ACTIONS = ("train", "evaluate", "inference")
@@ -48,18 +48,39 @@ def _value(node: Any, key: str) -> Any:
     return node.get(key)
 
 
-def resolve_results_dir(cfg: DictConfig, action: str) -> Path:
-    """``<action>.results_dir`` if set, else ``<results_dir>/<action>``; written back into ``<action>.results_dir``.
+def _override_keys(overrides: Sequence[str]) -> set[str]:
+    """Dotted keys set by command-line overrides (``a.b=v``, ``+a.b=v``, ``++a.b=v``)."""
+    keys = set()
+    for token in overrides:
+        name, eq, _ = str(token).partition("=")
+        if eq and not name.startswith("~"):
+            keys.add(name.lstrip("+"))
+    return keys
 
-    Neither set → ``ConfigError`` naming both keys.  The path is made absolute (``~`` expanded).
+
+def choose_results_dir(cfg: DictConfig, action: str, overrides: Sequence[str] = ()) -> tuple[Path, str]:
+    """The run directory of ``action`` and why it was chosen; written back into ``<action>.results_dir``.
+
+    Precedence: ``<action>.results_dir`` on the command line, then ``results_dir`` on the command line (as
+    ``<results_dir>/<action>``, even when the spec file sets ``<action>.results_dir`` — a re-used
+    ``experiment.yaml`` stores the old run's resolved directory there), then ``<action>.results_dir`` from the
+    spec, then ``<results_dir>/<action>``.  Neither set → ``ConfigError`` naming both keys.  The path is made
+    absolute (``~`` expanded).
     """
     section = cfg.get(action) if action in cfg else None
     own = _value(section, "results_dir")
     root = _value(cfg, "results_dir")
-    if own not in (None, ""):
-        path = Path(str(own))
+    given = _override_keys(overrides)
+    if own not in (None, "") and f"{action}.results_dir" in given:
+        path, why = Path(str(own)), f"{action}.results_dir on the command line"
+    elif root not in (None, "") and "results_dir" in given:
+        path, why = Path(str(root)) / action, "results_dir on the command line"
+        if own not in (None, ""):
+            why += f", which replaces {action}.results_dir={own} from the spec file"
+    elif own not in (None, ""):
+        path, why = Path(str(own)), f"{action}.results_dir in the spec file"
     elif root not in (None, ""):
-        path = Path(str(root)) / action
+        path, why = Path(str(root)) / action, f"results_dir in the spec file, plus /{action}"
     else:
         raise ConfigError("results_dir", f"neither results_dir nor {action}.results_dir is set",
                           f"pass results_dir=/path (outputs go to /path/{action}) or {action}.results_dir=/path")
@@ -69,7 +90,36 @@ def resolve_results_dir(cfg: DictConfig, action: str) -> Path:
             section.results_dir = str(path)
         except Exception:  # a read-only config: the value is still returned
             pass
-    return path
+    return path, why
+
+
+def resolve_results_dir(cfg: DictConfig, action: str, overrides: Sequence[str] = ()) -> Path:
+    """The run directory of ``action`` (see :func:`choose_results_dir` for the precedence)."""
+    return choose_results_dir(cfg, action, overrides)[0]
+
+
+def _resume_reason(cfg: DictConfig, run_dir: Path, resume: Path | None) -> str:
+    """Why training starts from ``resume`` (or from scratch), for the dry-run plan and the log."""
+    if resume is None:
+        return f"none: no checkpoint in {run_dir}, starting from scratch"
+    if _value(cfg.get("train"), "resume_training_checkpoint_path") not in (None, ""):
+        return f"{resume} (train.resume_training_checkpoint_path)"
+    return (f"{resume} (latest checkpoint in the results dir: re-running train there resumes; "
+            "pass a new results_dir= to start afresh)")
+
+
+_SYNTHETIC_HINT = "tao dataset synthetic --out {root}"
+
+
+def _missing_path_hint(key: str, item: str) -> str:
+    """What to do about a missing input path: the command that writes the synthetic set, or the key to set."""
+    path = Path(os.path.expanduser(str(item)))
+    parts = path.parts
+    if "synthetic" in parts:
+        root = Path(*parts[: parts.index("synthetic") + 1])
+        return f"run `{_SYNTHETIC_HINT.format(root=root)}` to write the demo dataset there, or set {key}"
+    where = "" if path.is_absolute() else f" (relative paths start at the current directory, {os.getcwd()})"
+    return f"set {key}=/path/to/your/data{where}"
 
 
 def check_input_paths(net: Any, cfg: DictConfig, action: str) -> dict[str, str]:
@@ -81,7 +131,7 @@ def check_input_paths(net: Any, cfg: DictConfig, action: str) -> dict[str, str]:
         values = value if isinstance(value, (list, tuple)) else [value]
         for item in values:
             if not Path(os.path.expanduser(str(item))).exists():
-                raise DataError(key, f"{item} does not exist")
+                raise DataError(key, f"{item} does not exist", _missing_path_hint(key, str(item)))
     return paths
 
 
@@ -171,7 +221,8 @@ def _outputs_planned(action: str, run_dir: Path, checkpoint_name: str) -> list[s
     out = [run_dir / "experiment.yaml", run_dir / "status.json", run_dir / f"{action}.log"]
     if action == "train":
         out += [run_dir / "model_epoch_<EEE>_step_<SSSSS>.pth", run_dir / f"{checkpoint_name}_latest.pth",
-                run_dir / "lightning_logs/"]
+                run_dir / f"{checkpoint_name}_best.pth", run_dir / "lightning_logs/", run_dir / "metrics.csv",
+                run_dir / "plots/"]
     elif action == "evaluate":
         out.append(run_dir / "metrics.json")
     return [str(p) for p in out]
@@ -232,11 +283,13 @@ def _print_err(text: str) -> None:
 
 
 def run_action(net: Any, action: str, cfg: DictConfig, *, argv: list[str], dry_run: bool = False,
-               debug: bool = False) -> int:
+               debug: bool = False, overrides: Sequence[str] = ()) -> int:
     """Run ``action`` of network module ``net`` with the validated spec ``cfg``; return the exit code.
 
-    ``argv`` is recorded (secret masked) in ``experiment.yaml``.  ``dry_run`` prints the resolved spec and the
-    plan and writes nothing.  ``debug`` prints full tracebacks.
+    ``argv`` is recorded (secret masked) in ``experiment.yaml``.  ``overrides`` are the command-line
+    ``key=value`` words (they decide which results dir wins).  ``dry_run`` prints the resolved spec and the plan
+    and writes nothing; it refuses everything a real run would refuse before starting.  ``debug`` prints full
+    tracebacks.
     """
     from .status import StatusLogger
 
@@ -247,11 +300,15 @@ def run_action(net: Any, action: str, cfg: DictConfig, *, argv: list[str], dry_r
     try:
         with _signals(state):
             key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
-            run_dir = resolve_results_dir(cfg, action)
+            run_dir, run_dir_why = choose_results_dir(cfg, action, overrides)
             if hasattr(net, "check"):
                 net.check(cfg, action)
             check_input_paths(net, cfg, action)
             plan = plan_for_action(cfg, action)
+            if action in LIGHTNING_ACTIONS:
+                from .trainer import check_strategy
+
+                check_strategy(cfg, action, plan)
             resume: Path | None = None
             checkpoint: Path | None = None
             if action == "train":
@@ -261,7 +318,7 @@ def run_action(net: Any, action: str, cfg: DictConfig, *, argv: list[str], dry_r
             elif action in LIGHTNING_ACTIONS:
                 checkpoint = _checkpoint_for(cfg, action)
             if dry_run:
-                _print_dry_run(net, action, cfg, run_dir, plan, resume, checkpoint)
+                _print_dry_run(net, action, cfg, (run_dir, run_dir_why), plan, resume, checkpoint)
                 return _EXIT_OK
 
             rank0 = is_launch_rank_zero()
@@ -274,7 +331,7 @@ def run_action(net: Any, action: str, cfg: DictConfig, *, argv: list[str], dry_r
             with run_logging(run_dir / f"{action}.log" if rank0 else None, debug=debug,
                              redact=_secrets(key)) as log:
                 status.write("STARTED", f"Starting {title} {action}.")
-                log.info("%s results will be saved at: %s", action.capitalize(), run_dir)
+                log.info("%s results will be saved at: %s (%s)", action.capitalize(), run_dir, run_dir_why)
                 log.info("Devices: %s", plan.describe())
                 for warning in plan.warnings:
                     log.warning("%s", warning)
@@ -335,13 +392,15 @@ def _mask(text: str, key: str | None) -> str:
     return text
 
 
-def _print_dry_run(net, action, cfg, run_dir, plan: DevicePlan, resume, checkpoint) -> None:
+def _print_dry_run(net, action, cfg, run_dir_choice: tuple[Path, str], plan: DevicePlan, resume,
+                   checkpoint) -> None:
     from .trainer import decide_precision
 
+    run_dir, run_dir_why = run_dir_choice
     lines = ["# Resolved spec (encryption_key redacted)", redacted_yaml(cfg).rstrip(), "", "# Plan"]
     lines.append(f"network:      {getattr(net, 'NAME', '?')} ({getattr(net, 'TITLE', '')})")
     lines.append(f"action:       {action}")
-    lines.append(f"results dir:  {run_dir}")
+    lines.append(f"results dir:  {run_dir} ({run_dir_why})")
     lines.append(f"devices:      {plan.describe()}")
     for warning in plan.warnings:
         lines.append(f"  warning:    {warning}")
@@ -356,7 +415,7 @@ def _print_dry_run(net, action, cfg, run_dir, plan: DevicePlan, resume, checkpoi
         lines.append(f"strategy:     {strategy}")
         lines.append(f"precision:    {decide_precision(cfg, action, plan.accelerator)}")
     if action == "train":
-        lines.append(f"resume from:  {resume if resume else 'none (starting from scratch)'}")
+        lines.append(f"resume from:  {_resume_reason(cfg, run_dir, resume)}")
     elif checkpoint is not None:
         lines.append(f"checkpoint:   {checkpoint}")
     lines.append("would write:")
@@ -389,7 +448,7 @@ def _dispatch(net, action: str, cfg: DictConfig, run_dir: Path, plan: DevicePlan
     if action == "train":
         if resume is not None:
             status.write("RUNNING", f"Resuming training from checkpoint: {resume}")
-            log.info("Resuming training from checkpoint: %s", resume)
+            log.info("Resuming training from %s", _resume_reason(cfg, run_dir, resume))
         else:
             status.write("RUNNING", f"Starting from scratch (no checkpoint in {run_dir})")
     else:
@@ -445,31 +504,55 @@ def _train(net, cfg, run_dir, plan, resume, key, status, state, log, module, dat
     from .trainer import build_trainer
 
     train = cfg.train
+    main_kpi = net.main_kpi(cfg) if hasattr(net, "main_kpi") else None
+
+    def on_best(info: dict) -> None:
+        status.write("RUNNING", "New best checkpoint", epoch=info["epoch"], step=info["step"],
+                     best_checkpoint=info)
+
     ckpt_cb = TaoCheckpoint(run_dir, getattr(net, "CHECKPOINT_NAME", f"{net.NAME}_model"),
                             interval=int(train.get("checkpoint_interval", 1)),
-                            unit=str(train.get("checkpoint_interval_unit", "epoch")))
+                            unit=str(train.get("checkpoint_interval_unit", "epoch")),
+                            main_kpi=main_kpi, keep=int(train.get("keep_checkpoints", 0) or 0), on_best=on_best)
     callbacks = [_fit_mode_callback(state), StatusCallback(status), ckpt_cb]
     trainer = build_trainer(cfg, "train", plan, run_dir, callbacks, module,
                             plugins=[TaoCheckpointIO(net.NAME, key)])
     _interruptible(trainer, state, "Train", lambda: trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(resume) if resume else None), ckpt_cb)
-    status.write("SUCCESS", "Train finished successfully.")
+    best = ckpt_cb.best_info()
+    status.write("SUCCESS", "Train finished successfully.", **({"best_checkpoint": best} if best else {}))
+    if best:
+        log.info("Best checkpoint: %s (%s=%s, epoch %d, step %d)", best["path"], best["kpi"], best["value"],
+                 best["epoch"], best["step"])
     log.info("Train finished successfully. Results in %s", run_dir)
     return _EXIT_OK
 
 
 def _load_into(module, checkpoint: Path, key: str | None, network: str) -> dict:
+    """Load ``checkpoint`` safely into ``module``; every key must match by name and shape.
+
+    A mismatch is one ``CheckpointError`` naming the first few keys of each kind, with the checkpoint's and the
+    model's shape for shape mismatches.
+    """
+    import torch
+
+    from networks.common.weights import apply_state_dict
+
     from .checkpoints import load_checkpoint, state_dict_of
 
     obj = load_checkpoint(checkpoint, key=key, expected_network=network)
-    weights = state_dict_of(obj)
-    result = module.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    weights = {k: v for k, v in state_dict_of(obj).items() if torch.is_tensor(v)}
+    report = apply_state_dict(module, weights, source=str(checkpoint), raise_on_mismatch=False, log_summary=False)
+    if not report.clean:
         parts = []
-        if result.missing_keys:
-            parts.append(f"{len(result.missing_keys)} missing key(s) e.g. {result.missing_keys[:3]}")
-        if result.unexpected_keys:
-            parts.append(f"{len(result.unexpected_keys)} unexpected key(s) e.g. {result.unexpected_keys[:3]}")
+        if report.mismatched:
+            shapes = ", ".join(f"{k}: {tuple(f)} in the checkpoint vs {tuple(m)} in the model"
+                               for k, f, m in report.mismatched[:3])
+            parts.append(f"{len(report.mismatched)} shape mismatch(es) e.g. {shapes}")
+        if report.missing:
+            parts.append(f"{len(report.missing)} missing key(s) e.g. {report.missing[:3]}")
+        if report.unexpected:
+            parts.append(f"{len(report.unexpected)} unexpected key(s) e.g. {report.unexpected[:3]}")
         raise CheckpointError(str(checkpoint), "does not match the model: " + "; ".join(parts),
                               "check that the spec's model section matches the one used for training")
     return obj
@@ -489,7 +572,8 @@ def _evaluate_or_infer(net, action, cfg, run_dir, plan, checkpoint, key, status,
     rank0 = trainer.is_global_zero and is_launch_rank_zero()
     if action == "evaluate":
         _interruptible(trainer, state, "Evaluate", lambda: trainer.test(module, datamodule=datamodule, verbose=False))
-        kpi = {k: _plain(v) for k, v in dict(getattr(module, "kpi", None) or {}).items()}
+        # NaN/inf would make metrics.json invalid JSON: an undefined metric is null, as an empty size bin is.
+        kpi = {k: _finite_or_none(_plain(v)) for k, v in dict(getattr(module, "kpi", None) or {}).items()}
         fields = {k: v for k, v in (("epoch", epoch), ("step", step)) if v is not None}
         if rank0:
             atomic_write_json(run_dir / "metrics.json", kpi, indent=2)
@@ -505,6 +589,13 @@ def _evaluate_or_infer(net, action, cfg, run_dir, plan, checkpoint, key, status,
             log.info("%s: %s", name, value)
         status.write("SUCCESS", "Inference finished successfully.", outputs=outputs)
     return _EXIT_OK
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value``, except that a non-finite float becomes None (JSON has no NaN)."""
+    import math
+
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _plain(value: Any) -> Any:

@@ -165,7 +165,7 @@ class StatusCallback(Callback):
             max_step=max_step, time_per_epoch=str(timedelta(seconds=now - self._epoch_start)),
             time_per_step=str(timedelta(seconds=per_step)), eta=str(timedelta(seconds=eta)),
         )
-        train_loss = _first_metric(trainer, ("train_loss_epoch", "train_loss"))
+        train_loss = _first_metric(trainer, ("train/loss_epoch",))  # the epoch mean every network logs
         if train_loss is not None:
             self.status.write("RUNNING", "Train metrics generated.", kpi={"train_loss": train_loss},
                               epoch=epoch, step=step)

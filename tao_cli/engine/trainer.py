@@ -22,7 +22,8 @@ from networks.common.errors import ConfigError
 
 from .devices import DevicePlan
 
-__all__ = ["build_trainer", "decide_precision", "decide_strategy", "seed_run", "PlainProgress"]
+__all__ = ["build_trainer", "check_strategy", "decide_precision", "decide_strategy", "seed_run", "PlainProgress",
+           "ParamSummary", "format_metrics", "epoch_label"]
 
 log = logging.getLogger("tao.trainer")
 
@@ -63,6 +64,21 @@ def decide_precision(cfg, action: str, accelerator: str) -> str:
     return precision
 
 
+def check_strategy(cfg, action: str, plan: DevicePlan) -> str:
+    """The ``train.distributed_strategy`` name (``ddp`` where unset), refused where it cannot run on ``plan``.
+
+    Called before anything is written (so ``--dry-run`` refuses it too): fsdp needs CUDA devices.
+    """
+    section = _section(cfg, "train") if action == "train" else None
+    name = str(_get(section, "distributed_strategy", "ddp")).lower()
+    if name not in ("ddp", "fsdp"):
+        raise ConfigError("train.distributed_strategy", f"{name!r} is not one of ddp, fsdp")
+    if name == "fsdp" and plan.accelerator == "cpu":
+        raise ConfigError("train.distributed_strategy", "fsdp needs CUDA devices and none is visible",
+                          "use ddp on CPU")
+    return name
+
+
 def decide_strategy(cfg, action: str, plan: DevicePlan, module: Any) -> Any:
     """``"auto"`` for one process; otherwise DDP (gloo on CPU) or FSDP per ``train.distributed_strategy``.
 
@@ -75,17 +91,13 @@ def decide_strategy(cfg, action: str, plan: DevicePlan, module: Any) -> Any:
 
     backend = "gloo" if plan.accelerator == "cpu" else None
     section = _section(cfg, "train") if action == "train" else None
-    name = str(_get(section, "distributed_strategy", "ddp")).lower()
+    name = check_strategy(cfg, action, plan)
     if action != "train":
         return DDPStrategy(process_group_backend=backend)
     if name == "fsdp":
-        if plan.accelerator == "cpu":
-            raise ConfigError("train.distributed_strategy", "fsdp needs CUDA devices", "use ddp on CPU")
         from pytorch_lightning.strategies import FSDPStrategy
 
         return FSDPStrategy()
-    if name != "ddp":
-        raise ConfigError("train.distributed_strategy", f"{name!r} is not one of ddp, fsdp")
     find_unused = bool(getattr(type(module), "find_unused_parameters", False))
     if section is not None and "distributed_strategy" in section and not _get(section, "activation_checkpoint", False):
         find_unused = True
@@ -113,8 +125,29 @@ def seed_run(cfg, action: str) -> int | None:
     return seed
 
 
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """``name=value`` pairs for the console: ``v_num`` dropped, ``train/`` prefix dropped, numbers to 4 significant
+    digits (``train/loss=0.123456`` → ``loss=0.1235``)."""
+    parts = []
+    for key, value in metrics.items():
+        if key == "v_num":
+            continue
+        if hasattr(value, "item"):
+            value = value.item()
+        name = key[len("train/"):] if key.startswith("train/") else key
+        parts.append(f"{name}={value:.4g}" if isinstance(value, (int, float)) else f"{name}={value}")
+    return " ".join(parts)
+
+
+def epoch_label(trainer) -> str:
+    """``Epoch 1/2`` (1-based, with the total when the run is bounded by epochs), else ``Epoch 1``."""
+    total = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs > 0 else None
+    return f"Epoch {trainer.current_epoch + 1}" + (f"/{total}" if total else "")
+
+
 class PlainProgress(ProgressBar):
-    """Line-per-event progress for logs (CI, Slurm): every ``every_n_steps`` steps and at each epoch end."""
+    """Line-per-event progress for logs (CI, Slurm): every ``every_n_steps`` batches, at each epoch end and after
+    each validation.  Epochs are 1-based with the total (``Epoch 1/2``), values have 4 significant digits."""
 
     def __init__(self, every_n_steps: int = 50):
         super().__init__()
@@ -139,16 +172,81 @@ class PlainProgress(ProgressBar):
         if (batch_idx + 1) % self.every_n_steps == 0:
             total = trainer.num_training_batches
             total_s = str(int(total)) if math.isfinite(total) else "?"
-            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-            extra = " ".join(f"{k}={v}" for k, v in metrics.items())
-            self._line(trainer, f"Epoch {trainer.current_epoch}: batch {batch_idx + 1}/{total_s} "
+            extra = format_metrics(self.get_metrics(trainer, pl_module))
+            self._line(trainer, f"{epoch_label(trainer)}: batch {batch_idx + 1}/{total_s} "
                                 f"step {trainer.global_step} {extra}".rstrip())
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if values:
+            self._line(trainer, f"{epoch_label(trainer)} validation, step {trainer.global_step}: "
+                                f"{format_metrics(values)}")
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        extra = " ".join(f"{k}={v}" for k, v in metrics.items())
-        self._line(trainer, f"Epoch {trainer.current_epoch} done in {time.monotonic() - self._epoch_start:.1f}s, "
-                            f"step {trainer.global_step} {extra}".rstrip())
+        metrics = dict(self.get_metrics(trainer, pl_module))
+        mean = trainer.callback_metrics.get("train/loss_epoch")
+        if mean is not None:
+            metrics = {"loss_epoch": mean, **metrics}
+        self._line(trainer, f"{epoch_label(trainer)} done in {time.monotonic() - self._epoch_start:.1f}s, "
+                            f"step {trainer.global_step} {format_metrics(metrics)}".rstrip())
+
+
+def _rich_progress():
+    """Rich progress bar with the console conventions of :class:`PlainProgress` (1-based epochs, no v_num)."""
+    from pytorch_lightning.callbacks import RichProgressBar
+    from pytorch_lightning.callbacks.progress.rich_progress import RichProgressBarTheme
+
+    class TaoRichProgress(RichProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            items = super().get_metrics(trainer, pl_module)
+            items.pop("v_num", None)
+            return {k[len("train/"):] if k.startswith("train/") else k: v for k, v in items.items()}
+
+        def _get_train_description(self, current_epoch: int) -> str:
+            # Lightning prints "Epoch 0/<max_epochs - 1>"; users count from 1.
+            total = self.trainer.max_epochs
+            text = f"Epoch {current_epoch + 1}" + (f"/{total}" if total is not None and total > 0 else "")
+            return f"{text:{len(self.validation_description)}}" if len(self.validation_description) > len(text) \
+                else text
+
+    return TaoRichProgress(theme=RichProgressBarTheme(metrics_format=".4g"))
+
+
+class ParamSummary(pl.Callback):
+    """Top-level sub-modules with their parameter counts, logged once at the start of fit (rank 0).
+
+    Replaces Lightning's ModelSummary, whose FLOPs column reads 0 unless the module defines an example input.
+    """
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+
+        def count(params) -> tuple[int, int]:
+            total = trainable = 0
+            for p in params:
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+            return total, trainable
+
+        rows = [(name, type(child).__name__, *count(child.parameters())) for name, child in pl_module.named_children()]
+        total, trainable = count(pl_module.parameters())
+        width = max([len(r[0]) for r in rows] + [4])
+        type_width = max([len(r[1]) for r in rows] + [4])
+        lines = [f"{'Name':<{width}}  {'Type':<{type_width}}  {'Params':>10}  {'Trainable':>10}"]
+        lines += [f"{n:<{width}}  {t:<{type_width}}  {_count(a):>10}  {_count(b):>10}" for n, t, a, b in rows]
+        size = sum(p.numel() * p.element_size() for p in pl_module.parameters())
+        lines.append(f"Total {_count(total)} parameters, {_count(trainable)} trainable ({size / 1e6:.1f} MB)")
+        log.info("Model:\n%s", "\n".join(lines))
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
 
 
 def _loggers(cfg, action: str, run_dir: Path) -> list:
@@ -191,7 +289,9 @@ def build_trainer(cfg, action: str, plan: DevicePlan, run_dir: str | Path, callb
     """Build the Trainer for ``action`` on ``plan`` writing under ``run_dir``.
 
     ``callbacks`` are the engine's (checkpoint, status); a progress callback is added here (Rich on a TTY, else
-    :class:`PlainProgress`).  ``plugins`` typically holds the engine's CheckpointIO.
+    :class:`PlainProgress`), and for train :class:`ParamSummary` and the telemetry callback (``metrics.csv``,
+    ``plots/``; :mod:`tao_cli.engine.telemetry`).  Metrics are logged every step.  ``plugins`` typically holds
+    the engine's CheckpointIO.
     """
     run_dir = Path(run_dir)
     train = _section(cfg, "train")
@@ -204,20 +304,22 @@ def build_trainer(cfg, action: str, plan: DevicePlan, run_dir: str | Path, callb
         default_root_dir=str(run_dir),
         logger=_loggers(cfg, action, run_dir) or False,
         enable_progress_bar=True,
-        enable_model_summary=action == "train",
+        # Our ParamSummary replaces Lightning's (its FLOPs column is all zeros without an example input).
+        enable_model_summary=False,
+        # Every loss term and the LR reach the loggers at every step (Lightning's default is every 50 steps,
+        # which leaves short epochs with one point).
+        log_every_n_steps=1,
     )
     callbacks = list(callbacks)
     if sys.stdout.isatty():
-        from pytorch_lightning.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar())
+        callbacks.append(_rich_progress())
     else:
         # Plain text that reaches the log file (Lightning would pick Rich's table whenever rich is installed).
         callbacks.append(PlainProgress())
-        if action == "train":
-            from pytorch_lightning.callbacks import ModelSummary
+    if action == "train":
+        from .telemetry import TelemetryCallback
 
-            callbacks.append(ModelSummary(max_depth=1))
+        callbacks += [ParamSummary(), TelemetryCallback(run_dir)]
     kwargs["callbacks"] = callbacks
     if plugins:
         kwargs["plugins"] = plugins

@@ -18,7 +18,7 @@ ACTIONS = {
 }
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "input_paths",
-           "build_module", "build_datamodule"]
+           "main_kpi", "build_module", "build_datamodule"]
 
 
 def check(cfg, action: str) -> None:
@@ -27,6 +27,11 @@ def check(cfg, action: str) -> None:
 
     if cfg.dataset.batch_size > cfg.dataset.num_samples:
         raise ConfigError("dataset.batch_size", f"{cfg.dataset.batch_size} exceeds dataset.num_samples")
+
+
+def main_kpi(cfg) -> tuple[str, str]:
+    """``("score", "max")`` when ``model.kpi_schedule`` is set, else ``("val_loss", "min")``."""
+    return ("score", "max") if cfg.model.kpi_schedule else ("val_loss", "min")
 
 
 def input_paths(cfg, action: str) -> dict:
@@ -39,7 +44,8 @@ def input_paths(cfg, action: str) -> dict:
 def build_module(cfg, ctx):
     """The LightningModule for ``ctx.action``."""
     return BoringModule(num_features=cfg.dataset.num_features, lr=cfg.train.lr, dropout=cfg.model.dropout,
-                        step_sleep=cfg.model.step_sleep, run_dir=ctx.run_dir)
+                        step_sleep=cfg.model.step_sleep, run_dir=ctx.run_dir,
+                        kpi_schedule=list(cfg.model.kpi_schedule))
 
 
 def build_datamodule(cfg, ctx):

@@ -20,10 +20,12 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    """Dropout before the linear layer; ``step_sleep`` seconds per training step (slows tests that signal)."""
+    """Dropout before the linear layer; ``step_sleep`` seconds per training step (slows tests that signal);
+    ``kpi_schedule``: a synthetic validation ``score`` per epoch (cycled), which then is the main KPI."""
 
     dropout: float = param(0.1, valid_min=0.0, valid_max=1.0)
     step_sleep: float = param(0.0, valid_min=0.0)
+    kpi_schedule: list[float] = param([], description="Validation 'score' of epoch i = kpi_schedule[i] (tests).")
 
 
 @dataclass

@@ -54,12 +54,13 @@ class BoringModule(pl.LightningModule):
     """Dropout + Linear(F, 1) trained with MSE and SGD(momentum); ``kpi`` holds the latest val/test metrics."""
 
     def __init__(self, num_features: int = 8, lr: float = 0.05, dropout: float = 0.1, step_sleep: float = 0.0,
-                 run_dir: str | Path | None = None):
+                 run_dir: str | Path | None = None, kpi_schedule: list[float] | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, 1))
         self.lr = lr
         self.step_sleep = step_sleep
         self.run_dir = Path(run_dir) if run_dir else None
+        self.kpi_schedule = list(kpi_schedule or [])  # synthetic per-epoch "score" (best-checkpoint tests)
         self.kpi: dict[str, float] = {}
         self.outputs: dict = {}
         self._val_losses: list[torch.Tensor] = []
@@ -73,7 +74,10 @@ class BoringModule(pl.LightningModule):
             time.sleep(self.step_sleep)
         x, y = batch
         loss = nn.functional.mse_loss(self(x), y)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        # The engine's naming (docs/architecture.md): train/<term> per step, train/loss_epoch the epoch mean.
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def _eval_step(self, batch):
@@ -96,7 +100,9 @@ class BoringModule(pl.LightningModule):
         loss = self._epoch_loss()
         if not self.trainer.sanity_checking:
             self.kpi = {"val_loss": loss}
-        self.log("val_loss", loss)
+            if self.kpi_schedule:
+                self.kpi["score"] = self.kpi_schedule[self.current_epoch % len(self.kpi_schedule)]
+        self.log("val/loss", loss)
 
     def on_test_epoch_end(self):
         self.kpi = {"test_loss": self._epoch_loss()}

@@ -15,6 +15,7 @@ from networks.common.coco_io import ann_to_mask, load_panoptic_png, mask_to_rle
 from networks.common.metrics import (
     InstanceIoU,
     PanopticQuality,
+    as_metrics,
     coco_eval_stats,
     coco_mask_ap,
     mask_iou,
@@ -65,13 +66,23 @@ def test_instance_iou_is_class_balanced_and_binned():
     assert InstanceIoU.from_state(a.merge(b).state()).compute() == out
 
 
-def test_instance_iou_absent_bins_are_zero_not_nan():
+def test_instance_iou_empty_bins_are_null_with_count_zero():
     m = InstanceIoU()
-    assert m.compute()["mIoU"] == 0.0
+    assert m.compute()["mIoU"] is None and m.compute()["num_instances"] == 0
     m.update(0.7, 3, 50 * 50)
+    m.update(0.0, 3, 40 * 40)  # a real 0.0 IoU stays 0.0: only an empty bin is null
     out = m.compute()
-    assert out["mIoU_small"] == 0.0 and out["num_small"] == 0 and out["mIoU_medium"] == pytest.approx(0.7)
-    assert all(np.isfinite(v) for v in out.values())
+    assert out["mIoU_small"] is None and out["num_small"] == 0
+    assert out["mIoU_large"] is None and out["num_large"] == 0
+    assert out["mIoU_medium"] == pytest.approx(0.35) and out["num_medium"] == 2
+    m.update(0.0, 3, 10 * 10)
+    assert m.compute()["mIoU_small"] == 0.0 and m.compute()["num_small"] == 1
+    assert json.loads(json.dumps(out, allow_nan=False)) == out  # valid JSON: null, never NaN
+
+
+def test_as_metrics_turns_nan_into_null_and_keeps_counts():
+    out = as_metrics({"a": float("nan"), "b": np.float32(0.5), "n": np.int64(3), "c": None, "d": float("inf")})
+    assert out == {"a": None, "b": 0.5, "n": 3, "c": None, "d": None} and isinstance(out["n"], int)
 
 
 # ------------------------------------------------------------------ semantic mIoU
@@ -147,7 +158,31 @@ def test_coco_ap_equals_direct_pycocotools(synth):
 
 def test_coco_ap_empty_results(synth):
     res = coco_mask_ap(synth["val"]["annotations"], [])
-    assert all(v in (0.0, -1.0) for v in res.values()) and res["AP"] == 0.0 and res["AP50"] == 0.0
+    assert all(v in (0.0, None) for v in res.values()) and res["AP"] == 0.0 and res["AP50"] == 0.0
+
+
+def test_coco_ap_empty_area_range_is_null_not_minus_one():
+    # One 10x10 object: only the "small" area range has ground truth; pycocotools says -1 for medium/large.
+    gt = {"images": [{"id": 1, "height": 20, "width": 20}], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10], "iscrowd": 0,
+                           "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]}]}
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:12, 2:12] = 1
+    res = coco_mask_ap(gt, [{"image_id": 1, "category_id": 1, "score": 1.0, "segmentation": mask_to_rle(mask)}])
+    raw = coco_eval_stats(gt, [{"image_id": 1, "category_id": 1, "score": 1.0, "segmentation": mask_to_rle(mask)}])
+    assert raw[4] == -1 and raw[5] == -1  # what pycocotools itself reports
+    assert res["APm"] is None and res["APl"] is None
+    assert res["APs"] == pytest.approx(res["AP"]) and res["AP"] > 0.5
+
+
+def test_pq_group_without_categories_is_null():
+    cats = [{"id": 1, "isthing": 1, "name": "a"}]  # no stuff class at all
+    ids = np.zeros((4, 4), np.int64)
+    ids[:2] = 7
+    segs = [{"id": 7, "category_id": 1}]
+    res = panoptic_quality([(ids, segs)], [(ids.copy(), [dict(s) for s in segs])], cats)
+    assert res["PQ_th"] == pytest.approx(1.0) and res["N_th"] == 1
+    assert res["PQ_st"] is None and res["SQ_st"] is None and res["N_st"] == 0
 
 
 # ------------------------------------------------------------------ panoptic quality

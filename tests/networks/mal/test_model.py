@@ -374,9 +374,9 @@ def test_accumulation_steps_ema_and_schedule_per_optimizer_step(monkeypatch):
     assert lrs[0] == 0 and lrs[4] == pytest.approx(mod.lr)
     # KPIs after validation: TAO's mIoU family plus COCO mask AP
     assert set(mod.kpi) == {"mIoU", "mIoU_small", "mIoU_medium", "mIoU_large", "AP", "AP50", "AP75", "APs",
-                            "APm", "APl"}
+                            "APm", "APl", "num_instances", "num_small", "num_medium", "num_large"}
     assert 0 <= mod.kpi["mIoU"] <= 1
-    assert "train_loss" in trainer.callback_metrics
+    assert "train/loss_epoch" in trainer.callback_metrics
 
 
 def test_eval_probabilities_flags_and_kpi_values():

@@ -116,7 +116,7 @@ def test_fit_test_predict(tmp_path, m2f_synthetic):
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                        num_sanity_val_steps=0)
     trainer.fit(module, dm)
-    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])
     assert {"mIoU", "ACC_all", "pixel_accuracy", "PQ", "SQ", "RQ", "PQ_th", "PQ_st"} <= set(module.kpi)
     # WarmupPoly over the real number of steps: 2 steps done of max_iter = 2 + 1
     head_lr = trainer.optimizers[0].param_groups[-1]["lr"]

@@ -146,7 +146,9 @@ def test_action_results_dir_wins(tmp_path):
 def test_missing_input_path_is_data_error_before_writing(tmp_path, capsys):
     missing = tmp_path / "x" / "a.json"
     assert run("train", {**FAST, "results_dir": tmp_path / "r", "dataset.train_ann_path": missing}) == 2
-    assert capsys.readouterr().err.strip() == f"ERROR: dataset.train_ann_path: {missing} does not exist"
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ERROR: dataset.train_ann_path: {missing} does not exist (hint: set dataset.train_ann_path=")
+    assert "\n" not in err
     assert not (tmp_path / "r").exists()
 
 

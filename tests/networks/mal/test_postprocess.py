@@ -12,8 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-import networks.mal.inference as inf
-from networks.mal.inference import (
+import networks.mal.postprocess as inf
+from networks.mal.postprocess import (
     bin_threshold,
     clip_to_box,
     encode_prediction,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from networks.mal.losses import MeanField, dice_loss_squared, mal_losses, mil_loss
+from networks.mal.criterion import MeanField, dice_loss_squared, mal_losses, mil_loss
 
 
 def test_dice_hand_values():

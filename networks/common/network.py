@@ -1,0 +1,121 @@
+"""The engine ↔ network contract: what a network package gives ``tao_cli``, in one typed object.
+
+Each ``networks/<net>/__init__.py`` exports ``NETWORK = Network(...)``; the engine and the CLI read a network
+only through it (``tao_cli.registry.load`` checks the type), so a missing part is an error when the network is
+registered, not an ``AttributeError`` in the middle of a run.  ``docs/architecture.md`` documents each part.
+
+Trainer traits (DDP's ``find_unused_parameters``, ``sync_batchnorm``, the distributed sampler) are data on the
+LightningModule *instance* the network builds (:class:`TrainerTraits` via :class:`HasTrainerTraits`), because
+they may depend on the spec (Mask2Former: ``train.activation_checkpoint``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of"]
+
+#: Actions the engine runs through a Lightning Trainer (fit / test / predict).
+LIGHTNING_ACTIONS = ("train", "evaluate", "inference")
+
+Builder = Callable[[Any, Any], Any]  # (cfg, ctx) -> LightningModule | LightningDataModule
+ActionFn = Callable[[Any, Any], Mapping[str, Any]]  # (cfg, ctx) -> outputs for status.json
+
+
+class NetworkContractError(TypeError):
+    """A network package does not satisfy the contract (a developer error, raised at registration)."""
+
+
+@dataclass(frozen=True)
+class TrainerTraits:
+    """What the Trainer must know about a module: DDP ``find_unused_parameters``, ``sync_batchnorm`` and
+    whether Lightning should insert a ``DistributedSampler`` (``use_distributed_sampler``)."""
+
+    find_unused_parameters: bool = False
+    sync_batchnorm: bool = False
+    use_distributed_sampler: bool = True
+
+
+@runtime_checkable
+class HasTrainerTraits(Protocol):
+    """A LightningModule that declares its :class:`TrainerTraits` (an attribute or property)."""
+
+    trainer_traits: TrainerTraits
+
+
+def trainer_traits_of(module: Any) -> TrainerTraits:
+    """The traits ``module`` declares; a module that declares none is a contract error (never a silent default)."""
+    traits = getattr(module, "trainer_traits", None)
+    if not isinstance(traits, TrainerTraits):
+        raise NetworkContractError(f"{type(module).__name__} has no trainer_traits (a TrainerTraits); "
+                                   "declare it on the LightningModule the network builds")
+    return traits
+
+
+def _arity_ok(fn: Callable, n: int) -> bool:
+    try:
+        inspect.signature(fn).bind(*([None] * n))
+    except TypeError:
+        return False
+    except ValueError:  # builtins without a signature: trust them
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Network:
+    """One network, as the engine sees it.
+
+    * ``name`` — registry key and checkpoint tag (``tao_model``); ``title`` — human name for messages.
+    * ``checkpoint_name`` — prefix of ``<checkpoint_name>_latest.pth`` / ``_best.pth``.
+    * ``config_class`` — the ``ExperimentConfig`` dataclass (TAO's sections, fields and defaults).
+    * ``actions`` — action → one-line description, in help order.  ``train``/``evaluate``/``inference`` run
+      through Lightning with ``build_module``/``build_datamodule``; every other action must be in
+      ``extra_actions``.
+    * ``check(cfg, action)`` — cross-field checks; raises ``ConfigError``.
+    * ``input_paths(cfg, action) -> {dotted.key: path}`` — files that must exist (checked before anything is
+      written, also by ``--dry-run``); may raise ``ConfigError`` for resources it resolves (text encoders).
+    * ``build_module(cfg, ctx)`` / ``build_datamodule(cfg, ctx)`` — the LightningModule (declaring
+      ``trainer_traits``) and LightningDataModule for ``ctx.action``.
+    * ``main_kpi(cfg) -> (key in module.kpi, "max" | "min")`` — the metric that picks the best checkpoint.
+    * ``extra_actions`` — action → ``fn(cfg, ctx) -> outputs`` for actions that are not a Lightning loop.
+    """
+
+    name: str
+    title: str
+    checkpoint_name: str
+    config_class: type
+    actions: Mapping[str, str]
+    check: Callable[[Any, str], None]
+    input_paths: Callable[[Any, str], Mapping[str, Any]]
+    build_module: Builder
+    build_datamodule: Builder
+    main_kpi: Callable[[Any], tuple[str, str]]
+    extra_actions: Mapping[str, ActionFn] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"network {self.name!r}" if isinstance(self.name, str) and self.name else "a network"
+        for part in ("name", "title", "checkpoint_name"):
+            if not isinstance(getattr(self, part), str) or not getattr(self, part):
+                raise NetworkContractError(f"{where}: {part} must be a non-empty string")
+        if not (isinstance(self.config_class, type) and dataclasses.is_dataclass(self.config_class)):
+            raise NetworkContractError(f"{where}: config_class must be the ExperimentConfig dataclass")
+        if not self.actions or not all(isinstance(k, str) and isinstance(v, str) for k, v in self.actions.items()):
+            raise NetworkContractError(f"{where}: actions must map action names to one-line descriptions")
+        arities = {"check": 2, "input_paths": 2, "build_module": 2, "build_datamodule": 2, "main_kpi": 1}
+        for part, n in arities.items():
+            fn = getattr(self, part)
+            if not callable(fn) or not _arity_ok(fn, n):
+                raise NetworkContractError(f"{where}: {part} must be a function of {n} argument(s)")
+        for action, fn in self.extra_actions.items():
+            if action in LIGHTNING_ACTIONS:
+                raise NetworkContractError(f"{where}: {action!r} is run by the engine, not an extra action")
+            if action not in self.actions or not callable(fn) or not _arity_ok(fn, 2):
+                raise NetworkContractError(f"{where}: extra action {action!r} must be listed in actions and be "
+                                           "a function (cfg, ctx)")
+        missing = [a for a in self.actions if a not in LIGHTNING_ACTIONS and a not in self.extra_actions]
+        if missing:
+            raise NetworkContractError(f"{where}: actions {missing} have no function in extra_actions")
