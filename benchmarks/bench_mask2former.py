@@ -60,7 +60,7 @@ def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
         masks[2:] &= ~(masks[0] | masks[1])
         targets.append({"labels": torch.tensor([1, 2, 4, 5]), "masks": masks,
                         "valid_extent": torch.tensor([1.0, 1.0])})
-    return {"images": images.to(dev), "padding_mask": torch.zeros(batch, size, size, dtype=torch.bool, device=dev),
+    return {"images": images.to(dev), "pixel_mask": torch.ones(batch, size, size, dtype=torch.bool, device=dev),
             "targets": [{k: v.to(dev) for k, v in t.items()} for t in targets]}
 
 

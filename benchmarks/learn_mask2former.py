@@ -125,7 +125,7 @@ class HFAsOurs(nn.Module):
 def hf_loss(hf: nn.Module, batch: dict) -> torch.Tensor:
     """HF's own training loss on one of our batches (our labels 1..C → HF 0..C-1)."""
     targets = batch["targets"]
-    out = hf(pixel_values=batch["images"], pixel_mask=(~batch["padding_mask"]).long(),
+    out = hf(pixel_values=batch["images"], pixel_mask=batch["pixel_mask"].long(),
              mask_labels=[t["masks"].float() for t in targets], class_labels=[t["labels"] - 1 for t in targets])
     return out.loss
 
@@ -136,10 +136,10 @@ def our_loss(module, batch: dict) -> torch.Tensor:
 
 
 def to_device(batch: dict, dev: torch.device) -> dict:
-    """``images``, ``padding_mask`` and target tensors moved to ``dev`` (the rest stays on the host)."""
+    """``images``, ``pixel_mask`` and target tensors moved to ``dev`` (the rest stays on the host)."""
     out = dict(batch)
     out["images"] = batch["images"].to(dev)
-    out["padding_mask"] = batch["padding_mask"].to(dev)
+    out["pixel_mask"] = batch["pixel_mask"].to(dev)
     out["targets"] = [{k: v.to(dev) for k, v in t.items()} for t in batch["targets"]]
     return out
 

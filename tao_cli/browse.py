@@ -6,11 +6,9 @@ builds the dataset; ``networks.<net>.visualize.sample_drawer(cfg, datamodule)`` 
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import random
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +45,7 @@ def browse(network: str, spec_path: Path | None, action: str, out: Path, num: in
     if int(num) < 1:
         raise ConfigError("--num", f"must be at least 1, got {num}")
     net = registry.load(network)
-    actions, config_class = _contract(net)
+    actions, config_class = net.actions, net.config_class
     if action not in actions:
         raise ConfigError("--action", f"{network} has no action '{action}'", f"actions: {', '.join(actions)}")
     drawer_factory = _sample_drawer(net, network)
@@ -81,23 +79,12 @@ def browse(network: str, spec_path: Path | None, action: str, out: Path, num: in
     return written
 
 
-def _contract(net) -> tuple[Any, type]:
-    """(actions, ExperimentConfig class) of a registry entry: a ``Network`` object or a network package."""
-    if hasattr(net, "config_class"):
-        return net.actions, net.config_class
-    return net.ACTIONS, net.ExperimentConfig
-
-
 def _sample_drawer(net, network: str):
-    """``sample_drawer(cfg, datamodule)`` of the network's ``visualize`` module (the package that defines its
-    ``build_datamodule``); ConfigError when the network has none."""
-    package = getattr(net.build_datamodule, "__module__", "") or ""
-    for name in (f"{package}.visualize", f"{package.rpartition('.')[0]}.visualize"):
-        try:
-            return importlib.import_module(name).sample_drawer
-        except (ImportError, AttributeError, ValueError, TypeError):
-            continue
-    raise ConfigError(f"network '{network}'", "cannot draw its samples (no visualize.sample_drawer)")
+    """The network's ``sample_drawer(cfg, datamodule)``; ConfigError when the network has none."""
+    if net.sample_drawer is None:
+        raise ConfigError(f"network '{network}'", "cannot draw its samples (its NETWORK has no sample_drawer)")
+    return net.sample_drawer
+
 
 
 def _seed(cfg) -> int:

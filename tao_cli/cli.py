@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from networks.common.errors import ConfigError, TaoUserError
+from networks.common.network import refuse_deploy_action
 from tao_cli import __version__, registry
 from tao_cli.paths import packaged_spec
 
@@ -106,7 +107,7 @@ def _print_networks() -> None:
     for name in registry.names():
         try:
             net = registry.load(name)
-            table.add_row(name, ", ".join(net.ACTIONS))
+            table.add_row(name, ", ".join(net.actions))
         except Exception as exc:  # a broken network must not hide the others
             table.add_row(name, f"[red]unavailable: {type(exc).__name__}: {exc}[/red]")
     _out.print(table)
@@ -129,8 +130,8 @@ def _options_text(name: str, action: str) -> str:
 
 def _print_network_help(name: str) -> None:
     net = registry.load(name)
-    _say(f"{MODEL_USAGE.replace('<net>', name)}\n\n{net.TITLE} actions:")
-    for action, description in net.ACTIONS.items():
+    _say(f"{MODEL_USAGE.replace('<net>', name)}\n\n{net.title} actions:")
+    for action, description in net.actions.items():
         _say(f"  {action:<16} {description}")
     _say(f"\n{_options_text(name, '<action>')}\n")
     _say(f"`tao model {name} <action> -h` lists the action's spec fields (type, default, bounds/options);\n"
@@ -139,11 +140,11 @@ def _print_network_help(name: str) -> None:
 
 def _check_action(net, name: str, action: str) -> None:
     """ConfigError (with a close match) unless ``action`` is one of the network's actions."""
-    if action not in net.ACTIONS:
+    if action not in net.actions:
         import difflib
 
-        close = difflib.get_close_matches(action, net.ACTIONS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"actions: {', '.join(net.ACTIONS)}"
+        close = difflib.get_close_matches(action, net.actions, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"actions: {', '.join(net.actions)}"
         raise ConfigError(f"action '{action}'", f"is not an action of {name}", hint)
 
 
@@ -159,9 +160,9 @@ def _print_action_help(name: str, action: str) -> None:
 
     net = registry.load(name)
     _check_action(net, name, action)
-    rows = schema.field_summaries(net.ExperimentConfig, action, list(net.ACTIONS))
+    rows = schema.field_summaries(net.config_class, action, list(net.actions))
     _say(f"usage: tao model {name} {action} [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]\n")
-    _say(f"{net.ACTIONS[action]}\n")
+    _say(f"{net.actions[action]}\n")
     _say(f"{_options_text(name, action)}\n")
     _say(f"spec fields: set any with KEY=VALUE (Hydra grammar: a.b=1, 'a.l=[0, 1]', ~a.b resets to the default).\n"
          f"??? (required) must be set; `tao spec {name} {action}` prints the same fields as commented YAML.")
@@ -215,7 +216,7 @@ def _spec_fields(name: str, action: str) -> list:
     from tao_cli import schema
 
     net = registry.load(name)
-    return schema.field_summaries(net.ExperimentConfig, action, list(net.ACTIONS))
+    return schema.field_summaries(net.config_class, action, list(net.actions))
 
 
 def complete_model_args(args: list[str], incomplete: str) -> list[tuple[str, str]]:
@@ -325,8 +326,9 @@ def run_model(name: str, action: str, spec_path: str | None, overrides: list[str
     from tao_cli import spec as spec_mod
     from tao_cli.engine.run import run_action
 
+    refuse_deploy_action(net, action)  # before the spec: its mandatory fields are not the problem
     path = Path(spec_path) if spec_path else packaged_spec(name, action)
-    cfg = spec_mod.load_spec(net.ExperimentConfig, action, path, overrides, check=net.check)
+    cfg = spec_mod.load_spec(net.config_class, action, path, overrides, check=net.check)
     return run_action(net, action, cfg, argv=argv or sys.argv, dry_run=dry_run, debug=debug,
                       overrides=overrides)
 
@@ -342,7 +344,7 @@ def spec_cmd(
     try:
         net = registry.load(network)
         _check_action(net, network, action)
-        sys.stdout.write(schema.commented_yaml(net.ExperimentConfig, action, list(net.ACTIONS)))
+        sys.stdout.write(schema.commented_yaml(net.config_class, action, list(net.actions)))
     except TaoUserError as exc:
         raise typer.Exit(_fail(exc, False)) from None
 

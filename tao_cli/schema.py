@@ -31,6 +31,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 
 from networks.common.io import atomic_write_text
+from networks.common.network import Network
 from tao_cli.fields import (
     FieldInfo,
     bound,
@@ -434,15 +435,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_schemas(network_module: Any, out_dir: Path, version: str) -> list[Path]:
+def write_schemas(net: Network, out_dir: Path, version: str) -> list[Path]:
     """Write ``schemas/<action>.schema.json`` and ``references/spec_template_<action>.yaml`` for every action of
-    ``network_module`` (``NAME``, ``ACTIONS``, ``ExperimentConfig``) and ``schemas/manifest.json`` (network,
+    ``net`` (its name, actions and config class) and ``schemas/manifest.json`` (network,
     actions, package_version, sha256 of each file keyed by its path relative to ``out_dir``).  Atomic writes;
     the output is deterministic (no timestamps).  Returns the written paths, the manifest last."""
     out_dir = Path(out_dir)
-    name = network_module.NAME
-    actions = list(network_module.ACTIONS)
-    cls = network_module.ExperimentConfig
+    name = net.name
+    actions = list(net.actions)
+    cls = net.config_class
     written: list[Path] = []
     for action in actions:
         schema = json_schema(cls, name, action, actions)

@@ -58,10 +58,10 @@ from tao_cli.fields import (
     split_optional,
     valid_options,
 )
+from tao_cli.redact import REDACTED, redact_container
 
 __all__ = ["FieldInfo", "load_spec", "iter_fields", "all_keys", "lookup", "to_yaml", "REDACTED"]
 
-REDACTED = "*****"
 _NO_DEFAULT = object()
 
 
@@ -602,21 +602,6 @@ def load_spec(
     return cfg
 
 
-def _redact(obj: Any, redact: tuple[str, ...], path: str) -> Any:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            key = f"{path}{k}"
-            if (str(k) in redact or key in redact) and v not in (None, "") and not isinstance(v, (dict, list)):
-                out[k] = REDACTED
-            else:
-                out[k] = _redact(v, redact, key + ".")
-        return out
-    if isinstance(obj, list):
-        return [_redact(v, redact, path) for v in obj]
-    return obj
-
-
 def to_yaml(cfg: DictConfig, redact: tuple[str, ...] = ("encryption_key",)) -> str:
     """The config as YAML with interpolations resolved and every key named in ``redact`` (a leaf name anywhere,
     or a full dotted key) that has a value replaced by ``*****``.  MISSING values print as ``???``."""
@@ -624,5 +609,5 @@ def to_yaml(cfg: DictConfig, redact: tuple[str, ...] = ("encryption_key",)) -> s
         data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)
     except OmegaConfBaseException:  # an interpolation to a MISSING value: show it unresolved
         data = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    data = _redact(data, tuple(redact), "")
+    data = redact_container(data, tuple(redact))
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True, width=120)

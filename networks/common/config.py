@@ -8,6 +8,7 @@ unchanged.  Metadata (description, bounds, options, AutoML hints) lives next to 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from omegaconf import MISSING
 __all__ = [
     "MISSING",
     "param",
+    "cfg_get",
     "CuDNNConfig",
     "WandBConfig",
     "TrainConfig",
@@ -292,3 +294,21 @@ class QuantizeConfig:
     backend_kwargs: dict[str, Any] = param({})
     # TAO's default, kept verbatim so specs round-trip; nothing in tao-cli reads it.
     device: str = param("cuda", description="Quantization device (tao-deploy).")
+
+
+def cfg_get(section: Any, key: str, default: Any = None) -> Any:
+    """``section.key`` for a spec section that may be a ``DictConfig``, a plain ``dict``, a dataclass or any object
+    (an HF config), or ``None``; ``key`` may be dotted (``"train.optim.lr"``).
+
+    ``default`` is returned when the section is ``None``, the key is absent (or an unset ``???`` value in a
+    ``DictConfig``) or its value is ``None`` — so optional spec sections and fields need no special cases.
+    """
+    node = section
+    for part in key.split("."):
+        if node is None:
+            return default
+        if isinstance(node, Mapping):
+            node = node.get(part) if part in node else None
+        else:
+            node = getattr(node, part, None)
+    return default if node is None else node

@@ -28,3 +28,13 @@ class RunContext:
     accelerator: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("tao"))
     load_checkpoint: Callable[[str | Path], dict[str, Any]] | None = None
+
+
+def run_output_dir(ctx: RunContext | None, field: str = "inference.results_dir") -> Path:
+    """``ctx.run_dir``, where a network writes its outputs; :class:`ConfigError` on ``field`` without one."""
+    run_dir = getattr(ctx, "run_dir", None)
+    if run_dir is None:
+        from networks.common.errors import ConfigError
+
+        raise ConfigError(field, "no run directory to write inference outputs to")
+    return Path(run_dir)

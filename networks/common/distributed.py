@@ -30,3 +30,14 @@ def gather_lists(items: list) -> list:
 def is_rank_zero() -> bool:
     """True on global rank 0, and always without a process group."""
     return not _initialised() or torch.distributed.get_rank() == 0
+
+
+def gather_unique(records: list[dict], key: str, order_by: str | None = None) -> list[dict]:
+    """Every rank's ``records`` gathered, de-duplicated by ``record[key]`` (a later rank's record wins; the
+    distributed sampler repeats samples to even out ranks) and sorted by ``record[order_by or key]``."""
+    merged: dict = {}
+    for part in gather_objects(records):
+        for record in part or []:
+            merged[record[key]] = record
+    by = order_by or key
+    return sorted(merged.values(), key=lambda r: r[by])

@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of"]
+__all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of",
+           "refuse_deploy_action", "run_extra_action", "LIGHTNING_ACTIONS"]
 
 #: Actions the engine runs through a Lightning Trainer (fit / test / predict).
 LIGHTNING_ACTIONS = ("train", "evaluate", "inference")
@@ -82,6 +83,10 @@ class Network:
       ``trainer_traits``) and LightningDataModule for ``ctx.action``.
     * ``main_kpi(cfg) -> (key in module.kpi, "max" | "min")`` — the metric that picks the best checkpoint.
     * ``extra_actions`` — action → ``fn(cfg, ctx) -> outputs`` for actions that are not a Lightning loop.
+    * ``deploy_actions`` — actions TAO lists that belong to tao-deploy: shown in help, refused before anything
+      is loaded or written.
+    * ``sample_drawer(cfg, datamodule) -> (sample -> PIL image)`` — draws a dataset sample after augmentation
+      for ``tao dataset browse``; None where the network has none.
     """
 
     name: str
@@ -95,6 +100,8 @@ class Network:
     build_datamodule: Builder
     main_kpi: Callable[[Any], tuple[str, str]]
     extra_actions: Mapping[str, ActionFn] = field(default_factory=dict)
+    deploy_actions: tuple[str, ...] = ()
+    sample_drawer: Callable[[Any, Any], Callable[[Any], Any]] | None = None
 
     def __post_init__(self) -> None:
         where = f"network {self.name!r}" if isinstance(self.name, str) and self.name else "a network"
@@ -116,6 +123,31 @@ class Network:
             if action not in self.actions or not callable(fn) or not _arity_ok(fn, 2):
                 raise NetworkContractError(f"{where}: extra action {action!r} must be listed in actions and be "
                                            "a function (cfg, ctx)")
-        missing = [a for a in self.actions if a not in LIGHTNING_ACTIONS and a not in self.extra_actions]
+        for action in self.deploy_actions:
+            if action not in self.actions or action in self.extra_actions or action in LIGHTNING_ACTIONS:
+                raise NetworkContractError(f"{where}: deploy action {action!r} must be listed in actions only")
+        missing = [a for a in self.actions
+                   if a not in LIGHTNING_ACTIONS and a not in self.extra_actions and a not in self.deploy_actions]
         if missing:
             raise NetworkContractError(f"{where}: actions {missing} have no function in extra_actions")
+        if self.sample_drawer is not None and (not callable(self.sample_drawer) or not _arity_ok(self.sample_drawer, 2)):
+            raise NetworkContractError(f"{where}: sample_drawer must be a function (cfg, datamodule)")
+
+
+def refuse_deploy_action(net: Network, action: str) -> None:
+    """Raise the one-line ``ConfigError`` for an action TAO lists that belongs to tao-deploy (else nothing)."""
+    if action in net.deploy_actions:
+        from networks.common.errors import ConfigError
+
+        raise ConfigError(action, "is not part of tao-cli yet",
+                          f"use tao-deploy (`{net.name} {action}`) with the ONNX file from `export`")
+
+
+def run_extra_action(net: Network, action: str, cfg: Any, ctx: Any) -> Mapping[str, Any]:
+    """Run a non-Lightning action of ``net``; an action it does not have is a ``ConfigError``."""
+    from networks.common.errors import ConfigError
+
+    refuse_deploy_action(net, action)
+    if action not in net.extra_actions:
+        raise ConfigError("action", f"{net.name} has no action {action!r}", f"choose from {', '.join(net.actions)}")
+    return net.extra_actions[action](cfg, ctx) or {}

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from networks.common.network import Network
 from networks.mal.config import ExperimentConfig, check
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
-           "build_datamodule", "build_module"]
+           "build_datamodule", "build_module", "NETWORK"]
 
 NAME = "mal"
 TITLE = "MAL"
@@ -61,7 +62,7 @@ def build_datamodule(cfg: Any, ctx: Any):
     # is cached and safe when several ranks arrive at once).
     for key, path in _image_dirs(cfg, getattr(ctx, "action", "train")).items():
         resolve_dir(path, field=key)
-    return MALDataModule(cfg, log=getattr(ctx, "log", None))
+    return MALDataModule(cfg, ctx)
 
 
 def _image_dirs(cfg: Any, action: str) -> dict:
@@ -76,24 +77,20 @@ def _image_dirs(cfg: Any, action: str) -> dict:
 
 
 def build_module(cfg: Any, ctx: Any):
-    """The :class:`~networks.mal.module.MALModule` for ``ctx.action``.
-
-    Passes the metric categories (val JSON for train/evaluate, ``inference.ann_path`` for inference) and, for
-    train, the batches per epoch of the full, unsharded training loader (the module divides by the devices);
-    it sizes the fractional-epoch LR schedule when no Trainer is attached.
-    """
-    import math
-
-    from networks.mal.data import filter_train_records, load_records
+    """The :class:`~networks.mal.module.MALModule` for ``ctx.action``."""
     from networks.mal.module import MALModule
 
-    if ctx.action == "inference":
-        _, coco = load_records(cfg.inference.ann_path, field="inference.ann_path")
-    else:
-        _, coco = load_records(cfg.dataset.val_ann_path, field="dataset.val_ann_path")
-    n_iter = 1
-    if ctx.action == "train":
-        records, _ = load_records(cfg.dataset.train_ann_path, field="dataset.train_ann_path")
-        kept, _ = filter_train_records(records, float(cfg.dataset.min_obj_size), float(cfg.dataset.max_obj_size))
-        n_iter = max(1, math.ceil(len(kept) / int(cfg.train.batch_size)))
-    return MALModule.from_config(cfg, ctx, list(coco["categories"]), n_iter)
+    return MALModule(cfg, ctx)
+
+
+def _sample_drawer(cfg: Any, datamodule: Any):
+    from networks.mal.visualize import sample_drawer
+
+    return sample_drawer(cfg, datamodule)
+
+
+NETWORK = Network(
+    name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
+    check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
+    main_kpi=main_kpi, sample_drawer=_sample_drawer,
+)

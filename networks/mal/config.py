@@ -16,7 +16,7 @@ from networks.common.config import EvaluateConfig as _BaseEvaluate
 from networks.common.config import ExperimentConfig as _BaseExperiment
 from networks.common.config import InferenceConfig as _BaseInference
 from networks.common.config import TrainConfig as _BaseTrain
-from networks.common.config import param
+from networks.common.config import cfg_get, param
 from networks.common.errors import ConfigError
 
 __all__ = [
@@ -207,13 +207,6 @@ class ExperimentConfig(_BaseExperiment):
     inference: MALInferenceExpConfig = param(MALInferenceExpConfig, description="Inference settings.")
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part] if isinstance(node, dict) else getattr(node, part)
-    return node
-
-
 def _blank(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip() in ("", "???"))
 
@@ -224,7 +217,7 @@ def check(cfg: Any, action: str) -> None:
     ``cfg`` is the merged spec (DictConfig or the dataclass).  Paths are only checked for being set here; their
     existence is checked through :func:`networks.mal.input_paths` by the engine.
     """
-    arch = _get(cfg, "model.arch")
+    arch = cfg_get(cfg, "model.arch")
     if arch not in SUPPORTED_ARCHS:
         if isinstance(arch, str) and arch.startswith("fan"):
             problem = (f"'{arch}' is a FAN backbone, which MAL cannot use (TAO's FAN returns no spatial "
@@ -233,11 +226,11 @@ def check(cfg: Any, action: str) -> None:
             problem = f"unknown backbone '{arch}'"
         raise ConfigError("model.arch", problem, "use one of: " + ", ".join(SUPPORTED_ARCHS))
 
-    dtype = _get(cfg, "dataset.type")
+    dtype = cfg_get(cfg, "dataset.type")
     if dtype != "coco":
         raise ConfigError("dataset.type", f"'{dtype}' is not supported", "MAL reads COCO JSON only: use 'coco'")
 
-    mask_thres = list(_get(cfg, "train.mask_thres"))
+    mask_thres = list(cfg_get(cfg, "train.mask_thres"))
     if len(mask_thres) not in (1, 3):
         raise ConfigError("train.mask_thres", f"has {len(mask_thres)} values",
                           "give one threshold, or three (small, medium, large)")
@@ -245,29 +238,29 @@ def check(cfg: Any, action: str) -> None:
         if not 0.0 <= float(t) <= 1.0:
             raise ConfigError("train.mask_thres", f"threshold {t} is outside [0, 1]")
 
-    margin = list(_get(cfg, "train.margin_rate"))
+    margin = list(cfg_get(cfg, "train.margin_rate"))
     if len(margin) != 2:
         raise ConfigError("train.margin_rate", f"has {len(margin)} values", "give [low, high], e.g. [0, 1.2]")
     if float(margin[0]) < 0 or float(margin[0]) > float(margin[1]):
         raise ConfigError("train.margin_rate", f"{margin} is not a range 0 <= low <= high")
-    test_margin = list(_get(cfg, "train.test_margin_rate"))
+    test_margin = list(cfg_get(cfg, "train.test_margin_rate"))
     if len(test_margin) < 1 or float(test_margin[0]) < 0:
         raise ConfigError("train.test_margin_rate", f"{test_margin} needs a first value >= 0")
 
-    if len(list(_get(cfg, "train.optim_betas"))) != 2:
+    if len(list(cfg_get(cfg, "train.optim_betas"))) != 2:
         raise ConfigError("train.optim_betas", "must have two values", "e.g. [0.9, 0.9]")
 
-    k = int(_get(cfg, "train.crf_kernel_size"))
+    k = int(cfg_get(cfg, "train.crf_kernel_size"))
     if k % 2 != 1:
         raise ConfigError("train.crf_kernel_size", f"{k} is even", "use an odd size such as 3")
 
-    lo, hi = float(_get(cfg, "train.crf_value_low_thres")), float(_get(cfg, "train.crf_value_high_thres"))
+    lo, hi = float(cfg_get(cfg, "train.crf_value_low_thres")), float(cfg_get(cfg, "train.crf_value_high_thres"))
     if not 0.0 < lo < hi < 1.0:
         raise ConfigError("train.crf_value_low_thres",
                           f"clamp range [{lo}, {hi}] must satisfy 0 < low < high < 1")
 
     if action == "train":
-        epochs, warm = int(_get(cfg, "train.num_epochs")), int(_get(cfg, "train.warmup_epochs"))
+        epochs, warm = int(cfg_get(cfg, "train.num_epochs")), int(cfg_get(cfg, "train.warmup_epochs"))
         if epochs <= warm:
             # TAO divides by zero here; we run warm-up only (the LR ramps up and then stays at its peak)
             import logging
@@ -276,18 +269,18 @@ def check(cfg: Any, action: str) -> None:
                 "train.warmup_epochs=%d is not below train.num_epochs=%d: the whole run is warm-up, no cosine decay",
                 warm, epochs)
         for key in ("dataset.train_ann_path", "dataset.train_img_dir"):
-            if _blank(_get(cfg, key)):
+            if _blank(cfg_get(cfg, key)):
                 raise ConfigError(key, "is not set", "training needs the training annotations and images")
         for key in ("dataset.val_ann_path", "dataset.val_img_dir"):
-            if _blank(_get(cfg, key)):
+            if _blank(cfg_get(cfg, key)):
                 raise ConfigError(key, "is not set", "training validates every validation_interval epochs")
     elif action == "evaluate":
         for key in ("dataset.val_ann_path", "dataset.val_img_dir"):
-            if _blank(_get(cfg, key)):
+            if _blank(cfg_get(cfg, key)):
                 raise ConfigError(key, "is not set", "evaluate reads the validation annotations and images")
     elif action == "inference":
         for key in ("inference.ann_path", "inference.img_dir"):
-            if _blank(_get(cfg, key)):
+            if _blank(cfg_get(cfg, key)):
                 raise ConfigError(key, "is not set", "inference labels the boxes of this COCO JSON")
-        if _blank(_get(cfg, "inference.label_dump_path")):
+        if _blank(cfg_get(cfg, "inference.label_dump_path")):
             raise ConfigError("inference.label_dump_path", "is empty", "name the output JSON file")

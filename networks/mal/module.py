@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from networks.common.coco_io import mask_to_rle
 from networks.common.distributed import gather_lists
 from networks.common.metrics import InstanceIoU, as_metrics, coco_mask_ap, defined_metrics, mask_iou
+from networks.common.network import TrainerTraits
 from networks.mal.criterion import MeanField, mal_losses
-from networks.mal.model import MALNetwork, area_bin, build_mal_networks, ema_update
+from networks.mal.model import area_bin, build_mal_networks, ema_update
 
 __all__ = ["MALModule", "warmup_cosine_lr"]
 
@@ -78,94 +79,61 @@ class MALModule(pl.LightningModule):
     predict (``mean_instance_iou``: plain mean over instances, when the input has masks).
     """
 
-    #: the teacher and timm's unused classifier never receive gradients (read by the engine for DDP)
-    find_unused_parameters = True
+    def __init__(self, cfg: Any, ctx: Any):
+        """Build the module from the validated spec (TAO field names) and the run context (``ctx.action``,
+        ``ctx.num_devices``, ``ctx.resuming``, ``ctx.run_dir``, ``ctx.log``).
 
-    def __init__(self, student: MALNetwork, teacher: MALNetwork, mean_field: MeanField, *,
-                 lr: float, min_lr_rate: float = 0.2, wd: float = 5e-4, optim_eps: float = 1e-8,
-                 optim_betas: Sequence[float] = (0.9, 0.9), warmup_epochs: float = 1, num_epochs: int = 10,
-                 num_wave: float = 1.0, steps_per_epoch: int | None = None, teacher_momentum: float = 0.996,
-                 loss_mil_weight: float = 4.0, loss_crf_weight: float = 0.5, loss_mil_step: int = 1000,
-                 loss_crf_step: int = 4000, crf_size_ratio: int = 1, mask_thres: Sequence[float] = (0.1,),
-                 use_mixed_model_test: bool = False, use_teacher_test: bool = False, use_flip_test: bool = False,
-                 label_dump_path: str | Path | None = None, num_overlays: int = 0):
+        Pretrained weights (``train.pretrained_model_path``) are loaded for ``train`` unless ``ctx.resuming``.
+        No annotation file is read here: category ids come with each sample and the schedule length comes from
+        the Trainer (:meth:`_steps_per_epoch`).
+        """
         super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.mean_field = mean_field
+        tr, ev = cfg.train, cfg.evaluate
+        action = getattr(ctx, "action", "train")
+        #: the teacher and timm's unused classifier never receive gradients (read by the engine for DDP)
+        self.trainer_traits = TrainerTraits(find_unused_parameters=True)
+        load_pretrained = action == "train" and not getattr(ctx, "resuming", False)
+        self.student, self.teacher = build_mal_networks(cfg, resuming=not load_pretrained,
+                                                        log=getattr(ctx, "log", None))
+        self.mean_field = MeanField(int(tr.crf_kernel_size), float(tr.crf_zeta), int(tr.crf_num_iter),
+                                    float(tr.crf_value_low_thres), float(tr.crf_value_high_thres))
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.lr = float(lr)
-        self.min_lr = float(lr) * float(min_lr_rate)
-        self.wd = float(wd)
-        self.optim_eps = float(optim_eps)
-        self.optim_betas = tuple(float(b) for b in optim_betas)
-        self.warmup_epochs = float(warmup_epochs)
-        self.num_epochs = float(num_epochs)
-        self.num_wave = float(num_wave)
-        self.steps_per_epoch = steps_per_epoch
-        self.teacher_momentum = float(teacher_momentum)
-        self.loss_kw = dict(loss_mil_weight=float(loss_mil_weight), loss_crf_weight=float(loss_crf_weight),
-                            loss_mil_step=int(loss_mil_step), loss_crf_step=int(loss_crf_step),
-                            crf_size_ratio=int(crf_size_ratio))
-        self.mask_thres = _thresholds(mask_thres)
-        self.use_mixed_model_test = bool(use_mixed_model_test)
-        self.use_teacher_test = bool(use_teacher_test)
-        self.use_flip_test = bool(use_flip_test)
-        self.label_dump_path = Path(label_dump_path) if label_dump_path else None
-        self.num_overlays = int(num_overlays)
-        #: where overlay PNGs go (set from the run dir by ``from_config``; else beside the pseudo-label JSON)
+        devices = max(1, int(getattr(ctx, "num_devices", 1)))
+        self.lr = float(tr.lr) * devices * int(tr.batch_size)  # base × world size × per-device batch
+        self.min_lr = self.lr * float(tr.min_lr_rate)
+        self.wd = float(tr.wd)
+        self.optim_eps = float(tr.optim_eps)
+        self.optim_betas = tuple(float(b) for b in tr.optim_betas)
+        self.warmup_epochs = float(tr.warmup_epochs)
+        self.num_epochs = float(int(tr.num_epochs))
+        self.num_wave = float(tr.num_wave)
+        #: optimizer steps per epoch when no Trainer is attached (else the Trainer's estimate is used)
+        self.steps_per_epoch: int | None = None
+        self.teacher_momentum = float(cfg.model.teacher_momentum)
+        self.loss_kw = dict(loss_mil_weight=float(tr.loss_mil_weight), loss_crf_weight=float(tr.loss_crf_weight),
+                            loss_mil_step=int(tr.loss_mil_step), loss_crf_step=int(tr.loss_crf_step),
+                            crf_size_ratio=int(tr.crf_size_ratio))
+        self.mask_thres = _thresholds(list(tr.mask_thres))
+        self.use_mixed_model_test = bool(ev.use_mixed_model_test)
+        self.use_teacher_test = bool(ev.use_teacher_test)
+        self.use_flip_test = bool(ev.use_flip_test)
+        self.label_dump_path: Path | None = None
+        self.num_overlays = int(ev.get("num_overlays", 0) or 0) if action == "evaluate" else 0
+        if action == "inference":
+            from networks.mal.postprocess import resolve_label_dump_path
+
+            self.label_dump_path = resolve_label_dump_path(cfg.inference.label_dump_path, ctx.run_dir)
+            self.num_overlays = int(cfg.inference.get("num_overlays", 0) or 0)
+        #: where overlay PNGs go (``<run_dir>/overlays`` for evaluate/inference; else beside the pseudo-label JSON)
         self.overlay_dir: Path | None = None
+        if action in ("inference", "evaluate") and getattr(ctx, "run_dir", None) is not None:
+            self.overlay_dir = Path(ctx.run_dir) / "overlays"
         self.kpi: dict[str, float] = {}
         self.outputs: dict[str, Any] = {}
         self._ema_seen_step = 0
         self._records: list[dict] = []
         self._predictions: list[dict] = []
-
-    # ------------------------------------------------------------------------------------------ building
-    @classmethod
-    def from_config(cls, cfg: Any, ctx: Any, categories: Sequence[dict] | None = None,
-                    num_train_batches_per_epoch: int | None = None) -> MALModule:
-        """Build the module from the validated spec (TAO field names) and the run context.
-
-        Pretrained weights (``train.pretrained_model_path``) are loaded for ``train`` unless ``ctx.resuming``.
-        ``num_train_batches_per_epoch`` (full, unsharded loader) is only a fallback for the schedule length when
-        no Trainer is attached; ``categories`` is accepted for the interface (ids come with each sample).
-        """
-        del categories
-        tr, ev = cfg.train, cfg.evaluate
-        action = getattr(ctx, "action", "train")
-        load_pretrained = action == "train" and not getattr(ctx, "resuming", False)
-        student, teacher = build_mal_networks(cfg, resuming=not load_pretrained, log=getattr(ctx, "log", None))
-        mean_field = MeanField(int(tr.crf_kernel_size), float(tr.crf_zeta), int(tr.crf_num_iter),
-                               float(tr.crf_value_low_thres), float(tr.crf_value_high_thres))
-        devices = max(1, int(getattr(ctx, "num_devices", 1)))
-        steps = None
-        if num_train_batches_per_epoch:
-            per_device = math.ceil(int(num_train_batches_per_epoch) / devices)
-            steps = max(1, math.ceil(per_device / max(1, int(tr.accum_grad_batches))))
-        label_dump = None
-        num_overlays = int(ev.get("num_overlays", 0) or 0) if action == "evaluate" else 0
-        if action == "inference":
-            from networks.mal.postprocess import resolve_label_dump_path
-
-            label_dump = resolve_label_dump_path(cfg.inference.label_dump_path, ctx.run_dir)
-            num_overlays = int(cfg.inference.get("num_overlays", 0) or 0)
-        module = cls(
-            student, teacher, mean_field,
-            lr=float(tr.lr) * devices * int(tr.batch_size), min_lr_rate=float(tr.min_lr_rate), wd=float(tr.wd),
-            optim_eps=float(tr.optim_eps), optim_betas=list(tr.optim_betas), warmup_epochs=float(tr.warmup_epochs),
-            num_epochs=int(tr.num_epochs), num_wave=float(tr.num_wave), steps_per_epoch=steps,
-            teacher_momentum=float(cfg.model.teacher_momentum), loss_mil_weight=float(tr.loss_mil_weight),
-            loss_crf_weight=float(tr.loss_crf_weight), loss_mil_step=int(tr.loss_mil_step),
-            loss_crf_step=int(tr.loss_crf_step), crf_size_ratio=int(tr.crf_size_ratio),
-            mask_thres=list(tr.mask_thres), use_mixed_model_test=bool(ev.use_mixed_model_test),
-            use_teacher_test=bool(ev.use_teacher_test), use_flip_test=bool(ev.use_flip_test),
-            label_dump_path=label_dump, num_overlays=num_overlays,
-        )
-        if action in ("inference", "evaluate") and getattr(ctx, "run_dir", None) is not None:
-            module.overlay_dir = Path(ctx.run_dir) / "overlays"
-        return module
 
     def train(self, mode: bool = True):
         """Lightning toggles train/eval; the teacher always stays in eval mode (deterministic targets)."""

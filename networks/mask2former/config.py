@@ -298,9 +298,6 @@ def _split_needs(split: Any, key: str) -> list[tuple[str, str]]:
 
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
-    if action in ("gen_trt_engine", "quantize"):
-        raise ConfigError(action, "is not part of tao-cli yet",
-                          f"use tao-deploy (`mask2former {action}`) with the ONNX file from `export`")
     model = cfg.model
     if model.backbone.type == "efficientvit":
         raise ConfigError("model.backbone.type", "'efficientvit' is not supported yet in tao-cli",

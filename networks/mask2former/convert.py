@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from networks.backbones.swin import SWIN_PRESETS
+from networks.common.config import cfg_get
 from networks.common.errors import CheckpointError, ConfigError
 
 __all__ = ["hf_to_tao_state_dict", "hf_config_to_spec_overrides", "relative_position_index"]
@@ -171,12 +172,6 @@ def hf_to_tao_state_dict(hf_sd: Mapping[str, torch.Tensor], num_classes: int) ->
     return out
 
 
-def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
 def hf_config_to_spec_overrides(hf_config: Any) -> dict[str, Any]:
     """Spec overrides ``{"model": {"backbone": {...}, "sem_seg_head": {...}, "mask_former": {...}}}`` that build
     a model matching an HF ``Mask2FormerConfig`` (object or ``to_dict()`` output).
@@ -185,69 +180,69 @@ def hf_config_to_spec_overrides(hf_config: Any) -> dict[str, Any]:
     Raises :class:`ConfigError` for settings this implementation cannot reproduce (non-Swin backbone, pixel-decoder
     FFN other than 1024, an activation other than ReLU).
     """
-    bb = _cfg_get(hf_config, "backbone_config")
-    if bb is None or _cfg_get(bb, "model_type") != "swin":
-        raise ConfigError("backbone_config", f"model_type {_cfg_get(bb, 'model_type')!r} is not supported",
+    bb = cfg_get(hf_config, "backbone_config")
+    if bb is None or cfg_get(bb, "model_type") != "swin":
+        raise ConfigError("backbone_config", f"model_type {cfg_get(bb, 'model_type')!r} is not supported",
                           "only Swin backbones can be converted")
-    ffn = int(_cfg_get(hf_config, "encoder_feedforward_dim", 1024))
+    ffn = int(cfg_get(hf_config, "encoder_feedforward_dim", 1024))
     if ffn != 1024:
         raise ConfigError("encoder_feedforward_dim", f"{ffn} is not supported (TAO hard-codes 1024)",
                           "convert a model with encoder_feedforward_dim=1024")
-    act = _cfg_get(hf_config, "activation_function", "relu")
+    act = cfg_get(hf_config, "activation_function", "relu")
     if act != "relu":
         raise ConfigError("activation_function", f"{act!r} is not supported", "only relu is implemented")
-    embed_dim = int(_cfg_get(bb, "embed_dim"))
-    depths = [int(d) for d in _cfg_get(bb, "depths")]
-    heads = [int(h) for h in _cfg_get(bb, "num_heads")]
+    embed_dim = int(cfg_get(bb, "embed_dim"))
+    depths = [int(d) for d in cfg_get(bb, "depths")]
+    heads = [int(h) for h in cfg_get(bb, "num_heads")]
     swin_type = "custom"
     for name, (e, d, h) in SWIN_PRESETS.items():
         if (e, list(d), list(h)) == (embed_dim, depths, heads):
             swin_type = name
             break
-    num_labels = _cfg_get(hf_config, "num_labels")
+    num_labels = cfg_get(hf_config, "num_labels")
     if num_labels is None:
-        id2label = _cfg_get(hf_config, "id2label") or {}
+        id2label = cfg_get(hf_config, "id2label") or {}
         num_labels = len(id2label)
     swin = {
         "type": swin_type,
         "embed_dim": embed_dim,
         "depths": depths,
         "num_heads": heads,
-        "patch_size": int(_cfg_get(bb, "patch_size", 4)),
-        "window_size": int(_cfg_get(bb, "window_size", 7)),
-        "mlp_ratio": float(_cfg_get(bb, "mlp_ratio", 4.0)),
-        "qkv_bias": bool(_cfg_get(bb, "qkv_bias", True)),
-        "drop_rate": float(_cfg_get(bb, "hidden_dropout_prob", 0.0)),
-        "attn_drop_rate": float(_cfg_get(bb, "attention_probs_dropout_prob", 0.0)),
-        "drop_path_rate": float(_cfg_get(bb, "drop_path_rate", 0.1)),
-        "ape": bool(_cfg_get(bb, "use_absolute_embeddings", False)),
+        "patch_size": int(cfg_get(bb, "patch_size", 4)),
+        "window_size": int(cfg_get(bb, "window_size", 7)),
+        "mlp_ratio": float(cfg_get(bb, "mlp_ratio", 4.0)),
+        "qkv_bias": bool(cfg_get(bb, "qkv_bias", True)),
+        "drop_rate": float(cfg_get(bb, "hidden_dropout_prob", 0.0)),
+        "attn_drop_rate": float(cfg_get(bb, "attention_probs_dropout_prob", 0.0)),
+        "drop_path_rate": float(cfg_get(bb, "drop_path_rate", 0.1)),
+        "ape": bool(cfg_get(bb, "use_absolute_embeddings", False)),
         "patch_norm": True,
-        "pretrain_img_size": int(_cfg_get(bb, "image_size", 224)),
+        "pretrain_img_size": int(cfg_get(bb, "image_size", 224)),
         "out_features": ["res2", "res3", "res4", "res5"],
     }
     return {
         "model": {
             "backbone": {"type": "swin", "swin": swin},
             "sem_seg_head": {
-                "common_stride": int(_cfg_get(hf_config, "common_stride", 4)),
-                "transformer_enc_layers": int(_cfg_get(hf_config, "encoder_layers", 6)),
-                "convs_dim": int(_cfg_get(hf_config, "feature_size", 256)),
-                "mask_dim": int(_cfg_get(hf_config, "mask_feature_size", 256)),
+                "common_stride": int(cfg_get(hf_config, "common_stride", 4)),
+                "transformer_enc_layers": int(cfg_get(hf_config, "encoder_layers", 6)),
+                "convs_dim": int(cfg_get(hf_config, "feature_size", 256)),
+                "mask_dim": int(cfg_get(hf_config, "mask_feature_size", 256)),
                 "num_classes": int(num_labels),
             },
             "mask_former": {
-                "dropout": float(_cfg_get(hf_config, "dropout", 0.0)),
-                "nheads": int(_cfg_get(hf_config, "num_attention_heads", 8)),
-                "num_object_queries": int(_cfg_get(hf_config, "num_queries", 100)),
-                "hidden_dim": int(_cfg_get(hf_config, "hidden_dim", 256)),
-                "dim_feedforward": int(_cfg_get(hf_config, "dim_feedforward", 2048)),
-                "dec_layers": int(_cfg_get(hf_config, "decoder_layers", 10)),
-                "pre_norm": bool(_cfg_get(hf_config, "pre_norm", False)),
-                "class_weight": float(_cfg_get(hf_config, "class_weight", 2.0)),
-                "dice_weight": float(_cfg_get(hf_config, "dice_weight", 5.0)),
-                "mask_weight": float(_cfg_get(hf_config, "mask_weight", 5.0)),
-                "no_object_weight": float(_cfg_get(hf_config, "no_object_weight", 0.1)),
-                "deep_supervision": bool(_cfg_get(hf_config, "use_auxiliary_loss", True)),
+                "dropout": float(cfg_get(hf_config, "dropout", 0.0)),
+                "nheads": int(cfg_get(hf_config, "num_attention_heads", 8)),
+                "num_object_queries": int(cfg_get(hf_config, "num_queries", 100)),
+                "hidden_dim": int(cfg_get(hf_config, "hidden_dim", 256)),
+                "dim_feedforward": int(cfg_get(hf_config, "dim_feedforward", 2048)),
+                "dec_layers": int(cfg_get(hf_config, "decoder_layers", 10)),
+                "pre_norm": bool(cfg_get(hf_config, "pre_norm", False)),
+                "class_weight": float(cfg_get(hf_config, "class_weight", 2.0)),
+                "dice_weight": float(cfg_get(hf_config, "dice_weight", 5.0)),
+                "mask_weight": float(cfg_get(hf_config, "mask_weight", 5.0)),
+                "no_object_weight": float(cfg_get(hf_config, "no_object_weight", 0.1)),
+                "deep_supervision": bool(cfg_get(hf_config, "use_auxiliary_loss", True)),
             },
         }
     }

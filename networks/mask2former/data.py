@@ -18,12 +18,12 @@ A sample is a dict: ``image`` float [3, h, w] normalised (``(img/255 - mean)/std
 [N, h, w], ``labels`` int64 [N] (1..C), ``sem_seg`` int64 [h, w] (class index, 0 = ignore), ``image_id``,
 ``file_name``, ``orig_size`` (H0, W0) of the image file, and ``gt`` (evaluation only): the ground truth at the
 **original** resolution (see :meth:`Mask2FormerDataset.full_res_gt`).  :func:`collate` pads a batch at the
-bottom/right to a common size divisible by 32 – after normalisation, with 0 – and returns a ``padding_mask``.
+bottom/right to a common size divisible by 32 – after normalisation, with 0 – and returns a ``pixel_mask``
+(True = valid pixel).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from networks.common.errors import CheckpointError, ConfigError, DataError, TaoUserError
 from networks.common.io import read_json
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
+from networks.ops.padding import pad_images
 
 __all__ = [
     "Category",
@@ -637,8 +638,9 @@ def raise_if_error(batch: dict) -> None:
 def collate(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> dict:
     """Pad a list of samples to one batch (bottom/right, to the batch max rounded up to ``size_divisibility``).
 
-    Returns ``images`` float [B, 3, Hp, Wp] (padding = 0 after normalisation), ``padding_mask`` bool
-    [B, Hp, Wp] (True = padded), ``sem_seg`` int64 [B, Hp, Wp] (0 = ignore, also on padding),
+    Returns ``images`` float [B, 3, Hp, Wp] (padding = 0 after normalisation), ``pixel_mask`` bool
+    [B, Hp, Wp] (True = valid pixel; :func:`networks.ops.padding.pad_images`), ``sem_seg`` int64 [B, Hp, Wp]
+    (0 = ignore, also on padding),
     ``targets`` ``[{"labels" [N], "masks" bool [N, Hp, Wp], "valid_extent" float [2] = (w/Wp, h/Hp)}]``,
     ``image_sizes`` [(h, w)] before padding, and per-image ``orig_sizes``, ``image_ids``, ``file_names``,
     ``gts`` (and ``paths`` for prediction).  If a sample failed with a user error (bad record), the batch is
@@ -649,17 +651,12 @@ def collate(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> 
             return {"_error": s["_error"]}
     hs = [s["image"].shape[1] for s in samples]
     ws = [s["image"].shape[2] for s in samples]
-    d = size_divisibility
-    Hp, Wp = int(math.ceil(max(hs) / d) * d), int(math.ceil(max(ws) / d) * d)
-    B = len(samples)
-    images = samples[0]["image"].new_zeros((B, 3, Hp, Wp))
-    padding_mask = torch.ones((B, Hp, Wp), dtype=torch.bool)
+    images, pixel_mask = pad_images([s["image"] for s in samples], size_divisibility)
+    B, _, Hp, Wp = images.shape
     sem = torch.zeros((B, Hp, Wp), dtype=torch.int64)
     targets = []
     for i, s in enumerate(samples):
         h, w = hs[i], ws[i]
-        images[i, :, :h, :w] = s["image"]
-        padding_mask[i, :h, :w] = False
         sem[i, :h, :w] = s["sem_seg"]
         masks = torch.zeros((s["masks"].shape[0], Hp, Wp), dtype=torch.bool)
         masks[:, :h, :w] = s["masks"]
@@ -667,7 +664,7 @@ def collate(samples: list[dict], size_divisibility: int = SIZE_DIVISIBILITY) -> 
                         "valid_extent": torch.tensor([w / Wp, h / Hp], dtype=torch.float32)})
     batch = {
         "images": images,
-        "padding_mask": padding_mask,
+        "pixel_mask": pixel_mask,
         "sem_seg": sem,
         "targets": targets,
         "image_sizes": list(zip(hs, ws, strict=False)),

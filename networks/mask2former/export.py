@@ -17,7 +17,6 @@ op or TensorRT plugin is needed; opset 17 or higher.
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
-from networks.common.io import atomic_path
+from networks.common.onnx_export import MIN_OPSET, check_export_args, export_onnx_file
+from networks.common.onnx_export import onnx_parity as shared_parity
 from networks.mask2former.postprocess import instance_topk, semantic_probs
 
 __all__ = ["OUTPUT_NAMES", "ExportWrapper", "export_onnx", "onnx_parity", "load_model_weights", "run_export"]
@@ -38,7 +38,6 @@ OUTPUT_NAMES: dict[str, list[str]] = {
     "instance": ["pred_masks", "pred_scores", "pred_classes"],
     "panoptic": ["prob_masks", "pred_masks", "pred_scores", "pred_classes"],
 }
-MIN_OPSET = 17
 
 
 class ExportWrapper(nn.Module):
@@ -83,45 +82,20 @@ def export_onnx(model: nn.Module, mode: str, out_path: str | Path, input_hw: tup
     ``input_hw`` (H, W) is static; ``batch_size`` −1 makes the batch axis dynamic (traced with batch 1).
     Raises :class:`ConfigError` for opset < 17 or a size that is not a multiple of 32.
     """
-    if opset < MIN_OPSET:
-        raise ConfigError("export.opset_version", f"{opset} is too low", f"use {MIN_OPSET} or higher")
-    H, W = int(input_hw[0]), int(input_hw[1])
-    if H % 32 or W % 32:
-        raise ConfigError("export.input_height", f"input {H}x{W} must be a multiple of 32")
+    H, W = check_export_args(opset, input_hw)
     wrapper = ExportWrapper(model, mode, topk).eval()
     b = 1 if batch_size in (None, -1) else int(batch_size)
     ref = next(model.parameters(), None)
     dummy = torch.ones(b, 3, H, W, device=ref.device if ref is not None else None)
-    names = OUTPUT_NAMES[mode]
-    dynamic_axes = None
-    if batch_size in (None, -1):
-        dynamic_axes = {"inputs": {0: "batch"}, **{n: {0: "batch"} for n in names}}
-    out_path = Path(out_path)
-    with atomic_path(out_path, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
-        # Tracing warns about every shape-dependent Python branch; H and W are static here by design.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (dummy,), str(tmp), input_names=["inputs"], output_names=names,
-                          opset_version=int(opset), dynamic_axes=dynamic_axes, do_constant_folding=True,
-                          verbose=verbose, dynamo=False)
-        import onnx
-
-        onnx.checker.check_model(str(tmp))
-    return out_path
+    return export_onnx_file(wrapper, (dummy,), out_path, ["inputs"], OUTPUT_NAMES[mode], opset=opset,
+                            dynamic_batch="batch" if batch_size in (None, -1) else None, verbose=verbose,
+                            ignore_warnings=torch.jit.TracerWarning)
 
 
 def onnx_parity(model: nn.Module, mode: str, onnx_path: str | Path, inputs: torch.Tensor, topk: int = 100
                 ) -> dict[str, float]:
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on ``inputs``; ``{output name: max |diff|}``."""
-    import numpy as np
-    import onnxruntime as ort
-
-    wrapper = ExportWrapper(model, mode, topk).eval()
-    with torch.no_grad():
-        expected = [t.detach().cpu().numpy() for t in wrapper(inputs)]
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {"inputs": inputs.detach().cpu().numpy()})
-    return {name: float(np.max(np.abs(g.astype(np.float64) - e.astype(np.float64)))) if e.size else 0.0
-            for name, g, e in zip(OUTPUT_NAMES[mode], got, expected, strict=False)}
+    return shared_parity(ExportWrapper(model, mode, topk), onnx_path, (inputs,), ["inputs"], OUTPUT_NAMES[mode])
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",

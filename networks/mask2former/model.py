@@ -23,6 +23,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 from networks.backbones.swin import SWIN_PRESETS, SwinTransformer, load_swin_weights
+from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, read_weights_file
 from networks.ops.layers import MLP, ConvNorm, build_norm2d, c2_xavier_fill
@@ -415,16 +416,6 @@ class Mask2FormerModel(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _get(cfg: Any, name: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        value = cfg.get(name, default)
-    else:
-        value = getattr(cfg, name, default)
-    return default if value is None else value
-
-
 def _as_list(value) -> list:
     return [v for v in value]
 
@@ -432,17 +423,17 @@ def _as_list(value) -> list:
 def build_backbone(backbone_cfg: Any, *, activation_checkpoint: bool = False) -> SwinTransformer:
     """Swin backbone from ``model.backbone`` (``type`` must be ``swin``; ``swin.type`` picks the preset or
     ``custom`` to use ``embed_dim``/``depths``/``num_heads`` as written).  All four stages are computed."""
-    btype = _get(backbone_cfg, "type", "swin")
+    btype = cfg_get(backbone_cfg, "type", "swin")
     if btype != "swin":
         raise ConfigError("model.backbone.type", f"'{btype}' is not supported", "use 'swin'")
-    swin = _get(backbone_cfg, "swin", None)
-    stype = _get(swin, "type", "tiny")
+    swin = cfg_get(backbone_cfg, "swin", None)
+    stype = cfg_get(swin, "type", "tiny")
     if stype in SWIN_PRESETS:
         embed_dim, depths, num_heads = SWIN_PRESETS[stype]
     elif stype == "custom":
-        embed_dim = int(_get(swin, "embed_dim", 96))
-        depths = [int(d) for d in _as_list(_get(swin, "depths", [2, 2, 6, 2]))]
-        num_heads = [int(h) for h in _as_list(_get(swin, "num_heads", [3, 6, 12, 24]))]
+        embed_dim = int(cfg_get(swin, "embed_dim", 96))
+        depths = [int(d) for d in _as_list(cfg_get(swin, "depths", [2, 2, 6, 2]))]
+        num_heads = [int(h) for h in _as_list(cfg_get(swin, "num_heads", [3, 6, 12, 24]))]
     else:
         raise ConfigError("model.backbone.swin.type", f"'{stype}' is not one of {', '.join(SWIN_TYPES)}",
                           "use a preset, or 'custom' to take embed_dim/depths/num_heads as written")
@@ -456,18 +447,18 @@ def build_backbone(backbone_cfg: Any, *, activation_checkpoint: bool = False) ->
                               "choose embed_dim and num_heads so each stage width divides evenly")
     return SwinTransformer(
         embed_dim=embed_dim, depths=depths, num_heads=num_heads,
-        window_size=int(_get(swin, "window_size", 7)),
-        mlp_ratio=float(_get(swin, "mlp_ratio", 4.0)),
-        qkv_bias=bool(_get(swin, "qkv_bias", True)),
-        drop_rate=float(_get(swin, "drop_rate", 0.0)),
-        attn_drop_rate=float(_get(swin, "attn_drop_rate", 0.0)),
-        drop_path_rate=float(_get(swin, "drop_path_rate", 0.3)),
-        ape=bool(_get(swin, "ape", False)),
-        patch_norm=bool(_get(swin, "patch_norm", True)),
+        window_size=int(cfg_get(swin, "window_size", 7)),
+        mlp_ratio=float(cfg_get(swin, "mlp_ratio", 4.0)),
+        qkv_bias=bool(cfg_get(swin, "qkv_bias", True)),
+        drop_rate=float(cfg_get(swin, "drop_rate", 0.0)),
+        attn_drop_rate=float(cfg_get(swin, "attn_drop_rate", 0.0)),
+        drop_path_rate=float(cfg_get(swin, "drop_path_rate", 0.3)),
+        ape=bool(cfg_get(swin, "ape", False)),
+        patch_norm=bool(cfg_get(swin, "patch_norm", True)),
         out_indices=(0, 1, 2, 3),  # TAO ignores swin.out_indices; out_features selects the maps
-        pretrain_img_size=int(_get(swin, "pretrain_img_size", 384)),
-        use_checkpoint=bool(_get(swin, "use_checkpoint", False)) or activation_checkpoint,
-        patch_size=int(_get(swin, "patch_size", 4)),
+        pretrain_img_size=int(cfg_get(swin, "pretrain_img_size", 384)),
+        use_checkpoint=bool(cfg_get(swin, "use_checkpoint", False)) or activation_checkpoint,
+        patch_size=int(cfg_get(swin, "patch_size", 4)),
     )
 
 
@@ -477,17 +468,17 @@ def build_model(model_cfg: Any, *, activation_checkpoint: bool = False) -> Mask2
     ``activation_checkpoint`` (``train.activation_checkpoint``) checkpoints Swin blocks, encoder layers and
     decoder layers.  Pretrained weights are *not* loaded here; see :func:`load_backbone_weights`.
     """
-    backbone_cfg = _get(model_cfg, "backbone", None)
-    head = _get(model_cfg, "sem_seg_head", None)
-    mf = _get(model_cfg, "mask_former", None)
+    backbone_cfg = cfg_get(model_cfg, "backbone", None)
+    head = cfg_get(model_cfg, "sem_seg_head", None)
+    mf = cfg_get(model_cfg, "mask_former", None)
     backbone = build_backbone(backbone_cfg, activation_checkpoint=activation_checkpoint)
-    swin = _get(backbone_cfg, "swin", None)
-    out_features = [str(f) for f in _as_list(_get(swin, "out_features", ["res2", "res3", "res4", "res5"]))]
+    swin = cfg_get(backbone_cfg, "swin", None)
+    out_features = [str(f) for f in _as_list(cfg_get(swin, "out_features", ["res2", "res3", "res4", "res5"]))]
     unknown = [f for f in out_features if f not in backbone.out_channels]
     if unknown:
         raise ConfigError("model.backbone.swin.out_features", f"unknown feature(s) {unknown}",
                           f"choose from {sorted(backbone.out_channels)}")
-    enc_in = [str(f) for f in _as_list(_get(head, "deformable_transformer_encoder_in_features",
+    enc_in = [str(f) for f in _as_list(cfg_get(head, "deformable_transformer_encoder_in_features",
                                             ["res3", "res4", "res5"]))]
     missing = [f for f in enc_in if f not in out_features]
     if missing:
@@ -497,32 +488,32 @@ def build_model(model_cfg: Any, *, activation_checkpoint: bool = False) -> Mask2
     if len(enc_in) != 3:
         raise ConfigError("model.sem_seg_head.deformable_transformer_encoder_in_features",
                           f"needs exactly 3 levels, got {enc_in}", "use [res3, res4, res5]")
-    conv_dim = int(_get(head, "convs_dim", 256))
-    mask_dim = int(_get(head, "mask_dim", 256))
-    hidden_dim = int(_get(mf, "hidden_dim", 256))
-    nheads = int(_get(mf, "nheads", 8))
-    norm = str(_get(head, "norm", "GN"))
+    conv_dim = int(cfg_get(head, "convs_dim", 256))
+    mask_dim = int(cfg_get(head, "mask_dim", 256))
+    hidden_dim = int(cfg_get(mf, "hidden_dim", 256))
+    nheads = int(cfg_get(mf, "nheads", 8))
+    norm = str(cfg_get(head, "norm", "GN"))
     for key, dim in (("model.sem_seg_head.convs_dim", conv_dim),):
         if dim % 32:
             raise ConfigError(key, f"{dim} is not a multiple of 32 (GroupNorm uses 32 groups)", "use e.g. 256")
     if conv_dim % nheads or hidden_dim % nheads:
         raise ConfigError("model.mask_former.nheads", f"{nheads} does not divide convs_dim {conv_dim} and "
                           f"hidden_dim {hidden_dim}", "choose a divisor of both")
-    dec_layers = int(_get(mf, "dec_layers", 10))
+    dec_layers = int(cfg_get(mf, "dec_layers", 10))
     if dec_layers < 1:
         raise ConfigError("model.mask_former.dec_layers", f"{dec_layers} < 1", "use at least 1")
     channels = {k: backbone.out_channels[k] for k in out_features}
     strides = {k: backbone.out_strides[k] for k in out_features}
     pixel_decoder = MSDeformAttnPixelDecoder(
         channels, strides, transformer_in_features=enc_in, conv_dim=conv_dim, mask_dim=mask_dim,
-        transformer_enc_layers=int(_get(head, "transformer_enc_layers", 6)), nheads=nheads,
-        dropout=float(_get(mf, "dropout", 0.0)), dim_feedforward=1024, norm=norm,
-        common_stride=int(_get(head, "common_stride", 4)), use_checkpoint=activation_checkpoint)
+        transformer_enc_layers=int(cfg_get(head, "transformer_enc_layers", 6)), nheads=nheads,
+        dropout=float(cfg_get(mf, "dropout", 0.0)), dim_feedforward=1024, norm=norm,
+        common_stride=int(cfg_get(head, "common_stride", 4)), use_checkpoint=activation_checkpoint)
     predictor = MultiScaleMaskedTransformerDecoder(
-        in_channels=conv_dim, num_classes=int(_get(head, "num_classes", 200)), hidden_dim=hidden_dim,
-        num_queries=int(_get(mf, "num_object_queries", 100)), nheads=nheads,
-        dim_feedforward=int(_get(mf, "dim_feedforward", 2048)), num_layers=dec_layers - 1,
-        pre_norm=bool(_get(mf, "pre_norm", False)), mask_dim=mask_dim, use_checkpoint=activation_checkpoint)
+        in_channels=conv_dim, num_classes=int(cfg_get(head, "num_classes", 200)), hidden_dim=hidden_dim,
+        num_queries=int(cfg_get(mf, "num_object_queries", 100)), nheads=nheads,
+        dim_feedforward=int(cfg_get(mf, "dim_feedforward", 2048)), num_layers=dec_layers - 1,
+        pre_norm=bool(cfg_get(mf, "pre_norm", False)), mask_dim=mask_dim, use_checkpoint=activation_checkpoint)
     # the backbone always computes all four stages (as TAO); the decoder only reads out_features
     return Mask2FormerModel(backbone, pixel_decoder, predictor)
 

@@ -31,8 +31,10 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
-from networks.common.distributed import gather_objects, is_rank_zero
+from networks.common.context import run_output_dir
+from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.network import TrainerTraits
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
@@ -180,16 +182,13 @@ class Mask2FormerModule(pl.LightningModule):
         label_map: classes (default: read from ``dataset.label_map`` when set).
     """
 
-    # Class default for the engine; __init__ refines it from train.activation_checkpoint as TAO does.
-    find_unused_parameters = True
-
     def __init__(self, cfg: Any, ctx: Any = None, model: nn.Module | None = None,
                  label_map: LabelMap | None = None):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
         # TAO: plain DDP with activation checkpointing, else find_unused_parameters (e.g. frozen parts).
-        self.find_unused_parameters = not bool(cfg.train.activation_checkpoint)
+        self.trainer_traits = TrainerTraits(find_unused_parameters=not bool(cfg.train.activation_checkpoint))
         mc = cfg.model
         if model is None:
             from networks.mask2former.model import build_model
@@ -470,12 +469,6 @@ class Mask2FormerModule(pl.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
 
-    def _out_dir(self) -> Path:
-        run_dir = getattr(self.ctx, "run_dir", None)
-        if run_dir is None:
-            raise ConfigError("inference.results_dir", "no run directory to write inference outputs to")
-        return Path(run_dir)
-
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Write per-image outputs under ``ctx.run_dir``.
 
@@ -490,7 +483,7 @@ class Mask2FormerModule(pl.LightningModule):
         from networks.common.coco_io import id2rgb, mask_to_rle
         from networks.common.visualize import colorize_semantic, overlay_masks, palette, save_png
 
-        out_dir = self._out_dir()
+        out_dir = run_output_dir(self.ctx)
         outputs = self.model(batch["images"])
         padded = tuple(batch["images"].shape[-2:])
         mode = self.cfg.model.mode
@@ -555,14 +548,10 @@ class Mask2FormerModule(pl.LightningModule):
         """Gather the per-image records and write ``panoptic.json`` / ``instances.json`` (rank 0, atomically)."""
         from networks.common.io import atomic_write_json
 
-        records: dict[str, dict] = {}
-        for part in gather_objects(self._predictions):
-            for r in part:
-                records[r["file_name"]] = r
+        ordered = gather_unique(self._predictions, "file_name", order_by="image_id")
         self._predictions = []
-        ordered = [records[k] for k in sorted(records, key=lambda k: records[k]["image_id"])]
         mode = self.cfg.model.mode
-        out_dir = self._out_dir()
+        out_dir = run_output_dir(self.ctx)
         summary: dict[str, Any] = {"num_images": len(ordered), "overlays": str(out_dir / "overlays")}
         if is_rank_zero():
             images = [{"id": r["image_id"], "file_name": r["file_name"], "height": r["height"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from networks.common.errors import ConfigError
+from networks.common.network import Network, run_extra_action
 from networks.mask_grounding_dino.config import ExperimentConfig, check
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "build_module",
     "build_datamodule",
     "run_action",
+    "NETWORK",
 ]
 
 NAME = "mask_grounding_dino"
@@ -106,13 +107,27 @@ def build_datamodule(cfg: Any, ctx: Any):
     return MaskGDinoDataModule(cfg, ctx.action)
 
 
-def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
-    """Non-Lightning actions: ``export`` (returns the ONNX path, I/O spec and parity); tao-deploy ones fail."""
-    if action == "export":
-        from networks.mask_grounding_dino.export import run_export
+def _export(cfg: Any, ctx: Any) -> dict[str, Any]:
+    """``export``: the ONNX path, its I/O spec and the onnxruntime parity figures."""
+    from networks.mask_grounding_dino.export import run_export
 
-        return run_export(cfg, ctx)
-    if action in ("gen_trt_engine", "quantize"):
-        raise ConfigError(action, "is not part of tao-cli yet",
-                          f"use tao-deploy (`mask_grounding_dino {action}`) with the ONNX file from `export`")
-    raise ConfigError("action", f"'{action}' is not a Mask Grounding DINO action", f"choose from {', '.join(ACTIONS)}")
+    return run_export(cfg, ctx)
+
+
+def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
+    """Run a non-Lightning action (``export``); tao-deploy actions and unknown names fail with one line."""
+    return dict(run_extra_action(NETWORK, action, cfg, ctx))
+
+
+def _sample_drawer(cfg: Any, datamodule: Any):
+    from networks.mask_grounding_dino.visualize import sample_drawer
+
+    return sample_drawer(cfg, datamodule)
+
+
+NETWORK = Network(
+    name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
+    check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
+    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=("gen_trt_engine", "quantize"),
+    sample_drawer=_sample_drawer,
+)

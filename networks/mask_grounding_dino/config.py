@@ -56,8 +56,6 @@ __all__ = [
 BACKBONES = [*SWIN_BACKBONES, "resnet_50", "swin_custom"]
 #: The preset Swin backbones tao-cli builds (TAO also lists resnet_50, which it never finished either).
 SWIN_BACKBONE_NAMES = list(SWIN_BACKBONES)
-#: TAO actions that belong to tao-deploy: listed so TAO users find them, refused before anything runs.
-DEPLOY_ACTIONS = ("gen_trt_engine", "quantize")
 
 @dataclass
 class SwinCustomConfig:
@@ -319,9 +317,6 @@ def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigErro
 
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
-    if action in DEPLOY_ACTIONS:
-        raise ConfigError(action, "is not part of tao-cli yet",
-                          f"use tao-deploy (`mask_grounding_dino {action}`) with the ONNX file from `export`")
     m = cfg.model
     if m.backbone not in SWIN_BACKBONE_NAMES and m.backbone != "swin_custom":
         raise ConfigError("model.backbone", f"'{m.backbone}' is not implemented in tao-cli (Swin backbones only)",

@@ -53,6 +53,7 @@ from networks.common.errors import ConfigError, DataError
 from networks.common.io import read_json
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
+from networks.ops.padding import pad_images
 
 __all__ = [
     "SIZE_DIVISIBILITY",
@@ -566,7 +567,8 @@ class PredictDataset(Dataset):
 class Collator:
     """Batch samples: pad images (batch max, rounded up to ``size_divisibility``), tokenise prompts.
 
-    Returns ``images`` [B,3,H,W], ``pixel_mask`` [B,H,W] bool (True = valid), the :func:`tokenize` tensors
+    Returns ``images`` [B,3,H,W], ``pixel_mask`` [B,H,W] bool (True = valid pixel, from
+    :func:`~networks.ops.padding.pad_images`), the :func:`tokenize` tensors
     (``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``, ``text_self_attention_masks``),
     ``targets`` (each with ``masks`` padded to [M,H,W] and ``positive_map`` [C, max_text_len]), ``names``,
     ``captions``, ``image_ids``, ``file_names``, ``orig_sizes``, ``image_sizes`` (h, w) and, when present,
@@ -581,18 +583,10 @@ class Collator:
         self._warned: set[str] = set()
 
     def __call__(self, samples: list[dict]) -> dict:
-        d = self.size_divisibility
-        H = max(s["image"].shape[1] for s in samples)
-        W = max(s["image"].shape[2] for s in samples)
-        H, W = int(math.ceil(H / d) * d), int(math.ceil(W / d) * d)
-        B = len(samples)
-        images = samples[0]["image"].new_zeros(B, 3, H, W)
-        pixel_mask = torch.zeros(B, H, W, dtype=torch.bool)
+        images, pixel_mask = pad_images([s["image"] for s in samples], self.size_divisibility)
+        H, W = images.shape[-2:]
         captions, spans_list, targets = [], [], []
-        for i, s in enumerate(samples):
-            _, h, w = s["image"].shape
-            images[i, :, :h, :w] = s["image"]
-            pixel_mask[i, :h, :w] = True
+        for s in samples:
             cap, spans = build_caption(s["names"])
             captions.append(cap)
             spans_list.append(spans)

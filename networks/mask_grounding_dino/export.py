@@ -22,16 +22,15 @@ attention is the pure-PyTorch ``grid_sample`` path (ONNX ``GridSample``): no Ten
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from networks.common.errors import CheckpointError, ConfigError
-from networks.common.io import atomic_path
+from networks.common.errors import CheckpointError
+from networks.common.onnx_export import MIN_OPSET, check_export_args, export_onnx_file
+from networks.common.onnx_export import onnx_parity as shared_parity
 from networks.common.weights import read_weights_file
 from networks.mask_grounding_dino.text import phrase_masks
 
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 
 INPUT_NAMES = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
 OUTPUT_NAMES = ["pred_logits", "pred_boxes", "pred_masks"]
-MIN_OPSET = 17
 #: TAO's dummy prompt for tracing.
 DUMMY_CAPTION = "the running dog ."
 
@@ -86,49 +84,16 @@ def _example(tokenizer, batch: int, hw: tuple[int, int], text_len: int, seed: in
 def export_onnx(model: nn.Module, tokenizer, out_path: str | Path, input_hw: tuple[int, int], text_len: int,
                 batch_size: int = -1, opset: int = MIN_OPSET, verbose: bool = False) -> Path:
     """Write ``model`` (eval mode) as ONNX to ``out_path`` atomically; checked with ``onnx.checker``."""
-    if opset < MIN_OPSET:
-        raise ConfigError("export.opset_version", f"{opset} is too low", f"use {MIN_OPSET} or higher")
-    H, W = int(input_hw[0]), int(input_hw[1])
-    if H % 32 or W % 32:
-        raise ConfigError("export.input_height", f"input {H}x{W} must be a multiple of 32 in both dimensions")
-    wrapper = ExportWrapper(model).eval()
+    H, W = check_export_args(opset, input_hw, size_hint=" in both dimensions")
     b = 1 if batch_size in (None, -1) else int(batch_size)
-    args = _example(tokenizer, b, (H, W), text_len)
-    dynamic_axes = None
-    if batch_size in (None, -1):
-        dynamic_axes = {n: {0: "batch_size"} for n in INPUT_NAMES + OUTPUT_NAMES}
-    out_path = Path(out_path)
-    with atomic_path(out_path, suffix=".onnx") as tmp, torch.no_grad(), warnings.catch_warnings():
-        # Tracing warns about shape-dependent Python branches; H, W and T are static by design.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(wrapper, args, str(tmp), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
-                          opset_version=int(opset), dynamic_axes=dynamic_axes, do_constant_folding=True,
-                          verbose=verbose, dynamo=False)
-        import onnx
-
-        onnx.checker.check_model(str(tmp))
-    return out_path
+    return export_onnx_file(ExportWrapper(model), _example(tokenizer, b, (H, W), text_len), out_path, INPUT_NAMES,
+                            OUTPUT_NAMES, opset=opset, dynamic_batch="batch_size" if batch_size in (None, -1) else None,
+                            verbose=verbose)
 
 
 def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
     """Max |ONNX Runtime − PyTorch| per output on ``example`` (finite entries; a differing ±inf pattern → inf)."""
-    import onnxruntime as ort
-
-    wrapper = ExportWrapper(model).eval()
-    with torch.no_grad():
-        expected = [t.detach().cpu().numpy() for t in wrapper(*example)]
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    feeds = {n: t.cpu().numpy() for n, t in zip(INPUT_NAMES, example, strict=True)}
-    got = session.run(OUTPUT_NAMES, feeds)
-    diffs = {}
-    for name, g, e in zip(OUTPUT_NAMES, got, expected, strict=True):
-        g64, e64 = g.astype(np.float64), e.astype(np.float64)
-        fin = np.isfinite(e64)
-        if g64.shape != e64.shape or not np.array_equal(fin, np.isfinite(g64)):
-            diffs[name] = float("inf")
-            continue
-        diffs[name] = float(np.max(np.abs(g64[fin] - e64[fin]))) if fin.any() else 0.0
-    return diffs
+    return shared_parity(ExportWrapper(model), onnx_path, example, INPUT_NAMES, OUTPUT_NAMES)
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",

@@ -33,6 +33,7 @@ from torch import nn
 
 from networks.backbones.swin import SwinTransformer, load_swin_weights
 from networks.backbones.swin_presets import SWIN_BACKBONES, swin_backbone
+from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
 from networks.ops.layers import MLP
@@ -810,24 +811,16 @@ class MaskGroundingDINO(nn.Module):
 # config and weights
 # --------------------------------------------------------------------------------------------------------------
 
-def _get(section: Any, name: str, default: Any = None) -> Any:
-    if section is None:
-        return default
-    if isinstance(section, Mapping):
-        return section.get(name, default)
-    return getattr(section, name, default)
-
-
 def _swin_from_cfg(m: Any, out_indices: Sequence[int]) -> SwinTransformer:
-    name = str(_get(m, "backbone", "swin_tiny_224_1k"))
+    name = str(cfg_get(m, "backbone", "swin_tiny_224_1k"))
     drop_path = 0.1
     if name == "swin_custom":
-        sw = _get(m, "swin")
-        embed = int(_get(sw, "embed_dim", 96))
-        depths = list(_get(sw, "depths", [2, 2, 6, 2]))
-        heads = list(_get(sw, "num_heads", [3, 6, 12, 24]))
-        window = int(_get(sw, "window_size", 7))
-        drop_path = float(_get(sw, "drop_path_rate", 0.1))
+        sw = cfg_get(m, "swin")
+        embed = int(cfg_get(sw, "embed_dim", 96))
+        depths = list(cfg_get(sw, "depths", [2, 2, 6, 2]))
+        heads = list(cfg_get(sw, "num_heads", [3, 6, 12, 24]))
+        window = int(cfg_get(sw, "window_size", 7))
+        drop_path = float(cfg_get(sw, "drop_path_rate", 0.1))
     elif (preset := swin_backbone(name)) is not None:
         embed, depths, heads, window = preset
     else:
@@ -847,42 +840,42 @@ def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> Mas
     :func:`resolve_text_encoder`) unless ``text_encoder`` is given (tests).  No image-backbone weights are
     loaded here (see :func:`load_backbone_weights`).
     """
-    m = _get(cfg, "model", cfg) if not hasattr(cfg, "hidden_dim") else cfg
-    rii = [int(i) for i in _get(m, "return_interm_indices", [1, 2, 3, 4])]
+    m = cfg_get(cfg, "model", cfg) if not hasattr(cfg, "hidden_dim") else cfg
+    rii = [int(i) for i in cfg_get(m, "return_interm_indices", [1, 2, 3, 4])]
     out_indices = [i for i in rii if i < 4]
     if not out_indices or any(i < 0 for i in rii) or sorted(set(out_indices)) != out_indices:
         raise ConfigError("model.return_interm_indices", f"{rii} is not an increasing list of stages 0..4",
                           "use [1, 2, 3, 4]")
-    levels = int(_get(m, "num_feature_levels", 4))
+    levels = int(cfg_get(m, "num_feature_levels", 4))
     if levels != len(rii):
         raise ConfigError("model.num_feature_levels", f"{levels} differs from len(return_interm_indices)={len(rii)}",
                           "make them equal")
     swin = _swin_from_cfg(m, out_indices)
     if text_encoder is None:
-        text_encoder = BertTextEncoder.from_pretrained(resolve_text_encoder(_get(m, "text_encoder_type",
+        text_encoder = BertTextEncoder.from_pretrained(resolve_text_encoder(cfg_get(m, "text_encoder_type",
                                                                                  "bert-base-uncased")))
-    log_scale = _get(m, "log_scale", None)
+    log_scale = cfg_get(m, "log_scale", None)
     model = MaskGroundingDINO(
         swin, text_encoder,
-        hidden_dim=int(_get(m, "hidden_dim", 256)),
-        nheads=int(_get(m, "nheads", 8)),
-        num_queries=int(_get(m, "num_queries", 900)),
-        enc_layers=int(_get(m, "enc_layers", 6)),
-        dec_layers=int(_get(m, "dec_layers", 6)),
-        dim_feedforward=int(_get(m, "dim_feedforward", 2048)),
-        dropout=float(_get(m, "dropout_ratio", 0.0)),
+        hidden_dim=int(cfg_get(m, "hidden_dim", 256)),
+        nheads=int(cfg_get(m, "nheads", 8)),
+        num_queries=int(cfg_get(m, "num_queries", 900)),
+        enc_layers=int(cfg_get(m, "enc_layers", 6)),
+        dec_layers=int(cfg_get(m, "dec_layers", 6)),
+        dim_feedforward=int(cfg_get(m, "dim_feedforward", 2048)),
+        dropout=float(cfg_get(m, "dropout_ratio", 0.0)),
         num_feature_levels=levels,
-        enc_n_points=int(_get(m, "enc_n_points", 4)),
-        dec_n_points=int(_get(m, "dec_n_points", 4)),
-        two_stage_type=str(_get(m, "two_stage_type", "standard")),
-        max_text_len=int(_get(m, "max_text_len", 256)),
-        pe_temperature_h=float(_get(m, "pe_temperatureH", 20)),
-        pe_temperature_w=float(_get(m, "pe_temperatureW", 20)),
+        enc_n_points=int(cfg_get(m, "enc_n_points", 4)),
+        dec_n_points=int(cfg_get(m, "dec_n_points", 4)),
+        two_stage_type=str(cfg_get(m, "two_stage_type", "standard")),
+        max_text_len=int(cfg_get(m, "max_text_len", 256)),
+        pe_temperature_h=float(cfg_get(m, "pe_temperatureH", 20)),
+        pe_temperature_w=float(cfg_get(m, "pe_temperatureW", 20)),
         log_scale=log_scale,
-        class_embed_bias=bool(_get(m, "class_embed_bias", False)),
-        aux_loss=bool(_get(m, "aux_loss", True)),
+        class_embed_bias=bool(cfg_get(m, "class_embed_bias", False)),
+        aux_loss=bool(cfg_get(m, "aux_loss", True)),
     )
-    if not bool(_get(m, "train_backbone", True)):
+    if not bool(cfg_get(m, "train_backbone", True)):
         for p in model.swin.parameters():
             p.requires_grad_(False)
     return model

@@ -30,8 +30,10 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
-from networks.common.distributed import gather_objects, is_rank_zero
+from networks.common.context import run_output_dir
+from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import ConfigError
+from networks.common.network import TrainerTraits
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
@@ -90,7 +92,7 @@ def _xywh(box: list[float]) -> list[float]:
 
 
 class MaskGDinoModule(pl.LightningModule):
-    """Train/evaluate/inference logic around :class:`~networks.mask_grounding_dino.model.MaskGroundingDINO`.
+    """Train/evaluate/inference logic around :class:`~networks.mask_grounding_dino.model.MaskGDinoModel`.
 
     Args:
         cfg: the validated spec (``DictConfig``).
@@ -98,12 +100,12 @@ class MaskGDinoModule(pl.LightningModule):
         model: a built model (default ``build_model(cfg)``).
     """
 
-    find_unused_parameters = True
-
     def __init__(self, cfg: Any, ctx: Any = None, model: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
+        #: what the engine's Trainer must know (DDP with find_unused_parameters, as before)
+        self.trainer_traits = TrainerTraits(find_unused_parameters=True)
         mc = cfg.model
         if model is None:
             from networks.mask_grounding_dino.model import build_model
@@ -325,12 +327,6 @@ class MaskGDinoModule(pl.LightningModule):
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
 
-    def _out_dir(self) -> Path:
-        run_dir = getattr(self.ctx, "run_dir", None)
-        if run_dir is None:
-            raise ConfigError("inference.results_dir", "no run directory to write inference outputs to")
-        return Path(run_dir)
-
     def _colors(self, names: list[str]) -> list[tuple[int, int, int]]:
         from PIL import ImageColor
 
@@ -359,7 +355,7 @@ class MaskGDinoModule(pl.LightningModule):
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
                            float(inf.conf_threshold), float(inf.nms_threshold))
-        out_dir = self._out_dir()
+        out_dir = run_output_dir(self.ctx)
         for i, det in enumerate(dets):
             names = batch["names"][i]
             phrases = detection_phrases(det, outputs["pred_logits"][i], batch["input_ids"][i],
@@ -390,13 +386,9 @@ class MaskGDinoModule(pl.LightningModule):
         """Gather the per-image records and write ``results.json`` (rank 0, atomically)."""
         from networks.common.io import atomic_write_json
 
-        records: dict[str, dict] = {}
-        for part in gather_objects(self._predictions):
-            for r in part:
-                records[r["file_name"]] = r
+        ordered = gather_unique(self._predictions, "file_name")
         self._predictions = []
-        ordered = [records[k] for k in sorted(records)]
-        out_dir = self._out_dir()
+        out_dir = run_output_dir(self.ctx)
         path = out_dir / "results.json"
         if is_rank_zero():
             atomic_write_json(path, [d for r in ordered for d in r["detections"]])

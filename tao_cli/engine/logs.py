@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tao_cli.redact import mask
+
 __all__ = ["run_logging", "RedactFilter", "LIGHTNING_LOGGERS"]
 
 LIGHTNING_LOGGERS = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric", "lightning")
@@ -33,9 +35,7 @@ class RedactFilter(logging.Filter):
         if self.secrets:
             message = record.getMessage()
             if any(s in message for s in self.secrets):
-                for secret in self.secrets:
-                    message = message.replace(secret, "*****")
-                record.msg, record.args = message, None
+                record.msg, record.args = mask(message, self.secrets), None
         return True
 
 

@@ -17,6 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tao_cli.redact import mask
+
 __all__ = ["STATUSES", "StatusLogger", "StatusCallback", "format_date", "format_time"]
 
 STATUSES = ("STARTED", "RUNNING", "SUCCESS", "FAILURE", "INTERRUPTED", "SKIPPED")
@@ -81,9 +83,7 @@ class StatusLogger:
         self.last_status = status
         if not self.enabled:
             return record
-        line = json.dumps(record)
-        for secret in self.redact:
-            line = line.replace(secret, "*****")
+        line = mask(json.dumps(record), self.redact)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One write() of one line in append mode: concurrent or interrupted writers never interleave mid-line.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

@@ -1,10 +1,10 @@
 """The one place where Lightning ``Trainer`` arguments are decided (precision, strategy, loggers, ...).
 
 Spec fields read (TAO names, each only if the network's section has it): ``train.precision`` (fp16|bf16|fp32)
-or ``train.use_amp``; ``train.distributed_strategy`` (ddp|fsdp); ``train.activation_checkpoint``;
+or ``train.use_amp``; ``train.distributed_strategy`` (ddp|fsdp);
 ``train.clip_grad_norm``; ``train.accum_grad_batches``; ``train.is_dry_run``; ``train.num_epochs``;
-``train.validation_interval``; ``train.seed``; ``train.cudnn``; ``wandb.*``.  Module class attributes read:
-``find_unused_parameters`` (DDP), ``sync_batchnorm`` and ``use_distributed_sampler``.
+``train.validation_interval``; ``train.seed``; ``train.cudnn``; ``wandb.*``.  Read from the module instance:
+``trainer_traits`` (``find_unused_parameters`` for DDP, ``sync_batchnorm``, ``use_distributed_sampler``).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
 
 from networks.common.errors import ConfigError
+from networks.common.network import trainer_traits_of
+from tao_cli.redact import redact_container
 
 from .devices import DevicePlan
 
@@ -82,15 +84,14 @@ def check_strategy(cfg, action: str, plan: DevicePlan) -> str:
 def decide_strategy(cfg, action: str, plan: DevicePlan, module: Any) -> Any:
     """``"auto"`` for one process; otherwise DDP (gloo on CPU) or FSDP per ``train.distributed_strategy``.
 
-    DDP's ``find_unused_parameters`` is on when the module class says so, or (TAO's mask2former rule) when the
-    spec has ``distributed_strategy`` and ``activation_checkpoint`` is off.
+    DDP's ``find_unused_parameters`` is what the module instance declares in its ``trainer_traits``
+    (:class:`networks.common.network.TrainerTraits`; e.g. Mask2Former turns it off with activation checkpointing).
     """
     if plan.world_size <= 1:
         return "auto"
     from pytorch_lightning.strategies import DDPStrategy
 
     backend = "gloo" if plan.accelerator == "cpu" else None
-    section = _section(cfg, "train") if action == "train" else None
     name = check_strategy(cfg, action, plan)
     if action != "train":
         return DDPStrategy(process_group_backend=backend)
@@ -98,10 +99,8 @@ def decide_strategy(cfg, action: str, plan: DevicePlan, module: Any) -> Any:
         from pytorch_lightning.strategies import FSDPStrategy
 
         return FSDPStrategy()
-    find_unused = bool(getattr(type(module), "find_unused_parameters", False))
-    if section is not None and "distributed_strategy" in section and not _get(section, "activation_checkpoint", False):
-        find_unused = True
-    return DDPStrategy(find_unused_parameters=find_unused, process_group_backend=backend)
+    traits = trainer_traits_of(module)
+    return DDPStrategy(find_unused_parameters=traits.find_unused_parameters, process_group_backend=backend)
 
 
 def seed_run(cfg, action: str) -> int | None:
@@ -272,9 +271,7 @@ def _loggers(cfg, action: str, run_dir: Path) -> list:
             from omegaconf import OmegaConf
             from pytorch_lightning.loggers import WandbLogger
 
-            config = OmegaConf.to_container(cfg, resolve=True)
-            if isinstance(config, dict) and "encryption_key" in config:
-                config["encryption_key"] = "*****" if config["encryption_key"] else None
+            config = redact_container(OmegaConf.to_container(cfg, resolve=True))
             loggers.append(WandbLogger(
                 project=_get(wandb_cfg, "project", None), entity=_get(wandb_cfg, "entity", "") or None,
                 group=_get(wandb_cfg, "group", "") or None, tags=list(_get(wandb_cfg, "tags", []) or []),
@@ -323,9 +320,9 @@ def build_trainer(cfg, action: str, plan: DevicePlan, run_dir: str | Path, callb
     kwargs["callbacks"] = callbacks
     if plugins:
         kwargs["plugins"] = plugins
-    for attr in ("sync_batchnorm", "use_distributed_sampler"):
-        if hasattr(type(module), attr):
-            kwargs[attr] = bool(getattr(type(module), attr))
+    traits = trainer_traits_of(module)
+    kwargs["sync_batchnorm"] = traits.sync_batchnorm
+    kwargs["use_distributed_sampler"] = traits.use_distributed_sampler
     if action == "train" and train is not None:
         kwargs["max_epochs"] = int(_get(train, "num_epochs", 1))
         kwargs["check_val_every_n_epoch"] = int(_get(train, "validation_interval", 1))

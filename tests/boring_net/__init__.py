@@ -5,6 +5,8 @@ shuffles, so exact-resume tests exercise the RNG state handling.
 """
 from __future__ import annotations
 
+from networks.common.network import Network
+
 from .config import ExperimentConfig
 from .module import BoringDataModule, BoringModule
 
@@ -18,7 +20,7 @@ ACTIONS = {
 }
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "input_paths",
-           "main_kpi", "build_module", "build_datamodule"]
+           "main_kpi", "build_module", "build_datamodule", "NETWORK"]
 
 
 def check(cfg, action: str) -> None:
@@ -52,3 +54,10 @@ def build_datamodule(cfg, ctx):
     """The LightningDataModule for ``ctx.action``."""
     return BoringDataModule(num_samples=cfg.dataset.num_samples, num_features=cfg.dataset.num_features,
                             batch_size=cfg.dataset.batch_size, data_seed=cfg.dataset.data_seed)
+
+
+NETWORK = Network(
+    name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
+    check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
+    main_kpi=main_kpi,
+)

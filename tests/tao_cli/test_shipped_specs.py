@@ -22,7 +22,7 @@ def _shipped():
 
 
 def _action(net_module, path) -> str:
-    return path.stem if path.stem in net_module.ACTIONS else "train"
+    return path.stem if path.stem in net_module.actions else "train"
 
 
 @pytest.mark.parametrize("net, path", list(_shipped()), ids=[f"{n}/{p.name}" for n, p in _shipped()])
@@ -30,10 +30,10 @@ def test_shipped_spec_validates_against_its_schema(net, path):
     module = registry.load(net)
     action = _action(module, path)
     doc = yaml.safe_load(path.read_text())
-    js = schema.json_schema(module.ExperimentConfig, net, action, list(module.ACTIONS))
+    js = schema.json_schema(module.config_class, net, action, list(module.actions))
     jsonschema.Draft202012Validator.check_schema(js)
     jsonschema.validate(doc, js)
-    cfg = spec.load_spec(module.ExperimentConfig, action, path, [], mandatory=False)
+    cfg = spec.load_spec(module.config_class, action, path, [], mandatory=False)
     assert OmegaConf.is_struct(cfg)
 
 
@@ -42,12 +42,12 @@ def test_written_templates_load_back_unchanged(net, tmp_path):
     module = registry.load(net)
     paths = schema.write_schemas(module, tmp_path, "test")
     manifest = json.loads((tmp_path / "schemas" / "manifest.json").read_text())
-    assert manifest["network"] == net and sorted(manifest["actions"]) == sorted(module.ACTIONS)
-    for action in module.ACTIONS:
+    assert manifest["network"] == net and sorted(manifest["actions"]) == sorted(module.actions)
+    for action in module.actions:
         template = tmp_path / "references" / f"spec_template_{action}.yaml"
         assert template in paths
-        loaded = spec.load_spec(module.ExperimentConfig, action, template, [], mandatory=False)
-        defaults = spec.load_spec(module.ExperimentConfig, action, None, [], mandatory=False)
+        loaded = spec.load_spec(module.config_class, action, template, [], mandatory=False)
+        defaults = spec.load_spec(module.config_class, action, None, [], mandatory=False)
         written = yaml.safe_load(template.read_text())
         for section, value in written.items():
             assert OmegaConf.to_container(loaded)[section] == OmegaConf.to_container(defaults)[section] == value \

@@ -5,7 +5,6 @@ The schema below is a test-only stand-in for a network's ``ExperimentConfig``; n
 from __future__ import annotations
 
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from networks.common.config import (
     param,
 )
 from networks.common.errors import ConfigError
+from networks.common.network import Network
 from tao_cli.spec import REDACTED, all_keys, iter_fields, load_spec, lookup, to_yaml
 
 
@@ -100,7 +100,12 @@ ACTIONS = {
     "export": "Export to ONNX.",
 }
 
-toy_network = types.SimpleNamespace(NAME="toy", ACTIONS=ACTIONS, ExperimentConfig=ToyExperiment)
+toy_network = Network(
+    name="toy", title="Toy", checkpoint_name="toy_model", config_class=ToyExperiment, actions=ACTIONS,
+    check=lambda cfg, action: None, input_paths=lambda cfg, action: {}, build_module=lambda cfg, ctx: None,
+    build_datamodule=lambda cfg, ctx: None, main_kpi=lambda cfg: ("loss", "min"),
+    extra_actions={a: (lambda cfg, ctx: {}) for a in ACTIONS if a not in ("train", "evaluate", "inference")},
+)
 
 
 def load(overrides=(), spec: Path | None = None, action: str | None = "train", **kw) -> DictConfig:
@@ -226,7 +231,7 @@ def test_overrides_must_be_a_list_not_one_string():
 
 # ----------------------------------------------------------------------------------------------- errors
 TRAIN_KEYS = ("(hint: valid keys in 'train': num_gpus, gpu_ids, num_nodes, seed, cudnn, num_epochs, "
-              "checkpoint_interval, checkpoint_interval_unit, ... (6 more))")
+              "checkpoint_interval, checkpoint_interval_unit, ... (7 more))")
 
 @pytest.mark.parametrize(
     ("overrides", "message"),

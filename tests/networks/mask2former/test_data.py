@@ -31,10 +31,10 @@ def test_each_type_gives_consistent_batches(m2f_synthetic, kind):
     batch = next(iter(dm.val_dataloader()))
     B, _, Hp, Wp = batch["images"].shape
     assert Hp % 32 == 0 and Wp % 32 == 0 and B == 2
-    assert batch["padding_mask"].shape == (B, Hp, Wp)
+    assert batch["pixel_mask"].shape == (B, Hp, Wp)
     for i, t in enumerate(batch["targets"]):
         h, w = batch["image_sizes"][i]
-        assert not batch["padding_mask"][i, :h, :w].any() and batch["padding_mask"][i, h:, :].all()
+        assert batch["pixel_mask"][i, :h, :w].all() and not batch["pixel_mask"][i, h:, :].any()
         assert (batch["images"][i, :, h:, :] == 0).all() and (batch["images"][i, :, :, w:] == 0).all()
         assert t["masks"].dtype == torch.bool and t["masks"].shape[1:] == (Hp, Wp)
         assert len(t["labels"]) == t["masks"].shape[0]
@@ -158,6 +158,6 @@ def test_collate_pads_to_batch_max():
              labels=torch.zeros(0, dtype=torch.int64), sem_seg=torch.zeros(70, 20, dtype=torch.int64))
     batch = collate([a, b])
     assert batch["images"].shape == (2, 3, 96, 64)
-    assert batch["padding_mask"][0, :40, :50].logical_not().all() and batch["padding_mask"][0, 40:].all()
+    assert batch["pixel_mask"][0, :40, :50].all() and batch["pixel_mask"][0, 40:].logical_not().all()
     assert batch["targets"][1]["masks"].shape == (0, 96, 64)
     assert batch["sem_seg"][0, 40:].eq(0).all()

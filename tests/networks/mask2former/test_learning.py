@@ -49,13 +49,13 @@ def test_small_model_learns_synthetic_panoptic(tmp_path):
 
         start, cpu_start = time.perf_counter(), time.process_time()
         cfg = load_spec(m2f.ExperimentConfig, "train", LEARN_SPEC, overrides, check=m2f.check)
-        assert run_action(m2f, "train", cfg, argv=["train"]) == 0
+        assert run_action(m2f.NETWORK, "train", cfg, argv=["train"]) == 0
         train_s = time.perf_counter() - start
         assert ckpt.is_file()
 
         cfg = load_spec(m2f.ExperimentConfig, "evaluate", LEARN_SPEC,
                         overrides + [f"evaluate.checkpoint={ckpt}"], check=m2f.check)
-        assert run_action(m2f, "evaluate", cfg, argv=["evaluate"]) == 0
+        assert run_action(m2f.NETWORK, "evaluate", cfg, argv=["evaluate"]) == 0
         total_s = time.perf_counter() - start
         cpu_s = time.process_time() - cpu_start
     finally:

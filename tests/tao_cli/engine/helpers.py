@@ -28,7 +28,7 @@ def run(action, overrides: dict | None = None, *, argv=None, dry_run=False, debu
     from tao_cli.engine.run import run_action
 
     cfg = make_cfg(overrides)
-    return run_action(boring_net, action, cfg, argv=argv or [action], dry_run=dry_run, debug=debug)
+    return run_action(boring_net.NETWORK, action, cfg, argv=argv or [action], dry_run=dry_run, debug=debug)
 
 
 def clean_env(**extra) -> dict:

@@ -232,7 +232,7 @@ def test_precision_mapping():
 
 def test_non_lightning_action_without_network_support_is_user_error(tmp_path, capsys):
     cfg = make_cfg({**FAST, "results_dir": tmp_path})
-    assert run_action(boring_net, "export", cfg, argv=["export"]) == 2
+    assert run_action(boring_net.NETWORK, "export", cfg, argv=["export"]) == 2
     assert "has no action 'export'" in capsys.readouterr().err
     assert _status(tmp_path / "export")[-1]["status"] == "FAILURE"
 

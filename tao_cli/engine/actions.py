@@ -1,0 +1,152 @@
+"""The generic actions: train (fit), evaluate (test), inference (predict), and a network's extra actions.
+
+Each takes the :class:`~tao_cli.engine.run.Run` being executed and returns the exit code (0); errors raise.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from networks.common.errors import CheckpointError
+from networks.common.io import atomic_write_json
+from networks.common.network import run_extra_action
+
+from .devices import is_launch_rank_zero
+from .signals import fit_mode_callback, interruptible
+
+if TYPE_CHECKING:
+    from .run import Run
+
+__all__ = ["train", "evaluate", "infer", "extra", "load_into"]
+
+
+def train(run: Run, module, datamodule) -> int:
+    """``trainer.fit`` with periodic/latest/best checkpoints, status records and resume."""
+    from .checkpoints import TaoCheckpoint, TaoCheckpointIO
+    from .status import StatusCallback
+    from .trainer import build_trainer
+
+    plan, cfg, status, log = run.plan, run.cfg, run.status, run.log
+    net, section = plan.net, cfg.train
+
+    def on_best(info: dict) -> None:
+        status.write("RUNNING", "New best checkpoint", epoch=info["epoch"], step=info["step"],
+                     best_checkpoint=info)
+
+    ckpt_cb = TaoCheckpoint(plan.run_dir, net.checkpoint_name,
+                            interval=int(section.get("checkpoint_interval", 1)),
+                            unit=str(section.get("checkpoint_interval_unit", "epoch")),
+                            main_kpi=net.main_kpi(cfg), keep=int(section.get("keep_checkpoints", 0) or 0),
+                            on_best=on_best)
+    callbacks = [fit_mode_callback(run.signals), StatusCallback(status), ckpt_cb]
+    trainer = build_trainer(cfg, "train", plan.devices, plan.run_dir, callbacks, module,
+                            plugins=[TaoCheckpointIO(net.name, plan.key)])
+    interruptible(trainer, run.signals, "Train", lambda: trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(plan.resume) if plan.resume else None), ckpt_cb)
+    best = ckpt_cb.best_info()
+    status.write("SUCCESS", "Train finished successfully.", **({"best_checkpoint": best} if best else {}))
+    if best:
+        log.info("Best checkpoint: %s (%s=%s, epoch %d, step %d)", best["path"], best["kpi"], best["value"],
+                 best["epoch"], best["step"])
+    log.info("Train finished successfully. Results in %s", plan.run_dir)
+    return 0
+
+
+def load_into(module, checkpoint: Path, key: str | None, network: str) -> dict:
+    """Load ``checkpoint`` safely into ``module``; every key must match by name and shape.
+
+    A mismatch is one ``CheckpointError`` naming the first few keys of each kind, with the checkpoint's and the
+    model's shape for shape mismatches.  Returns the loaded checkpoint object.
+    """
+    import torch
+
+    from networks.common.weights import apply_state_dict, unwrap_state_dict
+
+    from .checkpoints import load_checkpoint
+
+    obj = load_checkpoint(checkpoint, key=key, expected_network=network)
+    weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
+    report = apply_state_dict(module, weights, source=str(checkpoint), raise_on_mismatch=False, log_summary=False)
+    if not report.clean:
+        parts = []
+        if report.mismatched:
+            shapes = ", ".join(f"{k}: {tuple(f)} in the checkpoint vs {tuple(m)} in the model"
+                               for k, f, m in report.mismatched[:3])
+            parts.append(f"{len(report.mismatched)} shape mismatch(es) e.g. {shapes}")
+        if report.missing:
+            parts.append(f"{len(report.missing)} missing key(s) e.g. {report.missing[:3]}")
+        if report.unexpected:
+            parts.append(f"{len(report.unexpected)} unexpected key(s) e.g. {report.unexpected[:3]}")
+        raise CheckpointError(str(checkpoint), "does not match the model: " + "; ".join(parts),
+                              "check that the spec's model section matches the one used for training")
+    return obj
+
+
+def _trainer_for(run: Run, module):
+    from .checkpoints import TaoCheckpointIO
+    from .trainer import build_trainer
+
+    plan = run.plan
+    try:
+        obj = load_into(module, plan.checkpoint, plan.key, plan.net.name)
+    except RuntimeError as exc:  # shape mismatch from load_state_dict
+        raise CheckpointError(str(plan.checkpoint),
+                              f"does not match the model ({str(exc).splitlines()[0]})") from None
+    trainer = build_trainer(run.cfg, plan.action, plan.devices, plan.run_dir, [], module,
+                            plugins=[TaoCheckpointIO(plan.net.name, plan.key)])
+    return obj, trainer
+
+
+def evaluate(run: Run, module, datamodule) -> int:
+    """Load ``evaluate.checkpoint``, ``trainer.test``; write ``metrics.json`` and a KPI status record."""
+    obj, trainer = _trainer_for(run, module)
+    epoch, step = obj.get("epoch"), obj.get("global_step")
+    rank0 = trainer.is_global_zero and is_launch_rank_zero()
+    interruptible(trainer, run.signals, "Evaluate",
+                  lambda: trainer.test(module, datamodule=datamodule, verbose=False))
+    # NaN/inf would make metrics.json invalid JSON: an undefined metric is null, as an empty size bin is.
+    kpi = {k: _finite_or_none(_plain(v)) for k, v in dict(module.kpi or {}).items()}
+    fields = {k: v for k, v in (("epoch", epoch), ("step", step)) if v is not None}
+    if rank0:
+        atomic_write_json(run.plan.run_dir / "metrics.json", kpi, indent=2)
+    run.status.write("RUNNING", "Evaluation metrics generated.", kpi=kpi, **fields)
+    for name, value in kpi.items():
+        run.log.info("%s: %s", name, value)
+    run.status.write("SUCCESS", "Evaluate finished successfully.")
+    return 0
+
+
+def infer(run: Run, module, datamodule) -> int:
+    """Load ``inference.checkpoint``, ``trainer.predict``; the module writes its outputs, the summary is logged."""
+    _, trainer = _trainer_for(run, module)
+    interruptible(trainer, run.signals, "Inference",
+                  lambda: trainer.predict(module, datamodule=datamodule, return_predictions=False))
+    outputs = {k: _plain(v) for k, v in dict(module.outputs or {}).items()}
+    for name, value in outputs.items():
+        run.log.info("%s: %s", name, value)
+    run.status.write("SUCCESS", "Inference finished successfully.", outputs=outputs)
+    return 0
+
+
+def extra(run: Run) -> int:
+    """A network's own action (e.g. ``export``); its outputs go into the SUCCESS record."""
+    outputs = run_extra_action(run.plan.net, run.plan.action, run.cfg, run.ctx)
+    run.status.write("SUCCESS", f"{run.plan.action.capitalize()} finished successfully.", outputs=dict(outputs))
+    return 0
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value``, except that a non-finite float becomes None (JSON has no NaN)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value

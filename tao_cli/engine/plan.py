@@ -1,0 +1,210 @@
+"""Everything decided before a run writes anything, and the ``--dry-run`` printout of it.
+
+:func:`make_plan` resolves the results dir (and why), runs the network's checks, checks the input paths, plans
+the devices, checks the strategy, and finds the resume checkpoint (and why) or the checkpoint to evaluate.  Any
+refusal is a ``TaoUserError`` raised here, so ``--dry-run`` exit 0 means the run will start.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from networks.common.errors import ConfigError, DataError
+from networks.common.network import LIGHTNING_ACTIONS, Network, refuse_deploy_action
+
+from .devices import DevicePlan, plan_for_action
+
+__all__ = ["RunPlan", "make_plan", "choose_results_dir", "resolve_results_dir", "check_input_paths",
+           "print_dry_run", "outputs_planned", "resume_reason"]
+
+
+@dataclass
+class RunPlan:
+    """The decisions for one run.  ``run_dir``: ``<results_dir>/<action>`` (absolute) and ``run_dir_why``;
+    ``devices``: the device plan; ``resume``: train's resume checkpoint (None = from scratch);
+    ``checkpoint``: evaluate/inference's checkpoint; ``key``: the spec's encryption key (None when unset)."""
+
+    net: Network
+    action: str
+    run_dir: Path
+    run_dir_why: str
+    devices: DevicePlan
+    resume: Path | None = None
+    checkpoint: Path | None = None
+    key: str | None = None
+
+
+def _value(node: Any, key: str) -> Any:
+    """``node[key]``, with a missing key, a ``???`` value or a missing node all reading as None."""
+    if node is None or key not in node or OmegaConf.is_missing(node, key):
+        return None
+    return node.get(key)
+
+
+def _override_keys(overrides: Sequence[str]) -> set[str]:
+    """Dotted keys set by command-line overrides (``a.b=v``, ``+a.b=v``, ``++a.b=v``)."""
+    keys = set()
+    for token in overrides:
+        name, eq, _ = str(token).partition("=")
+        if eq and not name.startswith("~"):
+            keys.add(name.lstrip("+"))
+    return keys
+
+
+def choose_results_dir(cfg: DictConfig, action: str, overrides: Sequence[str] = ()) -> tuple[Path, str]:
+    """The run directory of ``action`` and why it was chosen; written back into ``<action>.results_dir``.
+
+    Precedence: ``<action>.results_dir`` on the command line, then ``results_dir`` on the command line (as
+    ``<results_dir>/<action>``, even when the spec file sets ``<action>.results_dir`` — a re-used
+    ``experiment.yaml`` stores the old run's resolved directory there), then ``<action>.results_dir`` from the
+    spec, then ``<results_dir>/<action>``.  Neither set → ``ConfigError`` naming both keys.  The path is made
+    absolute (``~`` expanded).
+    """
+    section = cfg.get(action) if action in cfg else None
+    own = _value(section, "results_dir")
+    root = _value(cfg, "results_dir")
+    given = _override_keys(overrides)
+    if own not in (None, "") and f"{action}.results_dir" in given:
+        path, why = Path(str(own)), f"{action}.results_dir on the command line"
+    elif root not in (None, "") and "results_dir" in given:
+        path, why = Path(str(root)) / action, "results_dir on the command line"
+        if own not in (None, ""):
+            why += f", which replaces {action}.results_dir={own} from the spec file"
+    elif own not in (None, ""):
+        path, why = Path(str(own)), f"{action}.results_dir in the spec file"
+    elif root not in (None, ""):
+        path, why = Path(str(root)) / action, f"results_dir in the spec file, plus /{action}"
+    else:
+        raise ConfigError("results_dir", f"neither results_dir nor {action}.results_dir is set",
+                          f"pass results_dir=/path (outputs go to /path/{action}) or {action}.results_dir=/path")
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if section is not None and "results_dir" in section:
+        try:
+            section.results_dir = str(path)
+        except Exception:  # a read-only config: the value is still returned
+            pass
+    return path, why
+
+
+def resolve_results_dir(cfg: DictConfig, action: str, overrides: Sequence[str] = ()) -> Path:
+    """The run directory of ``action`` (see :func:`choose_results_dir` for the precedence)."""
+    return choose_results_dir(cfg, action, overrides)[0]
+
+
+_SYNTHETIC_HINT = "tao dataset synthetic --out {root}"
+
+
+def _missing_path_hint(key: str, item: str) -> str:
+    """What to do about a missing input path: the command that writes the synthetic set, or the key to set."""
+    path = Path(os.path.expanduser(str(item)))
+    parts = path.parts
+    if "synthetic" in parts:
+        root = Path(*parts[: parts.index("synthetic") + 1])
+        return f"run `{_SYNTHETIC_HINT.format(root=root)}` to write the demo dataset there, or set {key}"
+    where = "" if path.is_absolute() else f" (relative paths start at the current directory, {os.getcwd()})"
+    return f"set {key}=/path/to/your/data{where}"
+
+
+def check_input_paths(net: Network, cfg: DictConfig, action: str) -> dict[str, Any]:
+    """Check every ``{key: path}`` from ``net.input_paths(cfg, action)`` exists (``DataError`` otherwise)."""
+    paths = dict(net.input_paths(cfg, action) or {})
+    for key, value in paths.items():
+        if value in (None, ""):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if not Path(os.path.expanduser(str(item))).exists():
+                raise DataError(key, f"{item} does not exist", _missing_path_hint(key, str(item)))
+    return paths
+
+
+def _checkpoint_for(cfg: DictConfig, action: str) -> Path:
+    value = _value(cfg.get(action), "checkpoint")
+    if value in (None, ""):
+        raise ConfigError(f"{action}.checkpoint", "is not set", f"pass {action}.checkpoint=/path/to/model.pth")
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_file():
+        raise ConfigError(f"{action}.checkpoint", f"{value} does not exist")
+    return path.resolve()
+
+
+def resume_reason(cfg: DictConfig, run_dir: Path, resume: Path | None) -> str:
+    """Why training starts from ``resume`` (or from scratch), for the dry-run plan and the log."""
+    if resume is None:
+        return f"none: no checkpoint in {run_dir}, starting from scratch"
+    if _value(cfg.get("train"), "resume_training_checkpoint_path") not in (None, ""):
+        return f"{resume} (train.resume_training_checkpoint_path)"
+    return (f"{resume} (latest checkpoint in the results dir: re-running train there resumes; "
+            "pass a new results_dir= to start afresh)")
+
+
+def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[str] = ()) -> RunPlan:
+    """Decide everything about the run without writing anything; refusals raise ``TaoUserError``."""
+    refuse_deploy_action(net, action)
+    key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
+    run_dir, why = choose_results_dir(cfg, action, overrides)
+    net.check(cfg, action)
+    check_input_paths(net, cfg, action)
+    devices = plan_for_action(cfg, action)
+    plan = RunPlan(net, action, run_dir, why, devices, key=key)
+    if action in LIGHTNING_ACTIONS:
+        from .trainer import check_strategy
+
+        check_strategy(cfg, action, devices)
+    if action == "train":
+        from .checkpoints import resolve_resume
+
+        plan.resume = resolve_resume(cfg, run_dir, net.checkpoint_name)
+    elif action in LIGHTNING_ACTIONS:
+        plan.checkpoint = _checkpoint_for(cfg, action)
+    return plan
+
+
+def outputs_planned(action: str, run_dir: Path, checkpoint_name: str) -> list[str]:
+    """The files and folders ``action`` writes under ``run_dir`` (what ``--dry-run`` lists)."""
+    out = [run_dir / "experiment.yaml", run_dir / "status.json", run_dir / f"{action}.log"]
+    if action == "train":
+        out += [run_dir / "model_epoch_<EEE>_step_<SSSSS>.pth", run_dir / f"{checkpoint_name}_latest.pth",
+                run_dir / f"{checkpoint_name}_best.pth", run_dir / "lightning_logs/", run_dir / "metrics.csv",
+                run_dir / "plots/"]
+    elif action == "evaluate":
+        out += [run_dir / "metrics.json", run_dir / "overlays/"]
+    return [str(p) for p in out]
+
+
+def print_dry_run(plan: RunPlan, cfg: DictConfig) -> None:
+    """Print the resolved spec (secrets redacted) and the plan to stdout."""
+    from .experiment import redacted_yaml
+    from .trainer import decide_precision
+
+    action, net, devices = plan.action, plan.net, plan.devices
+    lines = ["# Resolved spec (encryption_key redacted)", redacted_yaml(cfg).rstrip(), "", "# Plan"]
+    lines.append(f"network:      {net.name} ({net.title})")
+    lines.append(f"action:       {action}")
+    lines.append(f"results dir:  {plan.run_dir} ({plan.run_dir_why})")
+    lines.append(f"devices:      {devices.describe()}")
+    for warning in devices.warnings:
+        lines.append(f"  warning:    {warning}")
+    if action in LIGHTNING_ACTIONS:
+        if devices.world_size > 1:
+            section = cfg.get("train") if action == "train" else None
+            strategy = str(_value(section, "distributed_strategy") or "ddp")
+            strategy += " (gloo)" if devices.accelerator == "cpu" else ""
+        else:
+            strategy = "auto (single process)"
+        lines.append(f"strategy:     {strategy}")
+        lines.append(f"precision:    {decide_precision(cfg, action, devices.accelerator)}")
+    if action == "train":
+        lines.append(f"resume from:  {resume_reason(cfg, plan.run_dir, plan.resume)}")
+    elif plan.checkpoint is not None:
+        lines.append(f"checkpoint:   {plan.checkpoint}")
+    lines.append("would write:")
+    lines += [f"  {p}" for p in outputs_planned(action, plan.run_dir, net.checkpoint_name)]
+    print("\n".join(lines))
+    sys.stdout.flush()
