@@ -85,17 +85,17 @@ def build_hf(cfg, seed: int = 0, text_weights: str | None = None) -> nn.Module:
 
 
 def ours_from_hf(hf: nn.Module, cfg) -> nn.Module:
-    """Our ``MaskGroundingDINO`` with the architecture of ``cfg`` and ``hf``'s weights (mask head: own init)."""
+    """Our ``MaskGDinoModel`` with the architecture of ``cfg`` and ``hf``'s weights (mask head: own init)."""
     from networks.backbones.swin import SwinTransformer
     from networks.mask_grounding_dino.convert import hf_to_ours_state_dict
-    from networks.mask_grounding_dino.model import MaskGroundingDINO
+    from networks.mask_grounding_dino.model import MaskGDinoModel
     from networks.mask_grounding_dino.text_encoder import BertTextEncoder
 
     sw = cfg.backbone_config
     swin = SwinTransformer(embed_dim=sw.embed_dim, depths=sw.depths, num_heads=sw.num_heads,
                            window_size=sw.window_size, drop_path_rate=0.0, out_indices=(1, 2, 3))
     text = BertTextEncoder.from_config(cfg.text_config)
-    ours = MaskGroundingDINO(swin, text, hidden_dim=cfg.d_model, nheads=cfg.encoder_attention_heads,
+    ours = MaskGDinoModel(swin, text, hidden_dim=cfg.d_model, nheads=cfg.encoder_attention_heads,
                              num_queries=cfg.num_queries, enc_layers=cfg.encoder_layers,
                              dec_layers=cfg.decoder_layers, dim_feedforward=cfg.encoder_ffn_dim, dropout=0.0,
                              num_feature_levels=cfg.num_feature_levels, max_text_len=cfg.max_text_len,

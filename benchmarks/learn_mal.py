@@ -83,11 +83,12 @@ def main() -> None:
         OmegaConf.update(cfg, key, value)
     pl.seed_everything(int(cfg.train.seed), verbose=False)
     curve = _Curve()
-    module = MALModule.from_config(cfg, RunContext(action="train", run_dir=root / "run"), None, None)
+    ctx = RunContext(action="train", run_dir=root / "run")
+    module = MALModule(cfg, ctx)
     trainer = pl.Trainer(max_epochs=int(cfg.train.num_epochs), max_time={"minutes": minutes}, accelerator="auto",
                          devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
-    trainer.fit(module, MALDataModule(cfg))
+    trainer.fit(module, MALDataModule(cfg, ctx))
     baseline = box_fill_miou(str(root / "val" / "annotations.json"))
     result = {"minutes_budget": minutes, "box_fill_mIoU": baseline, "curve": curve.rows,
               "final": curve.rows[-1] if curve.rows else None,

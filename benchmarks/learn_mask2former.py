@@ -150,10 +150,11 @@ def train_for(loss_fn, model: nn.Module, cfg, seconds: float, dev: torch.device,
 
     Returns ``{"steps", "seconds", "first_loss", "last_loss"}`` (losses: mean of the first/last 10 steps).
     """
+    from networks.common.context import RunContext
     from networks.mask2former.data import Mask2FormerDataModule
 
     torch.manual_seed(seed)
-    dm = Mask2FormerDataModule(cfg, "train")
+    dm = Mask2FormerDataModule(cfg, RunContext("train", Path(".")))
     dm.setup("fit")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     model.train()
@@ -192,8 +193,9 @@ def evaluate(model: nn.Module, cfg, dev: torch.device) -> dict[str, float]:
     from networks.mask2former.data import Mask2FormerDataModule
     from networks.mask2former.module import Mask2FormerModule
 
-    module = Mask2FormerModule(cfg, RunContext(action="evaluate", run_dir=Path(".")), model=model).to(dev).eval()
-    dm = Mask2FormerDataModule(cfg, "evaluate")
+    ctx = RunContext(action="evaluate", run_dir=Path("."))
+    module = Mask2FormerModule(cfg, ctx, model=model).to(dev).eval()
+    dm = Mask2FormerDataModule(cfg, ctx)
     dm.setup("test")
     module.on_test_epoch_start()
     for i, batch in enumerate(dm.test_dataloader()):

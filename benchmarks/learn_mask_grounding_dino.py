@@ -120,9 +120,10 @@ class BatchStream:
     order and augmentation) and served to every model, so all models see the same batches in the same order."""
 
     def __init__(self, cfg, seed: int = 0):
+        from networks.common.context import RunContext
         from networks.mask_grounding_dino.data import MaskGDinoDataModule
 
-        self.dm = MaskGDinoDataModule(cfg, "train")
+        self.dm = MaskGDinoDataModule(cfg, RunContext("train", Path(".")))
         self.dm.setup("fit")
         self.seed = seed
         self.cache: dict[int, list[dict]] = {}

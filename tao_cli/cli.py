@@ -242,7 +242,7 @@ def complete_model_args(args: list[str], incomplete: str) -> list[tuple[str, str
         elif len(pos) == 1:
             if pos[0] == "list":
                 return []
-            candidates = list(registry.load(pos[0]).ACTIONS.items())
+            candidates = list(registry.load(pos[0]).actions.items())
         else:
             candidates = _complete_spec_word(_spec_fields(pos[0], pos[1]), args, incomplete)
     except Exception:  # noqa: BLE001 - a completion must never print a traceback into the shell

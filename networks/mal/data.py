@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -88,33 +87,12 @@ class BoxRecord:
         return (x, y, x + w, y + h)
 
 
-_RECORD_CACHE: dict[tuple, tuple[list[BoxRecord], dict]] = {}
-
-
 def load_records(ann_path: str, *, field: str) -> tuple[list[BoxRecord], dict]:
     """Read a COCO JSON and return ``(records, coco_dict)``: one :class:`BoxRecord` per annotation, in file order.
 
     Raises :class:`DataError` naming the file and annotation for a malformed record (missing/short ``bbox``,
     unknown ``image_id`` or ``category_id``, duplicate ``id``, image without positive ``height``/``width``).
-    The result is cached per (real path, size, mtime) because ``build_module`` and ``build_datamodule`` both
-    read the same file; callers must not mutate it.
     """
-    try:
-        st = os.stat(os.path.expanduser(str(ann_path)))
-        key = (os.path.realpath(os.path.expanduser(str(ann_path))), st.st_size, st.st_mtime_ns)
-    except OSError:
-        key = None
-    if key is not None and key in _RECORD_CACHE:
-        return _RECORD_CACHE[key]
-    result = _parse_records(ann_path, field)
-    if key is not None:
-        while len(_RECORD_CACHE) >= 3:  # train, val and inference files at most: COCO JSONs are large
-            _RECORD_CACHE.pop(next(iter(_RECORD_CACHE)))
-        _RECORD_CACHE[key] = result
-    return result
-
-
-def _parse_records(ann_path: str, field: str) -> tuple[list[BoxRecord], dict]:
     coco = load_coco(ann_path, field=field)
     where = str(ann_path)
     images: dict[int, dict] = {}
@@ -429,16 +407,17 @@ class MALDataModule(pl.LightningDataModule):
     ``evaluate.batch_size``, predict ``inference.batch_size``.
     """
 
-    def __init__(self, cfg: Any, log: logging.Logger | None = None):
+    def __init__(self, cfg: Any, ctx: Any):
         super().__init__()
         self.cfg = cfg
-        self.log_ = log or _log
+        self.ctx = ctx
+        self.log_: logging.Logger = getattr(ctx, "log", None) or _log
         self.train_dataset: MALTrainDataset | None = None
         self.val_dataset: MALEvalDataset | None = None
         self.predict_dataset: MALEvalDataset | None = None
         self.coco: dict[str, dict] = {}
 
-    # -- building blocks (also used by build_module) --------------------------------------------------------
+    # -- building blocks ------------------------------------------------------------------------------------
     def build_train(self) -> MALTrainDataset:
         """Load and filter the training boxes; logs how many were kept and why others were dropped."""
         d = self.cfg.dataset

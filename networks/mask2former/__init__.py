@@ -95,7 +95,7 @@ def build_datamodule(cfg: Any, ctx: Any):
     """The :class:`~networks.mask2former.data.Mask2FormerDataModule` for ``ctx.action``."""
     from networks.mask2former.data import Mask2FormerDataModule
 
-    return Mask2FormerDataModule(cfg, ctx.action)
+    return Mask2FormerDataModule(cfg, ctx)
 
 
 def _export(cfg: Any, ctx: Any) -> dict[str, Any]:

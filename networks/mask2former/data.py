@@ -692,10 +692,11 @@ class Mask2FormerDataModule(pl.LightningDataModule):
     Batch size: ``dataset.<split>.batch_size``, or ``evaluate/inference.batch_size`` when it is > 0.
     """
 
-    def __init__(self, cfg: Any, action: str):
+    def __init__(self, cfg: Any, ctx: Any):
         super().__init__()
         self.cfg = cfg
-        self.action = action
+        self.ctx = ctx
+        self.action: str = ctx.action
         ds = cfg.dataset
         self.label_map = load_label_map(ds.label_map, cfg.model.sem_seg_head.num_classes, ds.contiguous_id) \
             if ds.label_map else None

@@ -35,6 +35,7 @@ from networks.common.context import run_output_dir
 from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.network import TrainerTraits
+from networks.common.train_logging import log_train_losses
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
@@ -250,12 +251,7 @@ class Mask2FormerModule(pl.LightningModule):
                                          "lower train.optim.lr, use fp32/bf16, or check the data")
         total = self._weighted(losses)
         bs = len(batch["targets"])
-        self.log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
-        self.log("train/loss_epoch", total, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
-        for k, v in losses.items():
-            # Only the final layer's terms go to the progress bar; aux terms (loss_ce_0, ...) to the loggers.
-            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k.count("_") == 1,
-                     batch_size=bs)
+        log_train_losses(self, total, losses, bs)
         opt = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
         if opt is not None:
             self.log("train/lr", opt.param_groups[-1]["lr"], on_step=True, on_epoch=False, batch_size=bs)

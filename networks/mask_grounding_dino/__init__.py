@@ -104,7 +104,7 @@ def build_datamodule(cfg: Any, ctx: Any):
     """The :class:`~networks.mask_grounding_dino.data.MaskGDinoDataModule` for ``ctx.action``."""
     from networks.mask_grounding_dino.data import MaskGDinoDataModule
 
-    return MaskGDinoDataModule(cfg, ctx.action)
+    return MaskGDinoDataModule(cfg, ctx)
 
 
 def _export(cfg: Any, ctx: Any) -> dict[str, Any]:

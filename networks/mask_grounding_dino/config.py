@@ -42,12 +42,12 @@ __all__ = [
     "AugmentationConfig",
     "DatasetConfig",
     "OptimConfig",
-    "MGDinoTrainConfig",
-    "MGDinoEvaluateConfig",
-    "MGDinoInferenceConfig",
-    "MGDinoExportConfig",
-    "MGDinoTensorRTConfig",
-    "MGDinoGenTrtEngineConfig",
+    "MaskGDinoTrainConfig",
+    "MaskGDinoEvaluateConfig",
+    "MaskGDinoInferenceConfig",
+    "MaskGDinoExportConfig",
+    "MaskGDinoTensorRTConfig",
+    "MaskGDinoGenTrtEngineConfig",
     "ExperimentConfig",
     "check",
 ]
@@ -223,7 +223,7 @@ class OptimConfig:
 
 
 @dataclass
-class MGDinoTrainConfig(TrainConfig):
+class MaskGDinoTrainConfig(TrainConfig):
     """``train`` (tao-core ``GDINOTrainExpConfig``)."""
 
     freeze: list[str] = param([], description="Dotted sub-module paths to freeze, e.g. 'backbone.0', 'bert'.")
@@ -249,7 +249,7 @@ class _ReLAThresholds:
 
 
 @dataclass
-class MGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
+class MaskGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
     """``evaluate``."""
 
     input_width: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
@@ -259,7 +259,7 @@ class MGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
 
 
 @dataclass
-class MGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
+class MaskGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
     """``inference``."""
 
     color_map: dict[str, str] | None = param(None, description="Category name → colour of the overlays.")
@@ -274,14 +274,14 @@ class MGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
 
 
 @dataclass
-class MGDinoExportConfig(ExportConfig):
+class MaskGDinoExportConfig(ExportConfig):
     """``export``."""
 
     serialize_nvdsinfer: bool = param(False, description="Accepted; DeepStream files are not written.")
 
 
 @dataclass
-class MGDinoTensorRTConfig(TensorRTConfig):
+class MaskGDinoTensorRTConfig(TensorRTConfig):
     """``gen_trt_engine.tensorrt`` with Grounding DINO's defaults."""
 
     workspace_size: int = param(8192, description="Workspace size in MB.", valid_min=0)
@@ -289,10 +289,10 @@ class MGDinoTensorRTConfig(TensorRTConfig):
 
 
 @dataclass
-class MGDinoGenTrtEngineConfig(GenTrtEngineConfig):
+class MaskGDinoGenTrtEngineConfig(GenTrtEngineConfig):
     """``gen_trt_engine`` (tao-deploy; accepted so TAO specs load)."""
 
-    tensorrt: MGDinoTensorRTConfig = param(MGDinoTensorRTConfig)
+    tensorrt: MaskGDinoTensorRTConfig = param(MaskGDinoTensorRTConfig)
 
 
 @dataclass
@@ -302,11 +302,11 @@ class ExperimentConfig(CommonExperimentConfig):
     model_name: str | None = param("mask_grounding_dino", description="Network name.")
     model: ModelConfig = param(ModelConfig, description="Model.")
     dataset: DatasetConfig = param(DatasetConfig, description="Datasets.")
-    train: MGDinoTrainConfig = param(MGDinoTrainConfig, description="Training.")
-    evaluate: MGDinoEvaluateConfig = param(MGDinoEvaluateConfig, description="Evaluation.")
-    inference: MGDinoInferenceConfig = param(MGDinoInferenceConfig, description="Inference.")
-    export: MGDinoExportConfig = param(MGDinoExportConfig, description="ONNX export.")
-    gen_trt_engine: MGDinoGenTrtEngineConfig = param(MGDinoGenTrtEngineConfig,
+    train: MaskGDinoTrainConfig = param(MaskGDinoTrainConfig, description="Training.")
+    evaluate: MaskGDinoEvaluateConfig = param(MaskGDinoEvaluateConfig, description="Evaluation.")
+    inference: MaskGDinoInferenceConfig = param(MaskGDinoInferenceConfig, description="Inference.")
+    export: MaskGDinoExportConfig = param(MaskGDinoExportConfig, description="ONNX export.")
+    gen_trt_engine: MaskGDinoGenTrtEngineConfig = param(MaskGDinoGenTrtEngineConfig,
                                                      description="TensorRT engine (tao-deploy).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
 

@@ -94,7 +94,7 @@ def _fuse(out: dict, target: str, parts: Mapping[str, torch.Tensor]) -> None:
 
 
 def hf_to_ours_state_dict(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a ``GroundingDinoForObjectDetection.state_dict()`` to :class:`MaskGroundingDINO` keys.
+    """Map a ``GroundingDinoForObjectDetection.state_dict()`` to :class:`MaskGDinoModel` keys.
 
     Tensors are not copied or modified except for the q/k/v concatenations.  The shared box head is written under
     every ``bbox_embed.{i}`` / ``transformer.decoder.bbox_embed.{i}`` key (i over the decoder layers), even when the

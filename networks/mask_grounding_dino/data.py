@@ -633,17 +633,18 @@ class MaskGDinoDataModule(pl.LightningDataModule):
     Train drops the last partial batch when there is more than one batch (as TAO).
     """
 
-    def __init__(self, cfg: Any, action: str):
+    def __init__(self, cfg: Any, ctx: Any):
         super().__init__()
         self.cfg = cfg
-        self.action = action
+        self.ctx = ctx
+        self.action: str = ctx.action
         self.tokenizer = load_tokenizer(cfg.model.text_encoder_type)
         self.collate = Collator(self.tokenizer, int(cfg.model.max_text_len))
         aug = cfg.dataset.augmentation
         self.train_tf = Transform(aug, "train")
         self.eval_tf = Transform(aug, "eval")
         inf = cfg.inference
-        if action == "inference" and inf.input_width and inf.input_height:
+        if self.action == "inference" and inf.input_width and inf.input_height:
             self.predict_tf = Transform(aug, "fixed", (int(inf.input_width), int(inf.input_height)))
         else:
             self.predict_tf = self.eval_tf

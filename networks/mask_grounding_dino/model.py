@@ -44,7 +44,7 @@ from .text_encoder import BertTextEncoder, resolve_text_encoder
 
 __all__ = [
     "SWIN_BACKBONES",
-    "MaskGroundingDINO",
+    "MaskGDinoModel",
     "ContrastiveEmbed",
     "inverse_sigmoid",
     "sine_embed",
@@ -503,7 +503,7 @@ class _Transformer(nn.Module):
 MatchFn = Callable[[dict[str, torch.Tensor], Any], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
-class MaskGroundingDINO(nn.Module):
+class MaskGDinoModel(nn.Module):
     """Mask Grounding DINO (TAO): open-vocabulary instance segmentation from an image and a caption.
 
     ``forward(images [B,3,H,W], pixel_mask [B,H,W] bool (True = valid) or None, input_ids [B,T] int64,
@@ -833,8 +833,8 @@ def _swin_from_cfg(m: Any, out_indices: Sequence[int]) -> SwinTransformer:
                            drop_path_rate=drop_path, out_indices=tuple(out_indices))
 
 
-def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> MaskGroundingDINO:
-    """Build :class:`MaskGroundingDINO` from the experiment config (``cfg.model``) or the model section itself.
+def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> MaskGDinoModel:
+    """Build :class:`MaskGDinoModel` from the experiment config (``cfg.model``) or the model section itself.
 
     The only function that reads config.  The text encoder is loaded from ``model.text_encoder_type`` (see
     :func:`resolve_text_encoder`) unless ``text_encoder`` is given (tests).  No image-backbone weights are
@@ -855,7 +855,7 @@ def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> Mas
         text_encoder = BertTextEncoder.from_pretrained(resolve_text_encoder(cfg_get(m, "text_encoder_type",
                                                                                  "bert-base-uncased")))
     log_scale = cfg_get(m, "log_scale", None)
-    model = MaskGroundingDINO(
+    model = MaskGDinoModel(
         swin, text_encoder,
         hidden_dim=int(cfg_get(m, "hidden_dim", 256)),
         nheads=int(cfg_get(m, "nheads", 8)),
@@ -908,7 +908,7 @@ def remap_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def load_pretrained(model: MaskGroundingDINO, state_dict: Mapping, *, source: str = "pretrained weights",
+def load_pretrained(model: MaskGDinoModel, state_dict: Mapping, *, source: str = "pretrained weights",
                     raise_on_mismatch: bool = False) -> LoadReport:
     """Load a TAO Mask/Grounding DINO or IDEA GroundingDINO checkpoint into ``model`` by key remapping.
 
@@ -925,7 +925,7 @@ def load_pretrained(model: MaskGroundingDINO, state_dict: Mapping, *, source: st
     return report
 
 
-def load_backbone_weights(model: MaskGroundingDINO, path: str | Path,
+def load_backbone_weights(model: MaskGDinoModel, path: str | Path,
                           field: str = "model.pretrained_backbone_path") -> LoadReport:
     """Load Swin weights (official release ``{"model": ...}``, bare, or a TAO/IDEA full checkpoint) into the
     image backbone only.  Raises :class:`CheckpointError` naming ``field`` for a missing/unreadable file."""

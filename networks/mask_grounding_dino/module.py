@@ -34,6 +34,7 @@ from networks.common.context import run_output_dir
 from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
+from networks.common.train_logging import log_train_losses
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
@@ -175,12 +176,7 @@ class MaskGDinoModule(pl.LightningModule):
             raise FloatingPointError(f"Mask Grounding DINO loss is not finite at step {self.global_step} "
                                      f"(terms {bad}); lower train.optim.lr, use fp32/bf16, or check the data")
         bs = len(batch["targets"])
-        self.log("train/loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=bs)
-        self.log("train/loss_epoch", total, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        for k, v in losses.items():
-            # Only the final layer's terms go to the progress bar; aux/interm terms to the loggers.
-            self.log(f"train/{k}", v.detach(), on_step=True, on_epoch=False, prog_bar=k.count("_") == 1,
-                     batch_size=bs)
+        log_train_losses(self, total, losses, bs)
         if self._trainer is not None and self.trainer.optimizers:
             lrs = {g.get("name"): g["lr"] for g in self.trainer.optimizers[0].param_groups}
             self.log("train/lr", lrs.get("rest", self.trainer.optimizers[0].param_groups[-1]["lr"]), on_step=True,

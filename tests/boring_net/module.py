@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from networks.common.io import atomic_write_text
+from networks.common.network import TrainerTraits
 
 
 def make_data(num_samples: int, num_features: int, data_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,7 @@ class BoringModule(pl.LightningModule):
         self.kpi_schedule = list(kpi_schedule or [])  # synthetic per-epoch "score" (best-checkpoint tests)
         self.kpi: dict[str, float] = {}
         self.outputs: dict = {}
+        self.trainer_traits = TrainerTraits()
         self._val_losses: list[torch.Tensor] = []
         self._preds: list[torch.Tensor] = []
 

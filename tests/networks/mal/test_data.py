@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from networks.common.context import RunContext
 from networks.common.errors import DataError
 from networks.mal.config import ExperimentConfig
 from networks.mal.data import (
@@ -149,7 +150,7 @@ def test_train_filter_rules_and_crowd():
 
 def test_train_dataset_excludes_crowd_and_logs_real_count(tmp_path, caplog):
     make_coco(tmp_path)
-    dm = MALDataModule(make_cfg(tmp_path))
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
     with caplog.at_level("INFO", logger="tao"):
         dm.setup("fit")
     ids = [r.ann_id for r in dm.train_dataset.records]
@@ -175,14 +176,14 @@ def test_missing_image_is_a_data_error(tmp_path):
     make_coco(tmp_path)
     (tmp_path / "images" / "b.png").unlink()
     with pytest.raises(DataError, match="b.png"):
-        MALDataModule(make_cfg(tmp_path)).setup("fit")
+        MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path)).setup("fit")
 
 
 def test_load_mask_requires_segmentation(tmp_path):
     make_coco(tmp_path, with_seg=False)
     with pytest.raises(DataError, match="segmentation"):
-        MALDataModule(make_cfg(tmp_path)).setup("test")
-    dm = MALDataModule(make_cfg(tmp_path, **{"dataset.load_mask": False}))
+        MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path)).setup("test")
+    dm = MALDataModule(make_cfg(tmp_path, **{"dataset.load_mask": False}), RunContext("train", tmp_path))
     dm.setup("test")
     assert next(iter(dm.test_dataloader()))["gt_mask"] == [None, None, None]
 
@@ -192,7 +193,7 @@ def test_train_batch_format(tmp_path):
     make_coco(tmp_path)
     torch.manual_seed(0)
     np.random.seed(0)
-    dm = MALDataModule(make_cfg(tmp_path))
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "timage", "mask", "bbox", "compact_category_id", "ann_id"}
@@ -212,7 +213,7 @@ def test_train_batch_format(tmp_path):
 
 def test_teacher_view_is_the_clean_student_crop(tmp_path):
     make_coco(tmp_path)
-    dm = MALDataModule(make_cfg(tmp_path))
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
     dm.setup("fit")
     ds = dm.train_dataset
     ds.student_aug = lambda img: img  # no photometric jitter: both views must coincide
@@ -222,7 +223,7 @@ def test_teacher_view_is_the_clean_student_crop(tmp_path):
 
 def test_train_sampling_is_reproducible(tmp_path):
     make_coco(tmp_path)
-    dm = MALDataModule(make_cfg(tmp_path))
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
     dm.setup("fit")
     outs = []
     for _ in range(2):
@@ -236,7 +237,7 @@ def test_train_sampling_is_reproducible(tmp_path):
 
 def test_eval_batch_format_and_geometry(tmp_path):
     make_coco(tmp_path)
-    dm = MALDataModule(make_cfg(tmp_path, **{"evaluate.batch_size": 5}))
+    dm = MALDataModule(make_cfg(tmp_path, **{"evaluate.batch_size": 5}), RunContext("train", tmp_path))
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()))
     assert batch["image"].shape == (5, 3, S, S)
@@ -264,7 +265,7 @@ def test_eval_batch_format_and_geometry(tmp_path):
 
 def test_predict_uses_inference_section(tmp_path, caplog):
     make_coco(tmp_path, with_seg=False)
-    dm = MALDataModule(make_cfg(tmp_path, **{"inference.batch_size": 4}))
+    dm = MALDataModule(make_cfg(tmp_path, **{"inference.batch_size": 4}), RunContext("train", tmp_path))
     with caplog.at_level("WARNING", logger="tao"):
         dm.setup("predict")  # inference.load_mask defaults to false: no segmentation needed
     assert "1 of 5 boxes" in caplog.text
@@ -279,6 +280,7 @@ def test_archive_image_dir(tmp_path, monkeypatch):
     with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as tf:
         tf.add(tmp_path / "images", arcname="images")
     monkeypatch.setenv("TAO_CACHE_DIR", str(tmp_path / "cache"))
-    dm = MALDataModule(make_cfg(tmp_path, **{"dataset.val_img_dir": str(tmp_path / "images.tar.gz")}))
+    cfg = make_cfg(tmp_path, **{"dataset.val_img_dir": str(tmp_path / "images.tar.gz")})
+    dm = MALDataModule(cfg, RunContext("train", tmp_path))
     dm.setup("test")
     assert dm.val_dataset[0]["image"].shape == (3, S, S)

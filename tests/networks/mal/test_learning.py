@@ -112,9 +112,9 @@ def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog
     for key, value in {**paths, **DEMO_SETTINGS}.items():
         OmegaConf.update(cfg, key, value)
     pl.seed_everything(int(cfg.train.seed), verbose=False)
-    dm = MALDataModule(cfg)
     ctx = RunContext(action="train", run_dir=synthetic / "run")
-    module = MALModule.from_config(cfg, ctx, None, None)
+    dm = MALDataModule(cfg, ctx)
+    module = MALModule(cfg, ctx)
     epochs = int(cfg.train.num_epochs)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

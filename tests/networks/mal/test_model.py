@@ -325,12 +325,12 @@ def _small_module(**train):
                   "train.crf_num_iter": 3, "train.batch_size": 2, "train.num_epochs": 2, "train.lr": 1e-4,
                   **{f"train.{k}": v for k, v in train.items()}})
     ctx = RunContext(action="train", run_dir=Path("."))
-    return MALModule.from_config(cfg, ctx, [{"id": 5}, {"id": 6}], 4), cfg
+    return MALModule(cfg, ctx), cfg
 
 
 def test_module_contract_and_lr_scaling():
     mod, cfg = _small_module()
-    assert MALModule.find_unused_parameters is True
+    assert mod.trainer_traits.find_unused_parameters is True
     assert mod.lr == pytest.approx(1e-4 * 1 * 2)  # base × devices × per-device batch
     assert mod.min_lr == pytest.approx(mod.lr * 0.2)
     opt = mod.configure_optimizers()["optimizer"]
@@ -338,7 +338,7 @@ def test_module_contract_and_lr_scaling():
     assert ids == {id(p) for p in mod.student.parameters()}
     assert opt.param_groups[0]["betas"] == (0.9, 0.9) and opt.param_groups[0]["weight_decay"] == 5e-4
     ctx4 = RunContext(action="train", run_dir=Path("."), num_devices=4)
-    assert MALModule.from_config(cfg, ctx4, [], 4).lr == pytest.approx(1e-4 * 4 * 2)
+    assert MALModule(cfg, ctx4).lr == pytest.approx(1e-4 * 4 * 2)
 
 
 def test_accumulation_steps_ema_and_schedule_per_optimizer_step(monkeypatch):
@@ -430,10 +430,10 @@ def test_predict_writes_pseudo_labels_for_every_annotation(tmp_path: Path):
                   "inference.load_mask": True, "inference.batch_size": 2, "inference.label_dump_path": "out.json"})
     ctx = RunContext(action="inference", run_dir=tmp_path / "run")
     torch.manual_seed(0)
-    mod = MALModule.from_config(cfg, ctx, None, None)
+    mod = MALModule(cfg, ctx)
     assert mod.label_dump_path == tmp_path / "run" / "out.json"
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    preds = trainer.predict(mod, MALDataModule(cfg))
+    preds = trainer.predict(mod, MALDataModule(cfg, ctx))
     flat = [r for batch in preds for r in batch]
     src = json.loads((val / "annotations.json").read_text())
     out = json.loads((tmp_path / "run" / "out.json").read_text())

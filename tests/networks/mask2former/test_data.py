@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from networks.common.context import RunContext
 from networks.common.errors import DataError
 from networks.mask2former.data import (
     Augmentation,
@@ -25,7 +27,7 @@ from .conftest import make_tiny_cfg
 @pytest.mark.parametrize("kind", ["coco_panoptic", "coco", "ade"])
 def test_each_type_gives_consistent_batches(m2f_synthetic, kind):
     cfg = make_tiny_cfg(m2f_synthetic, kind=kind, archives=kind == "coco_panoptic")
-    dm = Mask2FormerDataModule(cfg, "train")
+    dm = Mask2FormerDataModule(cfg, RunContext("train", Path(".")))
     dm.setup("fit")
     assert len(dm.train_dataset) == 6 and len(dm.val_dataset) == 4
     batch = next(iter(dm.val_dataloader()))
@@ -55,7 +57,7 @@ def test_each_type_gives_consistent_batches(m2f_synthetic, kind):
 
 def test_semantic_map_agrees_with_masks(m2f_synthetic):
     cfg = make_tiny_cfg(m2f_synthetic, kind="coco_panoptic", archives=False)
-    dm = Mask2FormerDataModule(cfg, "evaluate")
+    dm = Mask2FormerDataModule(cfg, RunContext("evaluate", Path(".")))
     dm.setup("test")
     s = dm.val_dataset[0]
     rebuilt = torch.zeros_like(s["sem_seg"])
@@ -84,13 +86,13 @@ def test_unknown_category_ids_are_named(m2f_synthetic, tmp_path):
     for kind in ("coco_panoptic", "coco"):
         cfg = make_tiny_cfg(m2f_synthetic, kind=kind, archives=False)
         cfg.dataset.label_map = str(lm)
-        dm = Mask2FormerDataModule(cfg, "train")
+        dm = Mask2FormerDataModule(cfg, RunContext("train", Path(".")))
         with pytest.raises(DataError) as err:
             dm.setup("fit")
         assert "[2" in err.value.problem and "label_map" in err.value.problem
     cfg = make_tiny_cfg(m2f_synthetic, kind="ade", archives=False)
     cfg.dataset.label_map = str(lm)
-    dm = Mask2FormerDataModule(cfg, "train")
+    dm = Mask2FormerDataModule(cfg, RunContext("train", Path(".")))
     dm.setup("fit")
     with pytest.raises(DataError, match=r"\[.*5.*\]"):
         for i in range(len(dm.train_dataset)):
@@ -105,7 +107,7 @@ def test_worker_errors_reach_the_user_as_data_errors(m2f_synthetic, tmp_path):
     cfg = make_tiny_cfg(m2f_synthetic, kind="ade", archives=False)
     cfg.dataset.label_map = str(lm)
     cfg.dataset.val.num_workers = 1
-    dm = Mask2FormerDataModule(cfg, "evaluate")
+    dm = Mask2FormerDataModule(cfg, RunContext("evaluate", Path(".")))
     dm.setup("test")
     batch = next(iter(dm.val_dataloader()))
     with pytest.raises(DataError, match="semantic/000001.png"):

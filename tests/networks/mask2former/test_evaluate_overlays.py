@@ -1,6 +1,8 @@
 """Evaluate writes ground truth | prediction pictures of the first ``evaluate.num_overlays`` images (every mode)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ def test_evaluate_writes_side_by_side_overlays(mode, m2f_synthetic, tmp_path):
     module = Mask2FormerModule(cfg, RunContext(action="evaluate", run_dir=tmp_path))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.test(module, Mask2FormerDataModule(cfg, "evaluate"), verbose=False)
+    trainer.test(module, Mask2FormerDataModule(cfg, RunContext("evaluate", Path("."))), verbose=False)
     pngs = sorted((tmp_path / "overlays").glob("*.png"))
     assert [p.name for p in pngs] == ["000001.png", "000002.png", "000003.png"]
     for p in pngs:
@@ -48,5 +50,5 @@ def test_zero_disables_and_no_run_dir_writes_nothing(m2f_synthetic, tmp_path):
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          limit_test_batches=1)
-    trainer.test(module, Mask2FormerDataModule(cfg, "evaluate"), verbose=False)
+    trainer.test(module, Mask2FormerDataModule(cfg, RunContext("evaluate", Path("."))), verbose=False)
     assert not (tmp_path / "overlays").exists()

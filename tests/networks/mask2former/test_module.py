@@ -112,7 +112,7 @@ def test_fit_test_predict(tmp_path, m2f_synthetic):
     cfg.train.optim.lr_scheduler = "WarmupPoly"
     torch.manual_seed(0)
     module = Mask2FormerModule(cfg, RunContext(action="train", run_dir=tmp_path / "train"))
-    dm = Mask2FormerDataModule(cfg, "train")
+    dm = Mask2FormerDataModule(cfg, RunContext("train", Path(".")))
     trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=1,
                        num_sanity_val_steps=0)
     trainer.fit(module, dm)
@@ -128,10 +128,10 @@ def test_fit_test_predict(tmp_path, m2f_synthetic):
         module.ctx = RunContext(action="inference", run_dir=run_dir)
         if mode == "instance":
             trainer = _trainer(tmp_path)
-            trainer.test(module, Mask2FormerDataModule(cfg, "evaluate"))
+            trainer.test(module, Mask2FormerDataModule(cfg, RunContext("evaluate", Path("."))))
             assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU"} <= set(module.kpi)
         trainer = _trainer(tmp_path)
-        trainer.predict(module, Mask2FormerDataModule(cfg, "inference"), return_predictions=False)
+        trainer.predict(module, Mask2FormerDataModule(cfg, RunContext("inference", Path("."))), return_predictions=False)
         overlays = sorted((run_dir / "overlays").glob("*.png"))
         assert len(overlays) == 4
         if mode == "instance":
@@ -157,7 +157,7 @@ def test_overfits_one_batch(m2f_synthetic):
     cfg.train.optim.lr = 1e-3
     torch.manual_seed(0)
     module = Mask2FormerModule(cfg, RunContext(action="evaluate", run_dir=Path(".")))
-    dm = Mask2FormerDataModule(cfg, "evaluate")
+    dm = Mask2FormerDataModule(cfg, RunContext("evaluate", Path(".")))
     dm.setup("test")
     batch = next(iter(dm.val_dataloader()))
     opt = torch.optim.AdamW(param_groups(module.model, 1e-3, 0.0, 1.0))

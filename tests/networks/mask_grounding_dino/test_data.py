@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from networks.common.context import RunContext
 from networks.common.errors import DataError
 from networks.mask_grounding_dino.data import (
     CocoDataset,
@@ -201,13 +203,13 @@ def test_inference_per_image_captions(mgd_synthetic, tiny_cfg, tmp_path):
 
 
 def test_datamodule_loaders(tiny_cfg):
-    dm = MaskGDinoDataModule(tiny_cfg, "train")
+    dm = MaskGDinoDataModule(tiny_cfg, RunContext("train", Path(".")))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape[0] == min(tiny_cfg.dataset.batch_size, len(dm.train_dataset))
     vb = next(iter(dm.val_dataloader()))
     assert vb["captions"][0] == "circle . square . triangle ." and vb["category_ids"][0] == [1, 2, 3]
-    dm = MaskGDinoDataModule(tiny_cfg, "inference")
+    dm = MaskGDinoDataModule(tiny_cfg, RunContext("inference", Path(".")))
     dm.setup("predict")
     pb = next(iter(dm.predict_dataloader()))
     assert pb["names"][0] == ["circle", "square", "triangle"] and "paths" in pb

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ def test_evaluate_writes_side_by_side_overlays(mgd_synthetic, tmp_path):
     module = MaskGDinoModule(cfg, RunContext("evaluate", tmp_path, log=logging.getLogger("test")))
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.test(module, datamodule=MaskGDinoDataModule(cfg, "evaluate"), verbose=False)
+    trainer.test(module, datamodule=MaskGDinoDataModule(cfg, RunContext("evaluate", Path("."))), verbose=False)
     pngs = sorted((tmp_path / "overlays").glob("*.png"))
     assert [p.name for p in pngs] == ["000001.png", "000002.png", "000003.png", "000004.png"]
     tags = np.asarray(palette(3))

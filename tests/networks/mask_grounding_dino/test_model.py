@@ -1,4 +1,4 @@
-"""MaskGroundingDINO: shapes, training-mode matched masks, gradients, mask-head math, config and weight loading."""
+"""MaskGDinoModel: shapes, training-mode matched masks, gradients, mask-head math, config and weight loading."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from networks.common.errors import ConfigError
 from networks.mask_grounding_dino.model import (
     SWIN_BACKBONES,
     ContrastiveEmbed,
-    MaskGroundingDINO,
+    MaskGDinoModel,
     aligned_bilinear,
     build_model,
     dynamic_mask_logits,
@@ -257,7 +257,7 @@ def test_state_dict_uses_tao_names(model):
     assert model.controller.layers[2].out_features == (2 + 64 // 32) * 8 + 64 + 8 + 17
     # one shared box head
     assert model.bbox_embed[0] is model.bbox_embed[1] is model.transformer.decoder.bbox_embed[1]
-    assert isinstance(model, MaskGroundingDINO)
+    assert isinstance(model, MaskGDinoModel)
 
 
 def test_activation_checkpoint_gives_the_same_gradients():

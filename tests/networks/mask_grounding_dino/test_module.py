@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_freeze(mgd_synthetic, tmp_path):
 def test_evaluate_with_conf_threshold_reports_bbox_and_segm(tiny_module):
     cfg, module = tiny_module
     cfg.evaluate.conf_threshold = 0.5  # TAO raises KeyError in its segm evaluator here
-    dm = MaskGDinoDataModule(cfg, "evaluate")
+    dm = MaskGDinoDataModule(cfg, RunContext("evaluate", Path(".")))
     _trainer().test(module, datamodule=dm, verbose=False)
     for k in ("bbox_val_mAP", "bbox_val_mAP50", "bbox_val_mAP75", "segm_val_mAP", "segm_val_mAP50", "val_loss"):
         assert k in module.kpi
@@ -75,7 +76,7 @@ def test_inference_writes_overlays_and_results(tiny_module, tmp_path):
     cfg, module = tiny_module
     cfg.inference.conf_threshold = 0.0
     module.ctx = RunContext("inference", tmp_path, log=logging.getLogger("test"))
-    dm = MaskGDinoDataModule(cfg, "inference")
+    dm = MaskGDinoDataModule(cfg, module.ctx)
     _trainer().predict(module, datamodule=dm, return_predictions=False)
     pngs = sorted((tmp_path / "overlays").glob("*.png"))
     assert len(pngs) == 4

@@ -41,7 +41,7 @@ def test_gpu_id_not_visible_is_config_error():
 def test_cpu_processes():
     plan = plan_devices(2, [0, 1], 1, env={}, cuda_count=0)
     assert (plan.accelerator, plan.devices, plan.gpu_ids, plan.world_size) == ("cpu", 2, [], 2)
-    assert plan.warnings == []
+    assert plan.warnings == ["no CUDA device is visible: num_gpus=2 runs 2 CPU processes (DDP over gloo), not GPUs"]
     plan = plan_devices(1, [3], 1, env={}, cuda_count=0)
     assert plan.devices == 1 and any("ignoring gpu_ids=[3]" in w for w in plan.warnings)
 

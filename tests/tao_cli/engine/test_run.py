@@ -1,6 +1,7 @@
 """run_action end to end on boring_net, in-process: files, status.json, resume, exit codes, dry-run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -205,7 +206,7 @@ def test_internal_failure_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
     def boom(cfg, ctx):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(boring_net, "build_module", boom)
+    monkeypatch.setattr(boring_net, "NETWORK", dataclasses.replace(boring_net.NETWORK, build_module=boom))
     assert run("train", {**FAST, "results_dir": tmp_path}) == 1
     err = capsys.readouterr().err
     assert err == "ERROR: RuntimeError: boom\n(run with --debug for the full traceback)\n"

@@ -246,7 +246,7 @@ def test_mask2former_logs_every_loss_term_incl_aux_per_step(tmp_path, synthetic)
     torch.manual_seed(0)
     module = Mask2FormerModule(cfg, RunContext(action="train", run_dir=tmp_path / "train"))
     seen = _spy_criterion(module)
-    _fit_and_check_names(module, tmp_path, seen, (Mask2FormerDataModule(cfg, "train"),))
+    _fit_and_check_names(module, tmp_path, seen, (Mask2FormerDataModule(cfg, RunContext("train", Path("."))),))
     assert {"loss_ce", "loss_mask", "loss_dice", "loss_ce_0", "loss_dice_1"} <= seen[0]
 
 
@@ -260,7 +260,7 @@ def test_mask_grounding_dino_logs_every_loss_term_incl_aux_and_interm_per_step(t
     torch.manual_seed(0)
     module = MaskGDinoModule(cfg, RunContext(action="train", run_dir=tmp_path / "train"))
     seen = _spy_criterion(module)
-    _fit_and_check_names(module, tmp_path, seen, (MaskGDinoDataModule(cfg, "train"),))
+    _fit_and_check_names(module, tmp_path, seen, (MaskGDinoDataModule(cfg, RunContext("train", Path("."))),))
     assert {"loss_ce", "loss_bbox", "loss_mask", "loss_ce_0", "loss_ce_interm"} <= seen[0]
 
 
