@@ -11,16 +11,23 @@ they may depend on the spec (Mask2Former: ``train.activation_checkpoint``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of",
-           "refuse_deploy_action", "run_extra_action", "LIGHTNING_ACTIONS"]
+           "refuse_deploy_action", "run_extra_action", "lazy",
+           "TAO_DEPLOY_ACTIONS", "LIGHTNING_ACTIONS"]
 
 #: Actions the engine runs through a Lightning Trainer (fit / test / predict).
 LIGHTNING_ACTIONS = ("train", "evaluate", "inference")
+#: TAO's deployment actions (tao-deploy, not tao-cli): listed in help so TAO users find them, then refused.
+TAO_DEPLOY_ACTIONS = {
+    "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
+    "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
+}
 
 Builder = Callable[[Any, Any], Any]  # (cfg, ctx) -> LightningModule | LightningDataModule
 ActionFn = Callable[[Any, Any], Mapping[str, Any]]  # (cfg, ctx) -> outputs for status.json
@@ -151,3 +158,16 @@ def run_extra_action(net: Network, action: str, cfg: Any, ctx: Any) -> Mapping[s
     if action not in net.extra_actions:
         raise ConfigError("action", f"{net.name} has no action {action!r}", f"choose from {', '.join(net.actions)}")
     return net.extra_actions[action](cfg, ctx) or {}
+
+
+def lazy(target: str) -> Callable[[Any, Any], Any]:
+    """A two-argument part (builder, extra action, sample drawer) that imports ``"package.module:name"`` when it
+    is first called and calls it — so ``import networks.<net>`` (and ``tao --help``) never loads torch models."""
+    module_path, _, name = target.partition(":")
+
+    def call(first: Any, second: Any) -> Any:
+        return getattr(importlib.import_module(module_path), name)(first, second)
+
+    call.__name__ = call.__qualname__ = f"lazy({target})"
+    call.__doc__ = f"Import and call ``{target}``."
+    return call

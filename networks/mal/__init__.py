@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from networks.common.network import Network
+from networks.common.network import Network, lazy
 from networks.mal.config import ExperimentConfig, check
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
@@ -76,21 +76,12 @@ def _image_dirs(cfg: Any, action: str) -> dict:
     return {}
 
 
-def build_module(cfg: Any, ctx: Any):
-    """The :class:`~networks.mal.module.MALModule` for ``ctx.action``."""
-    from networks.mal.module import MALModule
-
-    return MALModule(cfg, ctx)
-
-
-def _sample_drawer(cfg: Any, datamodule: Any):
-    from networks.mal.visualize import sample_drawer
-
-    return sample_drawer(cfg, datamodule)
+#: The :class:`~networks.mal.module.MALModule` for ``ctx.action``.
+build_module = lazy("networks.mal.module:MALModule")
 
 
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, sample_drawer=_sample_drawer,
+    main_kpi=main_kpi, sample_drawer=lazy("networks.mal.visualize:sample_drawer"),
 )

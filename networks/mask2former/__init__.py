@@ -7,23 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from networks.common.network import Network, run_extra_action
+from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
 from networks.mask2former.config import ExperimentConfig, check
 
-__all__ = [
-    "NAME",
-    "TITLE",
-    "CHECKPOINT_NAME",
-    "ACTIONS",
-    "ExperimentConfig",
-    "check",
-    "main_kpi",
-    "input_paths",
-    "build_module",
-    "build_datamodule",
-    "run_action",
-    "NETWORK",
-]
+__all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
+           "build_module", "build_datamodule", "run_action", "NETWORK"]
 
 NAME = "mask2former"
 TITLE = "Mask2Former"
@@ -34,8 +22,7 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint on dataset.val: mIoU and pixel accuracy, plus PQ or mask AP.",
     "inference": "Segment the images of dataset.test.img_dir; writes overlays and PNG/JSON results.",
     "export": "Export a checkpoint to ONNX (standard ops) and check it with onnxruntime.",
-    "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
-    "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
+    **TAO_DEPLOY_ACTIONS,
 }
 
 _SPLIT_FIELDS = {
@@ -84,25 +71,10 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
     return paths
 
 
-def build_module(cfg: Any, ctx: Any):
-    """The :class:`~networks.mask2former.module.Mask2FormerModule` for ``ctx.action``."""
-    from networks.mask2former.module import Mask2FormerModule
-
-    return Mask2FormerModule(cfg, ctx)
-
-
-def build_datamodule(cfg: Any, ctx: Any):
-    """The :class:`~networks.mask2former.data.Mask2FormerDataModule` for ``ctx.action``."""
-    from networks.mask2former.data import Mask2FormerDataModule
-
-    return Mask2FormerDataModule(cfg, ctx)
-
-
-def _export(cfg: Any, ctx: Any) -> dict[str, Any]:
-    """``export``: the ONNX path, its I/O spec and the onnxruntime parity figures."""
-    from networks.mask2former.export import run_export
-
-    return run_export(cfg, ctx)
+#: The LightningModule / LightningDataModule for ``ctx.action``, and ``export`` (ONNX path, I/O spec, parity).
+build_module = lazy("networks.mask2former.module:Mask2FormerModule")
+build_datamodule = lazy("networks.mask2former.data:Mask2FormerDataModule")
+_export = lazy("networks.mask2former.export:run_export")
 
 
 def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
@@ -110,15 +82,9 @@ def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
     return dict(run_extra_action(NETWORK, action, cfg, ctx))
 
 
-def _sample_drawer(cfg: Any, datamodule: Any):
-    from networks.mask2former.visualize import sample_drawer
-
-    return sample_drawer(cfg, datamodule)
-
-
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=("gen_trt_engine", "quantize"),
-    sample_drawer=_sample_drawer,
+    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
+    sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
 )

@@ -8,23 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from networks.common.network import Network, run_extra_action
+from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
 from networks.mask_grounding_dino.config import ExperimentConfig, check
 
-__all__ = [
-    "NAME",
-    "TITLE",
-    "CHECKPOINT_NAME",
-    "ACTIONS",
-    "ExperimentConfig",
-    "check",
-    "main_kpi",
-    "input_paths",
-    "build_module",
-    "build_datamodule",
-    "run_action",
-    "NETWORK",
-]
+__all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
+           "build_module", "build_datamodule", "run_action", "NETWORK"]
 
 NAME = "mask_grounding_dino"
 TITLE = "Mask Grounding DINO"
@@ -35,8 +23,7 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint: COCO bbox and segm AP on the test (or val) COCO file.",
     "inference": "Detect and segment the phrases of infer_data_sources in its images; writes overlays and JSON.",
     "export": "Export a checkpoint to ONNX (standard ops, TAO's input/output names) and check it with onnxruntime.",
-    "gen_trt_engine": "Build a TensorRT engine (tao-deploy; not part of tao-cli yet).",
-    "quantize": "Quantize a model (tao-deploy; not part of tao-cli yet).",
+    **TAO_DEPLOY_ACTIONS,
 }
 
 
@@ -93,25 +80,10 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
     return paths
 
 
-def build_module(cfg: Any, ctx: Any):
-    """The :class:`~networks.mask_grounding_dino.module.MaskGDinoModule` for ``ctx.action``."""
-    from networks.mask_grounding_dino.module import MaskGDinoModule
-
-    return MaskGDinoModule(cfg, ctx)
-
-
-def build_datamodule(cfg: Any, ctx: Any):
-    """The :class:`~networks.mask_grounding_dino.data.MaskGDinoDataModule` for ``ctx.action``."""
-    from networks.mask_grounding_dino.data import MaskGDinoDataModule
-
-    return MaskGDinoDataModule(cfg, ctx)
-
-
-def _export(cfg: Any, ctx: Any) -> dict[str, Any]:
-    """``export``: the ONNX path, its I/O spec and the onnxruntime parity figures."""
-    from networks.mask_grounding_dino.export import run_export
-
-    return run_export(cfg, ctx)
+#: The LightningModule / LightningDataModule for ``ctx.action``, and ``export`` (ONNX path, I/O spec, parity).
+build_module = lazy("networks.mask_grounding_dino.module:MaskGDinoModule")
+build_datamodule = lazy("networks.mask_grounding_dino.data:MaskGDinoDataModule")
+_export = lazy("networks.mask_grounding_dino.export:run_export")
 
 
 def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
@@ -119,15 +91,9 @@ def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
     return dict(run_extra_action(NETWORK, action, cfg, ctx))
 
 
-def _sample_drawer(cfg: Any, datamodule: Any):
-    from networks.mask_grounding_dino.visualize import sample_drawer
-
-    return sample_drawer(cfg, datamodule)
-
-
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=("gen_trt_engine", "quantize"),
-    sample_drawer=_sample_drawer,
+    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
+    sample_drawer=lazy("networks.mask_grounding_dino.visualize:sample_drawer"),
 )

@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ProgressBar
 
+from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
 from networks.common.network import trainer_traits_of
 from tao_cli.redact import redact_container
@@ -37,13 +38,6 @@ def _section(cfg, name: str):
     return cfg.get(name) if name in cfg else None
 
 
-def _get(section, key: str, default: Any = None) -> Any:
-    if section is None or key not in section:
-        return default
-    value = section.get(key)
-    return default if value is None else value
-
-
 def decide_precision(cfg, action: str, accelerator: str) -> str:
     """Lightning precision string from ``<section>.precision`` or ``<section>.use_amp`` (train section for train).
 
@@ -52,13 +46,13 @@ def decide_precision(cfg, action: str, accelerator: str) -> str:
     """
     section = _section(cfg, action)
     precision = "32-true"
-    raw = _get(section, "precision")
+    raw = cfg_get(section, "precision")
     if raw is not None and str(raw) != "":
         key = str(raw).strip().lower()
         if key not in _PRECISIONS:
             raise ConfigError(f"{action}.precision", f"{raw!r} is not one of fp16, bf16, fp32")
         precision = _PRECISIONS[key]
-    elif _get(section, "use_amp", False):
+    elif cfg_get(section, "use_amp", False):
         precision = "16-mixed"
     if accelerator == "cpu" and precision == "16-mixed":
         log.warning("%s: fp16 mixed precision is not available on CPU; using bf16-mixed instead", action)
@@ -72,7 +66,7 @@ def check_strategy(cfg, action: str, plan: DevicePlan) -> str:
     Called before anything is written (so ``--dry-run`` refuses it too): fsdp needs CUDA devices.
     """
     section = _section(cfg, "train") if action == "train" else None
-    name = str(_get(section, "distributed_strategy", "ddp")).lower()
+    name = str(cfg_get(section, "distributed_strategy", "ddp")).lower()
     if name not in ("ddp", "fsdp"):
         raise ConfigError("train.distributed_strategy", f"{name!r} is not one of ddp, fsdp")
     if name == "fsdp" and plan.accelerator == "cpu":
@@ -113,11 +107,11 @@ def seed_run(cfg, action: str) -> int | None:
     train = _section(cfg, "train")
     if action != "train" or train is None:
         return None
-    cudnn = _get(train, "cudnn")
+    cudnn = cfg_get(train, "cudnn")
     if cudnn is not None:
-        torch.backends.cudnn.benchmark = bool(_get(cudnn, "benchmark", False))
-        torch.backends.cudnn.deterministic = bool(_get(cudnn, "deterministic", True))
-    seed = int(_get(train, "seed", -1))
+        torch.backends.cudnn.benchmark = bool(cfg_get(cudnn, "benchmark", False))
+        torch.backends.cudnn.deterministic = bool(cfg_get(cudnn, "deterministic", True))
+    seed = int(cfg_get(train, "seed", -1))
     if seed < 0:
         return None
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -262,7 +256,7 @@ def _loggers(cfg, action: str, run_dir: Path) -> list:
         log.warning("tensorboard is not installed; writing CSV logs instead")
         loggers.append(CSVLogger(save_dir=str(run_dir), name="lightning_logs"))
     wandb_cfg = _section(cfg, "wandb")
-    if wandb_cfg is not None and _get(wandb_cfg, "enable", False):
+    if wandb_cfg is not None and cfg_get(wandb_cfg, "enable", False):
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -273,9 +267,9 @@ def _loggers(cfg, action: str, run_dir: Path) -> list:
 
             config = redact_container(OmegaConf.to_container(cfg, resolve=True))
             loggers.append(WandbLogger(
-                project=_get(wandb_cfg, "project", None), entity=_get(wandb_cfg, "entity", "") or None,
-                group=_get(wandb_cfg, "group", "") or None, tags=list(_get(wandb_cfg, "tags", []) or []),
-                name=_get(wandb_cfg, "name", None), id=_get(wandb_cfg, "run_id", "") or None,
+                project=cfg_get(wandb_cfg, "project", None), entity=cfg_get(wandb_cfg, "entity", "") or None,
+                group=cfg_get(wandb_cfg, "group", "") or None, tags=list(cfg_get(wandb_cfg, "tags", []) or []),
+                name=cfg_get(wandb_cfg, "name", None), id=cfg_get(wandb_cfg, "run_id", "") or None,
                 save_dir=str(run_dir), config=config,
             ))
     return loggers
@@ -324,19 +318,19 @@ def build_trainer(cfg, action: str, plan: DevicePlan, run_dir: str | Path, callb
     kwargs["sync_batchnorm"] = traits.sync_batchnorm
     kwargs["use_distributed_sampler"] = traits.use_distributed_sampler
     if action == "train" and train is not None:
-        kwargs["max_epochs"] = int(_get(train, "num_epochs", 1))
-        kwargs["check_val_every_n_epoch"] = int(_get(train, "validation_interval", 1))
+        kwargs["max_epochs"] = int(cfg_get(train, "num_epochs", 1))
+        kwargs["check_val_every_n_epoch"] = int(cfg_get(train, "validation_interval", 1))
         kwargs["enable_checkpointing"] = True
-        clip = _get(train, "clip_grad_norm", 0)
+        clip = cfg_get(train, "clip_grad_norm", 0)
         if clip and float(clip) > 0:
             kwargs["gradient_clip_val"] = float(clip)
-        accum = int(_get(train, "accum_grad_batches", 1) or 1)
+        accum = int(cfg_get(train, "accum_grad_batches", 1) or 1)
         if accum > 1:
             if getattr(module, "automatic_optimization", True):
                 kwargs["accumulate_grad_batches"] = accum
             else:
                 log.warning("train.accum_grad_batches=%d is ignored: the module optimises manually", accum)
-        if _get(train, "is_dry_run", False):
+        if cfg_get(train, "is_dry_run", False):
             kwargs["fast_dev_run"] = True
     else:
         kwargs["enable_checkpointing"] = False
