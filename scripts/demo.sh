@@ -2,7 +2,7 @@
 # `make demo`: MAL end to end on a CPU in a few minutes, using the synthetic shapes dataset.
 #   1. write data/synthetic (COCO boxes + masks, also as .tar.gz archives)
 #   2. train MAL (configs/mal/demo.yaml: tiny ViT, 64 px crops)
-#   3. evaluate the last checkpoint (mIoU + mask AP against the synthetic ground truth)
+#   3. evaluate the best checkpoint (mIoU + mask AP against the synthetic ground truth)
 #   4. write pseudo-label COCO JSON + overlay PNGs for every box of the val split
 #
 # Every command runs the project's own virtual environment explicitly (TAO_BIN, default .venv/bin): a fresh
@@ -49,7 +49,7 @@ echo "== 2/4 train"
 "${TAO[@]}" model mal train -e "${SPEC}" "${EXTRA[@]}"
 step_done "train"
 
-CKPT="${RESULTS}/train/mal_model_latest.pth"
+CKPT="${RESULTS}/train/mal_model_best.pth"   # the epoch with the best validation mIoU
 echo "== 3/4 evaluate ${CKPT}"
 "${TAO[@]}" model mal evaluate -e "${SPEC}" evaluate.checkpoint="${CKPT}"
 step_done "evaluate"
@@ -62,7 +62,7 @@ METRICS="${RESULTS}/evaluate/metrics.json"
 LABELS="${RESULTS}/inference/pseudo_labels.json"
 echo
 echo "MAL demo finished in $(( $(date +%s) - T0 )) s ($(IFS=,; echo "${STEP_TIMES[*]}" | sed 's/,/, /g'))."
-echo "  checkpoints   : ${RESULTS}/train/ (latest: ${CKPT})"
+echo "  checkpoints   : ${RESULTS}/train/ (best: ${CKPT})"
 echo "  plots         : ${RESULTS}/train/plots/"
 echo "  metrics       : ${METRICS}"
 "${PY}" - "${METRICS}" "${LABELS}" <<'PY'
@@ -71,7 +71,7 @@ import sys
 
 metrics = json.load(open(sys.argv[1]))
 shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-print("                  " + ", ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+print("                  " + ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.3f}" for k, v in shown.items()))
 labels = json.load(open(sys.argv[2]))
 print(f"  pseudo-labels : {sys.argv[2]} ({len(labels['annotations'])} masks for {len(labels['images'])} images)")
 PY

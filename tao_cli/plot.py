@@ -19,10 +19,10 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from networks.common.errors import ConfigError
+from networks.common.io import atomic_path
 
 __all__ = ["plot_runs", "plot_run", "read_metrics", "smooth", "METRICS_FILE"]
 
@@ -117,15 +117,8 @@ def _labels(run_dirs: list[Path]) -> list[str]:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

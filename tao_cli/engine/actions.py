@@ -47,8 +47,8 @@ def train(run: Run, module, datamodule) -> int:
     best = ckpt_cb.best_info()
     status.write("SUCCESS", "Train finished successfully.", **({"best_checkpoint": best} if best else {}))
     if best:
-        log.info("Best checkpoint: %s (%s=%s, epoch %d, step %d)", best["path"], best["kpi"], best["value"],
-                 best["epoch"], best["step"])
+        log.info("Best checkpoint: %s (%s=%.4g, epoch %d/%d, step %d)", best["path"], best["kpi"], best["value"],
+                 best["epoch"] + 1, int(section.num_epochs), best["step"])
     log.info("Train finished successfully. Results in %s", plan.run_dir)
     return 0
 

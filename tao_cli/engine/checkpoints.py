@@ -594,8 +594,9 @@ class TaoCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.best_path, weights_only=False)
         if trainer.is_global_zero:
             info = self.best_info()
-            log.info("New best checkpoint %s: %s=%s (epoch %d, step %d)", self.best_path, key, value,
-                     info["epoch"], info["step"])
+            # The console counts epochs from 1 (status.json keeps TAO's 0-based epoch).
+            log.info("New best checkpoint %s: %s=%.4g (epoch %d/%d, step %d)", self.best_path, key, value,
+                     info["epoch"] + 1, trainer.max_epochs, info["step"])
             if self.on_best is not None:
                 self.on_best(info)
 
