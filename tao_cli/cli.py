@@ -328,7 +328,7 @@ def run_model(name: str, action: str, spec_path: str | None, overrides: list[str
 
     refuse_deploy_action(net, action)  # before the spec: its mandatory fields are not the problem
     path = Path(spec_path) if spec_path else packaged_spec(name, action)
-    cfg = spec_mod.load_spec(net.config_class, action, path, overrides, check=net.check)
+    cfg = spec_mod.load_spec(net.config_class, action, path, overrides)  # net.check runs once, in make_plan
     return run_action(net, action, cfg, argv=argv or sys.argv, dry_run=dry_run, debug=debug,
                       overrides=overrides)
 

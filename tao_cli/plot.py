@@ -92,7 +92,8 @@ def _groups(columns: list[str]) -> dict[str, list[str]]:
             groups["lr"].append(c)
         elif c.startswith("train/"):
             groups["loss"].append(c)
-        elif c.startswith("val/"):
+        elif c.startswith("val/") and not c.startswith("val/num_"):
+            # val/num_* are the counts behind a metric (e.g. instances per size bin), not curves to watch.
             groups["val"].append(c)
     return {k: v for k, v in groups.items() if v}
 

@@ -44,7 +44,6 @@ __all__ = [
     "resolve_resume",
     "load_checkpoint",
     "load_weights",
-    "state_dict_of",
     "collect_rng_states",
     "restore_rng_states",
     "to_plain",
@@ -411,8 +410,6 @@ def _safetensors_from_bytes(data: bytes, source: str) -> dict:
         raise CheckpointError(source, f"is not a readable .safetensors file ({exc})") from None
 
 
-# ``state_dict_of`` is the engine's historical name (run.py imports it); the function lives in networks.
-state_dict_of = unwrap_state_dict
 
 
 def load_weights(path: str | os.PathLike, *, key: str | None = None,
