@@ -186,10 +186,9 @@ def write_overlays(coco_out: dict, img_root: str | os.PathLike, out_dir: str | o
                    ) -> list[Path]:
     """Overlay PNGs (image + pseudo-masks + boxes) for the first ``num`` images of ``coco_out`` that have
     annotations, written atomically to ``out_dir/<image stem>.png``; returns the paths written."""
-    from PIL import Image
-
     from networks.common import visualize
     from networks.common.coco_io import ann_to_mask
+    from networks.mal.visualize import image_and_boxes
 
     if num <= 0:
         return []
@@ -205,12 +204,9 @@ def write_overlays(coco_out: dict, img_root: str | os.PathLike, out_dir: str | o
         anns = by_image.get(img["id"])
         if not anns:
             continue
-        with Image.open(Path(img_root) / img["file_name"]) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        rgb, boxes = image_and_boxes(img_root, img["file_name"], anns)
         h, w = rgb.shape[:2]
         masks = [ann_to_mask(a["segmentation"], h, w).astype(bool) for a in anns]
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], dtype=np.float32)
         labels = [f"{cats.get(a['category_id'], a['category_id'])} {a.get('score', 0.0):.2f}" for a in anns]
         dest = out_dir / f"{Path(img['file_name']).stem}_{img['id']}.png"
         visualize.save_png(dest, visualize.overlay_masks(rgb, masks, boxes=boxes, labels=labels))

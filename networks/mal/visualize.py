@@ -12,13 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from networks.common.coco_io import ann_to_mask
+from networks.common.sources import read_rgb
 from networks.common.visualize import add_caption, denormalize, overlay_masks, palette, side_by_side
 from networks.mal.data import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["draw_sample", "eval_pairs", "sample_drawer"]
+
+
+def image_and_boxes(img_root: str | os.PathLike, file_name: str, records: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The image ``img_root/file_name`` as RGB ``uint8 [H, W, 3]`` and the records' COCO ``bbox`` (xywh, pixels)
+    as xyxy ``float32 [N, 4]``."""
+    rgb = np.asarray(read_rgb(Path(img_root) / file_name))
+    boxes = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
+                      for r in records], dtype=np.float32).reshape(-1, 4)
+    return rgb, boxes
 
 
 def _box_of(mask: np.ndarray) -> list[list[float]]:
@@ -68,11 +77,8 @@ def eval_pairs(records: Sequence[dict], images: Sequence[dict], img_root: str | 
         recs = by_image.get(img["id"])
         if not recs:
             continue
-        with Image.open(Path(img_root) / img["file_name"]) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        rgb, boxes = image_and_boxes(img_root, img["file_name"], recs)
         h, w = rgb.shape[:2]
-        boxes = np.array([[r["bbox"][0], r["bbox"][1], r["bbox"][0] + r["bbox"][2], r["bbox"][1] + r["bbox"][3]]
-                          for r in recs], dtype=np.float32)
         cols = palette(len(recs))
         names = [(categories or {}).get(int(r["category_id"]), str(r["category_id"])) for r in recs]
         gts = [ann_to_mask(r["gt"], h, w).astype(bool) for r in recs]

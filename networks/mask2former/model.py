@@ -27,7 +27,7 @@ from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, read_weights_file
 from networks.ops.layers import MLP, ConvNorm, build_norm2d, c2_xavier_fill
-from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn
+from networks.ops.ms_deform_attn import DeformableEncoderLayer, init_deformable_transformer
 from networks.ops.position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -86,13 +86,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
                                                 enc_n_points)
             for _ in range(num_encoder_layers)
         ])
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
-        nn.init.normal_(self.level_embed)
+        init_deformable_transformer(self, self.level_embed)
 
     @staticmethod
     def reference_points(shapes: Sequence[tuple[int, int]], batch: int, device, dtype) -> torch.Tensor:

@@ -37,7 +37,7 @@ from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
 from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
 from networks.ops.layers import MLP
-from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn
+from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn, init_deformable_transformer
 from networks.ops.position_encoding import PositionEmbeddingSine
 
 from .text_encoder import BertTextEncoder, resolve_text_encoder
@@ -601,14 +601,7 @@ class MaskGDinoModel(nn.Module):
             tr.enc_output_norm = nn.LayerNorm(d)
         else:
             tr.refpoint_embed = nn.Embedding(num_queries, 4)
-        # TAO/IDEA: xavier on every matrix of the transformer, then the deformable-attention init
-        for p in tr.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        for m in tr.modules():
-            if isinstance(m, MSDeformAttn):
-                m.reset_parameters()
-        nn.init.normal_(tr.level_embed)
+        init_deformable_transformer(tr, tr.level_embed)  # TAO/IDEA's order
         self.transformer = tr
 
         bbox = MLP(d, d, 4, 3)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ms_deform_attn_core", "MSDeformAttn", "DeformableEncoderLayer", "spatial_shapes_list"]
+__all__ = ["ms_deform_attn_core", "MSDeformAttn", "DeformableEncoderLayer", "spatial_shapes_list",
+           "init_deformable_transformer"]
 
 
 def spatial_shapes_list(spatial_shapes) -> list[tuple[int, int]]:
@@ -155,6 +156,21 @@ class MSDeformAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+
+def init_deformable_transformer(transformer: nn.Module, level_embed: nn.Parameter) -> None:
+    """The reference initialisation of a deformable transformer (Deformable DETR, Mask2Former, Grounding DINO):
+    Xavier-uniform on every matrix, then each :class:`MSDeformAttn`'s own init, then ``level_embed ~ N(0, 1)``.
+
+    The order matters: the references draw random numbers in exactly this order, so seeded builds match them.
+    """
+    for p in transformer.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    for m in transformer.modules():
+        if isinstance(m, MSDeformAttn):
+            m.reset_parameters()
+    nn.init.normal_(level_embed)
 
 
 class DeformableEncoderLayer(nn.Module):

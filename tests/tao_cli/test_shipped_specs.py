@@ -54,3 +54,12 @@ def test_written_templates_load_back_unchanged(net, tmp_path):
                 or value == "???", (action, section)
         js = json.loads((tmp_path / "schemas" / f"{action}.schema.json").read_text())
         jsonschema.Draft202012Validator.check_schema(js)
+
+
+@pytest.mark.parametrize("net, name", [(n, f) for n in ("mask2former", "mask_grounding_dino")
+                                       for f in ("train", "evaluate", "inference", "export", "tiny")])
+def test_packaged_configs_load_with_their_checks(net, name):
+    module = registry.load(net)
+    action = "train" if name == "tiny" else name
+    cfg = spec.load_spec(module.config_class, action, configs_dir() / net / f"{name}.yaml", [], check=module.check)
+    assert cfg.model_name == net

@@ -148,13 +148,6 @@ def test_tao_spec_with_seed_overrides_loads(tmp_path):
     assert cfg.model.mode == "instance" and cfg.train.optim.milestones == [44, 48]
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "inference", "export", "tiny"])
-def test_packaged_configs_load(name):
-    action = "train" if name == "tiny" else name
-    cfg = load_spec(ExperimentConfig, action, REPO / "configs" / "mask2former" / f"{name}.yaml", [], check=check)
-    assert cfg.model_name == "mask2former"
-
-
 def _cfg(**dotlist):
     c = OmegaConf.structured(ExperimentConfig)
     c.dataset.label_map = "lm.json"

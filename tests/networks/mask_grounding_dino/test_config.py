@@ -126,13 +126,6 @@ def test_seed_overrides_load_with_tiny_config():
     assert cfg.dataset.val_data_sources.image_dir == "/data/synth/images.tar.gz"
 
 
-@pytest.mark.parametrize("name", ["train", "evaluate", "inference", "export", "tiny"])
-def test_packaged_configs_load(name):
-    action = "train" if name == "tiny" else name
-    cfg = load_spec(ExperimentConfig, action, REPO / "configs" / "mask_grounding_dino" / f"{name}.yaml", [], check=check)
-    assert cfg.model_name == "mask_grounding_dino"
-
-
 def _cfg(**dotlist):
     c = OmegaConf.structured(ExperimentConfig)
     c.dataset.train_data_sources = [{"image_dir": "i", "json_file": "j.jsonl", "label_map": "l.json"}]
