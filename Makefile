@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test demo bench learn lint clean
+.PHONY: install test test-fast demo bench learn lint clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the tests marked slow (learning tests, end-to-end CLI runs, multi-process runs).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # DEMO_QUICK=1: the same commands with a shorter schedule (what CI runs).
 DEMO_QUICK ?= 0

@@ -126,7 +126,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     ``forward(features: dict of [B,C,H,W]) -> (mask_features [B,mask_dim,H/4,W/4], encoder_out_lowres
     [B,conv_dim,H/32,W/32], multi_scale_features [1/32, 1/16, 1/8] each [B,conv_dim,h,w])``.  Features are
-    cast to float32 first (the TAO/original behaviour under mixed precision).
+    cast to float32 and the decoder runs with autocast off, so its outputs are float32 under mixed precision
+    (the TAO/original ``@autocast(enabled=False)`` behaviour).
     """
 
     def __init__(self, in_channels: Mapping[str, int], in_strides: Mapping[str, int],
@@ -178,6 +179,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self._output = output[::-1]
 
     def forward(self, features: Mapping[str, torch.Tensor]):
+        # autocast off as well: under it the convs would turn the float32 features back into fp16/bf16
+        device_type = next(iter(features.values())).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward_fp32(features)
+
+    def _forward_fp32(self, features: Mapping[str, torch.Tensor]):
         srcs, pos = [], []
         for idx, k in enumerate(self.transformer_in_features[::-1]):
             x = features[k].float()

@@ -4,7 +4,6 @@ The schema below is a test-only stand-in for a network's ``ExperimentConfig``; n
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -434,6 +433,14 @@ def test_to_yaml_redacts_secrets_and_round_trips(tmp_path):
     assert yaml.safe_load(to_yaml(load()))["encryption_key"] is None  # nothing to hide
 
 
-def test_no_eval_resolver_is_registered():
+def test_no_eval_resolver_is_registered(tmp_path):
+    """TAO's ``${eval:...}`` ran Python on spec text: a spec file using it is refused with one line, the code in
+    it never runs, and loading specs leaves no ``eval`` resolver registered."""
+    marker = tmp_path / "ran"
+    code = f'__import__("pathlib").Path("{marker}").touch() or 3'
+    spec = write(tmp_path, f"train:\n  num_epochs: ${{eval:'{code}'}}\n")
+    with pytest.raises(ConfigError) as exc:
+        load([], spec)
+    assert exc.value.subject == "train.num_epochs" and "unsupported resolver 'eval'" in exc.value.problem
+    assert not marker.exists()
     assert not OmegaConf.has_resolver("eval")
-    assert "tao_cli.spec" in sys.modules

@@ -284,3 +284,114 @@ def test_archive_image_dir(tmp_path, monkeypatch):
     dm = MALDataModule(cfg, RunContext("train", tmp_path))
     dm.setup("test")
     assert dm.val_dataset[0]["image"].shape == (3, S, S)
+
+
+# ------------------------------------------------------------------------------------------ photometric (real)
+# The student view's photometric augmentation (mal.md §4.2 step 3, data._StudentJitter): ColorJitter(brightness
+# 0.4, contrast 0.4, saturation 0.2, hue 0.1) with probability 0.5 — factors b, c ∈ [0.6, 1.4], hue shift within
+# ±0.1 turn (±36°) — then grayscale with probability 0.2, then a Gaussian blur (radius U(0.1, 2)) w.p. 0.5.
+# Images with known structure let each factor be read back from the output.
+
+def _seeded(aug, img, seed):
+    import random
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return aug(img.copy())
+
+
+def test_student_photometric_jitter_factors_probabilities_and_determinism(tmp_path):
+    import colorsys
+
+    make_coco(tmp_path)
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
+    dm.setup("fit")
+    aug = dm.train_dataset.student_aug  # the instance the dataset applies
+
+    # two grey levels (100 | 156, mean 128): saturation, hue, grayscale leave grey alone and the corners are far
+    # from the edge the blur touches, so hi + lo = 256·b and hi − lo = 56·b·c
+    grey = np.full((32, 32, 3), 100, np.uint8)
+    grey[:, 16:] = 156
+    grey_img = Image.fromarray(grey)
+    red_img = Image.fromarray(np.full((8, 8, 3), (200, 30, 30), np.uint8))
+    n = 300
+    bs, cs, hues, gray_count = [], [], [], 0
+    for seed in range(n):
+        out = _seeded(aug, grey_img, seed)
+        assert out.size == grey_img.size and out.mode == "RGB"
+        a = np.asarray(out).astype(float)
+        assert (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()  # grey stays grey
+        lo, hi = a[0, 0, 0], a[0, 31, 0]
+        b = (hi + lo) / 256.0
+        bs.append(b)
+        cs.append((hi - lo) / (56.0 * b))
+        r, g, bl = np.asarray(_seeded(aug, red_img, seed))[4, 4].astype(float) / 255.0
+        if r == g == bl:
+            gray_count += 1
+        else:
+            h = colorsys.rgb_to_hsv(r, g, bl)[0]
+            hues.append(min(h, 1.0 - h) * 360.0)  # angular distance from red, degrees
+    bs, cs = np.array(bs), np.array(cs)
+    jittered = (np.abs(bs - 1) > 0.01) | (np.abs(cs - 1) > 0.02)
+    # factors inside the documented ranges (with uint8 rounding), and spread over them
+    assert bs.min() >= 0.6 - 0.01 and bs.max() <= 1.4 + 0.01, (bs.min(), bs.max())
+    assert cs.min() >= 0.6 - 0.05 and cs.max() <= 1.4 + 0.05, (cs.min(), cs.max())  # rounding: ±1/(56·b)
+    assert bs.min() < 0.7 and bs.max() > 1.3 and cs.min() < 0.7 and cs.max() > 1.3
+    assert max(hues) <= 36.0 + 3.0 and max(hues) > 20.0, max(hues)
+    # ColorJitter w.p. 0.5, grayscale w.p. 0.2 (300 draws: ±3.5 standard deviations)
+    assert 0.4 <= jittered.mean() <= 0.6, jittered.mean()
+    assert 0.12 <= gray_count / n <= 0.28, gray_count / n
+
+    # deterministic for a seed; different seeds give different images
+    colour = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    first = [np.asarray(_seeded(aug, colour, s)) for s in range(6)]
+    again = [np.asarray(_seeded(aug, colour, s)) for s in range(6)]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
+    assert len({x.tobytes() for x in first}) > 1
+    assert any(not np.array_equal(x, np.asarray(colour)) for x in first)
+
+
+def test_photometric_jitter_changes_only_the_student_image(tmp_path):
+    import random
+
+    make_coco(tmp_path)
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
+    dm.setup("fit")
+    ds = dm.train_dataset
+    real_aug = ds.student_aug
+
+    def sample(seed, aug):
+        ds.student_aug = aug
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        return ds[1]
+
+    changed = 0
+    for seed in range(8):
+        jit, plain = sample(seed, real_aug), sample(seed, lambda img: img)
+        again = sample(seed, real_aug)
+        assert torch.equal(jit["image"], again["image"])  # reproducible for a seed
+        for key in ("timage", "mask", "bbox", "compact_category_id", "ann_id"):
+            assert torch.equal(jit[key], plain[key]), key  # geometry, mask, box and teacher view untouched
+        assert jit["image"].shape == plain["image"].shape == (3, S, S)
+        assert jit["image"].dtype == plain["image"].dtype == torch.float32
+        assert torch.equal(plain["image"], plain["timage"])
+        changed += not torch.equal(jit["image"], jit["timage"])
+    assert changed >= 2
+
+
+def test_evaluation_samples_have_no_photometric_jitter(tmp_path):
+    import random
+
+    make_coco(tmp_path)
+    dm = MALDataModule(make_cfg(tmp_path), RunContext("train", tmp_path))
+    dm.setup("test")
+    images = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        images.append(dm.val_dataset[0]["image"])
+    assert all(torch.equal(images[0], x) for x in images[1:])
+    assert not hasattr(dm.val_dataset, "student_aug")

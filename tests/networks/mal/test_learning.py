@@ -1,8 +1,15 @@
 """MAL learning acceptance on the synthetic shapes set (CPU, a few minutes in total).
 
-(a) The mean-field CRF alone turns a corrupted ground-truth mask into an almost exact one (it is the part of
-    MAL that turns box supervision into shape supervision).
-(b) Trained from boxes only (no masks), MAL's validation mIoU beats the trivial box-fill baseline.
+(a) The mean-field CRF turns a corrupted ground-truth mask into a better one than plain thresholding of the same
+    corrupted mask (computed in the test) does, by a margin (here IoU 0.988 vs 0.957): it is the part of MAL
+    that turns box supervision into shape supervision.  A "CRF" that returns its (thresholded) input —
+    ``MeanField`` with 0 iterations — must fail the same bar.
+(b) Trained from boxes only (no masks), MAL's validation mIoU beats the trivial box-fill baseline (computed in
+    the test from the val annotations) by ``BOX_FILL_MARGIN``.  Calibration on this 2-core CPU: this test's
+    8 epochs give mIoU 0.632 vs box-fill 0.560 (+0.072); the same run with ``train.num_epochs=1`` gives +0.032,
+    as the learning curve (``benchmarks/results/learn_mal.json``, +0.03 after 1 epoch, +0.07 after 8); the demo
+    reaches 0.635 in 20 epochs.  The margin is above what a 1-epoch model reaches, and the trained module with
+    its mask logits replaced by a box fill (0.560) must fail it.
 
 The demo/tiny hyper-parameters used in (b) are the ones recommended for ``configs/mal/demo.yaml``.
 """
@@ -43,6 +50,10 @@ DEMO_SETTINGS = {
     "train.mask_thres": [0.5],
     "train.seed": 1234,
 }
+#: Required lead of the mean-field result over thresholding the corrupted mask (mean IoU).
+CRF_MARGIN = 0.02
+#: Required lead of the trained model's val mIoU over box-fill.
+BOX_FILL_MARGIN = 0.05
 
 
 @pytest.fixture()
@@ -61,8 +72,9 @@ def synthetic(tmp_path_factory) -> Path:
     return root
 
 
-def test_mean_field_recovers_corrupted_masks(synthetic: Path, one_thread):
-    from networks.mal.criterion import MeanField
+@pytest.fixture(scope="module")
+def corrupted_crops(synthetic: Path):
+    """(normalised image crops, GT masks, box masks, corrupted GT probabilities) of the val objects, 64 px."""
     from networks.mal.data import MALEvalDataset, expand_box, load_records, wrap_crop
 
     split = synthetic / "val"
@@ -82,19 +94,30 @@ def test_mean_field_recovers_corrupted_masks(synthetic: Path, one_thread):
     image, gt, box = torch.stack(images), torch.stack(gts), torch.stack(boxes)
     g = torch.Generator().manual_seed(0)
     corrupted = (gt * 0.4 + 0.3 + 0.1 * torch.randn(gt.shape, generator=g)).clamp(0, 1)
-    start = time.time()
-    refined = MeanField(3, 0.1, 100, 0.1, 0.9)(image, corrupted, box)
-    elapsed = time.time() - start
-    iou = np.mean([mask_iou(r.numpy(), t.numpy()) for r, t in zip(refined, gt, strict=True)])
-    naive = np.mean([mask_iou((c * b > 0.5).numpy(), t.numpy()) for c, b, t in zip(corrupted, box, gt, strict=True)])
-    print(f"mean-field IoU {iou:.4f} (thresholded corruption {naive:.4f}) on {len(records)} objects, "
-          f"{elapsed:.1f}s")
     assert len(records) >= 20
-    assert iou >= 0.95
-    assert iou > naive
+    return image, gt, box, corrupted
 
 
-def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog):
+def _mean_iou(pred: torch.Tensor, gt: torch.Tensor) -> float:
+    return float(np.mean([mask_iou(p.numpy() > 0.5, t.numpy() > 0.5) for p, t in zip(pred, gt, strict=True)]))
+
+
+@pytest.mark.parametrize("num_iter, recovers", [(100, True), (0, False)], ids=["mean-field", "returns-input"])
+def test_mean_field_recovers_corrupted_masks(corrupted_crops, one_thread, num_iter, recovers):
+    from networks.mal.criterion import MeanField
+
+    image, gt, box, corrupted = corrupted_crops
+    start = time.time()
+    refined = MeanField(3, 0.1, num_iter, 0.1, 0.9)(image, corrupted, box)
+    elapsed = time.time() - start
+    iou = _mean_iou(refined, gt)
+    naive = _mean_iou(corrupted * box, gt)  # plain thresholding of the corrupted mask inside the box
+    print(f"mean-field ({num_iter} iterations) IoU {iou:.4f} vs thresholded corruption {naive:.4f} "
+          f"on {len(gt)} objects, {elapsed:.1f}s")
+    assert (iou >= naive + CRF_MARGIN) == recovers
+
+
+def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog, monkeypatch):
     import pytorch_lightning as pl
 
     from networks.mal.config import ExperimentConfig
@@ -124,8 +147,14 @@ def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog
         trainer.fit(module, dm)
     elapsed = time.time() - start
     baseline = box_fill_miou(paths["dataset.val_ann_path"])
-    kpi = module.kpi
-    print(f"MAL val mIoU {kpi['mIoU']:.4f} vs box fill {baseline:.4f} (+{kpi['mIoU'] - baseline:.4f}), "
-          f"AP {kpi['AP']:.4f}, {trainer.global_step} steps in {elapsed:.0f}s")
+    kpi = dict(module.kpi)
     assert np.isfinite(trainer.callback_metrics["train/loss_epoch"].item())
-    assert kpi["mIoU"] >= baseline + 0.03
+
+    # The same module with its mask logits replaced by a constant (the box fill inside the crop) must fail.
+    monkeypatch.setattr(module, "_logits", lambda image, bbox, **_: torch.full((len(image), 1, 4, 4), 20.0))
+    trainer.validate(module, dm, verbose=False)
+    filled = module.kpi["mIoU"]
+    print(f"MAL val mIoU {kpi['mIoU']:.4f} vs box fill {baseline:.4f} (+{kpi['mIoU'] - baseline:.4f}), "
+          f"AP {kpi['AP']:.4f}, {trainer.global_step} steps in {elapsed:.0f}s; box-filling module {filled:.4f}")
+    assert kpi["mIoU"] >= baseline + BOX_FILL_MARGIN
+    assert filled < baseline + BOX_FILL_MARGIN

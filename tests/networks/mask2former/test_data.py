@@ -143,13 +143,21 @@ def test_resize_and_min_sizes_follow_tao():
 
 
 def test_random_crop_respects_size_and_area_constraint():
-    ids = np.zeros((200, 300), dtype=np.int64)
-    ids[:, :150] = 1
-    ids[:, 150:] = 2
+    """TAO's crop: retry (up to 10 times) until no single non-zero id covers ≥ 60 % of the crop."""
+    # rows 0-119: 32-px vertical stripes of ids 1 / 2 (any 64-px-wide window holds exactly 32 columns of each);
+    # rows 120-199: id 3.  A 64×64 crop at row y0 is acceptable iff it reaches at most 38 rows into the id-3 part
+    # (y0 ≤ 94, 69 % of the positions); an unconstrained crop is unacceptable 31 % of the time.
+    ids = np.where((np.arange(300) // 32) % 2 == 0, 1, 2)[None].repeat(200, 0).astype(np.int64)
+    ids[120:] = 3
     aug = Augmentation(True, [200], 1000, crop_size=[64, 64])
-    rng = np.random.default_rng(0)
-    img, out = aug(np.zeros((200, 300, 3), np.uint8), ids, rng)
-    assert img.shape == (64, 64, 3) and out.shape == (64, 64)
+    for seed in range(40):
+        img, out = aug(np.zeros((200, 300, 3), np.uint8), ids, np.random.default_rng(seed))
+        assert img.shape == (64, 64, 3) and out.shape == (64, 64)
+        _, counts = np.unique(out[out != 0], return_counts=True)
+        assert len(counts) > 1 and counts.max() < 0.6 * counts.sum(), (seed, counts)
+    # no acceptable crop exists (one id everywhere): after the 10 tries a crop of the crop size is still returned
+    img, out = aug(np.zeros((200, 300, 3), np.uint8), np.ones((200, 300), np.int64), np.random.default_rng(0))
+    assert img.shape == (64, 64, 3) and (out == 1).all()
 
 
 def test_collate_pads_to_batch_max():

@@ -99,19 +99,58 @@ def test_state_dict_uses_original_detectron2_names():
     assert "sem_seg_head.pixel_decoder.adapter_1.bias" not in keys
 
 
-def test_attention_mask_blocks_outside_predicted_masks():
-    """With a query whose predicted mask is empty everywhere, the layer must still attend (rows unblocked)."""
+def _masked_decoder(num_layers: int = 3):
+    """A decoder whose predicted masks do not depend on the query: ``mask_embed`` outputs the constant 1-vector,
+    so every query's mask logit at a pixel is the channel sum of ``mask_features`` there."""
     torch.manual_seed(0)
     dec = MultiScaleMaskedTransformerDecoder(in_channels=32, num_classes=2, hidden_dim=32, num_queries=3, nheads=4,
-                                             dim_feedforward=32, num_layers=2, mask_dim=8).eval()
-    feats = [torch.randn(1, 32, 2, 2), torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)]
-    mask_features = -torch.ones(1, 8, 16, 16) * 100  # all mask logits hugely negative or positive
+                                             dim_feedforward=32, num_layers=num_layers, mask_dim=8).eval()
     with torch.no_grad():
-        dec.mask_embed.layers[2].bias.fill_(1.0)
         dec.mask_embed.layers[2].weight.zero_()
-        out = dec(feats, mask_features)
-    assert torch.isfinite(out["pred_logits"]).all()
-    assert (out["pred_masks"] < 0).all()
+        dec.mask_embed.layers[2].bias.fill_(1.0)
+    return dec
+
+
+def _levels():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, 32, s, s, generator=g) for s in (2, 4, 8)]
+
+
+def test_attention_mask_blocks_outside_predicted_masks():
+    """Cross-attention sees only the pixels inside the query's predicted mask (sigmoid ≥ 0.5) at every level."""
+    dec = _masked_decoder()
+    mask_features = torch.full((1, 8, 16, 16), 100.0)
+    mask_features[..., 8:] = -100.0  # every query's mask: the left half of the image
+    feats = _levels()
+    with torch.no_grad():
+        ref = dec(feats, mask_features)["pred_logits"]
+        # changing every level's features in the right (blocked) half leaves the queries unchanged
+        outside = [f.clone() for f in feats]
+        for f in outside:
+            f[..., f.shape[-1] // 2:] += 5.0
+        blocked = dec(outside, mask_features)["pred_logits"]
+        # the same change in the left (allowed) half of the first level reaches the queries
+        inside = [f.clone() for f in feats]
+        inside[0][..., : inside[0].shape[-1] // 2] += 5.0
+        allowed = dec(inside, mask_features)["pred_logits"]
+    torch.testing.assert_close(blocked, ref, atol=1e-6, rtol=0)
+    assert (allowed - ref).abs().max() > 1e-3
+
+
+def test_query_whose_mask_is_empty_attends_everywhere():
+    """A query whose predicted mask blocks every pixel is unblocked (TAO): finite outputs, and it sees all pixels."""
+    dec = _masked_decoder(num_layers=1)
+    mask_features = torch.full((1, 8, 16, 16), -100.0)  # every mask logit hugely negative: all blocked
+    feats = _levels()
+    with torch.no_grad():
+        ref = dec(feats, mask_features)["pred_logits"]
+        changed = []
+        for y, x in ((0, 0), (0, 1), (1, 0), (1, 1)):  # level 0 (2×2) is the only level a 1-layer decoder reads
+            other = [f.clone() for f in feats]
+            other[0][..., y, x] += 5.0
+            changed.append((dec(other, mask_features)["pred_logits"] - ref).abs().max().item())
+    assert torch.isfinite(ref).all()
+    assert min(changed) > 1e-4, changed
 
 
 def test_activation_checkpoint_gives_same_gradients():

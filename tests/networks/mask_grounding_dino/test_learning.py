@@ -1,14 +1,17 @@
 """Acceptance: the tiny Mask Grounding DINO learns the synthetic shapes from text prompts on this CPU.
 
-16 synthetic images (circle/square/triangle, prompts "circle . square . triangle ." with their ODVG labels),
-trained for at most 6 minutes (Lightning ``max_time``) and evaluated on the same 16 images with the COCO file:
-bbox mAP50 ≥ 0.1 and segm mAP50 ≥ 0.05, each at least 5× the untrained model's.  One intra-op thread: on a
-shared 2-core machine the thread pool's hand-offs cost more than the tiny model's arithmetic.
+``configs/mask_grounding_dino/tiny.yaml`` is trained for a fixed ``TRAIN_STEPS`` optimizer steps (deterministic,
+not wall-clock bound) on ``NUM_TRAIN`` synthetic images (circle/square/triangle, prompts
+"circle . square . triangle ." with their ODVG labels) and evaluated with the COCO file on ``NUM_VAL`` held-out
+images (``generate``'s separate val split).  The untrained model — same seed, so the same initial weights, and
+the same eval images — is scored first, in the test; the trained model must beat it by ``MARGINS`` on bbox and
+segm mAP50.  A model that does not learn (lr 0, a broken loss or matcher, masks not trained) stays at the
+untrained score and fails.  One intra-op thread: on a shared 2-core machine the thread pool's hand-offs cost
+more than the tiny model's arithmetic.
 """
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -24,8 +27,14 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
-TRAIN_MINUTES = 6
-MAX_EPOCHS = 150
+pytestmark = pytest.mark.slow
+
+NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 32, 16, 128
+TRAIN_STEPS = 320
+#: Required lead of the trained model over the untrained one (mAP50 0.000 / 0.0003) on the held-out images.  On
+#: this 2-core CPU 320 steps give bbox mAP50 0.04-0.09 and segm mAP50 0.17-0.27 (runs with and without periodic
+#: validation; the boxes converge more slowly than the masks); the untrained and lr-0 models score 0.
+MARGINS = {"bbox_val_mAP50": 0.02, "segm_val_mAP50": 0.1}
 
 
 @pytest.fixture
@@ -44,8 +53,8 @@ def _trainer(**kw) -> pl.Trainer:
 def test_tiny_model_learns_shapes(tmp_path, one_thread):
     from networks.common.synthetic import generate
 
-    data = generate(tmp_path / "data", seed=0, num_train=16, num_val=0, image_size=128)
-    cfg = make_tiny_cfg({"train": data["train"], "val": data["train"]}, val_split="val")
+    data = generate(tmp_path / "data", seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE)
+    cfg = make_tiny_cfg(data)  # train on data["train"], evaluate (test_data_sources) on data["val"]
     pl.seed_everything(int(cfg.train.seed), workers=True)
     ctx = RunContext("train", tmp_path / "run", log=logging.getLogger("test"))
     module = MaskGDinoModule(cfg, ctx)
@@ -55,16 +64,13 @@ def test_tiny_model_learns_shapes(tmp_path, one_thread):
     before = dict(module.kpi)
 
     module.train()  # Lightning keeps the eval mode that test() left behind
-    start = time.monotonic()
-    fit = _trainer(max_epochs=MAX_EPOCHS, max_time={"minutes": TRAIN_MINUTES},
-                   gradient_clip_val=cfg.train.clip_grad_norm, check_val_every_n_epoch=MAX_EPOCHS + 1,
-                   num_sanity_val_steps=0)
+    fit = _trainer(max_steps=TRAIN_STEPS, max_epochs=-1, gradient_clip_val=cfg.train.clip_grad_norm,
+                   limit_val_batches=0, num_sanity_val_steps=0)
     fit.fit(module, datamodule=dm)
-    train_s = time.monotonic() - start
+    assert fit.global_step == TRAIN_STEPS
     _trainer().test(module, datamodule=dm, verbose=False)
     after = dict(module.kpi)
-    report = f"untrained {before}, trained {after} after {train_s:.0f} s, {fit.current_epoch} epochs"
+    report = f"untrained {before}, trained {after} after {fit.global_step} steps ({fit.current_epoch} epochs)"
     print(report)
-    assert train_s <= TRAIN_MINUTES * 60 + 30, report
-    assert after["bbox_val_mAP50"] >= max(0.1, 5 * before["bbox_val_mAP50"]), report
-    assert after["segm_val_mAP50"] >= max(0.05, 5 * before["segm_val_mAP50"]), report
+    for key, margin in MARGINS.items():
+        assert after[key] >= before[key] + margin, report

