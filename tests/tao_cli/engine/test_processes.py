@@ -13,9 +13,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tao_cli.engine.checkpoints import CHECKPOINT_RE, load_checkpoint
 
 from .helpers import REPO, clean_env, cli_cmd, run_cli, write_spec
+
+pytestmark = pytest.mark.slow  # real subprocesses and 2-process DDP: 20-30 s each
 
 
 def _status(run_dir: Path) -> list[dict]:
