@@ -29,16 +29,11 @@ from omegaconf import OmegaConf
 import networks.ops.ms_deform_attn as msda
 from networks.common.context import RunContext
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny ops on a shared 2-core machine run faster without intra-op threading
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

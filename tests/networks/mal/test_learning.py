@@ -56,15 +56,6 @@ CRF_MARGIN = 0.02
 BOX_FILL_MARGIN = 0.05
 
 
-@pytest.fixture()
-def one_thread():
-    # On a shared 2-core machine intra-op threading makes these small ops ~10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mal_synth")

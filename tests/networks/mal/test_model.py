@@ -26,6 +26,8 @@ from networks.mal.model import (
 )
 from networks.mal.module import MALModule, warmup_cosine_lr
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _cfg(**overrides):
     cfg = OmegaConf.structured(ExperimentConfig)
@@ -35,13 +37,6 @@ def _cfg(**overrides):
     return cfg
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small ops on a shared 2-core machine run far faster without intra-op threading.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------------------------------------ backbone

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from networks.common.context import RunContext
 from networks.mask_grounding_dino.data import MaskGDinoDataModule
@@ -35,14 +34,6 @@ TRAIN_STEPS = 320
 #: this 2-core CPU 320 steps give bbox mAP50 0.04-0.09 and segm mAP50 0.17-0.27 (runs with and without periodic
 #: validation; the boxes converge more slowly than the masks); the untrained and lr-0 models score 0.
 MARGINS = {"bbox_val_mAP50": 0.02, "segm_val_mAP50": 0.1}
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(**kw) -> pl.Trainer:
