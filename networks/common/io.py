@@ -76,3 +76,22 @@ def read_json(path: str | os.PathLike, *, field: str, hint: str | None = None, i
         raise DataError(f"{p}:{exc.lineno}:{exc.colno}", f"invalid JSON: {exc.msg}", invalid_hint) from exc
     except UnicodeDecodeError as exc:
         raise DataError(str(p), "is not UTF-8 text", "save the file as UTF-8 JSON") from exc
+
+
+def iter_json_lines(path: str | os.PathLike, *, hint: str) -> Iterator[tuple[str, Any]]:
+    """``(where, obj)`` for each non-blank line of the JSON-lines file ``path``; ``where`` is ``<path>:<line>``.
+
+    A line that is not valid JSON is a :class:`DataError` naming ``<path>:<line>`` with ``hint`` (what a line
+    must look like).  The caller checks that the file exists.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    with open(p, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(where, f"not valid JSON ({exc.msg})", hint) from None
+            yield where, obj

@@ -28,7 +28,6 @@ resized, **unpadded** size.  :class:`Collator` pads a batch to its largest image
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,7 +49,7 @@ except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
 from networks.common.errors import ConfigError, DataError
-from networks.common.io import read_json
+from networks.common.io import iter_json_lines, read_json
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 from networks.ops.padding import pad_images
@@ -128,58 +127,50 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
     outside = 0
     first_outside = ""
     empty_regions = 0
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
+    for where, obj in iter_json_lines(p, hint="each line must be one JSON object"):
+        if not isinstance(obj, dict) or "file_name" not in obj:
+            raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
+        h, w = obj.get("height"), obj.get("width")
+        boxes, keys, masks = [], [], []
+        if label_map is not None:
+            det = obj.get("detection")
+            if not isinstance(det, dict) or not isinstance(det.get("instances", []), list):
+                raise DataError(where, "has no 'detection': {'instances': [...]}",
+                                "a source with label_map needs detection records")
+            for j, inst in enumerate(det.get("instances", [])):
+                key = str(inst.get("label"))
+                if key not in label_map:
+                    raise DataError(where, f"label {inst.get('label')!r} of instance {j} is not in the label map",
+                                    f"label map keys are {sorted(label_map)[:10]}")
+                if "mask" not in inst:
+                    raise DataError(where, f"instance {j} has no 'mask'", "give a polygon list or RLE per instance")
+                boxes.append(_box(inst.get("bbox"), where))
+                keys.append(key)
+                masks.append(inst["mask"])
+        else:
+            gr = obj.get("grounding")
+            if not isinstance(gr, dict) or not isinstance(gr.get("regions", []), list):
+                raise DataError(where, "has no 'grounding': {'regions': [...]}",
+                                "a source without label_map needs grounding records")
+            for j, reg in enumerate(gr.get("regions", [])):
+                phrase = str(reg.get("phrase", "")).strip()
+                if not phrase:
+                    raise DataError(where, f"region {j} has no phrase")
+                if "mask" not in reg:
+                    raise DataError(where, f"region {j} has no 'mask'", "give a polygon list or RLE per region")
+                boxes.append(_box(reg.get("bbox"), where))
+                keys.append(phrase)
+                masks.append(reg["mask"])
+            if not boxes:
+                empty_regions += 1
                 continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"not valid JSON ({exc.msg})", "each line must be one JSON object") from None
-            if not isinstance(obj, dict) or "file_name" not in obj:
-                raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
-            h, w = obj.get("height"), obj.get("width")
-            boxes, keys, masks = [], [], []
-            if label_map is not None:
-                det = obj.get("detection")
-                if not isinstance(det, dict) or not isinstance(det.get("instances", []), list):
-                    raise DataError(where, "has no 'detection': {'instances': [...]}",
-                                    "a source with label_map needs detection records")
-                for j, inst in enumerate(det.get("instances", [])):
-                    key = str(inst.get("label"))
-                    if key not in label_map:
-                        raise DataError(where, f"label {inst.get('label')!r} of instance {j} is not in the label map",
-                                        f"label map keys are {sorted(label_map)[:10]}")
-                    if "mask" not in inst:
-                        raise DataError(where, f"instance {j} has no 'mask'", "give a polygon list or RLE per instance")
-                    boxes.append(_box(inst.get("bbox"), where))
-                    keys.append(key)
-                    masks.append(inst["mask"])
-            else:
-                gr = obj.get("grounding")
-                if not isinstance(gr, dict) or not isinstance(gr.get("regions", []), list):
-                    raise DataError(where, "has no 'grounding': {'regions': [...]}",
-                                    "a source without label_map needs grounding records")
-                for j, reg in enumerate(gr.get("regions", [])):
-                    phrase = str(reg.get("phrase", "")).strip()
-                    if not phrase:
-                        raise DataError(where, f"region {j} has no phrase")
-                    if "mask" not in reg:
-                        raise DataError(where, f"region {j} has no 'mask'", "give a polygon list or RLE per region")
-                    boxes.append(_box(reg.get("bbox"), where))
-                    keys.append(phrase)
-                    masks.append(reg["mask"])
-                if not boxes:
-                    empty_regions += 1
-                    continue
-            if h and w:
-                for b in boxes:
-                    if b[0] < 0 or b[1] < 0 or b[2] > float(w) or b[3] > float(h):
-                        outside += 1
-                        first_outside = first_outside or where
-            records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, label_map is None,
-                                      int(h) if h else None, int(w) if w else None))
+        if h and w:
+            for b in boxes:
+                if b[0] < 0 or b[1] < 0 or b[2] > float(w) or b[3] > float(h):
+                    outside += 1
+                    first_outside = first_outside or where
+        records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, label_map is None,
+                                  int(h) if h else None, int(w) if w else None))
     if outside:
         log.warning("%s: %d boxes extend outside their image (first at %s); they are clipped to the image.",
                     p, outside, first_outside)
@@ -518,25 +509,16 @@ class PredictDataset(Dataset):
             p = Path(os.path.expanduser(str(json_file)))
             if not p.is_file():
                 raise DataError(f"{key}.json_file", f"'{json_file}' does not exist")
-            with open(p, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, start=1):
-                    if not line.strip():
-                        continue
-                    where = f"{p}:{lineno}"
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(where, f"not valid JSON ({exc.msg})",
-                                        'each line is {"file_name": ..., "captions": [...]}') from None
-                    if not isinstance(obj, dict) or "file_name" not in obj:
-                        raise DataError(where, "needs 'file_name'", 'each line is {"file_name": ..., "captions": [...]}')
-                    caps = _clean_captions(obj.get("captions", obj.get("caption", default)), where)
-                    if not caps:
-                        raise DataError(where, "has no captions and infer_data_sources.captions is empty")
-                    path = resolve_member(self.roots[0], obj["file_name"])
-                    if not path.is_file():
-                        raise DataError(where, f"image '{obj['file_name']}' not found under {self.roots[0]}")
-                    self.items.append((path, str(obj["file_name"]), caps))
+            for where, obj in iter_json_lines(p, hint='each line is {"file_name": ..., "captions": [...]}'):
+                if not isinstance(obj, dict) or "file_name" not in obj:
+                    raise DataError(where, "needs 'file_name'", 'each line is {"file_name": ..., "captions": [...]}')
+                caps = _clean_captions(obj.get("captions", obj.get("caption", default)), where)
+                if not caps:
+                    raise DataError(where, "has no captions and infer_data_sources.captions is empty")
+                path = resolve_member(self.roots[0], obj["file_name"])
+                if not path.is_file():
+                    raise DataError(where, f"image '{obj['file_name']}' not found under {self.roots[0]}")
+                self.items.append((path, str(obj["file_name"]), caps))
         else:
             if not default:
                 raise ConfigError(f"{key}.captions", "is empty", "list the category names to detect")
