@@ -208,22 +208,52 @@ def _yaml_loader() -> type:
         return yaml.SafeLoader
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """Dotted key -> 1-based line of that key in the YAML text (best effort; empty on any problem)."""
+#: Most YAML nodes a spec may expand to once aliases are followed (TAO's largest specs have a few hundred).
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes in ``root`` with every alias expanded, counted without expanding (aliases share node objects);
+    stops counting once past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = limit + 1  # a node reached again while being counted (a cycle) is over the limit
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        sizes[id(node)] = min(total, limit + 1)
+        return sizes[id(node)]
+
+    return size(root)
+
+
+def _key_lines(root: yaml.Node | None) -> dict[str, int]:
+    """Dotted key -> 1-based line of that key in the composed YAML (best effort).  Each node is walked once, so
+    aliases cost nothing."""
     lines: dict[str, int] = {}
+    seen: set[int] = set()
 
     def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, yaml.MappingNode):
+        if isinstance(node, yaml.MappingNode) and id(node) not in seen:
+            seen.add(id(node))
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode):
                     key = f"{prefix}{key_node.value}"
                     lines.setdefault(key, key_node.start_mark.line + 1)
                     walk(value_node, key + ".")
 
-    try:
-        walk(yaml.compose(text, Loader=_yaml_loader()), "")  # noqa: S506 - a SafeLoader subclass
-    except Exception:  # noqa: BLE001 - line numbers are a nicety; the real parse reports errors
-        return {}
+    walk(root, "")
     return lines
 
 
@@ -239,8 +269,15 @@ def _read_yaml(spec_path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError(str(path), f"cannot read the spec file ({exc})", "check the -e path") from None
     try:
         # tao-cli's experiment.yaml carries the run record as a second document: only the first is the spec
-        docs = list(yaml.load_all(text, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader subclass
-        data = docs[0] if docs else None
+        loader = _yaml_loader()(text)  # a SafeLoader subclass
+        try:
+            root = loader.get_node() if loader.check_node() else None
+            if root is not None and _expanded_size(root, MAX_YAML_NODES) > MAX_YAML_NODES:
+                raise ConfigError(str(path), f"the YAML expands to more than {MAX_YAML_NODES} nodes through its "
+                                  "anchors and aliases", "write the values out, or use fewer nested aliases")
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -255,7 +292,7 @@ def _read_yaml(spec_path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     if not isinstance(data, dict):
         raise ConfigError(str(path), f"the spec must be a mapping of keys at the top level, not {type(data).__name__}",
                           "write the spec as `section:` / `  key: value` lines")
-    return data, _key_lines(text)
+    return data, _key_lines(root)
 
 
 def _where(name: str, lines: dict[str, int], key: str) -> str:

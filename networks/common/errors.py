@@ -5,6 +5,21 @@ Anything else that escapes an action is an internal failure (exit code 1).  Each
 """
 from __future__ import annotations
 
+import re
+
+_LAST_LINE = re.compile(r"^[\w.]*(?:Error|Exception)\w*: (?P<line>.+)$")
+
+
+def _original_line(message: str) -> str:
+    """The error's own one line from a message that may wrap it in a traceback (the traceback's last line,
+    without its ``package.ExceptionType: `` prefix); the message folded to one line otherwise."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if len(lines) > 1:
+        match = _LAST_LINE.match(lines[-1])
+        if match:
+            return match.group("line")
+    return " ".join(lines)
+
 
 class TaoUserError(Exception):
     """Bad input from the user: a spec value, a file, a dataset record or a checkpoint.
@@ -14,7 +29,11 @@ class TaoUserError(Exception):
 
     exit_code = 2
 
-    def __init__(self, subject: str, problem: str, hint: str | None = None):
+    def __init__(self, subject: str, problem: str | None = None, hint: str | None = None):
+        if problem is None:
+            # Rebuilt from one message: torch re-raises a DataLoader worker's exception as ``type(msg)`` with
+            # msg = "Caught DataError in DataLoader worker process 0. Original Traceback ... DataError: <line>".
+            subject, problem = "", _original_line(subject)
         self.subject = subject
         self.problem = problem
         self.hint = hint
