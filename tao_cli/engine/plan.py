@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from networks.common.errors import ConfigError, DataError
 from networks.common.network import LIGHTNING_ACTIONS, Network, refuse_deploy_action
 
-from .devices import DevicePlan, plan_for_action
+from .devices import DevicePlan, is_launch_rank_zero, plan_for_action
+from .runlock import check_free
 
 __all__ = ["RunPlan", "make_plan", "choose_results_dir", "resolve_results_dir", "check_input_paths",
            "print_dry_run", "outputs_planned", "resume_reason"]
@@ -149,6 +150,8 @@ def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[st
     refuse_deploy_action(net, action)
     key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
     run_dir, why = choose_results_dir(cfg, action, overrides)
+    if is_launch_rank_zero():  # DDP workers re-run the command inside rank 0's (locked) run
+        check_free(run_dir)
     net.check(cfg, action)
     check_input_paths(net, cfg, action)
     devices = plan_for_action(cfg, action)

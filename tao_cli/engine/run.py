@@ -29,6 +29,7 @@ from . import actions
 from .devices import PLAN_ENV, is_launch_rank_zero
 from .experiment import experiment_yaml
 from .plan import RunPlan, make_plan, print_dry_run, resume_reason
+from .runlock import RunDirLock
 from .signals import Interrupted, SignalState, handle_signals
 from .status import StatusLogger
 
@@ -112,6 +113,7 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
 
     key = None
     status: StatusLogger | None = None
+    run_lock: RunDirLock | None = None
     signals = SignalState()
     try:
         with handle_signals(signals):
@@ -124,6 +126,10 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
             rank0 = is_launch_rank_zero()
             run_dir = plan.run_dir
             run_dir.mkdir(parents=True, exist_ok=True)
+            stale_pid = None
+            if rank0:  # DDP workers started by Lightning share rank 0's run (and its lock)
+                run_lock = RunDirLock(run_dir)
+                stale_pid = run_lock.acquire()
             status = StatusLogger(run_dir / "status.json", enabled=rank0, redact=secrets_of(key))
             if rank0:
                 atomic_write_text(run_dir / "experiment.yaml",
@@ -133,6 +139,8 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
                 status.write("STARTED", f"Starting {net.title} {action}.")
                 log.info("%s results will be saved at: %s (%s)", action.capitalize(), run_dir, plan.run_dir_why)
                 log.info("Devices: %s", plan.devices.describe())
+                if stale_pid:
+                    log.warning("Took over the lock of %s from pid %d, which is no longer running", run_dir, stale_pid)
                 for warning in plan.devices.warnings:
                     log.warning("%s", warning)
                 if rank0 and action == "train":
@@ -178,3 +186,6 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
         else:
             _print_err(f"ERROR: {text}\n(run with --debug for the full traceback)")
         return EXIT_FAIL
+    finally:
+        if run_lock is not None:
+            run_lock.release()
