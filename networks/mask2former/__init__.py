@@ -5,6 +5,7 @@ listed so TAO users find them, but they belong to tao-deploy and fail with a cle
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
@@ -77,14 +78,13 @@ build_datamodule = lazy("networks.mask2former.data:Mask2FormerDataModule")
 _export = lazy("networks.mask2former.export:run_export")
 
 
-def run_action(action: str, cfg: Any, ctx: Any) -> dict[str, Any]:
-    """Run a non-Lightning action (``export``); tao-deploy actions and unknown names fail with one line."""
-    return dict(run_extra_action(NETWORK, action, cfg, ctx))
-
-
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
 )
+
+#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail
+#: with one line.
+run_action = partial(run_extra_action, NETWORK)
