@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import os
 import re
 import typing
 from collections.abc import Callable, Iterator
@@ -408,6 +409,120 @@ def _set(cfg: DictConfig, schema_cls: type, key: str, value: Any, text: str, mer
 
 
 # ------------------------------------------------------------------------------------ interpolation, checks
+#: Longest value (in characters) an interpolation may produce, each ``${...}`` expansion counted as one more
+#: character (a chain of references to an empty string costs time too).  Paths and names are far shorter; the
+#: limit is there because ``${a}${a}...`` chains grow geometrically: 7 fields x 9 references reach 4 M
+#: characters, and OmegaConf re-resolves every reference (about 20 µs each), so the time grows the same way.
+MAX_INTERPOLATED_CHARS = 50_000
+#: Most characters of one part of an error message (key, problem, hint) that echo user text.
+MAX_ECHO_CHARS = 300
+
+
+def _clip(text: Any, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (``...`` and the full length marking the cut)."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[: max(limit - 30, 10)]}... ({len(text)} characters)"
+
+
+def _short_error(exc: ConfigError) -> ConfigError:
+    """``exc`` with every part capped at ``MAX_ECHO_CHARS``: whatever a spec holds, the error stays one short line."""
+    parts = (exc.subject, exc.problem, exc.hint)
+    if all(p is None or len(p) <= MAX_ECHO_CHARS for p in parts):
+        return exc
+    subject, problem, hint = (None if p is None else _clip(p, MAX_ECHO_CHARS) for p in parts)
+    return type(exc)(subject, problem, hint)
+
+
+def _spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of each outermost ``${...}`` in ``text`` (``end`` past the closing brace)."""
+    spans, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        if text.startswith("${", i):
+            if depth == 0:
+                start = i
+            depth += 1
+            i += 2
+            continue
+        if text[i] == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+        i += 1
+    return spans
+
+
+def _raw_node(cfg: DictConfig, container: Any, ref: str) -> Any:
+    """The unresolved node ``${ref}`` names (absolute, or relative to ``container`` with leading dots), or None."""
+    node = cfg
+    if ref.startswith("."):
+        dots = len(ref) - len(ref.lstrip("."))
+        node, ref = container, ref[dots:]
+        for _ in range(dots - 1):
+            node = node._get_parent() if node is not None else None
+    for part in [p for p in re.split(r"[.\[\]]", ref) if p]:
+        if not isinstance(node, (DictConfig, ListConfig)) or node._is_none() or node._is_missing() \
+                or node._is_interpolation():
+            return None
+        try:
+            node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+        except (ValueError, KeyError, IndexError, OmegaConfBaseException):
+            return None
+    return node
+
+
+def _expanded_chars(cfg: DictConfig, node: Any, memo: dict[int, int], active: set[int]) -> int:
+    """Characters ``node`` would take once every interpolation in it is resolved, computed without resolving
+    (each node once, so a fan-out costs nothing).  An upper estimate for plain ``${key}`` references (and
+    ``oc.select``/``oc.env``); a resolver's result counts as its expression text."""
+    if node is None:
+        return 0
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in active:  # a cycle: OmegaConf reports it when resolving
+        return 0
+    active.add(id(node))
+    try:
+        if isinstance(node, (DictConfig, ListConfig)) and not node._is_interpolation():
+            if node._is_none() or node._is_missing():
+                total = 4
+            else:
+                keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+                total = sum(len(str(k)) + 2 + _expanded_chars(cfg, node._get_node(k), memo, active) for k in keys)
+        else:
+            raw = node._value()
+            if isinstance(raw, str) and "${" in raw:
+                total = _expr_chars(cfg, raw, node._get_parent(), memo, active)
+            else:
+                total = len(str(raw))
+    finally:
+        active.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def _expr_chars(cfg: DictConfig, text: str, container: Any, memo: dict[int, int], active: set[int]) -> int:
+    total, last = 0, 0
+    for start, end in _spans(text):
+        total += start - last
+        last = end
+        inner = text[start + 2:end - 1]
+        name, colon, args = inner.partition(":")
+        if colon and "${" not in name:  # a resolver call
+            total += len(inner) + _expr_chars(cfg, args, container, memo, active)
+            first = args.split(",")[0].strip()
+            if name == "oc.select":
+                total += 1 + _expanded_chars(cfg, _raw_node(cfg, container, first), memo, active)
+            elif name == "oc.env":
+                total += len(os.environ.get(first, ""))
+        elif "${" in inner:  # a key computed from another interpolation: count the parts
+            total += len(inner) + _expr_chars(cfg, inner, container, memo, active)
+        else:
+            total += 1 + _expanded_chars(cfg, _raw_node(cfg, container, inner.strip()), memo, active)
+    return total + len(text) - last
+
+
 def _iter_nodes(node: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[DictConfig | ListConfig, Any, str]]:
     """(container, key, dotted path) for every child of ``node``, depth first, containers before children."""
     keys = list(node.keys()) if isinstance(node, DictConfig) else list(range(len(node)))
@@ -423,11 +538,18 @@ def _iter_nodes(node: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[Di
 
 def _resolve(cfg: DictConfig, schema_cls: type) -> None:
     """Resolve every interpolation in place.  One that points at a MISSING value is left as it is (and reported
-    by the mandatory check when it sits in the action section)."""
+    by the mandatory check when it sits in the action section).  A value that would grow past
+    ``MAX_INTERPOLATED_CHARS`` is refused before OmegaConf expands it."""
+    memo: dict[int, int] = {}
     for container, k, path in list(_iter_nodes(cfg, "")):
         if not OmegaConf.is_interpolation(container, k):
             continue
         expr = container._get_node(k)._value()
+        if _expanded_chars(cfg, container._get_node(k), memo, set()) > MAX_INTERPOLATED_CHARS:
+            raise ConfigError(path, f"the interpolated value of {_clip(expr)} would exceed "
+                              f"{MAX_INTERPOLATED_CHARS} characters",
+                              "write the value out, or use fewer nested ${...} references")
+        expr = _clip(expr)
         try:
             value = container[k]
         except InterpolationToMissingValueError:
@@ -615,6 +737,14 @@ def load_spec(
     """
     if isinstance(overrides, str):  # a single string would be iterated character by character
         raise TypeError("overrides must be a list of argv words, not one string")
+    try:
+        return _load_spec(schema_cls, action, spec_path, overrides, mandatory, check)
+    except ConfigError as exc:
+        raise _short_error(exc) from None
+
+
+def _load_spec(schema_cls: type, action: str | None, spec_path: str | Path | None, overrides: list[str],
+               mandatory: bool, check: Callable[[DictConfig, str], None] | None) -> DictConfig:
     base = OmegaConf.structured(schema_cls)
     cfg = base.copy()
     if spec_path is not None:

@@ -7,18 +7,24 @@ known to be harmless (``benign``, e.g. a classification head or a cached buffer 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
+import io
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 
-__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict", "strip_prefix", "freeze_modules", "read_weights_file"]
+__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict", "strip_prefix", "freeze_modules", "read_weights_file",
+           "safe_torch_load", "file_reader", "read_file_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -179,36 +185,142 @@ def _resolve(model: nn.Module, path: str) -> list[nn.Parameter] | None:
             return None
 
 
+# The engine's reader of weight files (``path -> plain bytes``: decrypts with the run's encryption_key), set for
+# the duration of a run by :func:`file_reader`.  Networks load pretrained weights deep inside their builders,
+# which know the path but not the key; this hands them the engine's reader without a parameter in every builder.
+_READER: contextvars.ContextVar[Callable[[Path], bytes] | None] = contextvars.ContextVar("tao_weights_reader",
+                                                                                       default=None)
+
+
+@contextlib.contextmanager
+def file_reader(reader: Callable[[Path], bytes]) -> Iterator[None]:
+    """While the block runs, :func:`read_file_bytes` (and so :func:`read_weights_file`) reads files with
+    ``reader(path) -> bytes`` (the engine's: decryption with the run's key, one-line errors)."""
+    token = _READER.set(reader)
+    try:
+        yield
+    finally:
+        _READER.reset(token)
+
+
+def read_file_bytes(path: Path) -> bytes:
+    """The plain bytes of a weights file: through the reader set by :func:`file_reader`, else as stored."""
+    reader = _READER.get()
+    if reader is not None:
+        return reader(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+
+
+# Messages of torch's weights-only unpickler that mean "this file wants a global we do not allow" (a real
+# pickle refused on purpose).  Every other UnpicklingError (an unknown opcode, a string running past the end)
+# comes from bytes that are not a complete pickle, i.e. a truncated or corrupt file.
+_REFUSAL_MARKERS = ("GLOBAL", "reduce for unrecognized function", "Can only create new object",
+                    "Can only build", "must be imported to load")
+_GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+_CORRUPT_HINT = "copy or save the file again; an interrupted copy or download leaves a partial file"
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError):  # torch's legacy reader looks the header bytes up in a table
+        return "no torch checkpoint header"
+    if not text:
+        return "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")[:200]
+
+
+def _well_formed_pickle(data: bytes) -> bool:
+    """True when the (first) pickle in ``data`` — ``data.pkl`` of a torch zip archive, else the stream itself —
+    is a complete sequence of valid opcodes.  ``pickletools.genops`` only parses; nothing is executed.  Random
+    bytes can make the unpickler stop on an opcode that reads like a refused global; they fail this check."""
+    import pickletools
+    import zipfile
+
+    try:
+        if data[:4] == b"PK\x03\x04":
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        for _ in pickletools.genops(data):
+            pass
+    except Exception:  # noqa: BLE001 - any parse failure means "not a complete pickle"
+        return False
+    return True
+
+
+def safe_torch_load(data: bytes, source: str, *, allowed: Iterable[Any] = (), map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of ``data`` with the extra classes ``allowed``; every failure is a
+    one-line :class:`CheckpointError` on ``source``.
+
+    Bytes that are not a torch file or a pickle (empty, random, cut short: a bad zip directory, EOF, an opcode
+    that is no pickle opcode) say "is not a checkpoint, or is truncated or corrupt".  A well-formed pickle that
+    wants a global outside the allow-list says it is refused because loading it would run code.  torch's own
+    advice (retry with the unsafe loader) is never passed on.
+    """
+    import pickle
+    import struct
+
+    if not data:
+        raise CheckpointError(source, "is not a checkpoint, or is truncated or corrupt (the file is empty)",
+                              _CORRUPT_HINT)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if not any(marker in text for marker in _REFUSAL_MARKERS) or not _well_formed_pickle(data):
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+            reason = detail.splitlines()[0][:200] if "WeightsUnpickler error:" in text and detail \
+                else _first_sentence(exc)
+            raise CheckpointError(source, f"is not a checkpoint, or is truncated or corrupt ({reason})",
+                                  _CORRUPT_HINT) from None
+        match = _GLOBAL_RE.search(text)
+        what = match.group(1) if match else "an object"
+        raise CheckpointError(
+            source,
+            f"refusing to unpickle '{what}' (this file needs arbitrary code execution to load)",
+            "it cannot be loaded safely; re-save it as a plain state_dict or .safetensors",
+        ) from None
+    except (EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
+        # EOF / negative seek / a bad legacy header: the bytes end early or are not a torch file.
+        raise CheckpointError(source, f"is not a checkpoint, or is truncated or corrupt ({_first_sentence(exc)})",
+                              _CORRUPT_HINT) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if any(s in text for s in ("zip archive", "EOF", "corrupt", "file might be")):
+            raise CheckpointError(source, f"is not a checkpoint, or is truncated or corrupt "
+                                  f"({_first_sentence(exc)})", _CORRUPT_HINT) from None
+        raise CheckpointError(source, f"is not a readable checkpoint ({_first_sentence(exc)})") from None
+
+
 def read_weights_file(path: str | Path, *, field: str = "weights", loader: Callable | None = None) -> Mapping:
     """Read weights safely: ``.safetensors``, or a torch file with ``weights_only=True``; returns the dict.
 
     ``loader(path) -> dict`` (the engine's safe loader, which also decrypts and checks the network tag) is used
-    for non-safetensors files when given.  Official MAE checkpoints pickle an ``argparse.Namespace`` next to
-    the weights; it is allow-listed.  A missing file names ``field``; anything that is not plain
-    tensors/containers raises :class:`CheckpointError` (no arbitrary code runs).
+    for non-safetensors files when given.  Otherwise the bytes come from :func:`read_file_bytes` (inside a run:
+    the engine's reader, which decrypts an encrypted file with ``encryption_key``).  Official MAE checkpoints
+    pickle an ``argparse.Namespace`` next to the weights; it is allow-listed.  A missing file names ``field``;
+    anything that is not plain tensors/containers raises :class:`CheckpointError` (no arbitrary code runs).
     """
     import argparse
-    import pickle
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(field, f"file not found: {path}", f"check {field}")
+    if loader is not None and path.suffix != ".safetensors":
+        return loader(path)
+    data = read_file_bytes(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load as load_safetensors
 
         try:
-            return load_file(str(path), device="cpu")
+            return load_safetensors(data)
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(str(path), f"not a readable safetensors file ({exc})") from None
-    if loader is not None:
-        return loader(path)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(str(path), f"cannot be loaded safely as weights ({first})",
-                              "save the weights as a plain state dict or .safetensors") from None
+            raise CheckpointError(str(path), f"not a readable safetensors file ({_first_sentence(exc)})") from None
+    obj = safe_torch_load(data, str(path), allowed=[argparse.Namespace])
     if not isinstance(obj, Mapping):
         raise CheckpointError(str(path), f"holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from networks.common.coco_io import ann_to_mask, load_coco
+from networks.common.coco_io import ann_to_mask, load_coco, validate_coco
 from networks.common.errors import DataError
 from networks.common.sources import read_rgb, resolve_dir
 
@@ -87,13 +87,20 @@ class BoxRecord:
         return (x, y, x + w, y + h)
 
 
-def load_records(ann_path: str, *, field: str) -> tuple[list[BoxRecord], dict]:
+def load_records(ann_path: str, *, field: str, need_segmentation: bool = False,
+                 need_annotations: bool = False) -> tuple[list[BoxRecord], dict]:
     """Read a COCO JSON and return ``(records, coco_dict)``: one :class:`BoxRecord` per annotation, in file order.
 
-    Raises :class:`DataError` naming the file and annotation for a malformed record (missing/short ``bbox``,
-    unknown ``image_id`` or ``category_id``, duplicate ``id``, image without positive ``height``/``width``).
+    Raises :class:`DataError` naming the file and annotation for a malformed record (missing/short or negative
+    ``bbox``, unknown ``image_id`` or ``category_id``, duplicate image or annotation ``id``, image without
+    positive ``height``/``width``); with ``need_segmentation`` for an annotation without ``segmentation`` or with
+    a polygon of fewer than 3 points; with ``need_annotations`` for a file without annotations
+    (:func:`networks.common.coco_io.validate_coco`).
     """
-    coco = load_coco(ann_path, field=field)
+    coco = validate_coco(load_coco(ann_path, field=field), ann_path, need_bbox=True,
+                         need_segmentation=need_segmentation, need_annotations=need_annotations,
+                         segmentation_hint="set dataset.load_mask=false (inference.load_mask for inference) for "
+                                           "box-only annotations")
     where = str(ann_path)
     images: dict[int, dict] = {}
     for img in coco["images"]:
@@ -437,16 +444,12 @@ class MALDataModule(pl.LightningDataModule):
 
     def build_eval(self, ann_path: str, img_dir: str, load_mask: bool, *, ann_field: str, img_field: str,
                    split: str) -> MALEvalDataset:
-        """Every box of ``ann_path`` (no filter); with ``load_mask`` every annotation must have a segmentation."""
-        records, coco = load_records(ann_path, field=ann_field)
+        """Every box of ``ann_path`` (no filter); the file must have annotations, and with ``load_mask`` each must
+        have a segmentation without polygons of fewer than 3 points."""
+        # No annotations is an error here, for inference too: MAL labels the given boxes, so an empty file
+        # would give an empty label file (and an evaluation without boxes has nothing to score).
+        records, coco = load_records(ann_path, field=ann_field, need_segmentation=load_mask, need_annotations=True)
         self.coco[split] = coco
-        if load_mask:
-            lacking = [r.ann_id for r in records if not r.segmentation and r.segmentation != []]
-            if lacking:
-                raise DataError(ann_path, f"{len(lacking)} annotations have no 'segmentation' "
-                                f"(first id {lacking[0]})",
-                                "set dataset.load_mask=false (inference.load_mask for inference) for box-only "
-                                "annotations")
         bad = _degenerate_count(records)
         if bad:
             self.log_.warning("MAL %s: %d of %d boxes in %s are empty or outside their image after clipping; "
@@ -477,13 +480,12 @@ class MALDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> DataLoader:
         workers = int(self.cfg.dataset.num_workers_per_gpu)
-        seed = int(self.cfg.train.seed)
-        gen = torch.Generator()
-        if seed >= 0:
-            gen.manual_seed(seed)
+        # No generator of our own: the shuffle and the workers' seeds are drawn from torch's global RNG, which
+        # train.seed seeds and a resumed run restores from the checkpoint (a fresh generator seeded here would
+        # replay epoch 0's order after every restart).
         return DataLoader(ds, batch_size=int(batch_size), shuffle=train, num_workers=workers,
                           collate_fn=None if train else collate_eval, worker_init_fn=seed_worker,
-                          generator=gen, persistent_workers=False, drop_last=False)
+                          persistent_workers=False, drop_last=False)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.cfg.train.batch_size, train=True)

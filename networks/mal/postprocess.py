@@ -224,7 +224,7 @@ def box_fill_miou(ann_path: str) -> float:
     from networks.common.metrics import InstanceIoU, mask_iou
     from networks.mal.data import load_records
 
-    records, _ = load_records(ann_path, field="val")
+    records, _ = load_records(ann_path, field="val", need_segmentation=True, need_annotations=True)
     acc = InstanceIoU()
     for r in records:
         gt = ann_to_mask(r.segmentation, r.height, r.width)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from networks.common.errors import CheckpointError, ConfigError, DataError, TaoUserError
 from networks.common.io import read_json
+from networks.common.sampling import private_generator, sample_rng, training_sampler
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.ops.padding import pad_images
 
@@ -204,7 +205,11 @@ def _unknown_ids_error(where: str, ids: set[int], label_map: LabelMap) -> DataEr
 
 
 def _load_records(split: Any, key: str, label_map: LabelMap) -> list[_Record]:
-    from networks.common.coco_io import load_coco
+    """Records of one split.  COCO files are checked first (``validate_coco``/``validate_panoptic``): duplicate
+    image ids, annotations of unknown images, negative boxes, missing segmentations and files without any
+    annotation are errors naming the file and record; a polygon of fewer than 3 points is an error in ``val``
+    (it would make the metric wrong) and skipped with one warning in ``train``."""
+    from networks.common.coco_io import load_coco, validate_coco, validate_panoptic
     from networks.common.sources import resolve_dir
 
     kind = split.type
@@ -233,7 +238,9 @@ def _load_records(split: Any, key: str, label_map: LabelMap) -> list[_Record]:
 
     img_dir = resolve_dir(split.img_dir, field=f"dataset.{key}.img_dir")
     if kind == "coco":
-        data = load_coco(split.instance_json, field=f"dataset.{key}.instance_json")
+        data = validate_coco(load_coco(split.instance_json, field=f"dataset.{key}.instance_json"),
+                             split.instance_json, need_segmentation=True, need_annotations=True,
+                             train=key == "train")
         used = {int(a["category_id"]) for a in data["annotations"]}
         unknown = {c for c in used if not label_map.has_id(c)}
         if unknown:
@@ -245,7 +252,8 @@ def _load_records(split: Any, key: str, label_map: LabelMap) -> list[_Record]:
                         annotations=by_image.get(int(im["id"]), []), height=im.get("height"), width=im.get("width"))
                 for im in data["images"]]
 
-    data = load_coco(split.panoptic_json, field=f"dataset.{key}.panoptic_json")
+    data = validate_panoptic(load_coco(split.panoptic_json, field=f"dataset.{key}.panoptic_json"),
+                             split.panoptic_json, need_annotations=True)
     pan_dir = resolve_dir(split.panoptic_dir, field=f"dataset.{key}.panoptic_dir")
     used = {int(s["category_id"]) for a in data["annotations"] for s in a.get("segments_info", [])}
     unknown = {c for c in used if not label_map.has_id(c)}
@@ -563,8 +571,7 @@ class Mask2FormerDataset(Dataset):
         img, ids, seg_cls, info = self.decode(rec)
         orig_size = img.shape[:2]
         gt = self.full_res_gt(rec, ids, seg_cls, info) if self.keep_gt else None
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
-        img, ids = self.aug(img, ids, rng)
+        img, ids = self.aug(img, ids, sample_rng(index))
         present = [int(s) for s in np.unique(ids) if s != 0 and int(s) in seg_cls]
         if present:
             masks = torch.from_numpy(np.stack([ids == s for s in present]))
@@ -730,7 +737,9 @@ class Mask2FormerDataModule(pl.LightningDataModule):
             self.predict_dataset = PredictDataset(ds.test.img_dir, self.test_aug, ds.pixel_mean, ds.pixel_std)
 
     def _loader(self, dataset, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        # Training order and augmentations come from (train.seed, epoch), not from worker state: exact resume.
+        sampler = training_sampler(len(dataset), self.cfg.train.seed, self.trainer) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=private_generator(), drop_last=drop_last,
                           num_workers=num_workers, collate_fn=collate,
                           pin_memory=bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available(),
                           persistent_workers=num_workers > 0)

@@ -41,15 +41,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset
 
 try:
     import pytorch_lightning as pl
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
+from networks.common.coco_io import short_polygon
 from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
+from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_sampler
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 from networks.ops.padding import pad_images
@@ -110,15 +112,20 @@ def _box(value: Any, where: str) -> list[float]:
         raise DataError(where, f"bbox {value!r} is not 4 numbers", "write bbox as [x1, y1, x2, y2] in pixels") from None
     if len(b) != 4 or not all(math.isfinite(v) for v in b):
         raise DataError(where, f"bbox {value!r} is not 4 finite numbers", "write bbox as [x1, y1, x2, y2]")
+    if b[2] < b[0] or b[3] < b[1]:
+        # an inverted box is not "outside the image": clipping would turn it into nothing, silently
+        raise DataError(where, f"bbox {value!r} has x2 < x1 or y2 < y1", "ODVG boxes are [x1, y1, x2, y2] pixels")
     return b
 
 
 def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: str) -> list[OdvgRecord]:
     """Parse an ODVG JSON-lines file.  ``label_map`` given → detection records, else grounding records.
 
-    Raises :class:`DataError` (``<file>:<line>``) for non-JSON lines, missing keys, labels not in the label map
-    and instances without ``mask``.  Counts boxes outside the image (when the record has ``height``/``width``)
-    and warns once; they are clipped when the image is read.  Grounding records without regions are skipped.
+    Raises :class:`DataError` (``<file>:<line>``) for non-JSON lines, missing keys, labels not in the label map,
+    instances without ``mask`` and inverted boxes (x2 < x1 or y2 < y1); (``<file>``) for a detection file in which
+    no record has an instance.  Counts boxes outside the image (when the record has ``height``/``width``) and
+    warns once; they are clipped when the image is read.  Grounding records without regions are skipped, and so
+    are instances/regions whose polygon mask has a ring of fewer than 3 points (one warning with the count).
     """
     p = Path(os.path.expanduser(str(path)))
     if not p.is_file():
@@ -127,6 +134,7 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
     outside = 0
     first_outside = ""
     empty_regions = 0
+    short: list[str] = []
     for where, obj in iter_json_lines(p, hint="each line must be one JSON object"):
         if not isinstance(obj, dict) or "file_name" not in obj:
             raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
@@ -144,7 +152,11 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
                                     f"label map keys are {sorted(label_map)[:10]}")
                 if "mask" not in inst:
                     raise DataError(where, f"instance {j} has no 'mask'", "give a polygon list or RLE per instance")
-                boxes.append(_box(inst.get("bbox"), where))
+                box = _box(inst.get("bbox"), where)
+                if short_polygon(inst["mask"]):
+                    short.append(f"{where} instance {j}")
+                    continue
+                boxes.append(box)
                 keys.append(key)
                 masks.append(inst["mask"])
         else:
@@ -158,7 +170,11 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
                     raise DataError(where, f"region {j} has no phrase")
                 if "mask" not in reg:
                     raise DataError(where, f"region {j} has no 'mask'", "give a polygon list or RLE per region")
-                boxes.append(_box(reg.get("bbox"), where))
+                box = _box(reg.get("bbox"), where)
+                if short_polygon(reg["mask"]):
+                    short.append(f"{where} region {j}")
+                    continue
+                boxes.append(box)
                 keys.append(phrase)
                 masks.append(reg["mask"])
             if not boxes:
@@ -176,6 +192,12 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
                     p, outside, first_outside)
     if empty_regions:
         log.warning("%s: skipped %d grounding records without regions.", p, empty_regions)
+    if short:
+        log.warning("%s: skipped %d instance(s)/region(s) whose polygon mask has fewer than 3 points (first: %s).",
+                    p, len(short), short[0])
+    if label_map is not None and records and not any(r.boxes for r in records):
+        raise DataError(str(p), "has no annotations: no record has an instance, there is nothing to learn from",
+                        "check that this is the right file")
     return records
 
 
@@ -358,11 +380,6 @@ class OdvgDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    @staticmethod
-    def _rng(index: int) -> random.Random:
-        # Drawn from torch's generator: seeded by the engine (seed_everything) and re-seeded per worker/epoch.
-        return random.Random(int(torch.randint(0, 2**62, (1,)).item()) ^ index)
-
     def _detection_prompt(self, rec: OdvgRecord, rng: random.Random) -> tuple[list[str], list[int]]:
         pos = list(dict.fromkeys(rec.keys))
         others = [k for k in self.label_map if k not in set(pos)]
@@ -398,7 +415,7 @@ class OdvgDataset(Dataset):
         from networks.common.sources import resolve_member
 
         rec = self.records[index]
-        rng = self._rng(index)
+        rng = sample_random(index)
         img = _read_rgb(resolve_member(self.root, rec.file_name), rec.where)
         W, H = img.size
         masks = _decode_masks(rec.masks, H, W, rec.where)
@@ -417,9 +434,9 @@ class OdvgDataset(Dataset):
         x, b, m, kept = self.transform(img, boxes, masks, rng)
         labels_t = torch.as_tensor([labels[i] for i in kept], dtype=torch.long)
         h, w = x.shape[-2:]
-        return {"image": x, "names": names, "image_id": index, "file_name": rec.file_name,
+        return {"image": x, "names": names, "image_id": int(index), "file_name": rec.file_name,
                 "target": {"labels": labels_t, "boxes": b, "masks": m, "size": (int(h), int(w)),
-                           "orig_size": (int(H), int(W)), "image_id": index}}
+                           "orig_size": (int(H), int(W)), "image_id": int(index)}}
 
 
 class CocoDataset(Dataset):
@@ -427,12 +444,15 @@ class CocoDataset(Dataset):
     ``categories`` order).  Item as :class:`OdvgDataset` plus ``category_ids`` (COCO id per prompt slot)."""
 
     def __init__(self, source: Any, key: str, transform: Transform):
-        from networks.common.coco_io import load_coco
+        from networks.common.coco_io import load_coco, validate_coco
         from networks.common.sources import resolve_dir
 
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
         self.json_file = str(source.get("json_file"))
-        self.coco = load_coco(self.json_file, field=f"{key}.json_file")
+        # Refused here, before any score: duplicate image ids, annotations of unknown images, negative or missing
+        # boxes, missing segmentations, polygons of fewer than 3 points and a file without annotations.
+        self.coco = validate_coco(load_coco(self.json_file, field=f"{key}.json_file"), self.json_file,
+                                  need_segmentation=True, need_bbox=True, need_annotations=True)
         cats = self.coco["categories"]
         if not cats:
             raise DataError(self.json_file, "has no categories", "the prompt is built from the category names")
@@ -638,7 +658,7 @@ class MaskGDinoDataModule(pl.LightningDataModule):
         if stage in ("fit", None) and self.train_dataset is None:
             parts = [OdvgDataset(src, i, self.train_tf, self.tokenizer, self.cfg.model.max_text_len, ds.max_labels)
                      for i, src in enumerate(ds.train_data_sources)]
-            self.train_dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+            self.train_dataset = parts[0] if len(parts) == 1 else KeyedConcatDataset(parts)
         if stage in ("fit", "validate", None) and self.val_dataset is None:
             self.val_dataset = CocoDataset(ds.val_data_sources, "dataset.val_data_sources", self.eval_tf)
         if stage == "test" and self.val_dataset is None:
@@ -649,7 +669,9 @@ class MaskGDinoDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, workers: int | None = None):
         n = int(self.cfg.dataset.workers) if workers is None else workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=n,
+        # Training order and augmentations come from (train.seed, epoch), not from worker state: exact resume.
+        sampler = training_sampler(len(dataset), self.cfg.train.seed, self.trainer) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=private_generator(), drop_last=drop_last, num_workers=n,
                           collate_fn=self.collate, persistent_workers=n > 0,
                           pin_memory=bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available())
 

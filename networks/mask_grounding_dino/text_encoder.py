@@ -76,6 +76,27 @@ def resolve_text_encoder(text_encoder_type: str) -> Path:
                       _HINT)
 
 
+def _pickled_weights(path: Path) -> dict | None:
+    """The state dict of ``path/pytorch_model.bin``, read with the safe weights-only loader, when the directory
+    has no ``.safetensors`` weights; None when it has (transformers reads those, and they cannot run code).
+
+    transformers would unpickle the ``.bin`` itself and pass on torch's error (no file name, advice to disable
+    the safe mode); :func:`networks.common.weights.read_weights_file` raises a one-line
+    :class:`CheckpointError` naming the file instead.  Sharded ``.bin`` weights are refused.
+    """
+    from networks.common.weights import read_weights_file
+
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return None
+    single = path / "pytorch_model.bin"
+    if single.is_file():
+        return dict(read_weights_file(single, field=_FIELD))
+    if (path / "pytorch_model.bin.index.json").is_file():
+        raise ConfigError(_FIELD, f"{path} holds sharded pytorch_model-*.bin weights, which are not supported",
+                          "convert them to model.safetensors")
+    return None  # no weights: transformers says which files it looked for
+
+
 class BertTextEncoder(nn.Module):
     """BERT (no pooler) encoding every phrase of a caption independently.
 
@@ -111,8 +132,12 @@ class BertTextEncoder(nn.Module):
         hf_logging.disable_progress_bar()
         try:
             config = BertConfig.from_pretrained(str(path), local_files_only=True)
-            model = BertModel.from_pretrained(str(path), config=config, add_pooling_layer=False,
-                                              local_files_only=True)
+            weights = _pickled_weights(path)
+            if weights is None:  # safetensors: no pickle, and never a fallback to a .bin next to it
+                model = BertModel.from_pretrained(str(path), config=config, add_pooling_layer=False,
+                                                  local_files_only=True, use_safetensors=True)
+            else:  # read by our weights-only loader, so a crafted .bin is refused naming the file
+                model = BertModel.from_pretrained(None, config=config, state_dict=weights, add_pooling_layer=False)
         except (OSError, ValueError) as err:
             raise ConfigError(_FIELD, f"cannot load a BERT model from {path}: {err}",
                               "the directory needs config.json and model.safetensors (or pytorch_model.bin) "

@@ -29,7 +29,7 @@ import torch
 
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.io import atomic_write_bytes
-from networks.common.weights import unwrap_state_dict
+from networks.common.weights import safe_torch_load, unwrap_state_dict
 
 from . import crypto
 
@@ -44,6 +44,7 @@ __all__ = [
     "resolve_resume",
     "load_checkpoint",
     "load_weights",
+    "checkpoint_reader",
     "collect_rng_states",
     "restore_rng_states",
     "to_plain",
@@ -305,13 +306,16 @@ def _safe_globals() -> list:
     return allowed
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
-
-
 def _read_bytes(path: Path, key: str | None) -> bytes:
+    """The plain bytes of ``path``: decrypted with ``key`` when the file is encrypted (``CheckpointError``
+    naming the file for a missing/unreadable file, a missing or wrong key, a tampered file)."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(str(path), "does not exist")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(str(path), f"cannot be read ({exc.strerror or exc})") from None
     if crypto.is_encrypted(data):
         return crypto.decrypt_bytes(data, key, source=str(path))
     if key:
@@ -319,59 +323,18 @@ def _read_bytes(path: Path, key: str | None) -> bytes:
     return data
 
 
-# Messages of torch's weights-only unpickler that mean "this file wants a global we do not allow" (a real
-# pickle refused on purpose).  Every other UnpicklingError (an unknown opcode, a string running past the end)
-# comes from bytes that are not a complete pickle, i.e. a truncated or corrupt file.
-_REFUSAL_MARKERS = ("GLOBAL", "reduce for unrecognized function", "Can only create new object",
-                    "Can only build", "must be imported to load")
-
-
-def _first_sentence(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if isinstance(exc, KeyError):  # torch's legacy reader looks the header bytes up in a table
-        return "no torch checkpoint header"
-    if not text:
-        return "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
-    return text.splitlines()[0].split(". ")[0].rstrip(".")
+def checkpoint_reader(key: str | None) -> Callable[[Path], bytes]:
+    """``path -> plain bytes`` with the run's ``key``: what the engine hands to
+    :func:`networks.common.weights.file_reader`, so that pretrained weights a network reads itself
+    (``train.pretrained_model_path``, backbone weights) are decrypted like every other checkpoint."""
+    return lambda path: _read_bytes(Path(path), key)
 
 
 def _torch_load(data: bytes, source: str, map_location: Any) -> Any:
-    """``torch.load(weights_only=True)`` of ``data``; errors become one-line ``CheckpointError``s.
-
-    Refused globals say "needs arbitrary code execution"; a file cut short or damaged (bad zip directory, EOF,
-    a seek past the start, an opcode that is no pickle opcode) says "is truncated or corrupt".
-    """
-    import pickle
-    import struct
-
-    corrupt_hint = "copy or save the file again; an interrupted copy or download leaves a partial file"
-    if not data:
-        raise CheckpointError(source, "is truncated or corrupt (the file is empty)", corrupt_hint)
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if not any(marker in text for marker in _REFUSAL_MARKERS):
-            detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
-            reason = detail.splitlines()[0] if "WeightsUnpickler error:" in text and detail else _first_sentence(exc)
-            raise CheckpointError(source, f"is truncated or corrupt ({reason})", corrupt_hint) from None
-        match = _GLOBAL_RE.search(text)
-        what = match.group(1) if match else "an object"
-        raise CheckpointError(
-            source,
-            f"refusing to unpickle '{what}' (this file needs arbitrary code execution to load)",
-            "re-save it as a plain state_dict or .safetensors",
-        ) from None
-    except (EOFError, ValueError, KeyError, IndexError, struct.error) as exc:
-        # EOF / negative seek / a bad legacy header: the bytes end early or are not a torch file.
-        raise CheckpointError(source, f"is truncated or corrupt ({_first_sentence(exc)})", corrupt_hint) from None
-    except RuntimeError as exc:
-        text = str(exc)
-        if any(s in text for s in ("zip archive", "EOF", "corrupt", "file might be")):
-            raise CheckpointError(source, f"is truncated or corrupt ({_first_sentence(exc)})",
-                                  corrupt_hint) from None
-        raise CheckpointError(source, f"is not a readable checkpoint ({text.splitlines()[0]})") from None
+    """``torch.load(weights_only=True)`` of ``data`` with :func:`_safe_globals`; errors are one-line
+    ``CheckpointError``s (see :func:`networks.common.weights.safe_torch_load`): a refused global says it needs
+    arbitrary code execution, anything that is not a complete torch file says "truncated or corrupt"."""
+    return safe_torch_load(data, source, allowed=_safe_globals(), map_location=map_location)
 
 
 def _check_network(obj: Any, expected: str | None, source: str) -> None:

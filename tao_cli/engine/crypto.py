@@ -31,8 +31,10 @@ _HEADER = struct.Struct(">6sBBIII16s12s")
 HEADER_SIZE = _HEADER.size  # 48
 _TAG_SIZE = 16
 _DEFAULT_LOG2_N, _DEFAULT_R, _DEFAULT_P = 15, 8, 1
-# Bounds on what a header may ask for, so a crafted file cannot make scrypt allocate without limit.
-_MAX_LOG2_N, _MAX_R, _MAX_P = 20, 16, 4
+# The only scrypt parameters a header may carry: the ones we write.  scrypt's cost is chosen by the file, so
+# any wider range lets a crafted header make key derivation take tens of seconds and gigabytes (log2 n=20,
+# r=16, p=4 took 48 s and 3.4 GB) before the tag check can refuse it.  Derivation with these takes ~32 MiB.
+_ACCEPTED_KDF_PARAMS = (_DEFAULT_LOG2_N, _DEFAULT_R, _DEFAULT_P)
 
 
 def is_encrypted(data: bytes) -> bool:
@@ -76,8 +78,11 @@ def decrypt_bytes(data: bytes, key: str | None, source: str = "checkpoint") -> b
     if version != VERSION:
         raise CheckpointError(source, f"unsupported encrypted checkpoint version {version} (this tao-cli reads {VERSION})",
                               "upgrade tao-cli")
-    if kdf != KDF_SCRYPT or not (1 <= log2_n <= _MAX_LOG2_N and 1 <= r <= _MAX_R and 1 <= p <= _MAX_P):
-        raise CheckpointError(source, "is not an encrypted tao checkpoint (unsupported key-derivation parameters)")
+    if kdf != KDF_SCRYPT or (log2_n, r, p) != _ACCEPTED_KDF_PARAMS:
+        # refused before any key derivation: the header, not the key, is wrong
+        raise CheckpointError(source, f"is not an encrypted tao checkpoint (unsupported key-derivation parameters "
+                              f"kdf={kdf}, log2 n={log2_n}, r={r}, p={p}; tao-cli writes and reads only scrypt with "
+                              f"log2 n={_DEFAULT_LOG2_N}, r={_DEFAULT_R}, p={_DEFAULT_P})")
     if not key:
         raise CheckpointError(source, "is encrypted but no encryption_key was given",
                               "pass encryption_key=<key> used when the checkpoint was saved")

@@ -22,6 +22,7 @@ from .devices import DevicePlan, is_launch_rank_zero, plan_for_action
 from .runlock import check_free
 
 __all__ = ["RunPlan", "make_plan", "choose_results_dir", "resolve_results_dir", "check_input_paths",
+           "check_path_lengths", "check_writable",
            "print_dry_run", "outputs_planned", "resume_reason"]
 
 
@@ -98,6 +99,83 @@ def resolve_results_dir(cfg: DictConfig, action: str, overrides: Sequence[str] =
     return choose_results_dir(cfg, action, overrides)[0]
 
 
+#: Longest file-name component and whole path (bytes) the file systems we run on accept (Linux NAME_MAX and
+#: PATH_MAX); a longer one fails deep inside a run with "File name too long".
+NAME_MAX, PATH_MAX = 255, 4096
+#: Room left in PATH_MAX for the names a run writes under its directory (checkpoint temp files, plots/...).
+_RUN_DIR_ROOM = 64
+#: Leaf names (besides ``*_dir``/``*_path``/``*_file``/``*_json``/``*_engine``) whose values are paths.
+_PATH_LEAVES = ("checkpoint", "label_map", "text_encoder_type", "timing_cache")
+
+
+def _is_path_key(key: str) -> bool:
+    leaf = key.rpartition(".")[2].split("[")[0]
+    return leaf.endswith(("_dir", "_path", "_file", "_json", "_engine")) or leaf in _PATH_LEAVES
+
+
+def _path_leaves(node: Any, prefix: str) -> list[tuple[str, str]]:
+    """(dotted key, value) of every non-empty string under a path-like key (lists of data sources included)."""
+    out: list[tuple[str, str]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _path_leaves(v, f"{prefix}{k}" if not prefix else f"{prefix}.{k}")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            out += _path_leaves(v, f"{prefix}[{i}]")
+    elif isinstance(node, str) and node and _is_path_key(prefix):
+        out.append((prefix, node))
+    return out
+
+
+def _too_long(path: str, room: int = 0) -> str | None:
+    """Why ``path`` cannot be a file name here (a component over NAME_MAX bytes, or the whole absolute path,
+    plus ``room`` for names written under it, over PATH_MAX bytes), else None."""
+    full = os.path.abspath(os.path.expanduser(path))
+    for part in Path(full).parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            return f"has a path component of {len(os.fsencode(part))} bytes (the limit is {NAME_MAX}): {part[:40]}..."
+    if len(os.fsencode(full)) + room > PATH_MAX:
+        limit = PATH_MAX - room
+        return f"is a path of {len(os.fsencode(full))} bytes (the limit here is {limit})"
+    return None
+
+
+def check_path_lengths(cfg: DictConfig, run_dir: Path, run_dir_key: str) -> None:
+    """``ConfigError`` naming the field when the run dir or any path-valued field is longer than the file
+    system allows (checked before anything is created, so a run never fails half-way with ENAMETOOLONG)."""
+    problem = _too_long(str(run_dir), _RUN_DIR_ROOM)
+    if problem:
+        raise ConfigError(run_dir_key, f"the results dir {problem}", "use a shorter results_dir")
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception:  # an unresolvable value was reported (or is irrelevant) elsewhere
+        return
+    for key, value in _path_leaves(data, ""):
+        if value == "???":
+            continue
+        problem = _too_long(value)
+        if problem:
+            raise ConfigError(key, problem, "use a shorter path (or a symlink to it)")
+
+
+def check_writable(run_dir: Path, run_dir_key: str) -> None:
+    """``ConfigError`` naming the field unless ``run_dir`` exists as a writable directory or can be created
+    (its nearest existing ancestor is a writable directory).  Checked at plan time, dry-run included."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ConfigError(run_dir_key, f"{probe} is a broken symbolic link",
+                              "fix the link or choose another results_dir")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(run_dir_key, f"cannot create the results dir {run_dir}: {probe} is not a directory",
+                          "choose another results_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        problem = (f"the results dir {run_dir} is not writable" if probe == run_dir else
+                   f"{probe} is not writable, so the results dir {run_dir} cannot be created in it")
+        raise ConfigError(run_dir_key, problem, "choose a results_dir you can write to, or fix its permissions")
+
+
 _SYNTHETIC_HINT = "tao dataset synthetic --out {root}"
 
 
@@ -150,7 +228,10 @@ def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[st
     refuse_deploy_action(net, action)
     key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
     run_dir, why = choose_results_dir(cfg, action, overrides)
-    if is_launch_rank_zero():  # DDP workers re-run the command inside rank 0's (locked) run
+    run_dir_key = why.split(" ")[0]  # the field that chose it: results_dir or <action>.results_dir
+    check_path_lengths(cfg, run_dir, run_dir_key)
+    if is_launch_rank_zero():
+        check_writable(run_dir, run_dir_key)  # DDP workers re-run the command inside rank 0's (locked) run
         check_free(run_dir)
     net.check(cfg, action)
     check_input_paths(net, cfg, action)

@@ -95,8 +95,14 @@ def _context(plan: RunPlan, log: logging.Logger) -> RunContext:
                       accelerator=plan.devices.accelerator, log=log, load_checkpoint=safe_load)
 
 
+#: Longest error line printed: a message that echoes user input (a path, a value) never floods the console.
+MAX_ERROR_LINE = 1000
+
+
 def _print_err(text: str) -> None:
-    sys.stderr.write(text.rstrip("\n") + "\n")
+    lines = [line if len(line) <= MAX_ERROR_LINE else f"{line[:MAX_ERROR_LINE - 40]}... ({len(line)} characters)"
+             for line in text.rstrip("\n").split("\n")]
+    sys.stderr.write("\n".join(lines) + "\n")
     sys.stderr.flush()
 
 
@@ -150,7 +156,13 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
                         stale.unlink(missing_ok=True)
                 run = Run(plan, cfg, status, signals, log, _context(plan, log))
                 try:
-                    return run.execute()
+                    # weights a network reads itself (pretrained, backbone) are decrypted with the run's key
+                    from networks.common.weights import file_reader
+
+                    from .checkpoints import checkpoint_reader
+
+                    with file_reader(checkpoint_reader(plan.key)):
+                        return run.execute()
                 except TaoUserError as exc:
                     # The console gets the one ERROR line on stderr below; the log file keeps it too.
                     log.error("%s", exc.one_line(), exc_info=debug, extra={"file_only": True})

@@ -6,8 +6,9 @@ import pytest
 
 from networks.common.errors import ConfigError
 from tao_cli.spec import MAX_YAML_NODES, load_spec
+from tests.tao_cli.test_spec import ToyExperiment
 
-from .test_spec import ToyExperiment
+pytestmark = pytest.mark.reliability
 
 
 def _mapping_bomb(levels: int = 9, fan: int = 9) -> str:

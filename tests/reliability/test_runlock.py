@@ -10,17 +10,15 @@ import pytest
 
 from networks.common.errors import ConfigError
 from tao_cli.engine.runlock import LOCK_NAME, RunDirLock, lock_holder
+from tests.tao_cli.engine.helpers import run
 
-from .helpers import run
+pytestmark = pytest.mark.reliability
 
 FAST = {"dataset.num_samples": 16, "dataset.batch_size": 4, "train.num_epochs": 1}
 
 _HOLD = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
-import pytest
-
-from networks.common.errors import ConfigError
 from tao_cli.engine.runlock import RunDirLock
 lock = RunDirLock(sys.argv[1])
 lock.acquire()
@@ -30,7 +28,7 @@ time.sleep(120)
 
 
 def _hold(run_dir) -> subprocess.Popen:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(run_dir), repo], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     return proc

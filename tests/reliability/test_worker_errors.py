@@ -12,6 +12,8 @@ from networks.common.synthetic import generate
 from tao_cli.cli import run_model
 from tao_cli.paths import configs_dir
 
+pytestmark = pytest.mark.reliability
+
 
 class _Broken(Dataset):
     def __len__(self) -> int:
