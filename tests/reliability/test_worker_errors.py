@@ -3,6 +3,7 @@ exception as ``type(message)``; before, our errors could not be rebuilt that way
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from torch.utils.data import DataLoader, Dataset
@@ -56,3 +57,48 @@ def test_truncated_image_names_the_file_with_or_without_workers(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert broken.name in err[0] and "RuntimeError" not in err[0]
+
+
+def _break(images: Path, defect: str) -> Path:
+    """Damage the first image of ``images``: cut it short, or replace it with an image of another size."""
+    from PIL import Image
+
+    broken = sorted(images.iterdir())[0]
+    if defect == "truncated":
+        broken.write_bytes(broken.read_bytes()[:100])
+    else:
+        with Image.open(broken) as im:
+            w, h = im.size
+        Image.new("RGB", (w + 8, h), (10, 20, 30)).save(broken, format=Image.registered_extensions()[broken.suffix])
+    return broken
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("defect", ["truncated", "other-size"])
+@pytest.mark.parametrize("action", ["train", "evaluate", "inference"])
+def test_bad_image_in_every_mal_action_is_one_line_naming_the_file(tmp_path, capsys, mal_run, action, defect,
+                                                                    workers):
+    data, ckpt = mal_run
+    split = "train" if action == "train" else "val"
+    images = tmp_path / split
+    shutil.copytree(data[split]["images"], images)
+    broken = _break(images, defect)
+    ann = data[split]["annotations"]
+    overrides = [f"results_dir={tmp_path / 'r'}", f"dataset.num_workers_per_gpu={workers}",
+                 f"dataset.val_ann_path={ann if action != 'train' else data['val']['annotations']}",
+                 f"dataset.val_img_dir={images if action != 'train' else data['val']['images']}"]
+    if action == "train":
+        overrides += [f"dataset.train_ann_path={ann}", f"dataset.train_img_dir={images}", "train.num_epochs=1",
+                      "train.batch_size=2"]
+    elif action == "evaluate":
+        overrides += [f"evaluate.checkpoint={ckpt}"]
+    else:
+        overrides += [f"inference.checkpoint={ckpt}", f"inference.ann_path={ann}", f"inference.img_dir={images}"]
+    capsys.readouterr()
+    code = run_model("mal", action, str(configs_dir() / "mal" / "demo.yaml"), overrides)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert broken.name in err[0] and "RuntimeError" not in err[0] and "DataLoader worker" not in err[0], err[0]
+    written = [p.name for p in (tmp_path / "r").rglob("*") if p.suffix == ".json" and p.name != "status.json"
+               and p.name != "experiment.json"]
+    assert not any(n in ("metrics.json", "pseudo_labels.json") for n in written), written
