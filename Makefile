@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test test-fast demo bench learn lint clean
+.PHONY: install test test-fast demo bench learn learn-rela lint clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: install
 
 learn: install
 	$(BIN)/python -m benchmarks.learn
+
+# Mask Grounding DINO's ReLA branch on the synthetic referring split, through `tao model ... train/evaluate`:
+# untrained vs trained gIoU/cIoU/T_acc/N_acc and the validation curve (configs/mask_grounding_dino/rela_learn.yaml).
+learn-rela: install
+	$(BIN)/python -m benchmarks.learn_rela
 
 lint: install
 	$(BIN)/ruff check tao_cli networks tests benchmarks

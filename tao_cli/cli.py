@@ -344,7 +344,8 @@ def spec_cmd(
     try:
         net = registry.load(network)
         _check_action(net, network, action)
-        sys.stdout.write(schema.commented_yaml(net.config_class, action, list(net.actions)))
+        sys.stdout.write(schema.commented_yaml(net.config_class, action, list(net.actions),
+                                               notes=schema.field_notes(net)))
     except TaoUserError as exc:
         raise typer.Exit(_fail(exc, False)) from None
 

@@ -47,6 +47,7 @@ __all__ = [
     "json_schema",
     "spec_template",
     "commented_yaml",
+    "field_notes",
     "FieldSummary",
     "field_summaries",
     "default_instance",
@@ -317,9 +318,11 @@ def _description(field: FieldInfo) -> str:
     return description
 
 
-def _comment(field: FieldInfo, action: str) -> str:
+def _comment(field: FieldInfo, action: str, note: str | None = None) -> str:
     meta = field.metadata
     parts = [_description(field)]
+    if note:
+        parts.append(note[0].upper() + note[1:] + ".")
     if not field.section:
         rng = _range_text(meta, scalar_type(field.type) is int)
         if rng:
@@ -335,9 +338,20 @@ def _comment(field: FieldInfo, action: str) -> str:
     return " ".join(p for p in parts if p)
 
 
-def commented_yaml(schema_cls: type, action: str, actions: list[str] | dict[str, str]) -> str:
+def field_notes(net: Network) -> dict[str, str]:
+    """``{dotted key: note}`` for the fields ``net`` does not act on: ``unsupported: <reason>`` and
+    ``ignored: <reason>`` (a key may name a whole section)."""
+    notes = {key: f"unsupported: {reason}" for key, reason in net.unsupported.items()}
+    notes.update({key: f"ignored: {reason}" for key, reason in net.tao_ignored.items()})
+    return notes
+
+
+def commented_yaml(schema_cls: type, action: str, actions: list[str] | dict[str, str],
+                   notes: dict[str, str] | None = None) -> str:
     """The default spec of ``action`` as YAML with a comment above each field (description, range, options,
-    default).  Loads back to the defaults; what ``tao spec <net> <action>`` prints."""
+    default).  Loads back to the defaults; what ``tao spec <net> <action>`` prints.  ``notes`` (see
+    :func:`field_notes`) are appended to the comment of the field or section they name."""
+    notes = notes or {}
     fields = list(iter_fields(schema_cls))
     keep = set(kept_sections(schema_cls, action, actions))
     fields = [f for f in fields if f.key.split(".")[0] in keep]
@@ -353,7 +367,7 @@ def commented_yaml(schema_cls: type, action: str, actions: list[str] | dict[str,
             if child.name not in data:
                 continue
             value = data[child.name]
-            comment = _comment(child, action)
+            comment = _comment(child, action, notes.get(child.key))
             if comment:
                 for line in textwrap.wrap(comment, width=max(40, 110 - len(pad) - 2)):
                     lines.append(f"{pad}# {line}")

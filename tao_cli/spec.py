@@ -327,6 +327,27 @@ def _check_yaml_keys(schema_cls: type, data: dict, prefix: str, fields: dict[str
                                   f"write `{k}:` followed by indented `key: value` lines")
 
 
+#: Top-level keys of TAO spec files that TAO documents but never reads: accepted (with one warning) so those
+#: files load verbatim.  ``strategy`` is in TAO 5.5's MAL example spec; the code picks the strategy itself.
+TAO_IGNORED_TOP_LEVEL = {
+    "strategy": "TAO documents it but never reads it; the strategy is picked from the devices "
+                "(train.distributed_strategy where the network has it)",
+}
+
+
+def _drop_ignored_keys(schema_cls: type, data: dict, source: str, lines: dict[str, int]) -> None:
+    """Remove the top-level keys of :data:`TAO_IGNORED_TOP_LEVEL` that the schema does not have from ``data``,
+    logging one warning per key (``spec.yaml:1: 'strategy: ddp' is ignored (...)``)."""
+    import logging
+
+    fields = field_map(schema_cls)
+    for key, why in TAO_IGNORED_TOP_LEVEL.items():
+        if key in data and key not in fields:
+            value = data.pop(key)
+            logging.getLogger("tao").warning("%s: '%s: %s' is ignored (%s)", _where(source, lines, key), key,
+                                             _clip(value, 40), why)
+
+
 # --------------------------------------------------------------------------------------------- overrides
 def _parse_overrides(overrides: list[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -702,7 +723,14 @@ def _check_mandatory(cfg: DictConfig, schema_cls: type, action: str) -> None:
     if action not in cfg or not isinstance(cfg._get_node(action), DictConfig) or cfg._get_node(action)._is_none():
         return
     fields = field_map(schema_cls)
-    for container, k, path in _iter_nodes(cfg[action], f"{action}."):
+    section = cfg[action]
+    # A TensorRT engine replaces the checkpoint: the engine refuses it with what is missing (TensorRT), so
+    # the user is not first asked for a checkpoint they do not mean to use.
+    engine_set = "trt_engine" in section and not OmegaConf.is_missing(section, "trt_engine") \
+        and section.get("trt_engine") not in (None, "")
+    for container, k, path in _iter_nodes(section, f"{action}."):
+        if engine_set and path == f"{action}.checkpoint":
+            continue
         missing = OmegaConf.is_missing(container, k)
         if not missing and OmegaConf.is_interpolation(container, k):
             try:
@@ -750,6 +778,7 @@ def _load_spec(schema_cls: type, action: str | None, spec_path: str | Path | Non
     if spec_path is not None:
         data, lines = _read_yaml(spec_path)
         name = Path(spec_path).name
+        _drop_ignored_keys(schema_cls, data, name, lines)
         _check_yaml_keys(schema_cls, data, "", field_map(schema_cls), name, lines)
         try:
             cfg = OmegaConf.merge(cfg, data)

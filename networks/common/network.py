@@ -11,14 +11,16 @@ they may depend on the spec (Mask2Former: ``train.activation_checkpoint``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of",
-           "refuse_deploy_action", "run_extra_action", "lazy",
+           "refuse_deploy_action", "run_extra_action", "lazy", "check_field_support",
            "TAO_DEPLOY_ACTIONS", "LIGHTNING_ACTIONS"]
 
 #: Actions the engine runs through a Lightning Trainer (fit / test / predict).
@@ -94,6 +96,12 @@ class Network:
       is loaded or written.
     * ``sample_drawer(cfg, datamodule) -> (sample -> PIL image)`` — draws a dataset sample after augmentation
       for ``tao dataset browse``; None where the network has none.
+    * ``unsupported`` — dotted field (or whole section) → why tao-cli does not act on it (``networks/<net>/
+      unsupported.py``); setting one to a non-default value is a ``ConfigError``.  ``tao_ignored`` — fields TAO
+      itself ignores: setting one logs one warning naming it.  Every other schema field is read by the code
+      (``tests/tao_cli/test_field_walk.py`` proves it).  Both tables are enforced by ``check``: when either is
+      non-empty, ``check`` becomes :func:`check_field_support` followed by the network's own check (so the
+      engine's plan and ``--dry-run`` refuse before anything is written); ``check.__wrapped__`` is the latter.
     """
 
     name: str
@@ -109,6 +117,8 @@ class Network:
     extra_actions: Mapping[str, ActionFn] = field(default_factory=dict)
     deploy_actions: tuple[str, ...] = ()
     sample_drawer: Callable[[Any, Any], Callable[[Any], Any]] | None = None
+    unsupported: Mapping[str, str] = field(default_factory=dict)
+    tao_ignored: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = f"network {self.name!r}" if isinstance(self.name, str) and self.name else "a network"
@@ -139,6 +149,90 @@ class Network:
             raise NetworkContractError(f"{where}: actions {missing} have no function in extra_actions")
         if self.sample_drawer is not None and (not callable(self.sample_drawer) or not _arity_ok(self.sample_drawer, 2)):
             raise NetworkContractError(f"{where}: sample_drawer must be a function (cfg, datamodule)")
+        for table in ("unsupported", "tao_ignored"):
+            for key, reason in getattr(self, table).items():
+                if not (isinstance(reason, str) and reason.strip()):
+                    raise NetworkContractError(f"{where}: {table}[{key!r}] needs a reason")
+                if not _schema_has(self.config_class, key):
+                    raise NetworkContractError(f"{where}: {table} names {key!r}, which is not a spec field")
+        both = set(self.unsupported) & set(self.tao_ignored)
+        if both:
+            raise NetworkContractError(f"{where}: {sorted(both)} are both unsupported and TAO-ignored")
+        if (self.unsupported or self.tao_ignored) and not getattr(self.check, "field_support", False):
+            own = self.check
+
+            def check(cfg: Any, action: str) -> None:
+                check_field_support(self, cfg, action)
+                own(cfg, action)
+
+            check.__wrapped__ = own  # type: ignore[attr-defined]
+            check.field_support = True  # type: ignore[attr-defined]  # dataclasses.replace must not wrap twice
+            check.__doc__ = "Unsupported / TAO-ignored fields first (check_field_support), then the network's check."
+            object.__setattr__(self, "check", check)
+
+
+def _schema_has(cls: type, key: str) -> bool:
+    """Whether the dotted ``key`` is a field (or section) of the spec dataclass ``cls``."""
+    import typing
+
+    for part in key.split("."):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return False
+        names = {f.name for f in dataclasses.fields(cls)}
+        if part not in names:
+            return False
+        tp = typing.get_type_hints(cls)[part]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        cls = args[0] if len(args) == 1 and typing.get_origin(tp) is not list else tp
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults(config_class: type) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(config_class)
+
+
+def _plain_value(conf: Any, key: str) -> Any:
+    """The resolved value at ``key`` as plain Python (``"???"`` when unset, ``None`` when absent)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(conf, parent, throw_on_missing=False) if parent else conf
+    if not isinstance(node, DictConfig) or leaf not in node:
+        return None
+    if OmegaConf.is_missing(node, leaf):
+        return "???"
+    value = node[leaf]
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True, throw_on_missing=False, enum_to_str=True)
+    return value
+
+
+def _applies(net: Network, key: str, action: str) -> bool:
+    """A field in another action's section (``evaluate.*`` while training, ``gen_trt_engine.*``) does not concern
+    ``action``: one TAO spec file may hold every section.  Fields outside action sections always apply."""
+    top = key.split(".")[0]
+    return top == action or (top not in net.actions and top not in TAO_DEPLOY_ACTIONS
+                             and top not in LIGHTNING_ACTIONS and top != "export")
+
+
+def check_field_support(net: Network, cfg: Any, action: str) -> None:
+    """Refuse a non-default value of a field in ``net.unsupported`` (one-line ``ConfigError`` naming the field
+    and the reason); log one warning per non-default field in ``net.tao_ignored``.  Only the fields that concern
+    ``action`` are looked at (see :func:`_applies`)."""
+    from networks.common.errors import ConfigError
+
+    defaults = _defaults(net.config_class)
+    for key, reason in net.unsupported.items():
+        if _applies(net, key, action) and _plain_value(cfg, key) != _plain_value(defaults, key):
+            raise ConfigError(key, f"is not supported by tao-cli ({reason})",
+                              "remove it from the spec or set it back to its default")
+    ignored = [key for key, _ in net.tao_ignored.items()
+               if _applies(net, key, action) and _plain_value(cfg, key) != _plain_value(defaults, key)]
+    for key in ignored:
+        logging.getLogger("tao").warning("%s is set but has no effect (%s)", key, net.tao_ignored[key])
 
 
 def refuse_deploy_action(net: Network, action: str) -> None:

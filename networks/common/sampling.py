@@ -10,14 +10,16 @@ number of workers, persistence or (under DDP, where Lightning forwards ``set_epo
 from __future__ import annotations
 
 import bisect
+import contextlib
 import random
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-__all__ = ["SampleKey", "EpochSeededSampler", "KeyedConcatDataset", "sample_rng", "sample_random", "run_seed", "private_generator", "training_sampler"]
+__all__ = ["SampleKey", "EpochSeededSampler", "KeyedConcatDataset", "sample_rng", "sample_random", "run_seed", "private_generator",
+           "seeded_globals", "DeferredStartLoader", "training_loader"]
 
 _SEED_SPACE = 2**63 - 1
 
@@ -99,6 +101,28 @@ def sample_rng(key: int) -> np.random.Generator:
     return np.random.default_rng(_seed_of(key))
 
 
+@contextlib.contextmanager
+def seeded_globals(key: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator, ``numpy.random`` and ``random`` seeded from the sample ``key``,
+    and put their previous states back afterwards.
+
+    For transforms that draw from the global generators (torchvision's random transforms, legacy
+    ``np.random`` code): their draws become a function of the key, and the caller's streams — the model's, when
+    samples are read in the main process — are left exactly as they were.  CUDA generators are not touched.
+    """
+    seed = _seed_of(key)
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
 def sample_random(key: int) -> random.Random:
     """``random.Random`` for the sample ``key``: its own seed for a :class:`SampleKey`, the index otherwise."""
     return random.Random(_seed_of(key))
@@ -114,15 +138,46 @@ def private_generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
-def training_sampler(size: int, seed: int, trainer=None) -> EpochSeededSampler:
-    """A shuffling :class:`EpochSeededSampler` for ``train.seed`` (see :func:`run_seed`), already set to the
-    epoch ``trainer`` is about to run.
+class _DeferredIterator:
+    """Calls ``start()`` (the real DataLoader iterator) at the first ``next()``."""
 
-    Why set it here: Lightning creates the first iterator of a fit (which, with workers, prefetches batches at
-    once) before it calls ``set_epoch``, so a run resumed at epoch k would otherwise load its first batches in
-    epoch 0's order.  The value is the one Lightning passes to ``set_epoch`` (epochs processed so far).
+    def __init__(self, start):
+        self._start = start
+        self._iterator = None
+
+    def __iter__(self) -> _DeferredIterator:
+        return self
+
+    def __next__(self):
+        if self._iterator is None:
+            self._iterator = self._start()
+        return next(self._iterator)
+
+
+class DeferredStartLoader(DataLoader):
+    """A DataLoader whose iteration — worker start, prefetching, and so the sampler's order — begins when the
+    first batch is requested, not when ``iter()`` is called.
+
+    Why: Lightning calls ``iter()`` on the train loader early — in ``estimated_stepping_batches`` (schedules
+    built in ``configure_optimizers``, before a resumed run's epoch counter is restored) and before each fit's
+    first ``set_epoch``.  A plain loader with workers prefetches at that moment, in epoch 0's order; this one
+    starts after ``set_epoch``, so a run resumed at epoch k loads epoch k's order.  (Lightning's fetcher does not
+    prefetch a loader that has a length, so nothing else pulls a batch early.)
     """
-    sampler = EpochSeededSampler(size, seed=run_seed(seed))
-    if trainer is not None:
-        sampler.set_epoch(int(trainer.fit_loop.epoch_progress.current.processed))
-    return sampler
+
+    def __iter__(self):
+        return _DeferredIterator(super().__iter__)
+
+
+def training_loader(dataset, *, batch_size: int, seed: int, num_workers: int, collate_fn=None,
+                    drop_last: bool = False, pin_memory: bool = False,
+                    persistent_workers: bool | None = None) -> DeferredStartLoader:
+    """The training DataLoader every network uses: an :class:`EpochSeededSampler` for ``train.seed`` (shuffled,
+    per-sample seeds), a private generator, and a deferred start; ``persistent_workers`` defaults to
+    ``num_workers > 0``.  Resume is then exact (see the module docstring)."""
+    workers = int(num_workers)
+    return DeferredStartLoader(
+        dataset, batch_size=int(batch_size), sampler=EpochSeededSampler(len(dataset), seed=run_seed(seed)),
+        num_workers=workers, collate_fn=collate_fn, drop_last=bool(drop_last), pin_memory=bool(pin_memory),
+        generator=private_generator(), persistent_workers=workers > 0 if persistent_workers is None
+        else bool(persistent_workers))

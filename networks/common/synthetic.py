@@ -5,7 +5,8 @@ Scenes: a textured "sky" over a textured "ground" (stuff, split by a random wavy
 of small blobs of one class.  Each class has a colour family but a third of the objects take any hue, so colour
 alone is a weak cue.  Masks are the *visible* parts (later objects are on top).  ``generate`` writes, per split
 (``train``, ``val``), COCO instances, COCO panoptic, an ADE-style semantic JSONL, ODVG detection and grounding
-JSONL, a Mask2Former label map and ``.tar.gz`` archives of the image and panoptic folders.  The exact layout
+JSONL, a Mask2Former label map and ``.tar.gz`` archives of the image and panoptic folders; with ``referring=True`` also
+a referring-expression split (``referring.jsonl``: expressions naming one, several or no objects).  The exact layout
 and every field are described in ``docs/formats.md``.  Same arguments → byte-identical annotation files.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pycocotools import mask as mask_utils
 
 from networks.common.coco_io import id2rgb, mask_to_rle, mask_to_uncompressed_rle, rle_to_bbox
 
-__all__ = ["CATEGORIES", "THING_IDS", "STUFF_IDS", "generate", "split_paths", "colour_word"]
+__all__ = ["CATEGORIES", "THING_IDS", "STUFF_IDS", "generate", "split_paths", "colour_word", "referring_expressions"]
 
 FORMAT_VERSION = "1.0"
 
@@ -194,6 +195,49 @@ def _render_image(rng: np.random.Generator, h: int, w: int) -> tuple[dict, np.nd
     return {"sky": sky_mask}, img, boundary
 
 
+# ---------------------------------------------------------------------------------------- referring
+_REF_COLOURS = ("red", "orange", "yellow", "green", "cyan", "blue", "purple", "pink")
+_PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+
+
+def referring_expressions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, list[int]]]:
+    """Referring expressions of one image: ``[(expression, indices of the objects it names)]``.
+
+    ``objects``: ``{"cat", "colour" (colour word), "bbox" xyxy px}`` per (non-crowd) thing.  Candidates, each
+    naming exactly the objects that fit it: one target — "the red square" (the only red square), "the square"
+    (the only square), "the blue triangle on the left"/"the triangle on the right" (one of exactly two, centres
+    ≥ 8 px apart); several targets — "the red squares", "the squares" (all of them, ≥ 2); no target — "the
+    green circle" / "the circles" for a colour/shape absent from the image.  Picks, when available, one
+    one-target, one several-target and one no-target expression (so every image gives a no-target one).
+    """
+    one: list[tuple[str, list[int]]] = []
+    several: list[tuple[str, list[int]]] = []
+    for cat in THING_IDS:
+        shape = _NAMES[cat]
+        same = [k for k, o in enumerate(objects) if o["cat"] == cat]
+        groups = [("", same)] + [(f"{c} ", [k for k in same if objects[k]["colour"] == c])
+                                 for c in sorted({objects[k]["colour"] for k in same})]
+        for prefix, ks in groups:
+            if len(ks) == 1:
+                one.append((f"the {prefix}{shape}", ks))
+            elif len(ks) >= 2:
+                several.append((f"the {prefix}{_PLURAL[shape]}", ks))
+            if len(ks) == 2:
+                cx = [(objects[k]["bbox"][0] + objects[k]["bbox"][2]) / 2 for k in ks]
+                if abs(cx[0] - cx[1]) >= 8:
+                    left, right = (ks[0], ks[1]) if cx[0] < cx[1] else (ks[1], ks[0])
+                    one.append((f"the {prefix}{shape} on the left", [left]))
+                    one.append((f"the {prefix}{shape} on the right", [right]))
+    present = {(o["colour"], o["cat"]) for o in objects}
+    none = [(f"the {c} {_NAMES[cat]}", []) for cat in THING_IDS for c in _REF_COLOURS if (c, cat) not in present]
+    none += [(f"the {_PLURAL[_NAMES[cat]]}", []) for cat in THING_IDS if not any(o["cat"] == cat for o in objects)]
+    out = []
+    for pool in (one, several, none):
+        if pool:
+            out.append(pool[int(rng.integers(len(pool)))])
+    return out
+
+
 # ----------------------------------------------------------------------------------------- writing
 def _jpeg_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -224,12 +268,12 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: int) -> None:
+def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: int, referring: bool = False) -> None:
     (split_dir / "images").mkdir(parents=True)
     (split_dir / "panoptic").mkdir()
     (split_dir / "semantic").mkdir()
     images, annotations, pan_annotations = [], [], []
-    odvg_lines, vg_lines, semantic_lines = [], [], []
+    odvg_lines, vg_lines, semantic_lines, ref_lines = [], [], [], []
     image_files, panoptic_files = [], []
     next_ann = 1
     for i in range(count):
@@ -244,7 +288,7 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
                             force_crowd=(i == 1 and count > 2))
         semantic = np.where(stuff["sky"], 4, 5).astype(np.uint8)
         pan = np.where(stuff["sky"], _STUFF_SEGMENT_ID[4], _STUFF_SEGMENT_ID[5]).astype(np.int64)
-        segments, instances, regions = [], [], []
+        segments, instances, regions, objects = [], [], [], []
         for layer in scene["layers"]:
             vis, cat = layer["visible"], layer["cat"]
             tex = _thing_texture(rng, h, w, layer["colour"])
@@ -270,6 +314,7 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
                 instances.append({"bbox": xyxy, "label": cat - 1, "category": _NAMES[cat], "mask": seg})
                 phrase = f"{colour_word(tuple(layer['colour']))} {_NAMES[cat]}"
                 regions.append({"bbox": xyxy, "phrase": phrase, "mask": seg})
+                objects.append({"cat": cat, "colour": colour_word(tuple(layer["colour"])), "bbox": xyxy, "mask": seg})
         for cat in STUFF_IDS:
             vis = pan == _STUFF_SEGMENT_ID[cat]
             area = int(vis.sum())
@@ -294,6 +339,14 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
             caption = ", ".join(r["phrase"] for r in regions) + "."
             vg_lines.append({"file_name": file_name, "height": h, "width": w,
                              "grounding": {"caption": caption, "regions": regions}})
+        if referring:
+            # A separate generator: the other files stay byte-identical whether or not this split is written.
+            ref_rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i, 7])
+            for expr, picked in referring_expressions(objects, ref_rng):
+                ref_lines.append({"file_name": file_name, "height": h, "width": w, "ref_id": len(ref_lines),
+                                  "grounding": {"caption": expr, "regions": [
+                                      {"bbox": objects[k]["bbox"], "phrase": expr, "mask": objects[k]["mask"]}
+                                      for k in picked]}})
 
     info = {"description": "tao-cli synthetic shapes", "version": FORMAT_VERSION, "seed": int(seed), "split": split}
     things = [{k: c[k] for k in ("id", "name", "supercategory")} for c in CATEGORIES if c["isthing"]]
@@ -312,6 +365,8 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
     (split_dir / "annotations_odvg.jsonl").write_text("".join(_dump(x) + "\n" for x in odvg_lines))
     (split_dir / "annotations_odvg_labelmap.json").write_text(_dump({str(c - 1): _NAMES[c] for c in THING_IDS}))
     (split_dir / "annotations_vg.jsonl").write_text("".join(_dump(x) + "\n" for x in vg_lines))
+    if referring:
+        (split_dir / "referring.jsonl").write_text("".join(_dump(x) + "\n" for x in ref_lines))
     _write_targz(split_dir / "images.tar.gz", image_files)
     _write_targz(split_dir / "images_panoptic.tar.gz", panoptic_files)
 
@@ -333,16 +388,19 @@ def split_paths(split_dir: Path) -> dict[str, Path]:
         "odvg": split_dir / "annotations_odvg.jsonl",
         "odvg_labelmap": split_dir / "annotations_odvg_labelmap.json",
         "vg": split_dir / "annotations_vg.jsonl",
+        "referring": split_dir / "referring.jsonl",  # written only by generate(..., referring=True)
     }
 
 
-def generate(out_dir: str | Path, seed: int = 0, num_train: int = 48, num_val: int = 16, image_size: int = 128) -> dict:
+def generate(out_dir: str | Path, seed: int = 0, num_train: int = 48, num_val: int = 16, image_size: int = 128,
+             referring: bool = False) -> dict:
     """Write the synthetic dataset under ``out_dir/{train,val}/`` and return its paths.
 
     Images are ``W×H`` with each side drawn from {image_size, image_size + 32}.  Deterministic for a given
     argument set.  Each split is built in a temporary sibling directory and renamed into place (an existing
     ``train``/``val`` folder is replaced).  Returns ``{"root": Path, "train": {...}, "val": {...}}`` with the
-    keys of :func:`split_paths`.
+    keys of :func:`split_paths`.  ``referring=True`` also writes ``referring.jsonl`` per split (see
+    :func:`referring_expressions`); the other files are the same bytes either way.
     """
     if image_size < 48:
         raise ValueError(f"image_size must be >= 48, got {image_size}")
@@ -354,7 +412,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_train: int = 48, num_val: i
     for split, count in (("train", num_train), ("val", num_val)):
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", suffix=".tmp", dir=root))
         try:
-            _make_split(split, tmp / split, seed, count, image_size)
+            _make_split(split, tmp / split, seed, count, image_size, referring)
             final = root / split
             if final.exists():
                 shutil.rmtree(final)

@@ -5,7 +5,11 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["log_train_losses"]
+__all__ = ["log_train_losses", "MONITOR_METRICS"]
+
+#: TAO's ``train.optim.monitor_name`` values -> the metric logged under that meaning here (the epoch mean of the
+#: training loss, the validation loss); networks return it as their LR scheduler's ``monitor``.
+MONITOR_METRICS = {"train_loss": "train/loss_epoch", "val_loss": "val/loss"}
 
 
 def log_train_losses(module, total: torch.Tensor, losses: Mapping[str, torch.Tensor], batch_size: int) -> None:

@@ -195,8 +195,12 @@ def overlay_masks(
     boxes: Sequence[Sequence[float]] | np.ndarray | None = None,
     labels: Sequence[str] | None = None,
     alpha: float = 0.5,
+    box_width: int | None = None,
 ) -> np.ndarray:
     """Blend filled masks into ``image`` and draw mask outlines, ``boxes`` (xyxy px) and text ``labels``.
+
+    ``box_width`` is the box outline width in pixels (e.g. Grounding DINO's ``inference.outline_width``); None
+    scales it with the image (1 px per 200 px of the shorter side).
 
     ``colors[i]`` colours instance i (defaults to :func:`palette`); ``alpha`` is the mask opacity.  Any of
     ``masks``/``boxes``/``labels`` may be empty; ``boxes``/``labels`` may be None.  Label i sits at box i (else
@@ -226,7 +230,8 @@ def overlay_masks(
     draw = ImageDraw.Draw(pil)
     box_list = [] if boxes is None else [list(map(float, b)) for b in np.asarray(boxes).reshape(-1, 4)]
     for i, b in enumerate(box_list):
-        draw.rectangle([b[0], b[1], b[2], b[3]], outline=tuple(cols[i]), width=max(1, min(h, w) // 200))
+        width = int(box_width) if box_width is not None else max(1, min(h, w) // 200)
+        draw.rectangle([b[0], b[1], b[2], b[3]], outline=tuple(cols[i]), width=width)
     if labels:
         anchors: list[Sequence[float] | None] = []
         for i in range(len(labels)):

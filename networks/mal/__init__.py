@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from networks.common.network import Network, lazy
+from networks.mal import unsupported as _fields
 from networks.mal.config import ExperimentConfig, check
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
@@ -84,4 +85,5 @@ NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, sample_drawer=lazy("networks.mal.visualize:sample_drawer"),
+    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
 )

@@ -125,7 +125,8 @@ class MALTrainExpConfig(_BaseTrain):
         1e-6, description="Base learning rate per box; the applied rate is lr x devices x batch_size.",
         valid_min=0, valid_max="inf", automl_enabled=True, popular=True)
     min_lr: float = param(
-        0.0, description="Overwritten at run time by lr x devices x batch_size x min_lr_rate.", valid_min=0)
+        0.0, description="Floor of the cosine schedule (absolute LR) when > 0; 0 uses lr x devices x batch_size x "
+        "min_lr_rate (TAO always uses the latter).", valid_min=0)
     min_lr_rate: float = param(
         0.2, description="Final learning rate of the cosine schedule as a fraction of the scaled rate.",
         valid_min=0, valid_max=1, automl_enabled=True)

@@ -34,6 +34,7 @@ from torchvision.transforms import functional as TF
 
 from networks.common.coco_io import ann_to_mask, load_coco, validate_coco
 from networks.common.errors import DataError
+from networks.common.sampling import private_generator, seeded_globals, training_loader
 from networks.common.sources import read_rgb, resolve_dir
 
 __all__ = [
@@ -50,7 +51,6 @@ __all__ = [
     "MALTrainDataset",
     "MALEvalDataset",
     "collate_eval",
-    "seed_worker",
     "MALDataModule",
 ]
 
@@ -317,6 +317,12 @@ class MALTrainDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
+        # The augmentations draw from the global generators; seeded from the sample key they depend on
+        # (train.seed, epoch, position) only — not on the worker, the number of workers or a restart.
+        with seeded_globals(idx):
+            return self._augmented(idx)
+
+    def _augmented(self, idx: int) -> dict[str, Any]:
         rec = self.records[idx]
         image = np.asarray(_load_image(self.img_root, rec))
         ext, _, _ = expand_box(rec.xyxy, random_margins(self.margin_rate))
@@ -384,14 +390,6 @@ def collate_eval(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and ``numpy`` in a loader worker from torch's per-worker seed (base seed + worker id),
-    so augmentations are reproducible for a given ``train.seed``."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 # ------------------------------------------------------------------------------------------------ datamodule
@@ -480,12 +478,11 @@ class MALDataModule(pl.LightningDataModule):
 
     def _loader(self, ds: Dataset, batch_size: int, *, train: bool) -> DataLoader:
         workers = int(self.cfg.dataset.num_workers_per_gpu)
-        # No generator of our own: the shuffle and the workers' seeds are drawn from torch's global RNG, which
-        # train.seed seeds and a resumed run restores from the checkpoint (a fresh generator seeded here would
-        # replay epoch 0's order after every restart).
-        return DataLoader(ds, batch_size=int(batch_size), shuffle=train, num_workers=workers,
-                          collate_fn=None if train else collate_eval, worker_init_fn=seed_worker,
-                          persistent_workers=False, drop_last=False)
+        if train:  # order and augmentations from (train.seed, epoch): exact resume (networks/common/sampling.py)
+            return training_loader(ds, batch_size=batch_size, seed=self.cfg.train.seed, num_workers=workers,
+                                   persistent_workers=False)
+        return DataLoader(ds, batch_size=int(batch_size), num_workers=workers, collate_fn=collate_eval,
+                          generator=private_generator())
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, self.cfg.train.batch_size, train=True)

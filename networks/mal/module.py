@@ -101,7 +101,9 @@ class MALModule(pl.LightningModule):
             p.requires_grad_(False)
         devices = max(1, int(getattr(ctx, "num_devices", 1)))
         self.lr = float(tr.lr) * devices * int(tr.batch_size)  # base × world size × per-device batch
-        self.min_lr = self.lr * float(tr.min_lr_rate)
+        # Cosine floor: train.min_lr when set (> 0), else TAO's lr_scaled x min_lr_rate (TAO always overwrites
+        # min_lr with the latter, so a TAO spec, which leaves min_lr at 0, trains exactly as in TAO).
+        self.min_lr = float(tr.min_lr) if float(tr.min_lr) > 0 else self.lr * float(tr.min_lr_rate)
         self.wd = float(tr.wd)
         self.optim_eps = float(tr.optim_eps)
         self.optim_betas = tuple(float(b) for b in tr.optim_betas)

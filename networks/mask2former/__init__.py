@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
+from networks.mask2former import unsupported as _fields
 from networks.mask2former.config import ExperimentConfig, check
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
@@ -83,6 +84,7 @@ NETWORK = Network(
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
+    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
 )
 
 #: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail

@@ -142,7 +142,8 @@ class MaskFormerConfig:
 class ModelConfig:
     """``model``."""
 
-    export: bool = param(False, description="Export mode (set by the export action).")
+    export: bool = param(False, description="Export mode: set by the export action itself; true is refused for "
+                         "train/evaluate/inference.")
     mode: str = param("panoptic", description="Post-processing, visualisation and ONNX outputs.",
                       valid_options=["panoptic", "instance", "semantic"], popular=True)
     object_mask_threshold: float = param(0.4, description="Panoptic: minimum class score of a kept query.",
@@ -216,7 +217,8 @@ class OptimConfig:
     """``train.optim``."""
 
     type: str = param("AdamW", description="Optimizer.", valid_options=["AdamW", "SGD", "sgd"])
-    monitor_name: str = param("train_loss", description="Metric returned as the scheduler monitor.",
+    monitor_name: str = param("train_loss", description="Metric returned as the LR scheduler's monitor "
+                              "(train/loss_epoch or val/loss).",
                               valid_options=["val_loss", "train_loss"])
     lr: float = param(2e-4, description="Base learning rate.", valid_min=0, valid_max=1, popular=True,
                       automl_enabled=True)
@@ -240,8 +242,8 @@ class Mask2FormerTrainConfig(TrainConfig):
     pretrained_model_path: str | None = param(None, description="Full-model weights: TAO .pth checkpoint or "
                                               "detectron2 .pkl.")
     clip_grad_norm: float = param(0.1, description="Global L2 gradient clip; 0 disables.", valid_min=0)
-    clip_grad_norm_type: Any = param(2.0, description="Norm type for per-parameter clipping (TAO; unused with "
-                                     "clip_grad_type 'full').")
+    clip_grad_norm_type: Any = param(2.0, description="Norm type of the gradient clipping at clip_grad_norm: a "
+                                     "number p >= 1 (2 = L2) or 'inf' (largest absolute value).")
     clip_grad_type: str = param("full", description="'full' = one global norm over all parameters.")
     is_dry_run: bool = param(False, description="Run one batch of train/val (Lightning fast_dev_run).")
     optim: OptimConfig = param(OptimConfig, description="Optimizer and schedule.")
@@ -296,6 +298,19 @@ def _split_needs(split: Any, key: str) -> list[tuple[str, str]]:
             for f in needs if not getattr(split, f)]
 
 
+def clip_norm_type(value: Any) -> float:
+    """``train.clip_grad_norm_type`` as the ``norm_type`` of ``torch.nn.utils.clip_grad_norm_``: a number >= 1, or
+    ``inf``/``"inf"`` (max-abs); anything else is a ``ConfigError``."""
+    try:
+        norm = float(str(value).strip().lower()) if value is not None else float("nan")
+    except ValueError:
+        norm = float("nan")
+    if not norm >= 1.0:  # NaN fails too
+        raise ConfigError("train.clip_grad_norm_type", f"{value!r} is not a norm type",
+                          "use a number >= 1 (2 = L2) or 'inf'")
+    return norm
+
+
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
     model = cfg.model
@@ -341,6 +356,13 @@ def check(cfg: Any, action: str) -> None:
         if ts is not None and len(ts) not in (0, 1, 2):
             raise ConfigError(f"dataset.{key}.target_size", f"must be [], [S] or [W, H], got {list(ts)}")
 
+    if action == "train" and clip_norm_type(cfg.train.clip_grad_norm_type) != 2.0 \
+            and cfg.train.distributed_strategy == "fsdp":
+        raise ConfigError("train.clip_grad_norm_type", f"{cfg.train.clip_grad_norm_type!r} with fsdp",
+                          "fsdp clips its sharded gradients in the L2 norm only: use 2, or ddp")
+    if action in ("train", "evaluate", "inference") and model.export:
+        raise ConfigError("model.export", f"true is only for the export action, not {action}",
+                          "leave model.export false: the export action sets it itself")
     if action in ("train", "evaluate", "inference") and not ds.label_map:
         raise ConfigError("dataset.label_map", f"is required for {action}",
                           "point it at a JSON list of {id, name, color, isthing} (COCO 'categories' works)")

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from networks.common.errors import CheckpointError, ConfigError, DataError, TaoUserError
 from networks.common.io import read_json
-from networks.common.sampling import private_generator, sample_rng, training_sampler
+from networks.common.sampling import private_generator, sample_rng, training_loader
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.ops.padding import pad_images
 
@@ -737,12 +737,13 @@ class Mask2FormerDataModule(pl.LightningDataModule):
             self.predict_dataset = PredictDataset(ds.test.img_dir, self.test_aug, ds.pixel_mean, ds.pixel_std)
 
     def _loader(self, dataset, batch_size: int, num_workers: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        # Training order and augmentations come from (train.seed, epoch), not from worker state: exact resume.
-        sampler = training_sampler(len(dataset), self.cfg.train.seed, self.trainer) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=private_generator(), drop_last=drop_last,
-                          num_workers=num_workers, collate_fn=collate,
-                          pin_memory=bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available(),
-                          persistent_workers=num_workers > 0)
+        pin = bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available()
+        if shuffle:  # order and augmentations from (train.seed, epoch): exact resume (networks/common/sampling.py)
+            return training_loader(dataset, batch_size=batch_size, seed=self.cfg.train.seed, num_workers=num_workers,
+                                   collate_fn=collate, drop_last=drop_last, pin_memory=pin)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, num_workers=num_workers,
+                          collate_fn=collate, pin_memory=pin, persistent_workers=num_workers > 0,
+                          generator=private_generator())
 
     def _eval_batch(self, split_bs: int, section: str) -> int:
         bs = int(getattr(self.cfg, section).batch_size) if section in self.cfg else -1

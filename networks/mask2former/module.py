@@ -35,7 +35,7 @@ from networks.common.context import run_output_dir
 from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.network import TrainerTraits
-from networks.common.train_logging import log_train_losses
+from networks.common.train_logging import MONITOR_METRICS, log_train_losses
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
@@ -188,6 +188,10 @@ class Mask2FormerModule(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.ctx = ctx
+        from networks.mask2former.config import clip_norm_type
+
+        #: norm of gradient clipping (``train.clip_grad_norm_type``; read by :meth:`configure_gradient_clipping`)
+        self.clip_norm_type = clip_norm_type(cfg.train.clip_grad_norm_type)
         # TAO: plain DDP with activation checkpointing, else find_unused_parameters (e.g. frozen parts).
         self.trainer_traits = TrainerTraits(find_unused_parameters=not bool(cfg.train.activation_checkpoint))
         mc = cfg.model
@@ -275,7 +279,23 @@ class Mask2FormerModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.milestones),
                                                              gamma=o.gamma)
             interval = "epoch"
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        # TAO returns optim.monitor_name as the scheduler's monitor (what a ReduceLROnPlateau-style scheduler
+        # would watch), under this project's metric names.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval,
+                                                         "monitor": MONITOR_METRICS[o.monitor_name]}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip the global gradient norm at ``train.clip_grad_norm`` (the Trainer's ``gradient_clip_val``) in the
+        norm of ``train.clip_grad_norm_type`` (2 = L2, ``inf`` = max-abs), which Lightning's own clipping cannot
+        choose (always L2)."""
+        if not gradient_clip_val:
+            return
+        if self.clip_norm_type == 2.0:  # Lightning's own L2 clipping (strategy-aware, e.g. FSDP's sharded norm)
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val), norm_type=self.clip_norm_type)
 
     def _poly_max_iter(self) -> int:
         tr = self.cfg.train

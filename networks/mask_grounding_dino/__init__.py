@@ -6,10 +6,13 @@ contract of docs/architecture.md; ``gen_trt_engine`` and ``quantize`` belong to 
 """
 from __future__ import annotations
 
+import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
+from networks.mask_grounding_dino import unsupported as _fields
 from networks.mask_grounding_dino.config import ExperimentConfig, check
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
@@ -29,7 +32,16 @@ ACTIONS: dict[str, str] = {
 
 
 def main_kpi(cfg: Any) -> tuple[str, str]:
-    """The validation metric that picks ``mask_gdino_model_best.pth``: COCO ``segm_val_mAP``, higher is better."""
+    """The validation metric that picks ``mask_gdino_model_best.pth``, higher is better: COCO ``segm_val_mAP``,
+    or gIoU ``val_mIoU`` (TAO's name) when ``dataset.val_data_sources`` selects the referring evaluator
+    (``data.eval_kind``: ODVG grounding lines and ``data_type`` other than OD)."""
+    src = cfg.dataset.val_data_sources
+    path = src.get("json_file") if src else None
+    if path and Path(os.path.expanduser(str(path))).is_file():
+        from networks.mask_grounding_dino.data import eval_kind
+
+        if eval_kind(src, "dataset.val_data_sources") == "referring":
+            return "val_mIoU", "max"
     return "segm_val_mAP", "max"
 
 
@@ -69,7 +81,10 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
         source(key, src, ("image_dir", "json_file"))
         paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
     elif action == "inference":
-        source("dataset.infer_data_sources", ds.infer_data_sources, ("image_dir", "json_file"))
+        source("dataset.infer_data_sources", ds.infer_data_sources, ("image_dir", "json_file", "classmap"))
+        captions = ds.infer_data_sources.get("captions") if ds.infer_data_sources else None
+        if isinstance(captions, str) and captions.strip().lower().endswith(".jsonl"):  # a captions file
+            paths["dataset.infer_data_sources.captions"] = captions
         paths["inference.checkpoint"] = cfg.inference.checkpoint
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
@@ -92,6 +107,7 @@ NETWORK = Network(
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
     sample_drawer=lazy("networks.mask_grounding_dino.visualize:sample_drawer"),
+    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
 )
 
 #: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail

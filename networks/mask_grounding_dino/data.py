@@ -9,13 +9,19 @@ Sources (``docs/formats.md``; TAO §2):
   from the label map up to ``max_labels``, shuffled, ``"cat . dog ."``; negatives that would not fit in
   ``model.max_text_len`` tokens are dropped.  Grounding prompt: the unique phrases in first-appearance order;
   boxes, phrases **and masks** are shuffled together (TAO shuffles masks separately from their boxes).
+  A grounding record without regions is a **no-target** referring sample (GRES): its prompt is its ``caption``;
+  every training target carries ``empty`` (True when no target is left in the sample).
+* **Referring** evaluation (val/test ``data_type`` other than ``"OD"`` with an ODVG grounding JSON-lines file):
+  one expression per line, prompt = its ``caption``, ground truth = the merged mask of its regions (none for a
+  no-target expression).  See :func:`eval_kind` for how the evaluator is chosen.
 * **COCO** JSON (val/test): the prompt lists the categories in the order of the ``categories`` list, and a
   label is the **position** of its ``category_id`` in that list, so 1-based and 0-based ids both work (TAO uses
   the raw id as the index and needs ids 0..C-1).  Crowd annotations are not training targets (COCOeval ignores
   them by itself).
 * **Inference**: images of ``infer_data_sources.image_dir`` (folder, list of folders, or archive) prompted with
-  ``captions`` (category names, lower-cased), or — tao-cli — ``json_file``: JSON lines
-  ``{"file_name": ..., "captions": [...]}`` giving each image its own phrases.
+  ``captions`` (category names, lower-cased; a string is split only in TAO's ``"cat . dog ."`` form), or per
+  image from a JSON-lines file named by ``captions: inference.jsonl`` (or tao-cli's ``json_file``): lines
+  ``{"file_name", "caption"}`` or TAO's VG records; ``classmap`` (label_map.txt) names the classes otherwise.
 
 Bad input raises a one-line :class:`DataError` naming the file and line: a line that is not a JSON object, a
 label missing from the label map, a record without masks, the categories present in a record needing more than
@@ -51,7 +57,7 @@ except ImportError:  # pragma: no cover
 from networks.common.coco_io import short_polygon
 from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
-from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_sampler
+from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_loader
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 from networks.ops.padding import pad_images
@@ -64,7 +70,12 @@ __all__ = [
     "Transform",
     "OdvgDataset",
     "CocoDataset",
+    "ReferringDataset",
+    "eval_kind",
+    "eval_dataset",
     "PredictDataset",
+    "split_phrases",
+    "read_classmap",
     "Collator",
     "MaskGDinoDataModule",
     "prompt_token_count",
@@ -124,8 +135,10 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
     Raises :class:`DataError` (``<file>:<line>``) for non-JSON lines, missing keys, labels not in the label map,
     instances without ``mask`` and inverted boxes (x2 < x1 or y2 < y1); (``<file>``) for a detection file in which
     no record has an instance.  Counts boxes outside the image (when the record has ``height``/``width``) and
-    warns once; they are clipped when the image is read.  Grounding records without regions are skipped, and so
-    are instances/regions whose polygon mask has a ring of fewer than 3 points (one warning with the count).
+    warns once; they are clipped when the image is read.  A grounding record without regions is kept as a
+    no-target expression when it has a ``caption`` (in ``extra["caption"]``, as for every grounding record) and
+    skipped otherwise (nothing to prompt with; one warning with the count).  Instances/regions whose polygon mask
+    has a ring of fewer than 3 points are skipped (one warning with the count).
     """
     p = Path(os.path.expanduser(str(path)))
     if not p.is_file():
@@ -177,7 +190,8 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
                 boxes.append(box)
                 keys.append(phrase)
                 masks.append(reg["mask"])
-            if not boxes:
+            caption = str(gr.get("caption") or "").strip().rstrip(".").strip()
+            if not boxes and not caption:
                 empty_regions += 1
                 continue
         if h and w:
@@ -186,12 +200,13 @@ def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: 
                     outside += 1
                     first_outside = first_outside or where
         records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, label_map is None,
-                                  int(h) if h else None, int(w) if w else None))
+                                  int(h) if h else None, int(w) if w else None,
+                                  {} if label_map is not None else {"caption": caption}))
     if outside:
         log.warning("%s: %d boxes extend outside their image (first at %s); they are clipped to the image.",
                     p, outside, first_outside)
     if empty_regions:
-        log.warning("%s: skipped %d grounding records without regions.", p, empty_regions)
+        log.warning("%s: skipped %d grounding records without regions nor caption.", p, empty_regions)
     if short:
         log.warning("%s: skipped %d instance(s)/region(s) whose polygon mask has fewer than 3 points (first: %s).",
                     p, len(short), short[0])
@@ -403,7 +418,8 @@ class OdvgDataset(Dataset):
         return [self.label_map[k] for k in keys], [slot[k] for k in rec.keys]
 
     def _grounding_prompt(self, rec: OdvgRecord) -> tuple[list[str], list[int]]:
-        phrases = list(dict.fromkeys(rec.keys))
+        # A no-target expression (no regions) is prompted with its caption.
+        phrases = list(dict.fromkeys(rec.keys)) or [rec.extra.get("caption") or "object"]
         need = prompt_token_count([self.tokens(p) for p in phrases])
         if need > self.max_text_len:
             raise DataError(rec.where, f"the {len(phrases)} phrases need {need} prompt tokens, more than "
@@ -429,14 +445,16 @@ class OdvgDataset(Dataset):
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) if len(boxes) else np.zeros(0, bool)
         boxes, masks = boxes[valid], masks[valid]
         keys = [k for k, v in zip(keys, valid, strict=True) if v]
-        rec_view = OdvgRecord(rec.file_name, [], keys, [], rec.where, rec.grounding)
+        rec_view = OdvgRecord(rec.file_name, [], keys, [], rec.where, rec.grounding, extra=rec.extra)
         names, labels = self._grounding_prompt(rec_view) if rec.grounding else self._detection_prompt(rec_view, rng)
         x, b, m, kept = self.transform(img, boxes, masks, rng)
         labels_t = torch.as_tensor([labels[i] for i in kept], dtype=torch.long)
         h, w = x.shape[-2:]
+        # empty: nothing the prompt names is in the sample (a no-target expression, or every target cropped away);
+        # the ReLA no-target loss reads it.
         return {"image": x, "names": names, "image_id": int(index), "file_name": rec.file_name,
                 "target": {"labels": labels_t, "boxes": b, "masks": m, "size": (int(h), int(w)),
-                           "orig_size": (int(H), int(W)), "image_id": int(index)}}
+                           "orig_size": (int(H), int(W)), "image_id": int(index), "empty": bool(len(kept) == 0)}}
 
 
 class CocoDataset(Dataset):
@@ -498,9 +516,122 @@ class CocoDataset(Dataset):
                            "size": (int(h), int(w)), "orig_size": (int(H), int(W)), "image_id": info["id"]}}
 
 
+class ReferringDataset(Dataset):
+    """Referring evaluation samples: one per line of an ODVG grounding JSON-lines file (``docs/formats.md``).
+
+    Item as :class:`OdvgDataset` (prompt = the expression, every region labelled 0, ``target["empty"]``) plus
+    ``referring`` = ``{"expression_id" (0-based line order), "caption", "gt_union" (compressed RLE of the merged
+    region masks at the original size; all-zero for a no-target expression)}``.
+    """
+
+    def __init__(self, source: Any, key: str, transform: Transform):
+        from networks.common.sources import resolve_dir
+
+        self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
+        self.json_file = str(source.get("json_file"))
+        self.records = read_odvg(self.json_file, None, f"{key}.json_file")
+        if not self.records:
+            raise DataError(f"{key}.json_file", f"'{self.json_file}' holds no referring expressions")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        from networks.common.coco_io import mask_to_rle
+        from networks.common.sources import resolve_member
+
+        rec = self.records[index]
+        img = _read_rgb(resolve_member(self.root, rec.file_name), rec.where)
+        W, H = img.size
+        masks = _decode_masks(rec.masks, H, W, rec.where)
+        union = masks.any(0) if len(masks) else np.zeros((H, W), dtype=bool)
+        boxes = _clip_boxes(rec.boxes, W, H)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) if len(boxes) else np.zeros(0, bool)
+        boxes, masks = boxes[valid], masks[valid]
+        caption = rec.extra.get("caption") or (rec.keys[0] if rec.keys else "object")
+        x, b, m, kept = self.transform(img, boxes, masks, random.Random(0))
+        h, w = x.shape[-2:]
+        return {"image": x, "names": [caption], "image_id": int(index), "file_name": rec.file_name,
+                "referring": {"expression_id": int(index), "caption": caption, "gt_union": mask_to_rle(union)},
+                "target": {"labels": torch.zeros(len(kept), dtype=torch.long), "boxes": b, "masks": m,
+                           "size": (int(h), int(w)), "orig_size": (int(H), int(W)), "image_id": int(index),
+                           "empty": bool(len(kept) == 0)}}
+
+
+def _looks_like_odvg_lines(path: Path) -> bool:
+    """True when the first non-blank line of ``path`` is a JSON object with ``file_name`` (JSON lines); a COCO
+    file's first line is either not a whole JSON value or an object with ``images``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except ValueError:
+                        return False
+                    return isinstance(obj, dict) and "file_name" in obj
+    except OSError:
+        return False
+    return False
+
+
+def eval_kind(source: Any, key: str) -> str:
+    """Which evaluator a val/test source selects: ``"coco"`` or ``"referring"``.
+
+    ``data_type`` ``"OD"`` → COCO (the file must be a COCO instances JSON).  Any other value (TAO's val default
+    ``"VG"``, ``""``, ``"RES"``, ...) → referring when ``json_file`` holds ODVG grounding JSON lines; with a COCO
+    instances file, ``"VG"`` and ``""`` keep the COCO evaluator (TAO's default ``"VG"`` sits next to COCO files in
+    every existing spec) and any other value is a :class:`DataError`.
+    """
+    data_type = str(source.get("data_type") or "").strip()
+    path = Path(os.path.expanduser(str(source.get("json_file"))))
+    lines = _looks_like_odvg_lines(path)
+    if data_type.upper() == "OD":
+        if lines:
+            raise DataError(f"{key}.json_file", f"'{path}' holds JSON lines, but data_type 'OD' selects the COCO "
+                            "evaluator", "give a COCO instances file, or data_type: VG for referring data")
+        return "coco"
+    if lines:
+        return "referring"
+    if data_type.upper() in ("", "VG"):
+        return "coco"
+    raise DataError(f"{key}.json_file", f"data_type '{data_type}' selects the referring evaluator, but '{path}' is "
+                    "not ODVG grounding JSON lines", "give a referring .jsonl file, or data_type: OD for COCO data")
+
+
+def eval_dataset(source: Any, key: str, transform: Transform) -> Dataset:
+    """:class:`CocoDataset` or :class:`ReferringDataset` for a val/test source, by :func:`eval_kind`."""
+    if eval_kind(source, key) == "referring":
+        log.info("%s: referring evaluation (data_type '%s', ODVG grounding lines)", key, source.get("data_type"))
+        return ReferringDataset(source, key, transform)
+    return CocoDataset(source, key, transform)
+
+
+def split_phrases(text: str) -> list[str]:
+    """Phrases of one caption string.  Only TAO's prompt form — phrases separated by `` . `` (``"cat . dog ."``)
+    — is split; any other text is one expression (``"the red square on the left."``), its final ``.`` dropped."""
+    import re
+
+    text = str(text).strip()
+    if re.search(r"\s\.(\s|$)", text):
+        return [p.strip() for p in text.split(".") if p.strip()]
+    text = text.rstrip(".").strip()
+    return [text] if text else []
+
+
+def is_caption_file(value: Any) -> bool:
+    """True when an ``infer_data_sources.captions`` value names a JSON-lines file rather than giving phrases."""
+    return isinstance(value, str) and value.strip().lower().endswith(".jsonl")
+
+
 def _clean_captions(captions: Any, where: str) -> list[str]:
+    """Lower-cased, stripped, de-duplicated phrases from a list of phrases or one caption string
+    (:func:`split_phrases`)."""
     if isinstance(captions, str):
-        captions = captions.split(".")
+        captions = split_phrases(captions)
     elif not isinstance(captions, (list, tuple)) and hasattr(captions, "__iter__"):
         captions = list(captions)  # OmegaConf ListConfig
     if not isinstance(captions, (list, tuple)):
@@ -509,8 +640,63 @@ def _clean_captions(captions: Any, where: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def read_classmap(path: Any, where: str) -> list[str]:
+    """Class names of an ``infer_data_sources.classmap`` file: a text file with one name per line (TAO's
+    ``label_map.txt``; blank lines skipped), or JSON — an ODVG label map ``{"0": "cat", ...}`` (in key order),
+    a list of names, or a list of ``{"id", "name"}`` (in list order)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_file():
+        raise DataError(where, f"'{path}' does not exist", "point classmap at a label_map.txt (one name per line)")
+    if p.suffix.lower() == ".json":
+        data = read_json(p)
+        if isinstance(data, dict):
+            keys = sorted(data, key=lambda k: (0, int(k)) if str(k).lstrip("-").isdigit() else (1, str(k)))
+            names = [data[k] for k in keys]
+        elif isinstance(data, list):
+            names = [d.get("name") if isinstance(d, dict) else d for d in data]
+        else:
+            raise DataError(where, "must be a JSON object or list of class names")
+    else:
+        try:
+            names = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(where, f"cannot read '{path}' ({exc})") from None
+    out = _clean_captions([str(n) for n in names if n is not None], where)
+    if not out:
+        raise DataError(where, f"'{path}' holds no class names")
+    return out
+
+
+_CAPTION_LINE = ('each line is {"file_name": ..., "caption": "..."} (or "captions": [...]), or a VG record '
+                 '{"file_name": ..., "grounding": {"caption": ...}}')
+
+
+def _line_captions(obj: dict, where: str) -> list[str] | None:
+    """The phrases one caption-file line gives its image (None when it gives none): ``captions`` (list or
+    string), ``caption``, or TAO's VG record ``grounding.caption`` (else its regions' phrases)."""
+    for name in ("captions", "caption"):
+        if obj.get(name) not in (None, "", []):
+            return _clean_captions(obj[name], f"{where}: {name}")
+    grounding = obj.get("grounding")
+    if isinstance(grounding, dict):
+        if str(grounding.get("caption") or "").strip():
+            return _clean_captions(grounding["caption"], f"{where}: grounding.caption")
+        phrases = [r.get("phrase") for r in grounding.get("regions") or [] if isinstance(r, dict)]
+        phrases = [p for p in phrases if p]
+        if phrases:
+            return _clean_captions(phrases, f"{where}: grounding.regions")
+    return None
+
+
 class PredictDataset(Dataset):
-    """Inference images with their prompt: ``captions`` for all, or per image from a JSON-lines file."""
+    """Inference images with their prompt.
+
+    ``source`` is ``infer_data_sources``: ``image_dir`` (folder, list of folders, or archive) and the prompt —
+    ``captions`` as a list of phrases (or one string of phrases, :func:`split_phrases`) for every image, or
+    ``captions`` naming a ``.jsonl`` file (or tao-cli's ``json_file``) with one line per image
+    (``{"file_name", "caption"}`` or TAO's VG record); ``classmap`` (a label-map file, :func:`read_classmap`)
+    gives the class names used where no caption is given.  Each item is (path, name relative to its root, phrases).
+    """
 
     def __init__(self, source: Any, transform: Transform, key: str = "dataset.infer_data_sources"):
         from networks.common.sources import resolve_dir
@@ -520,28 +706,46 @@ class PredictDataset(Dataset):
         if not dirs:
             raise ConfigError(f"{key}.image_dir", "is empty", "point it at a folder or archive of images")
         self.roots = [resolve_dir(d, field=f"{key}.image_dir") for d in dirs]
-        default = _clean_captions(source.get("captions") or [], f"{key}.captions")
+        captions = source.get("captions") or []
+        json_file, json_key = source.get("json_file"), f"{key}.json_file"
+        if is_caption_file(captions):
+            if json_file:
+                raise ConfigError(f"{key}.captions", "names a captions file and json_file is set too",
+                                  "give the per-image captions once")
+            json_file, json_key, captions = captions, f"{key}.captions", []
+        default = _clean_captions(captions, f"{key}.captions")
+        classmap = source.get("classmap")
+        if classmap:
+            names = read_classmap(classmap, f"{key}.classmap")
+            if default and default != names:
+                raise ConfigError(f"{key}.classmap", "and captions both list the class names",
+                                  "give the names once: captions or classmap")
+            default = names
+        #: the class names every image without its own caption is prompted with (classmap or captions)
+        self.class_names = default
         self.items: list[tuple[Path, str, list[str]]] = []
-        json_file = source.get("json_file")
         if json_file:
             from networks.common.sources import resolve_member
 
             p = Path(os.path.expanduser(str(json_file)))
             if not p.is_file():
-                raise DataError(f"{key}.json_file", f"'{json_file}' does not exist")
-            for where, obj in iter_json_lines(p, hint='each line is {"file_name": ..., "captions": [...]}'):
+                raise DataError(json_key, f"'{json_file}' does not exist")
+            for where, obj in iter_json_lines(p, hint=_CAPTION_LINE):
                 if not isinstance(obj, dict) or "file_name" not in obj:
-                    raise DataError(where, "needs 'file_name'", 'each line is {"file_name": ..., "captions": [...]}')
-                caps = _clean_captions(obj.get("captions", obj.get("caption", default)), where)
+                    raise DataError(where, "needs 'file_name'", _CAPTION_LINE)
+                caps = _line_captions(obj, where)
+                caps = default if caps is None else caps
                 if not caps:
-                    raise DataError(where, "has no captions and infer_data_sources.captions is empty")
+                    raise DataError(where, "has no caption and neither infer_data_sources.captions nor classmap "
+                                    "lists class names")
                 path = resolve_member(self.roots[0], obj["file_name"])
                 if not path.is_file():
                     raise DataError(where, f"image '{obj['file_name']}' not found under {self.roots[0]}")
                 self.items.append((path, str(obj["file_name"]), caps))
         else:
             if not default:
-                raise ConfigError(f"{key}.captions", "is empty", "list the category names to detect")
+                raise ConfigError(f"{key}.captions", "is empty",
+                                  "list the category names to detect, or give classmap (a label_map.txt)")
             for root in self.roots:
                 for path in list_images(root):
                     self.items.append((path, str(path.relative_to(root)), default))
@@ -574,7 +778,7 @@ class Collator:
     (``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``, ``text_self_attention_masks``),
     ``targets`` (each with ``masks`` padded to [M,H,W] and ``positive_map`` [C, max_text_len]), ``names``,
     ``captions``, ``image_ids``, ``file_names``, ``orig_sizes``, ``image_sizes`` (h, w) and, when present,
-    ``category_ids`` and ``paths``.  Categories whose tokens do not fit in ``max_text_len`` are warned about
+    ``category_ids``, ``paths`` and ``referring`` (per-sample dicts of :class:`ReferringDataset`).  Categories whose tokens do not fit in ``max_text_len`` are warned about
     once per prompt (they cannot be detected).
     """
 
@@ -616,6 +820,8 @@ class Collator:
             batch["category_ids"] = [s["category_ids"] for s in samples]
         if "path" in samples[0]:
             batch["paths"] = [s["path"] for s in samples]
+        if "referring" in samples[0]:
+            batch["referring"] = [s["referring"] for s in samples]
         return batch
 
 
@@ -660,20 +866,21 @@ class MaskGDinoDataModule(pl.LightningDataModule):
                      for i, src in enumerate(ds.train_data_sources)]
             self.train_dataset = parts[0] if len(parts) == 1 else KeyedConcatDataset(parts)
         if stage in ("fit", "validate", None) and self.val_dataset is None:
-            self.val_dataset = CocoDataset(ds.val_data_sources, "dataset.val_data_sources", self.eval_tf)
+            self.val_dataset = eval_dataset(ds.val_data_sources, "dataset.val_data_sources", self.eval_tf)
         if stage == "test" and self.val_dataset is None:
             key, src = eval_source(self.cfg)
-            self.val_dataset = CocoDataset(src, key, self.eval_tf)
+            self.val_dataset = eval_dataset(src, key, self.eval_tf)
         if stage == "predict" and self.predict_dataset is None:
             self.predict_dataset = PredictDataset(ds.infer_data_sources, self.predict_tf)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool, workers: int | None = None):
         n = int(self.cfg.dataset.workers) if workers is None else workers
-        # Training order and augmentations come from (train.seed, epoch), not from worker state: exact resume.
-        sampler = training_sampler(len(dataset), self.cfg.train.seed, self.trainer) if shuffle else None
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=private_generator(), drop_last=drop_last, num_workers=n,
-                          collate_fn=self.collate, persistent_workers=n > 0,
-                          pin_memory=bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available())
+        pin = bool(self.cfg.dataset.pin_memory) and torch.accelerator.is_available()
+        if shuffle:  # order and augmentations from (train.seed, epoch): exact resume (networks/common/sampling.py)
+            return training_loader(dataset, batch_size=batch_size, seed=self.cfg.train.seed, num_workers=n,
+                                   collate_fn=self.collate, drop_last=drop_last, pin_memory=pin)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, num_workers=n, collate_fn=self.collate,
+                          persistent_workers=n > 0, pin_memory=pin, generator=private_generator())
 
     def _bs(self, section: str | None) -> int:
         if section is not None:

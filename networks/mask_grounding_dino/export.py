@@ -15,7 +15,9 @@ name                   shape / dtype           meaning
 =====================  ======================  ==========================================================
 
 Outputs: ``pred_logits`` [B, Q, T] (−inf on padding tokens), ``pred_boxes`` [B, Q, 4] (normalised cxcywh),
-``pred_masks`` [B, Q, 1, H/4, W/4] mask logits.  H, W and T are static; the batch axis is dynamic when
+``pred_masks`` [B, Q, 1, H/4, W/4] mask logits, and with the ReLA branch (``num_region_queries > 0`` and
+``rela`` in ``model.loss_types``) ``no_targets`` [B, 2] no-target logits and ``union_mask_logits``
+[B, 2, H/8, W/8] (background, foreground) as TAO's newer export.  H, W and T are static; the batch axis is dynamic when
 ``export.batch_size`` is −1.  The image has no padding (the model sees an all-valid pixel mask).  Deformable
 attention is the pure-PyTorch ``grid_sample`` path (ONNX ``GridSample``): no TensorRT plugin is needed.
 """
@@ -34,28 +36,36 @@ from networks.common.onnx_export import onnx_parity as shared_parity
 from networks.common.weights import read_weights_file
 from networks.mask_grounding_dino.text import phrase_masks
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "RELA_OUTPUT_NAMES", "output_names", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
            "onnx_parity", "load_model_weights", "run_export"]
 
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
 OUTPUT_NAMES = ["pred_logits", "pred_boxes", "pred_masks"]
+#: extra outputs of a model with the ReLA branch
+RELA_OUTPUT_NAMES = ["no_targets", "union_mask_logits"]
 #: TAO's dummy prompt for tracing.
 DUMMY_CAPTION = "the running dog ."
 
 
+def output_names(model: nn.Module) -> list[str]:
+    """ONNX output names of ``model``: :data:`OUTPUT_NAMES`, plus :data:`RELA_OUTPUT_NAMES` with the ReLA branch."""
+    return OUTPUT_NAMES + (RELA_OUTPUT_NAMES if getattr(model, "rela", None) is not None else [])
+
+
 class ExportWrapper(nn.Module):
     """``model`` with TAO's ONNX signature: forward(inputs, input_ids, attention_mask, position_ids,
-    token_type_ids, text_token_mask) → (pred_logits, pred_boxes, pred_masks)."""
+    token_type_ids, text_token_mask) → the tensors named by :func:`output_names` (in that order)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.names = output_names(model)
 
     def forward(self, inputs, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask):
         out = self.model(inputs, None, input_ids, attention_mask, position_ids, token_type_ids, text_token_mask)
-        return out["pred_logits"], out["pred_boxes"], out["pred_masks"]
+        return tuple(out[k] for k in self.names)
 
 
 def text_inputs(tokenizer, captions: list[str], text_len: int) -> dict[str, torch.Tensor]:
@@ -87,13 +97,13 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | Path, input_hw: tup
     H, W = check_export_args(opset, input_hw, size_hint=" in both dimensions")
     b = 1 if batch_size in (None, -1) else int(batch_size)
     return export_onnx_file(ExportWrapper(model), _example(tokenizer, b, (H, W), text_len), out_path, INPUT_NAMES,
-                            OUTPUT_NAMES, opset=opset, dynamic_batch="batch_size" if batch_size in (None, -1) else None,
+                            output_names(model), opset=opset, dynamic_batch="batch_size" if batch_size in (None, -1) else None,
                             verbose=verbose)
 
 
 def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Tensor, ...]) -> dict[str, float]:
     """Max |ONNX Runtime − PyTorch| per output on ``example`` (finite entries; a differing ±inf pattern → inf)."""
-    return shared_parity(ExportWrapper(model), onnx_path, example, INPUT_NAMES, OUTPUT_NAMES)
+    return shared_parity(ExportWrapper(model), onnx_path, example, INPUT_NAMES, output_names(model))
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
@@ -130,7 +140,8 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
     inputs = {"inputs": [batch, 3, ex.input_height, ex.input_width], "input_ids": [batch, T],
               "attention_mask": [batch, T], "position_ids": [batch, T], "token_type_ids": [batch, T],
               "text_token_mask": [batch, T, T]}
+    names = output_names(model)
     ctx.log.info("ONNX written to %s; inputs %s; outputs %s; onnxruntime max |diff| vs PyTorch: %s",
-                 out, inputs, OUTPUT_NAMES, diffs)
-    return {"onnx_file": str(out), "inputs": inputs, "outputs": OUTPUT_NAMES,
+                 out, inputs, names, diffs)
+    return {"onnx_file": str(out), "inputs": inputs, "outputs": names,
             "max_abs_diff": max(diffs.values()) if diffs else 0.0, "per_output_diff": diffs}

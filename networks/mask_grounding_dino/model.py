@@ -40,6 +40,7 @@ from networks.ops.layers import MLP
 from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn, init_deformable_transformer
 from networks.ops.position_encoding import PositionEmbeddingSine
 
+from .rela import RelaBranch
 from .text_encoder import BertTextEncoder, resolve_text_encoder
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "aligned_bilinear",
     "dynamic_mask_logits",
     "build_model",
+    "rela_queries",
     "load_pretrained",
     "load_backbone_weights",
     "remap_checkpoint_keys",
@@ -473,13 +475,19 @@ class MaskHeadConv(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def fused(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The top-down fused stride-8 map ``relu(jia_dcn(...))`` ``[B, d, h8, w8]`` (also the ReLA pixel features)."""
         m8, m16, m32 = feats
         x = F.relu(self.lay3(m32))
         x = F.relu(self.lay4(m16 + F.interpolate(x, size=m16.shape[-2:], mode="nearest")))
-        x = F.relu(self.jia_dcn(m8 + F.interpolate(x, size=m8.shape[-2:], mode="nearest")))
-        x = F.relu(self.lay1(x))
-        return F.relu(self.lay2(x))
+        return F.relu(self.jia_dcn(m8 + F.interpolate(x, size=m8.shape[-2:], mode="nearest")))
+
+    def head(self, fused: torch.Tensor) -> torch.Tensor:
+        """``relu(lay2(relu(lay1(fused))))``: the ``[B, d//32, h8, w8]`` mask features."""
+        return F.relu(self.lay2(F.relu(self.lay1(fused))))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.fused(feats))
 
 
 class _BackboneBody(nn.Module):
@@ -521,7 +529,10 @@ class MaskGDinoModel(nn.Module):
     * ``aux_outputs``: one dict per earlier decoder layer with the same keys (when ``aux_loss``);
     * ``interm_outputs``: ``{"pred_logits", "pred_boxes"}`` of the encoder query selection
       (two_stage_type "standard");
-    * ``text_token_mask`` ``[B,T]`` bool (the padding mask actually used, cut to max_text_len).
+    * ``text_token_mask`` ``[B,T]`` bool (the padding mask actually used, cut to max_text_len);
+    * with the ReLA branch (``num_region_queries > 0``, see :mod:`.rela`): ``no_targets`` ``[B,2]`` logits
+      (index 1 = the expression has no target), ``union_mask_logits`` ``[B,2,H'/8,W'/8]`` (background,
+      foreground), ``minimaps`` ``[B,R,2]`` of the last branch layer, and ``rela_layers`` (every layer's three).
 
     ``match_fn(outputs_layer, targets)`` receives ``{"pred_logits", "pred_boxes"}`` of one decoder layer and returns
     per image ``(query indices, target indices)``; the model predicts masks only for those queries (TAO).
@@ -550,6 +561,8 @@ class MaskGDinoModel(nn.Module):
         class_embed_bias: bool = False,
         aux_loss: bool = True,
         fusion_drop_path: float = 0.1,
+        num_region_queries: int = 0,
+        embed_init_tgt: bool = True,
     ):
         super().__init__()
         if two_stage_type not in ("standard", "no"):
@@ -595,7 +608,11 @@ class MaskGDinoModel(nn.Module):
         tr.encoder = FeatureEnhancer(enc_layers, d, nheads, dim_feedforward, dropout, num_feature_levels,
                                      enc_n_points, fusion_drop_path)
         tr.decoder = Decoder(dec_layers, d, dim_feedforward, dropout, num_feature_levels, nheads, dec_n_points)
-        tr.tgt_embed = nn.Embedding(num_queries, d)
+        #: TAO's ``embed_init_tgt``: learned content queries (``tgt_embed``); false (two-stage only) starts the
+        #: decoder from the selected encoder features instead, so no ``tgt_embed`` is built (as TAO)
+        self.embed_init_tgt = bool(embed_init_tgt) or two_stage_type != "standard"
+        if self.embed_init_tgt:
+            tr.tgt_embed = nn.Embedding(num_queries, d)
         if two_stage_type == "standard":
             tr.enc_output = nn.Linear(d, d)
             tr.enc_output_norm = nn.LayerNorm(d)
@@ -625,6 +642,10 @@ class MaskGDinoModel(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
         self.mask_head = MaskHeadConv(d)
+        # ReLA region-query branch: built only when asked for (absent = the TAO backend model, same state dict)
+        self.num_region_queries = int(num_region_queries)
+        self.rela = (RelaBranch(d, self.num_region_queries, nheads, dim_feedforward, dec_layers)
+                     if self.num_region_queries > 0 else None)
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -726,7 +747,7 @@ class MaskGDinoModel(nn.Module):
                                   ~text_mask, block, text_pos)
 
         out: dict[str, Any] = {}
-        tgt = tr.tgt_embed.weight[None].expand(b, -1, -1)
+        tgt = tr.tgt_embed.weight[None].expand(b, -1, -1) if self.embed_init_tgt else None
         if self.two_stage_type == "standard":
             out_mem, props = self._proposals(memory, pad_flat, shapes)
             if self.num_queries > out_mem.shape[1]:
@@ -742,6 +763,8 @@ class MaskGDinoModel(nn.Module):
             topk = torch.topk(scores, self.num_queries, dim=1)[1]
             ref_undetached = torch.gather(enc_coords, 1, topk[..., None].expand(-1, -1, 4))
             hs_enc = torch.gather(out_mem, 1, topk[..., None].expand(-1, -1, self.hidden_dim))
+            if tgt is None:  # embed_init_tgt false: content queries = the selected encoder features (detached)
+                tgt = hs_enc.detach()
             ref_sig = ref_undetached.detach().sigmoid()
             out["interm_outputs"] = {"pred_logits": tr.enc_out_class_embed(hs_enc, text, text_mask),
                                      "pred_boxes": ref_undetached.sigmoid()}
@@ -759,7 +782,18 @@ class MaskGDinoModel(nn.Module):
             starts.append(starts[-1] + h * w)
         lvl_maps = [memory[:, starts[i]:starts[i + 1]].transpose(1, 2).reshape(b, self.hidden_dim, *shapes[i])
                     for i in range(3)]
-        mask_feats = self.mask_head(lvl_maps)
+        fused = self.mask_head.fused(lvl_maps)
+        mask_feats = self.mask_head.head(fused)
+        if self.rela is not None:
+            # levels finest-first → reversed, last three kept: strides 32, 16, 8 (see networks/.../rela.py)
+            order = list(range(len(shapes)))[::-1][-3:]
+            pos_maps = [(poss[i] + tr.level_embed[i].view(1, -1, 1, 1)) for i in order]
+            rela = self.rela([lvl_maps[i] for i in order], pos_maps, [pads[i] for i in order], fused, text,
+                             ~text_mask)
+            out["no_targets"] = rela["no_targets"]
+            out["union_mask_logits"] = rela["union_mask_logits"]
+            out["minimaps"] = rela["minimaps"]
+            out["rela_layers"] = rela["layers"]
         # un-padded image size in pixels, for the unnormalised relative coordinates
         size_wh = torch.stack((pixel_mask[:, 0, :].sum(1), pixel_mask[:, :, 0].sum(1)), -1).to(memory.dtype)
 
@@ -826,6 +860,16 @@ def _swin_from_cfg(m: Any, out_indices: Sequence[int]) -> SwinTransformer:
                            drop_path_rate=drop_path, out_indices=tuple(out_indices))
 
 
+def rela_queries(model_cfg: Any) -> int:
+    """Region queries of the ReLA branch: ``model.num_region_queries`` when ``"rela"`` is in ``model.loss_types``,
+    else 0 (no branch).  TAO's default ``num_region_queries`` is 100 even for plain detection specs, so the number
+    alone does not build the branch: a spec without ``rela`` gives the TAO backend model (same weights, outputs and
+    ONNX graph as before)."""
+    if "rela" not in list(cfg_get(model_cfg, "loss_types", []) or []):
+        return 0
+    return max(int(cfg_get(model_cfg, "num_region_queries", 0) or 0), 0)
+
+
 def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> MaskGDinoModel:
     """Build :class:`MaskGDinoModel` from the experiment config (``cfg.model``) or the model section itself.
 
@@ -867,6 +911,8 @@ def build_model(cfg: Any, *, text_encoder: BertTextEncoder | None = None) -> Mas
         log_scale=log_scale,
         class_embed_bias=bool(cfg_get(m, "class_embed_bias", False)),
         aux_loss=bool(cfg_get(m, "aux_loss", True)),
+        num_region_queries=rela_queries(m),
+        embed_init_tgt=bool(cfg_get(m, "embed_init_tgt", True)),
     )
     if not bool(cfg_get(m, "train_backbone", True)):
         for p in model.swin.parameters():

@@ -11,7 +11,11 @@
   (full model) or ``model.pretrained_backbone_path`` (Swin only) are loaded unless the run resumes.
 * Evaluation: ``val/loss`` (KPI ``val_loss``; no mask terms, as TAO) and COCO AP through pycocotools for ``bbox``
   and ``segm`` on the images seen (gathered over ranks): ``bbox_val_mAP``, ``bbox_val_mAP50``, ``bbox_val_mAP75``
-  and the same for ``segm_``.  Detections use ``evaluate.{conf,nms}_threshold``.
+  and the same for ``segm_``.  Detections use ``evaluate.{conf,nms}_threshold``.  A referring val/test source
+  (:func:`~networks.mask_grounding_dino.data.eval_kind`) is scored per expression instead
+  (:mod:`networks.common.referring_metrics`, TAO's names ``<stage>_mIoU`` (gIoU), ``<stage>_overall_IoU`` (cIoU),
+  ``<stage>_T_acc``, ``<stage>_N_acc``, ``<stage>_Pr@0.7/0.8/0.9``, ``<stage>_mAP50``, ``<stage>_mAP``, with
+  ``<stage>`` = ``val`` or ``test``); ``evaluate`` also writes ``<run_dir>/<json_file stem>_results.json``.
 * Inference: ``overlays/<image>.png`` per image and one ``results.json`` (COCO results + ``file_name``,
   ``category_name``, ``phrase``) under ``ctx.run_dir``, written atomically.
 """
@@ -34,7 +38,7 @@ from networks.common.context import run_output_dir
 from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
 from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
-from networks.common.train_logging import log_train_losses
+from networks.common.train_logging import MONITOR_METRICS, log_train_losses
 from networks.common.weights import freeze_modules, read_weights_file
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
@@ -116,7 +120,7 @@ class MaskGDinoModule(pl.LightningModule):
         if hasattr(model, "set_activation_checkpoint") and getattr(ctx, "action", None) == "train":
             model.set_activation_checkpoint(bool(cfg.train.activation_checkpoint))
         self.criterion = MaskGDinoCriterion(build_matcher(mc), mc.focal_alpha, mc.focal_gamma,
-                                            [t for t in mc.loss_types if t != "rela"])
+                                            list(mc.loss_types))  # "rela": ReLA terms when the branch exists
         num_aux = int(mc.dec_layers) - 1 if mc.aux_loss else 0
         self.loss_weights = loss_weights(mc, num_aux)
         self.kpi: dict[str, float] = {}
@@ -197,12 +201,17 @@ class MaskGDinoModule(pl.LightningModule):
         else:
             scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(o.lr_steps),
                                                              gamma=float(o.lr_decay))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # TAO returns optim.monitor_name as the scheduler's monitor (under this project's metric names)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch",
+                                                         "monitor": MONITOR_METRICS[o.monitor_name]}}
 
     # -- evaluation ------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        from networks.common.referring_metrics import ReferringMetrics
+
         self._records = {}
         self._val_loss = [0.0, 0]
+        self._referring = ReferringMetrics()
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -255,7 +264,10 @@ class MaskGDinoModule(pl.LightningModule):
         ev = self.cfg.evaluate
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
-                           float(ev.conf_threshold), float(ev.nms_threshold))
+                           float(ev.conf_threshold), float(ev.nms_threshold), ioi_threshold=float(ev.ioi_threshold))
+        if "referring" in batch:
+            self._referring_step(batch, outputs, dets)
+            return outputs, dets
         for i, det in enumerate(dets):
             cat_ids = batch["category_ids"][i]
             rows = []
@@ -266,6 +278,53 @@ class MaskGDinoModule(pl.LightningModule):
                              "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
             self._records[batch["image_ids"][i]] = rows
         return outputs, dets
+
+    def _referring_step(self, batch: dict, outputs: dict, dets: list[dict]) -> None:
+        """Per expression: the merged mask of every kept instance (none kept ⇒ predicted no-target) against the
+        merged ground truth, both at the original size; under ``evaluate`` also the kept instances' phrases
+        (tokens above ``evaluate.text_threshold``) for the results file."""
+        from networks.common.coco_io import ann_to_mask
+        from networks.common.referring_metrics import ReferringMetrics
+
+        if getattr(self, "_referring", None) is None:
+            self._referring = ReferringMetrics()
+        testing = self._trainer is not None and self.trainer.testing
+        for i, det in enumerate(dets):
+            ref = batch["referring"][i]
+            H0, W0 = (int(v) for v in batch["orig_sizes"][i])
+            gt = ann_to_mask(ref["gt_union"], H0, W0)
+            masks = det["masks"]
+            pred = masks.any(0).cpu().numpy() if masks.shape[0] else np.zeros((H0, W0), dtype=bool)
+            score = float(det["scores"].float().mean()) if det["scores"].numel() else None
+            extra = {"expression_id": ref["expression_id"], "file_name": batch["file_names"][i],
+                     "caption": ref["caption"], "num_instances": int(det["scores"].numel())}
+            if testing:
+                extra["phrases"] = sorted(set(detection_phrases(
+                    det, outputs["pred_logits"][i], batch["input_ids"][i], batch["targets"][i]["positive_map"],
+                    batch["names"][i], self.tokenizer, float(self.cfg.evaluate.text_threshold))))
+            self._referring.update(ref["expression_id"], gt, pred, score, **extra)
+
+    def _finish_referring(self, source: Any, prefix: str) -> dict[str, Any]:
+        """Referring KPIs (``<prefix>_<name>``) over the gathered expressions; ``evaluate`` writes
+        ``<run_dir>/<json_file stem>_results.json`` (rank 0, atomically)."""
+        from networks.common.io import atomic_write_json
+        from networks.common.referring_metrics import ReferringMetrics
+
+        rows = [r for part in gather_objects(self._referring.rows()) for r in part]
+        self._referring = ReferringMetrics()
+        if not rows:
+            return {}
+        metrics = ReferringMetrics.from_rows(rows).compute()
+        run_dir = getattr(self.ctx, "run_dir", None)
+        if prefix == "test" and run_dir is not None and is_rank_zero():
+            name = Path(str(source.get("json_file"))).stem
+            expressions = [{k: v for k, v in r.items() if k not in ("gt_rle", "pred_rle", "key")}
+                           for r in sorted(rows, key=lambda r: r["key"])]
+            atomic_write_json(Path(run_dir) / f"{name}_results.json",
+                              {"dataset": name, "json_file": str(source.get("json_file")),
+                               "data_type": str(source.get("data_type") or ""), "metrics": metrics,
+                               "expressions": expressions}, indent=1)
+        return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
@@ -285,7 +344,7 @@ class MaskGDinoModule(pl.LightningModule):
 
     def _finish_eval(self, source: Any) -> None:
         from networks.common.coco_io import load_coco
-        from networks.common.metrics import coco_eval_stats
+        from networks.common.metrics import as_metrics, coco_eval_stats, format_metrics
 
         merged: dict[Any, list] = {}
         loss_sum, loss_n = 0.0, 0
@@ -311,13 +370,18 @@ class MaskGDinoModule(pl.LightningModule):
                     kpi[f"{iou_type}_val_mAP75"] = max(stats[2], 0.0)
             else:
                 log.warning("No ground-truth instances in the evaluated images; AP not computed.")
+        prefix = "test" if self._trainer is not None and self.trainer.testing else "val"
+        if getattr(self, "_referring", None) is not None:
+            kpi.update(self._finish_referring(source, prefix))
+        kpi = as_metrics(kpi)
         if self._trainer is not None:
-            prefix = "test" if self.trainer.testing else "val"
             for k, v in kpi.items():
-                if k != "val_loss":  # logged per batch as <prefix>/loss
-                    self.log(f"{prefix}/{k}", float(v), rank_zero_only=True)
-        self.kpi = {k: float(v) for k, v in kpi.items()}
-        log.info("Evaluation on %d images: %s", len(merged), ", ".join(f"{k}={v:.4f}" for k, v in self.kpi.items()))
+                if k != "val_loss" and v is not None:  # loss: logged per batch as <prefix>/loss
+                    # referring KPIs carry TAO's stage prefix (val_mIoU): logged as val/mIoU
+                    self.log(f"{prefix}/{k.removeprefix(prefix + '_')}", float(v), rank_zero_only=True)
+        self.kpi = kpi
+        log.info("Evaluation on %d images: %s", len(merged) or int(kpi.get(f"{prefix}_num_expressions") or 0),
+                 format_metrics(self.kpi))
 
     # -- inference -------------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
@@ -350,7 +414,8 @@ class MaskGDinoModule(pl.LightningModule):
         outputs = self(batch)
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
-                           float(inf.conf_threshold), float(inf.nms_threshold))
+                           float(inf.conf_threshold), float(inf.nms_threshold),
+                           ioi_threshold=float(inf.ioi_threshold))
         out_dir = run_output_dir(self.ctx)
         for i, det in enumerate(dets):
             names = batch["names"][i]
@@ -372,7 +437,7 @@ class MaskGDinoModule(pl.LightningModule):
             overlay = overlay_masks(image, list(masks), [colors[lab] for lab in det["labels"].tolist()],
                                     boxes=det["boxes"].cpu().numpy(),
                                     labels=[f"{p} {s:.2f}" for p, s in zip(phrases, det["scores"].tolist(), strict=True)],
-                                    alpha=0.4)
+                                    alpha=0.4, box_width=int(inf.outline_width))
             save_png(out_dir / "overlays" / Path(batch["file_names"][i]).with_suffix(".png"), overlay)
             self._predictions.append({"file_name": batch["file_names"][i], "image_id": batch["image_ids"][i],
                                       "height": int(image.shape[0]), "width": int(image.shape[1]),

@@ -1,7 +1,8 @@
 """Everything decided before a run writes anything, and the ``--dry-run`` printout of it.
 
-:func:`make_plan` resolves the results dir (and why), runs the network's checks, checks the input paths, plans
-the devices, checks the strategy, and finds the resume checkpoint (and why) or the checkpoint to evaluate.  Any
+:func:`make_plan` refuses ``trt_engine`` (no TensorRT runner here) and intervals beyond ``num_epochs`` (TAO's
+assertion), resolves the results dir (and why), runs the network's checks, checks the input paths, plans the
+devices, checks the strategy, and finds the resume checkpoint (and why) or the checkpoint to evaluate.  Any
 refusal is a ``TaoUserError`` raised here, so ``--dry-run`` exit 0 means the run will start.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .devices import DevicePlan, is_launch_rank_zero, plan_for_action
 from .runlock import check_free
 
 __all__ = ["RunPlan", "make_plan", "choose_results_dir", "resolve_results_dir", "check_input_paths",
-           "check_path_lengths", "check_writable",
+           "check_path_lengths", "check_writable", "check_intervals", "check_trt_engine",
            "print_dry_run", "outputs_planned", "resume_reason"]
 
 
@@ -223,9 +224,46 @@ def resume_reason(cfg: DictConfig, run_dir: Path, resume: Path | None) -> str:
             "pass a new results_dir= to start afresh)")
 
 
+def check_trt_engine(cfg: DictConfig, action: str) -> None:
+    """``<action>.trt_engine`` set (evaluate/inference): refused in one line saying what is missing.  Running a
+    TensorRT engine belongs to the deploy issue; until then it is refused even with TensorRT installed."""
+    engine = _value(cfg.get(action) if action in cfg else None, "trt_engine")
+    if engine in (None, ""):
+        return
+    import importlib.util
+
+    key = f"{action}.trt_engine"
+    if importlib.util.find_spec("tensorrt") is None:
+        raise ConfigError(key, f"{engine} needs TensorRT, which is not installed",
+                          f"install TensorRT, or unset {key} and give {action}.checkpoint to run the .pth model")
+    raise ConfigError(key, "running a TensorRT engine is not supported by tao-cli yet",
+                      f"unset {key} and give {action}.checkpoint to run the .pth model")
+
+
+def check_intervals(cfg: DictConfig, action: str) -> None:
+    """TAO's assertion: ``train.checkpoint_interval`` (unit epoch) and ``train.validation_interval`` are at most
+    ``train.num_epochs`` (a larger validation interval means validation never runs)."""
+    train = cfg.get("train") if action == "train" and "train" in cfg else None
+    epochs = _value(train, "num_epochs")
+    if epochs is None:
+        return
+    keys = ["validation_interval"]
+    if str(_value(train, "checkpoint_interval_unit") or "epoch") == "epoch":
+        keys.insert(0, "checkpoint_interval")
+    for name in keys:
+        value = _value(train, name)
+        if value is not None and int(value) > int(epochs):
+            what = "validation would never run" if name == "validation_interval" else "no periodic checkpoint"
+            raise ConfigError(f"train.{name}", f"{value} is more than train.num_epochs={epochs} ({what}; TAO "
+                              "asserts this)", f"set train.{name} to at most {epochs}")
+
+
 def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[str] = ()) -> RunPlan:
     """Decide everything about the run without writing anything; refusals raise ``TaoUserError``."""
     refuse_deploy_action(net, action)
+    if action in LIGHTNING_ACTIONS:
+        check_trt_engine(cfg, action)
+    check_intervals(cfg, action)
     key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
     run_dir, why = choose_results_dir(cfg, action, overrides)
     run_dir_key = why.split(" ")[0]  # the field that chose it: results_dir or <action>.results_dir

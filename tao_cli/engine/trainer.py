@@ -41,8 +41,10 @@ def _section(cfg, name: str):
 def decide_precision(cfg, action: str, accelerator: str) -> str:
     """Lightning precision string from ``<section>.precision`` or ``<section>.use_amp`` (train section for train).
 
-    fp16 → ``16-mixed``, bf16 → ``bf16-mixed``, fp32 → ``32-true``; ``use_amp: true`` → ``16-mixed``.  On CPU,
-    where Lightning has no fp16, ``16-mixed`` becomes ``bf16-mixed`` with a warning.
+    fp16 → ``16-mixed``, bf16 → ``bf16-mixed``, fp32 → ``32-true``; ``use_amp: true`` → ``16-mixed``.
+    ``train.distributed_strategy: fsdp`` forces ``16-mixed`` for train whatever the precision field says (TAO's
+    rule, logged when it changes the value).  On CPU, where Lightning has no fp16, ``16-mixed`` becomes
+    ``bf16-mixed`` with a warning.
     """
     section = _section(cfg, action)
     precision = "32-true"
@@ -53,6 +55,11 @@ def decide_precision(cfg, action: str, accelerator: str) -> str:
             raise ConfigError(f"{action}.precision", f"{raw!r} is not one of fp16, bf16, fp32")
         precision = _PRECISIONS[key]
     elif cfg_get(section, "use_amp", False):
+        precision = "16-mixed"
+    if action == "train" and str(cfg_get(section, "distributed_strategy", "ddp")).lower() == "fsdp" \
+            and precision != "16-mixed":
+        log.warning("train.distributed_strategy=fsdp: training in fp16 mixed precision (TAO's rule), "
+                    "not %s", precision)
         precision = "16-mixed"
     if accelerator == "cpu" and precision == "16-mixed":
         log.warning("%s: fp16 mixed precision is not available on CPU; using bf16-mixed instead", action)
@@ -271,6 +278,10 @@ def _loggers(cfg, action: str, run_dir: Path) -> list:
                 group=cfg_get(wandb_cfg, "group", "") or None, tags=list(cfg_get(wandb_cfg, "tags", []) or []),
                 name=cfg_get(wandb_cfg, "name", None), id=cfg_get(wandb_cfg, "run_id", "") or None,
                 save_dir=str(run_dir), config=config,
+                # passed on to wandb.init (TAO's WandBConfig fields)
+                reinit=bool(cfg_get(wandb_cfg, "reinit", False)),
+                sync_tensorboard=bool(cfg_get(wandb_cfg, "sync_tensorboard", False)),
+                save_code=bool(cfg_get(wandb_cfg, "save_code", False)),
             ))
     return loggers
 

@@ -63,7 +63,7 @@ def _overrides(net: str, data: dict, results: Path) -> list[str]:
                 f"dataset.train_img_dir={tr['images']}", f"dataset.val_ann_path={va['annotations']}",
                 f"dataset.val_img_dir={va['images']}", f"inference.ann_path={va['annotations']}",
                 f"inference.img_dir={va['images']}", "dataset.num_workers_per_gpu=0", "train.num_epochs=1",
-                "train.batch_size=2"]
+                "train.checkpoint_interval=1", "train.validation_interval=1", "train.batch_size=2"]
     if net == "mask2former":
         return [f"results_dir={results}", f"dataset.label_map={tr['label_map']}",
                 f"dataset.train.img_dir={tr['images']}", f"dataset.train.panoptic_json={tr['panoptic_json']}",

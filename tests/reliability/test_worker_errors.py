@@ -38,7 +38,8 @@ def mal_run(tmp_path_factory):
     data = generate(root / "synthetic", seed=2, num_train=4, num_val=2, image_size=64)
     overrides = [f"results_dir={root / 'r'}", f"dataset.train_ann_path={data['train']['annotations']}",
                  f"dataset.train_img_dir={data['train']['images']}", f"dataset.val_ann_path={data['val']['annotations']}",
-                 f"dataset.val_img_dir={data['val']['images']}", "train.num_epochs=1", "train.batch_size=2"]
+                 f"dataset.val_img_dir={data['val']['images']}", "train.num_epochs=1", "train.batch_size=2",
+                 "train.checkpoint_interval=1", "train.validation_interval=1"]
     assert run_model("mal", "train", str(configs_dir() / "mal" / "demo.yaml"), overrides) == 0
     return data, root / "r" / "train" / "mal_model_latest.pth"
 
@@ -89,7 +90,7 @@ def test_bad_image_in_every_mal_action_is_one_line_naming_the_file(tmp_path, cap
                  f"dataset.val_img_dir={images if action != 'train' else data['val']['images']}"]
     if action == "train":
         overrides += [f"dataset.train_ann_path={ann}", f"dataset.train_img_dir={images}", "train.num_epochs=1",
-                      "train.batch_size=2"]
+                      "train.batch_size=2", "train.checkpoint_interval=1", "train.validation_interval=1"]
     elif action == "evaluate":
         overrides += [f"evaluate.checkpoint={ckpt}"]
     else:

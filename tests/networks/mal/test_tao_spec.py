@@ -70,7 +70,9 @@ def test_example_spec_dry_run_reports_missing_path(data, tmp_path, monkeypatch, 
 @pytest.mark.slow
 def test_example_spec_train_evaluate_inference(data, tmp_path, monkeypatch, capfd):
     results = tmp_path / "results"
-    small = ["train.num_epochs=1", "model.arch=vit-deit-tiny/16", "dataset.crop_size=128",
+    # TAO's rule: the spec's intervals (5) may not exceed num_epochs, so a 1-epoch run lowers them too
+    small = ["train.num_epochs=1", "train.checkpoint_interval=1", "train.validation_interval=1",
+             "model.arch=vit-deit-tiny/16", "dataset.crop_size=128",
              "dataset.min_obj_size=256", "dataset.num_workers_per_gpu=0"]
     code, _, err = _tao(monkeypatch, capfd, "model", "mal", "train", "-e", str(SPEC), *_paths(data, results),
                         *small)

@@ -133,11 +133,11 @@ def _cfg(**dotlist):
     return OmegaConf.merge(c, OmegaConf.from_dotlist([f"{k}={v}" for k, v in dotlist.items()]))
 
 
-def test_rela_refused_with_one_line():
+def test_rela_accepted_and_needs_region_queries():
+    check(_cfg(**{"model.loss_types": "[labels,boxes,masks,rela]"}), "train")  # TAO default: 100 region queries
     with pytest.raises(ConfigError) as err:
-        check(_cfg(**{"model.loss_types": "[labels,boxes,masks,rela]"}), "train")
-    assert err.value.subject == "model.loss_types"
-    assert "ReLA region-query branch is not implemented yet; remove 'rela' from model.loss_types" in str(err.value)
+        check(_cfg(**{"model.loss_types": "[labels,boxes,masks,rela]", "model.num_region_queries": 0}), "train")
+    assert err.value.subject == "model.num_region_queries"
     assert "\n" not in str(err.value)
 
 

@@ -1,0 +1,40 @@
+"""Spec fields this network accepts but does not act on, each with the reason (the ``Network`` contract's
+``unsupported`` and ``tao_ignored`` tables; ``docs/compat.md`` lists them).
+
+* ``UNSUPPORTED``: TAO acts on the field, tao-cli does not.  A non-default value is a one-line ``ConfigError``
+  at spec load (``--dry-run`` too).  A key may name a whole section.
+* ``TAO_IGNORED``: TAO itself ignores the field (or, as the reason says, its non-default value is what tao-cli
+  does anyway); a non-default value logs one warning naming it.
+
+Every other field of the schema is read by the code: ``tests/tao_cli/test_field_walk.py`` fails when a field is
+neither read nor listed here, or when a listed field is read (a stale entry).
+"""
+
+from __future__ import annotations
+
+UNSUPPORTED: dict[str, str] = {
+    "model.backbone.efficientvit": "the EfficientViT backbone is not implemented (model.backbone.type=efficientvit is refused)",
+    "dataset.quant_calibration_dataset": "INT8 calibration belongs to tao-deploy; quantization is not part of tao-cli",
+    "train.clip_grad_type": "only 'full' (one global L2 clip over all parameters) is implemented",
+    "gen_trt_engine": "TensorRT engines are built by tao-deploy",
+    "quantize": "quantization is not part of tao-cli (tao-deploy)",
+}
+
+TAO_IGNORED: dict[str, str] = {
+    "model.export": "the export action switches the model to its export form itself; true is refused for train, evaluate and inference",
+    "export.on_cpu": "export always runs on the CPU (the ONNX graph is the same on any device), so on_cpu: true is what happens",
+    "export.gpu_id": "export always runs on the CPU; the ONNX graph does not depend on the device",
+    "model_name": "informational; the network is the one named on the command line",
+    "model.backbone.swin.qk_scale": "TAO swallows it; the attention scale is always head_dim**-0.5",
+    "model.backbone.swin.out_indices": "TAO does not pass it; all four stages are used",
+    "dataset.train.name": "unused by TAO",
+    "dataset.val.name": "unused by TAO",
+    "dataset.test.name": "unused by TAO",
+    "dataset.test.type": "inference reads only dataset.test.img_dir (as TAO)",
+    "dataset.test.panoptic_json": "inference reads only dataset.test.img_dir (as TAO)",
+    "dataset.test.instance_json": "inference reads only dataset.test.img_dir (as TAO)",
+    "dataset.test.panoptic_dir": "inference reads only dataset.test.img_dir (as TAO)",
+    "dataset.test.root_dir": "inference reads only dataset.test.img_dir (as TAO)",
+    "dataset.test.annot_file": "inference reads only dataset.test.img_dir (as TAO)",
+    "train.use_distributed_sampler": "unused by this network in TAO",
+}

@@ -1,0 +1,47 @@
+"""Spec fields this network accepts but does not act on, each with the reason (the ``Network`` contract's
+``unsupported`` and ``tao_ignored`` tables; ``docs/compat.md`` lists them).
+
+* ``UNSUPPORTED``: TAO acts on the field, tao-cli does not.  A non-default value is a one-line ``ConfigError``
+  at spec load (``--dry-run`` too).  A key may name a whole section.
+* ``TAO_IGNORED``: TAO itself ignores the field (or, as the reason says, its non-default value is what tao-cli
+  does anyway); a non-default value logs one warning naming it.
+
+Every other field of the schema is read by the code: ``tests/tao_cli/test_field_walk.py`` fails when a field is
+neither read nor listed here, or when a listed field is read (a stale entry).
+"""
+
+from __future__ import annotations
+
+UNSUPPORTED: dict[str, str] = {
+    "model.pre_norm": "only post-norm layers exist (TAO asserts pre_norm is false too)",
+    "dataset.quant_calibration_data_sources": "INT8 calibration belongs to tao-deploy; quantization is not part of tao-cli",
+    "dataset.dataset_type": "a memory layout of TAO's loader; tao-cli's loader has one layout",
+    "train.optim.optimizer": "only AdamW is implemented (as in TAO)",
+    "inference.is_internal": "TAO's internal folder layout is not implemented",
+    "export.input_channel": "the model takes RGB images: the ONNX input always has 3 channels",
+    "export.format": "only ONNX is written",
+    "export.serialize_nvdsinfer": "DeepStream config files are not written",
+    "gen_trt_engine": "TensorRT engines are built by tao-deploy",
+    "quantize": "quantization is not part of tao-cli (tao-deploy)",
+}
+
+TAO_IGNORED: dict[str, str] = {
+    "dataset.augmentation.fixed_padding": "batches are always padded to their largest image (multiple of 32), never to a fixed canvas: false is what happens",
+    "export.on_cpu": "export always runs on the CPU (the ONNX graph is the same on any device), so on_cpu: true is what happens",
+    "export.gpu_id": "export always runs on the CPU; the ONNX graph does not depend on the device",
+    "model_name": "informational; the network is the one named on the command line",
+    "model.decoder_sa_type": "not read by TAO",
+    "model.fix_refpoints_hw": "not read by TAO",
+    "model.clip_max_norm": "not read by TAO (train.clip_grad_norm is used)",
+    "model.dilation": "read but unused by TAO",
+    "model.use_dn": "Mask Grounding DINO never builds denoising queries (as TAO)",
+    "model.dn_number": "Mask Grounding DINO never builds denoising queries (as TAO)",
+    "model.dn_box_noise_scale": "Mask Grounding DINO never builds denoising queries (as TAO)",
+    "model.dn_label_noise_ratio": "Mask Grounding DINO never builds denoising queries (as TAO)",
+    "model.has_mask": "TAO's scripts force it to true",
+    "dataset.has_mask": "TAO's scripts force it to true",
+    "dataset.eval_class_ids": "unused by TAO",
+    "train.optim.momentum": "unused with AdamW",
+    "evaluate.input_width": "unused by TAO's evaluate",
+    "evaluate.input_height": "unused by TAO's evaluate",
+}
