@@ -1,14 +1,5 @@
-"""Spec fields this network accepts but does not act on, each with the reason (the ``Network`` contract's
-``unsupported`` and ``tao_ignored`` tables; ``docs/compat.md`` lists them).
-
-* ``UNSUPPORTED``: TAO acts on the field, tao-cli does not.  A non-default value is a one-line ``ConfigError``
-  at spec load (``--dry-run`` too).  A key may name a whole section.
-* ``TAO_IGNORED``: TAO itself ignores the field (or, as the reason says, its non-default value is what tao-cli
-  does anyway); a non-default value logs one warning naming it.
-
-Every other field of the schema is read by the code: ``tests/tao_cli/test_field_walk.py`` fails when a field is
-neither read nor listed here, or when a listed field is read (a stale entry).
-"""
+"""Spec fields Mask2Former accepts but does not act on, with the reason: the ``unsupported`` and ``tao_ignored``
+tables of its ``Network`` (rules in ``networks/common/network.py``; checked by ``tests/tao_cli/test_field_walk.py``)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ import importlib
 import io
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from tao_cli import registry
 from tao_cli.engine.checkpoints import load_checkpoint, save_checkpoint_file
 from tao_cli.paths import configs_dir
 from tao_cli.spec import load_spec
+from tests.reliability.cli import tao_exit_code as _tao
 
 pytestmark = pytest.mark.reliability
 
@@ -36,20 +36,6 @@ class _Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def _tao(*argv: str) -> int:
-    from tao_cli.cli import main
-
-    old = sys.argv
-    sys.argv = ["tao", *argv]
-    try:
-        main()
-        return 0
-    except SystemExit as exc:
-        return exc.code or 0
-    finally:
-        sys.argv = old
 
 
 def _one_line(capfd) -> str:

@@ -20,24 +20,11 @@ from networks.common.errors import CheckpointError
 from tao_cli import registry
 from tao_cli.engine import crypto
 from tao_cli.engine.checkpoints import save_checkpoint_file
+from tests.reliability.cli import tao_exit_code as _tao
 
 pytestmark = pytest.mark.reliability
 
 NOBODY = 65534
-
-
-def _tao(*argv: str) -> int:
-    from tao_cli.cli import main
-
-    old = sys.argv
-    sys.argv = ["tao", *argv]
-    try:
-        main()
-        return 0
-    except SystemExit as exc:
-        return exc.code or 0
-    finally:
-        sys.argv = old
 
 
 def _error_lines(err: str) -> list[str]:
