@@ -15,7 +15,7 @@ import functools
 import importlib
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -102,6 +102,9 @@ class Network:
       (``tests/tao_cli/test_field_walk.py`` proves it).  Both tables are enforced by ``check``: when either is
       non-empty, ``check`` becomes :func:`check_field_support` followed by the network's own check (so the
       engine's plan and ``--dry-run`` refuse before anything is written); ``check.__wrapped__`` is the latter.
+    * ``weight_formats() -> [WeightFormat]`` — the weight layouts the network converts (checkpoints of other
+      tools, backbone releases; :mod:`networks.common.weight_formats`), most specific first; a function so that
+      the registry stays import-light.  None where the network reads only its own checkpoints.
     """
 
     name: str
@@ -119,6 +122,7 @@ class Network:
     sample_drawer: Callable[[Any, Any], Callable[[Any], Any]] | None = None
     unsupported: Mapping[str, str] = field(default_factory=dict)
     tao_ignored: Mapping[str, str] = field(default_factory=dict)
+    weight_formats: Callable[[], Sequence[Any]] | None = None
 
     def __post_init__(self) -> None:
         where = f"network {self.name!r}" if isinstance(self.name, str) and self.name else "a network"
@@ -149,6 +153,8 @@ class Network:
             raise NetworkContractError(f"{where}: actions {missing} have no function in extra_actions")
         if self.sample_drawer is not None and (not callable(self.sample_drawer) or not _arity_ok(self.sample_drawer, 2)):
             raise NetworkContractError(f"{where}: sample_drawer must be a function (cfg, datamodule)")
+        if self.weight_formats is not None and (not callable(self.weight_formats) or not _arity_ok(self.weight_formats, 0)):
+            raise NetworkContractError(f"{where}: weight_formats must be a function () -> [WeightFormat]")
         for table in ("unsupported", "tao_ignored"):
             for key, reason in getattr(self, table).items():
                 if not (isinstance(reason, str) and reason.strip()):

@@ -13,7 +13,7 @@ from typing import Any
 
 from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
 from networks.mask_grounding_dino import unsupported as _fields
-from networks.mask_grounding_dino.config import ExperimentConfig, check
+from networks.mask_grounding_dino.config import ExperimentConfig, check, eval_source
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
            "build_module", "build_datamodule", "run_action", "NETWORK"]
@@ -45,13 +45,6 @@ def main_kpi(cfg: Any) -> tuple[str, str]:
     return "segm_val_mAP", "max"
 
 
-def _eval_source(cfg: Any) -> tuple[str, Any]:
-    test = cfg.dataset.test_data_sources
-    if test and test.get("json_file"):
-        return "dataset.test_data_sources", test
-    return "dataset.val_data_sources", cfg.dataset.val_data_sources
-
-
 def input_paths(cfg: Any, action: str) -> dict[str, str]:
     """``{dotted.key: path}`` of the files/folders ``action`` reads (checked before running)."""
     paths: dict[str, str] = {}
@@ -77,7 +70,7 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
         elif cfg.model.pretrained_backbone_path:
             paths["model.pretrained_backbone_path"] = cfg.model.pretrained_backbone_path
     elif action == "evaluate":
-        key, src = _eval_source(cfg)
+        key, src = eval_source(cfg)
         source(key, src, ("image_dir", "json_file"))
         paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
     elif action == "inference":

@@ -360,6 +360,14 @@ def check_source_keys(dataset: Any) -> None:
                     raise ConfigError(f"{where}.{key}", "unknown key in a data source", hint)
 
 
+def eval_source(cfg: Any) -> tuple[str, Any]:
+    """(key, source) evaluated by ``evaluate``: test_data_sources when it names a json_file, else val."""
+    test = cfg.dataset.test_data_sources
+    if test and test.get("json_file"):
+        return "dataset.test_data_sources", test
+    return "dataset.val_data_sources", cfg.dataset.val_data_sources
+
+
 def check(cfg: Any, action: str) -> None:
     """Cross-field checks for ``action``; raises :class:`ConfigError` naming the field."""
     check_source_keys(cfg.dataset)

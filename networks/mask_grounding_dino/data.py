@@ -59,6 +59,7 @@ from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
 from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_loader
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
+from networks.mask_grounding_dino.config import eval_source
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 from networks.ops.padding import pad_images
 
@@ -826,14 +827,6 @@ class Collator:
 
 
 # ---------------------------------------------------------------------------------------- datamodule
-def eval_source(cfg: Any) -> tuple[str, Any]:
-    """(key, source) evaluated by ``evaluate``: test_data_sources when it names a json_file, else val."""
-    test = cfg.dataset.test_data_sources
-    if test and test.get("json_file"):
-        return "dataset.test_data_sources", test
-    return "dataset.val_data_sources", cfg.dataset.val_data_sources
-
-
 class MaskGDinoDataModule(pl.LightningDataModule):
     """Loaders for one action: train (+ val), evaluate (test or val COCO data), inference (images + captions).
 

@@ -332,7 +332,7 @@ class MaskGDinoModule(pl.LightningModule):
         self._finish_eval(self.cfg.dataset.val_data_sources)
 
     def on_test_epoch_end(self) -> None:
-        from networks.mask_grounding_dino.data import eval_source
+        from networks.mask_grounding_dino.config import eval_source
 
         self._finish_eval(eval_source(self.cfg)[1])
         overlays = getattr(self, "_overlays", None)
