@@ -9,6 +9,8 @@
     tao plot RUN_DIR [RUN_DIR ...] [--out DIR]
     tao dataset synthetic --out DIR [--seed S]
     tao dataset browse <net> [--spec SPEC] [--action A] --out DIR [--num N] [KEY=VALUE ...]
+    tao weights inspect FILE [--network NET]
+    tao weights convert <net> SRC --out FILE [--format NAME] [-e SPEC] [KEY=VALUE ...]
     tao info
 
 Overrides use Hydra's grammar and are passed on as the argv list they arrived as (never joined and re-split).
@@ -53,6 +55,9 @@ app = typer.Typer(
 dataset_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=_CONTEXT,
                           help="Dataset tools.")
 app.add_typer(dataset_app, name="dataset")
+weights_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=_CONTEXT,
+                          help="Weights you already have: recognise them, convert them (docs/weights.md).")
+app.add_typer(weights_app, name="weights")
 
 _out = Console()
 
@@ -439,6 +444,51 @@ def dataset_synthetic(
         if isinstance(split_paths, dict) and "dir" in split_paths:
             _out.print(f"  {split}: {Path(split_paths['dir']).resolve()}", highlight=False)
     _out.print("  formats: docs/formats.md", highlight=False)
+
+
+@weights_app.command("inspect")
+def weights_inspect(
+    file: Path = typer.Argument(..., metavar="FILE", help="Weights file or Hugging Face model directory."),
+    network: str | None = typer.Option(None, "--network", help="Only try this network's formats."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Name the format of a weights file (network, format, part), its parameter count and key groups."""
+    code = 0
+
+    def work() -> None:
+        nonlocal code
+        from tao_cli.weights_cmd import inspect_text
+
+        text, code = inspect_text(file, network)
+        _say(text)
+
+    _guarded(work, debug)
+    if code:
+        raise typer.Exit(code)
+
+
+@weights_app.command("convert")
+def weights_convert(
+    network: str = typer.Argument(..., help="Network name, e.g. mal."),
+    src: Path = typer.Argument(..., metavar="SRC", help="Weights file or Hugging Face model directory."),
+    overrides: list[str] | None = typer.Argument(None, metavar="KEY=VALUE",
+                                                 help="Spec overrides (Hydra grammar), with -e."),
+    out: Path = typer.Option(..., "--out", help="Our checkpoint to write: .safetensors or .pth."),
+    fmt: str | None = typer.Option(None, "--format", help="Format name, when auto-detection is ambiguous."),
+    spec: Path | None = typer.Option(None, "-e", "--experiment_spec_file",
+                                     help="Spec whose model section sizes the model (and checks the result)."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Convert weights of a known format into our checkpoint, offline, and print the load report."""
+    def work() -> None:
+        from tao_cli.weights_cmd import convert
+
+        if overrides and spec is None:
+            raise ConfigError("KEY=VALUE", "overrides need a spec", "pass -e SPEC with them")
+        for line in convert(network, src, out, fmt_name=fmt, spec=spec, overrides=list(overrides or [])):
+            _say(line)
+
+    _guarded(work, debug)
 
 
 @app.command("info")

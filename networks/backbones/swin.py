@@ -320,16 +320,23 @@ def load_swin_weights(backbone: SwinTransformer, state_dict: Mapping, *, source:
                       interpolate_window: bool = True) -> LoadReport:
     """Load official-release Swin weights (``{"model": ...}``, ``{"state_dict": ...}`` or bare) into ``backbone``.
 
-    Keys are used as they are (the release names are this module's names); a ``backbone.`` prefix is stripped.
+    Keys are used as they are (the release names are this module's names); a ``backbone.`` prefix is stripped;
+    timm's Swin names are renamed first (:mod:`networks.backbones.swin_weights`).
     ``head.*``, the final ``norm.*`` and cached ``attn_mask``/``relative_position_index`` buffers are benign.
     A relative-position bias table trained with another window size is bicubic-resized when
     ``interpolate_window`` (its index buffer is then kept from the model); otherwise, and for every other
     shape difference, :class:`CheckpointError` names the key and both shapes.
     """
+    from networks.backbones.swin_weights import swin_layout, timm_to_microsoft
+
     sd = unwrap_state_dict(state_dict)
     if sd and all(k.startswith("backbone.") for k in sd):
         sd = {k[len("backbone."):]: v for k, v in sd.items()}
     own = backbone.state_dict()
+    if swin_layout(sd) == "timm":
+        # timm keeps relative_position_index out of its state dicts: the model's own buffers are the right ones
+        sd = timm_to_microsoft(sd)
+        sd.update({k: v for k, v in own.items() if k.endswith("relative_position_index") and k not in sd})
     fixed: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["Network", "NetworkContractError", "TrainerTraits", "HasTrainerTraits", "trainer_traits_of",
-           "refuse_deploy_action", "run_extra_action", "lazy", "check_field_support",
+           "refuse_deploy_action", "run_extra_action", "lazy", "check_field_support", "random_init_warning",
            "TAO_DEPLOY_ACTIONS", "LIGHTNING_ACTIONS"]
 
 #: Actions the engine runs through a Lightning Trainer (fit / test / predict).
@@ -105,6 +105,13 @@ class Network:
     * ``weight_formats() -> [WeightFormat]`` — the weight layouts the network converts (checkpoints of other
       tools, backbone releases; :mod:`networks.common.weight_formats`), most specific first; a function so that
       the registry stays import-light.  None where the network reads only its own checkpoints.
+    * ``weights_prefix`` — where converted weights go in the LightningModule's state dict: ``"model."`` (the
+      network's model is ``module.model``, the converters' keys have no prefix) or ``""`` where the module itself
+      is the model (MAL: ``student.*`` / ``teacher.*``).  ``tao weights convert`` writes ``weights_prefix + key``.
+    * ``pretrained_fields`` — the spec keys that start training from released weights (first = the one to
+      suggest); ``random_init_lr`` — ``(lr key, threshold)``: warn only when that learning rate is at most the
+      threshold (a fine-tuning rate), or None: warn whenever every pretrained field is unset.  Read by
+      :func:`random_init_warning` (dry-run and train log); no pretrained fields = no warning.
     """
 
     name: str
@@ -123,6 +130,9 @@ class Network:
     unsupported: Mapping[str, str] = field(default_factory=dict)
     tao_ignored: Mapping[str, str] = field(default_factory=dict)
     weight_formats: Callable[[], Sequence[Any]] | None = None
+    weights_prefix: str = "model."
+    pretrained_fields: tuple[str, ...] = ()
+    random_init_lr: tuple[str, float] | None = None
 
     def __post_init__(self) -> None:
         where = f"network {self.name!r}" if isinstance(self.name, str) and self.name else "a network"
@@ -161,6 +171,10 @@ class Network:
                     raise NetworkContractError(f"{where}: {table}[{key!r}] needs a reason")
                 if not _schema_has(self.config_class, key):
                     raise NetworkContractError(f"{where}: {table} names {key!r}, which is not a spec field")
+        for key in self.pretrained_fields + ((self.random_init_lr[0],) if self.random_init_lr else ()):
+            if not _schema_has(self.config_class, key):
+                raise NetworkContractError(f"{where}: pretrained_fields/random_init_lr name {key!r}, which is not "
+                                           "a spec field")
         both = set(self.unsupported) & set(self.tao_ignored)
         if both:
             raise NetworkContractError(f"{where}: {sorted(both)} are both unsupported and TAO-ignored")
@@ -241,6 +255,25 @@ def check_field_support(net: Network, cfg: Any, action: str) -> None:
         logging.getLogger("tao").warning("%s is set but has no effect (%s)", key, net.tao_ignored[key])
 
 
+def random_init_warning(net: Network, cfg: Any, *, resuming: bool = False) -> str | None:
+    """One line when ``train`` would start from random weights (every ``net.pretrained_fields`` unset, not
+    resuming) — with a fine-tuning learning rate where ``net.random_init_lr`` sets a threshold — naming the key to
+    set; else None."""
+    if resuming or not net.pretrained_fields:
+        return None
+    if any(_plain_value(cfg, key) not in (None, "", "???") for key in net.pretrained_fields):
+        return None
+    fields = " or ".join(net.pretrained_fields)
+    if net.random_init_lr is None:
+        return f"training from random weights; set {fields} to start from a backbone release, see docs/weights.md"
+    lr_key, threshold = net.random_init_lr
+    lr = _plain_value(cfg, lr_key)
+    if not isinstance(lr, (int, float)) or float(lr) > float(threshold):
+        return None
+    return (f"training from random weights with {lr_key}={lr:g}, a fine-tuning learning rate; set {fields} to "
+            "start from released weights, see docs/weights.md")
+
+
 def refuse_deploy_action(net: Network, action: str) -> None:
     """Raise the one-line ``ConfigError`` for an action TAO lists that belongs to tao-deploy (else nothing)."""
     if action in net.deploy_actions:
@@ -260,13 +293,14 @@ def run_extra_action(net: Network, action: str, cfg: Any, ctx: Any) -> Mapping[s
     return net.extra_actions[action](cfg, ctx) or {}
 
 
-def lazy(target: str) -> Callable[[Any, Any], Any]:
-    """A two-argument part (builder, extra action, sample drawer) that imports ``"package.module:name"`` when it
-    is first called and calls it — so ``import networks.<net>`` (and ``tao --help``) never loads torch models."""
+def lazy(target: str) -> Callable[..., Any]:
+    """A part (builder, extra action, sample drawer, ``weight_formats``) that imports ``"package.module:name"``
+    when it is first called and calls it with the same arguments — so ``import networks.<net>`` (and
+    ``tao --help``) never loads torch models."""
     module_path, _, name = target.partition(":")
 
-    def call(first: Any, second: Any) -> Any:
-        return getattr(importlib.import_module(module_path), name)(first, second)
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module_path), name)(*args)
 
     call.__name__ = call.__qualname__ = f"lazy({target})"
     call.__doc__ = f"Import and call ``{target}``."

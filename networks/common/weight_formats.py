@@ -27,8 +27,9 @@ import torch
 
 from networks.common.errors import CheckpointError
 
-__all__ = ["WeightSource", "WeightFormat", "read_source", "detect_format", "key_groups", "has_keys",
-           "load_converted", "CONTAINERS"]
+__all__ = ["WeightSource", "WeightFormat", "read_source", "source_from_checkpoint", "detect_format", "key_groups",
+           "require_whole_model", "load_whole_model",
+           "has_keys", "load_converted", "CONTAINERS"]
 
 #: container kinds :func:`read_source` returns
 CONTAINERS = ("hf-dir", "safetensors", "torch", "detectron2-pkl")
@@ -48,12 +49,15 @@ class WeightSource:
     * ``meta`` — the non-tensor context: an HF directory's ``config.json`` under ``"config"``; a torch file's
       top-level entries that are not the weights (``tao_model``, ``epoch``, ``hyper_parameters`` ...); a ``.pkl``'s
       non-array entries (``__author__``, ``matching_heuristics``).
+    * ``wrapper`` — for a torch file, the top-level key the weights were found under (``"state_dict"`` for
+      Lightning/TAO, ``"model"`` for MAE/DeiT/Swin releases), None for a bare state dict and other containers.
     """
 
     path: Path
     container: str
     tensors: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    wrapper: str | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -105,16 +109,29 @@ class WeightFormat:
 def _read_torch(path: Path, data: bytes) -> WeightSource:
     import argparse
 
-    from networks.common.weights import safe_torch_load, unwrap_state_dict
+    from networks.common.weights import safe_torch_load
 
     obj = safe_torch_load(data, str(path), allowed=[argparse.Namespace])
+    return source_from_checkpoint(path, obj)
+
+
+def source_from_checkpoint(path: str | Path, obj: Any, container: str = "torch") -> WeightSource:
+    """The :class:`WeightSource` of a checkpoint object already loaded safely (e.g. by the engine's loader,
+    which decrypts): weights unwrapped as :func:`read_source` does, the other entries as ``meta``."""
+    from networks.common.weights import unwrap_state_dict
+
+    path = Path(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(str(path), f"holds a {type(obj).__name__}, not a state dict",
                               "pass a file saved with torch.save(state_dict) or a checkpoint dictionary")
     tensors = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
     meta = {k: v for k, v in obj.items()
             if not torch.is_tensor(v) and not (k in ("state_dict", "model") and isinstance(v, Mapping))}
-    return WeightSource(path, "torch", tensors, meta)
+    wrapper = next((k for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)
+                    and any(torch.is_tensor(v) for v in obj[k].values())), None)
+    if container == "safetensors":
+        wrapper = None  # the engine's loader presents a .safetensors file as {"state_dict": tensors}
+    return WeightSource(path, container, tensors, meta, wrapper)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -144,6 +161,17 @@ def _read_pkl(path: Path, data: bytes) -> WeightSource:
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items() if isinstance(v, np.ndarray)}
     meta = {k: v for k, v in obj.items() if k != "model"} if state is not obj else {}
     return WeightSource(path, "detectron2-pkl", tensors, meta)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` strings of a safetensors header (``tao_model`` written by ``tao weights convert``);
+    the header is an 8-byte little-endian length followed by JSON.  Empty when absent or unreadable."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + size]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in meta.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _read_safetensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
@@ -209,7 +237,7 @@ def read_source(path: str | Path, *, field: str = "weights") -> WeightSource:
                               "point to a .pth/.safetensors/.pkl file or a Hugging Face directory")
     data = read_file_bytes(p)
     if p.suffix == ".safetensors":
-        return WeightSource(p, "safetensors", _read_safetensors(p, data))
+        return WeightSource(p, "safetensors", _read_safetensors(p, data), _safetensors_metadata(data))
     if p.suffix == ".pkl":
         return _read_pkl(p, data)
     return _read_torch(p, data)
@@ -259,7 +287,8 @@ def detect_format(source: WeightSource, formats: Sequence[WeightFormat], *, forc
         except Exception:  # noqa: BLE001 - a detector must not decide for another layout by crashing
             continue
     seen = ", ".join(f"{p} ({n})" for p, n in key_groups(source.tensors, 1)[:6]) or "no tensors"
-    raise CheckpointError(str(source.path), f"has a layout none of the known formats match (keys: {seen})",
+    expected = "/".join(sorted(networks)) or "this network"
+    raise CheckpointError(str(source.path), f"is not {expected} weights in any known layout (keys: {seen})",
                           "known formats: " + ", ".join(f.name for f in formats)
                           + "; run `tao weights inspect` on the file")
 
@@ -278,7 +307,8 @@ def load_converted(model: torch.nn.Module, source: WeightSource, fmt: WeightForm
     state = fmt.to_state_dict(source, model_cfg)
     if prefix:
         state = {prefix + k: v for k, v in state.items()}
-    report = apply_state_dict(model, state, benign_patterns=fmt.benign, source=str(source.path),
+    report = apply_state_dict(model, state, benign_patterns=tuple(prefix + p for p in fmt.benign),
+                              source=str(source.path),
                               raise_on_mismatch=False, log_summary=False)
     allowed = tuple(prefix + p for p in fmt.new_parts + fmt.optional_parts)
     scope = (lambda k: k.startswith(prefix)) if prefix else (lambda k: True)
@@ -303,3 +333,35 @@ def load_converted(model: torch.nn.Module, source: WeightSource, fmt: WeightForm
                               "weights")
     report.missing = [k for k in report.missing if scope(k)]
     return report
+
+
+def require_whole_model(fmt: WeightFormat, source: WeightSource, field: str) -> None:
+    """Raise the one-line :class:`CheckpointError` when ``fmt`` fills only a part (a backbone release given where
+    a trained model is needed: ``evaluate/inference/export.checkpoint``)."""
+    if fmt.part != "model":
+        raise CheckpointError(field, f"{source.path} holds only the {fmt.part} of a {fmt.network} model "
+                              f"({fmt.name}: {fmt.description})",
+                              f"set it as train.pretrained_model_path and train first; {field} needs a whole "
+                              "trained model")
+
+
+def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence[WeightFormat], model_cfg: Any, *,
+                     field: str, loader: Callable[[Path], Mapping] | None = None, prefix: str = ""):
+    """Load a whole trained model from ``path`` (file or HF directory) in any of ``formats`` — the network's own
+    checkpoints first among them — into ``model``; returns ``(report, format, meta)``.
+
+    ``loader(path) -> dict`` is the engine's safe loader for files (decryption, ``tao_model`` check); without it
+    files are read by :func:`read_source`.  Formats that fill only a part are refused
+    (:func:`require_whole_model`); missing keys outside the format's ``new_parts``/``optional_parts`` are errors.
+    """
+    from networks.common.weights import read_weights_file
+
+    p = Path(path).expanduser()
+    if p.is_dir() or loader is None:
+        source = read_source(p, field=field)
+    else:
+        obj = read_weights_file(p, field=field, loader=loader)
+        source = source_from_checkpoint(p, obj, "safetensors" if p.suffix == ".safetensors" else "torch")
+    fmt = detect_format(source, formats, field=field)
+    require_whole_model(fmt, source, field)
+    return load_converted(model, source, fmt, model_cfg, prefix=prefix), fmt, source.meta

@@ -51,6 +51,13 @@ class LoadReport:
         """True when nothing is missing, unexpected (non-benign) or mismatched."""
         return not (self.missing or self.unexpected or self.mismatched)
 
+    def counts(self) -> str:
+        """``"N matched, M newly initialised, U unexpected, K shape-mismatched"`` (the load report's one-line core;
+        mismatched tensors are re-initialised, benign drops are counted when there are any)."""
+        text = (f"{self.loaded} matched, {len(self.missing)} newly initialised, {len(self.unexpected)} unexpected, "
+                f"{len(self.mismatched)} shape-mismatched")
+        return text + (f", {len(self.benign)} known-unused dropped" if self.benign else "")
+
     def summary(self, what: str = "weights") -> str:
         """One paragraph describing the load, listing at most a few keys per category."""
 

@@ -86,4 +86,9 @@ NETWORK = Network(
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, sample_drawer=lazy("networks.mal.visualize:sample_drawer"),
     unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
+    weight_formats=lazy("networks.mal.weight_formats:weight_formats"),
+    # the LightningModule is the model: checkpoints hold student.* / teacher.*
+    weights_prefix="",
+    # TAO's default lr (1e-6, configs/mal/train.yaml) is meant for fine-tuning pretrained weights
+    pretrained_fields=("train.pretrained_model_path",), random_init_lr=("train.lr", 1e-5),
 )

@@ -212,12 +212,28 @@ def build_mal_networks(cfg: Any, *, resuming: bool = False,
     teacher = build_mal_network(cfg)
     path = cfg.train.get("pretrained_model_path") if hasattr(cfg.train, "get") else cfg.train.pretrained_model_path
     if path and not resuming:
-        state = read_weights_file(path)
+        state = _read_pretrained(str(path), cfg.model, log or _log)
         load_mal_pretrained(student, state, source=str(path), log=log)
         load_mal_pretrained(teacher, state, source=str(path), log=log)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
+
+
+def _read_pretrained(path: str, model_cfg: Any, log: logging.Logger) -> Any:
+    """The dict :func:`load_mal_pretrained` reads: a file as stored, or a directory (a Hugging Face download of a
+    timm ViT) converted by the MAL weight format that recognises it (``student.backbone.*`` ...)."""
+    from pathlib import Path
+
+    if not Path(path).expanduser().is_dir():
+        return read_weights_file(path, field="train.pretrained_model_path")
+    from networks.common.weight_formats import detect_format, read_source
+    from networks.mal.weight_formats import weight_formats
+
+    src = read_source(path, field="train.pretrained_model_path")
+    fmt = detect_format(src, weight_formats(), field="train.pretrained_model_path")
+    log.info("%s: format '%s' (%s)", path, fmt.name, fmt.description)
+    return fmt.to_state_dict(src, model_cfg)
 
 
 @torch.no_grad()

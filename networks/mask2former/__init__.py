@@ -84,7 +84,8 @@ NETWORK = Network(
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
-    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
+    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
+    pretrained_fields=("model.backbone.pretrained_weights", "train.pretrained_model_path"),
 )
 
 #: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail

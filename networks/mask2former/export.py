@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from networks.common.errors import CheckpointError, ConfigError
+from networks.common.errors import ConfigError
 from networks.common.onnx_export import MIN_OPSET, check_export_args, export_onnx_file
 from networks.common.onnx_export import onnx_parity as shared_parity
 from networks.mask2former.postprocess import instance_topk, semantic_probs
@@ -99,21 +99,18 @@ def onnx_parity(model: nn.Module, mode: str, onnx_path: str | Path, inputs: torc
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
-                       loader: Any = None) -> Any:
-    """Load a tao-cli/TAO Lightning checkpoint (``state_dict`` with ``model.`` prefix) into ``model``.
+                       loader: Any = None, model_cfg: Any = None) -> Any:
+    """Load a whole trained model into ``model``: a tao-cli checkpoint or any whole-model layout of
+    :func:`networks.mask2former.weight_formats.formats` (file or Hugging Face directory), every model tensor present
+    except parts the layout never has (reported).  ``loader(path) -> dict`` is the engine's safe loader
+    (decryption, network tag check).  Returns the load report."""
+    from networks.common.weight_formats import load_whole_model
+    from networks.mask2former.weight_formats import formats
 
-    ``loader(path) -> dict`` is the engine's safe loader (decryption, network tag check); without it the file
-    is read with ``torch.load(weights_only=True)`` (no arbitrary pickles).  Returns the load report.
-    """
-    from networks.common.weights import apply_state_dict, read_weights_file, strip_prefix, unwrap_state_dict
-
-    path = Path(checkpoint)
-    obj = read_weights_file(path, field=field, loader=loader)
-    state = strip_prefix(unwrap_state_dict(obj))
-    report = apply_state_dict(model, state, benign_patterns=("criterion.*",), source=str(path))
+    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader)
     if report.missing:
-        raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. "
-                              f"{report.missing[:3]}", "check that the spec's model section matches the checkpoint")
+        log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
+                    len(report.missing), ", ".join(report.missing[:3]))
     return report
 
 
@@ -126,7 +123,7 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
     if ex.opset_version < MIN_OPSET:
         raise ConfigError("export.opset_version", f"{ex.opset_version} is too low", f"use {MIN_OPSET} or higher")
     model = build_model(cfg.model).eval()
-    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None))
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model)
     out = export_onnx(model, cfg.model.mode, ex.onnx_file, (ex.input_height, ex.input_width), ex.batch_size,
                       ex.opset_version, cfg.model.test_topk_per_image, ex.verbose)
     b = 1 if ex.batch_size in (None, -1) else int(ex.batch_size)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from networks.backbones.swin import SWIN_PRESETS, SwinTransformer, load_swin_weights
+from networks.backbones.swin import SWIN_PRESETS, SwinTransformer
 from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
-from networks.common.weights import LoadReport, read_weights_file
+from networks.common.weights import LoadReport
 from networks.ops.layers import MLP, ConvNorm, build_norm2d, c2_xavier_fill
 from networks.ops.ms_deform_attn import DeformableEncoderLayer, init_deformable_transformer
 from networks.ops.position_encoding import PositionEmbeddingSine
@@ -447,12 +447,24 @@ def build_model(model_cfg: Any, *, activation_checkpoint: bool = False) -> Mask2
     return Mask2FormerModel(backbone, pixel_decoder, predictor)
 
 
-def load_backbone_weights(model: Mask2FormerModel, path: str | Path) -> LoadReport:
-    """Load a Swin release file (``model.backbone.pretrained_weights``) into ``model.backbone``.
+def load_backbone_weights(model: Mask2FormerModel, path: str | Path, model_cfg: Any = None, *,
+                          field: str = "model.backbone.pretrained_weights") -> LoadReport:
+    """Load an ImageNet Swin release (``model.backbone.pretrained_weights``) into ``model.backbone``.
 
-    Accepts the official format (``{"model": ...}``), a ``{"state_dict": ...}`` file or a bare dict, with or
-    without a ``backbone.`` prefix; raises :class:`CheckpointError` for unreadable files and shape mismatches.
+    Formats ``swin-timm`` / ``swin-microsoft`` (:mod:`networks.backbones.swin_weights`): Microsoft's
+    ``{"model": ...}`` release or timm's names, with or without a ``backbone.`` prefix.  Bias tables of another
+    window size are resized to the model's (logged); the per-stage norms stay at init (``report.missing``); the
+    classifier, final norm and ``attn_mask`` buffers are ``report.benign``.  Unreadable files, other layouts and
+    shape mismatches raise :class:`CheckpointError`.  The report summary is logged.
     """
-    path = Path(path)
-    obj = read_weights_file(path, field="model.backbone.pretrained_weights")
-    return load_swin_weights(model.backbone, obj, source=str(path))
+    from networks.backbones.swin_weights import swin_formats, unused_swin_keys
+    from networks.common.weight_formats import detect_format, load_converted, read_source
+
+    src = read_source(path, field=field)
+    fmt = detect_format(src, swin_formats("mask2former"), field=field)
+    if model_cfg is None:
+        model_cfg = {"backbone": {"swin": {"window_size": int(model.backbone.layers[0].window_size)}}}
+    report = load_converted(model.backbone, src, fmt, model_cfg)
+    report.benign = unused_swin_keys(src.tensors)
+    log.info(report.summary(f"{path} ({fmt.name})"))
+    return report

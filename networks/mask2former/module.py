@@ -15,10 +15,8 @@
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +31,10 @@ except ImportError:  # pragma: no cover
 
 from networks.common.context import run_output_dir
 from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
-from networks.common.errors import CheckpointError, ConfigError
+from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
 from networks.common.train_logging import MONITOR_METRICS, log_train_losses
-from networks.common.weights import freeze_modules, read_weights_file
+from networks.common.weights import freeze_modules
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
 from networks.mask2former.postprocess import (
@@ -58,7 +56,6 @@ _NORM_TYPES = (
     nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
 )
 _NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
-CLASS_HEAD_KEYS = ("sem_seg_head.predictor.class_embed.weight", "sem_seg_head.predictor.class_embed.bias")
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -89,86 +86,51 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_mult
     return groups
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler for detectron2 model-zoo ``.pkl`` files: plain dicts/lists of numpy arrays, nothing else."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):  # noqa: D401 - pickle protocol
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-
-def _roll_class_axis_last_to_first(t: torch.Tensor) -> torch.Tensor:
-    """Original/HF class layout (no-object last) → TAO layout (no-object at index 0)."""
-    return torch.cat([t[-1:], t[:-1]], dim=0)
-
-
 def load_detectron2_pkl(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a detectron2 ``.pkl`` (original Mask2Former model zoo), in tao-cli/TAO key and class layout.
 
-    Only numpy arrays are unpickled (anything else raises :class:`CheckpointError`); ``static_query`` becomes
+    Read without running code (:func:`networks.common.weight_formats.read_source`: numpy arrays only, anything
+    else raises :class:`CheckpointError`), converted by the ``detectron2`` format: ``static_query`` becomes
     ``query_feat`` and the class head rows are rolled so that no-object is index 0.
     """
-    try:
-        with open(path, "rb") as fh:
-            obj = _NumpyOnlyUnpickler(io.BytesIO(fh.read())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, ValueError) as exc:
-        raise CheckpointError(str(path), f"cannot be loaded safely as a detectron2 .pkl ({exc})",
-                              "only plain dicts of numpy arrays are accepted") from exc
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(str(path), "has no 'model' dict of arrays")
-    out = {}
-    for k, v in state.items():
-        if not isinstance(v, np.ndarray):
-            continue
-        key = k.replace("static_query", "query_feat")
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        if key in CLASS_HEAD_KEYS:
-            t = _roll_class_axis_last_to_first(t)
-        out[key] = t
-    return out
+    from networks.common.weight_formats import read_source
+    from networks.mask2former.weight_formats import formats
+
+    src = read_source(path, field="train.pretrained_model_path")
+    fmt = next(f for f in formats() if f.name == "detectron2")
+    return fmt.to_state_dict(src, None)
 
 
-def load_pretrained_model(model: nn.Module, path: str | Path) -> Any:
-    """Load ``train.pretrained_model_path`` (TAO/tao-cli ``.pth`` or detectron2 ``.pkl``) into ``model``.
+def _backbone_cfg(model: nn.Module, model_cfg: Any) -> Any:
+    """``model_cfg``, or (without a spec) the window size of ``model.backbone`` in spec shape."""
+    if model_cfg is not None:
+        return model_cfg
+    return {"backbone": {"swin": {"window_size": int(model.backbone.layers[0].window_size)}}}
 
-    Everything whose name and shape match is loaded.  The class head is re-initialised (and reported) when its
-    size differs (another ``num_classes``); any other shape mismatch raises :class:`CheckpointError`.
-    Returns the :class:`~networks.common.weights.LoadReport`.
+
+def load_pretrained_model(model: nn.Module, path: str | Path, model_cfg: Any = None, *,
+                          field: str = "train.pretrained_model_path", weights_format: str | None = None) -> Any:
+    """Load ``train.pretrained_model_path`` into ``model`` in any format of
+    :func:`networks.mask2former.weight_formats.formats` (auto-detected, or ``weights_format`` by name).
+
+    Full-model formats fill ``model``; a Swin backbone release fills ``model.backbone`` (the head and the
+    per-stage norms are reported as newly initialised).
+    ``model_cfg`` (the spec's ``model`` section) lets the ``hf`` format check ``config.json`` against the spec.
+    The class head and query embeddings are re-initialised (and reported) when their sizes differ; any other
+    missing, unexpected or shape-mismatched key raises :class:`CheckpointError`.  Returns the
+    :class:`~networks.common.weights.LoadReport` (``mismatched`` lists the re-initialised tensors).
     """
-    from networks.common.weights import apply_state_dict, strip_prefix, unwrap_state_dict
+    from networks.common.weight_formats import detect_format, load_converted, read_source
+    from networks.mask2former.weight_formats import formats
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError("train.pretrained_model_path", f"file not found: {path}")
-    if path.suffix == ".pkl":
-        state = load_detectron2_pkl(path)
-    elif path.suffix == ".engine":
-        raise CheckpointError("train.pretrained_model_path", "a TensorRT engine cannot be used as weights")
-    else:
-        obj = read_weights_file(path, field="train.pretrained_model_path")
-        state = strip_prefix(unwrap_state_dict(obj))
-    report = apply_state_dict(model, state, benign_patterns=("criterion.*", "pixel_mean", "pixel_std",
-                                                             "*.attn_mask", "*relative_position_index"),
-                              source=str(path), raise_on_mismatch=False, log_summary=False)
-    bad = [m for m in report.mismatched if m[0] not in CLASS_HEAD_KEYS]
-    if bad:
-        key, fshape, mshape = bad[0]
-        raise CheckpointError(str(path), f"tensor '{key}' has shape {fshape} in the file but {mshape} in the "
-                              "model", "check that the model section of the spec matches the weights")
+    src = read_source(path, field=field)
+    fmt = detect_format(src, formats(), forced=weights_format, field=field)
+    report = load_converted(model, src, fmt, _backbone_cfg(model, model_cfg) if fmt.part == "backbone" else model_cfg)
     if report.mismatched:
-        log.info("Re-initialised the class head (%s): the file has %d classes, the model %d.",
-                 ", ".join(m[0] for m in report.mismatched), report.mismatched[0][1][0] - 1,
-                 report.mismatched[0][2][0] - 1)
-    log.info(report.summary(str(path)))
+        log.info("Re-initialised %s: the file's shapes %s differ from the model's %s (another number of classes "
+                 "or queries).", ", ".join(m[0] for m in report.mismatched),
+                 [m[1] for m in report.mismatched], [m[2] for m in report.mismatched])
+    log.info(report.summary(f"{path} ({fmt.name})"))
     return report
 
 
@@ -229,12 +191,11 @@ class Mask2FormerModule(pl.LightningModule):
         tr = self.cfg.train
         if tr.pretrained_model_path:
             # As TAO: full-model weights take precedence over the backbone file.
-            load_pretrained_model(self.model, tr.pretrained_model_path)
+            load_pretrained_model(self.model, tr.pretrained_model_path, self.cfg.model)
         elif self.cfg.model.backbone.pretrained_weights:
             from networks.mask2former.model import load_backbone_weights
 
-            report = load_backbone_weights(self.model, self.cfg.model.backbone.pretrained_weights)
-            log.info(report.summary(str(self.cfg.model.backbone.pretrained_weights)))
+            load_backbone_weights(self.model, self.cfg.model.backbone.pretrained_weights, self.cfg.model)
 
     # -- training ------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> dict[str, Any]:

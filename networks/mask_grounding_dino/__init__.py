@@ -101,6 +101,8 @@ NETWORK = Network(
     main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
     sample_drawer=lazy("networks.mask_grounding_dino.visualize:sample_drawer"),
     unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
+    weight_formats=lazy("networks.mask_grounding_dino.weight_formats:formats"),
+    pretrained_fields=("model.pretrained_backbone_path", "train.pretrained_model_path"),
 )
 
 #: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail

@@ -64,20 +64,21 @@ def _sub(rest: str, table: Mapping[str, str]) -> str | None:
 
 
 def _swin_key(rest: str) -> str | None:
-    """HF SwinBackbone key (after ``conv_encoder.model.``) → TAO Swin key (after ``backbone.0.body.``)."""
-    if rest.startswith("swin.layernorm.") or rest.endswith("relative_position_index"):
+    """HF SwinBackbone key (after ``conv_encoder.model.`` and an optional ``swin.``) → TAO Swin key (after
+    ``backbone.0.body.``)."""
+    if rest.startswith("layernorm.") or rest.endswith("relative_position_index"):
         return None
-    if rest.startswith("swin.embeddings.patch_embeddings.projection."):
+    if rest.startswith("embeddings.patch_embeddings.projection."):
         return "patch_embed.proj." + rest.rsplit(".", 1)[1]
-    if rest.startswith("swin.embeddings.norm."):
+    if rest.startswith("embeddings.norm."):
         return "patch_embed.norm." + rest.rsplit(".", 1)[1]
     m = re.match(r"hidden_states_norms\.stage(\d+)\.(.+)$", rest)
     if m:
         return f"norm{int(m.group(1)) - 1}.{m.group(2)}"
-    m = re.match(r"swin\.encoder\.layers\.(\d+)\.downsample\.(.+)$", rest)
+    m = re.match(r"encoder\.layers\.(\d+)\.downsample\.(.+)$", rest)
     if m:
         return f"layers.{m.group(1)}.downsample.{m.group(2)}"
-    m = re.match(r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", rest)
+    m = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)$", rest)
     if m:
         inner = _sub(m.group(3), _SWIN_BLOCK)
         if inner is not None:
@@ -109,8 +110,10 @@ def hf_to_ours_state_dict(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
     for key, value in hf_sd.items():
         if key.startswith(_SWIN):
+            # in memory (transformers 5) the Swin sits under `swin.`; files on disk and the hub omit it
             rest = key[len(_SWIN):]
-            m = re.match(r"swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.(?:self\.)?"
+            rest = rest[len("swin."):] if rest.startswith("swin.") else rest
+            m = re.match(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.(?:self\.)?"
                          r"(q_proj|k_proj|v_proj|query|key|value)\.(weight|bias)$", rest)
             if m:
                 part = m.group(3)[0]  # q_proj/query -> q, k_proj/key -> k, v_proj/value -> v
@@ -118,7 +121,7 @@ def hf_to_ours_state_dict(hf_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.
                 continue
             new = _swin_key(rest)
             if new is None:
-                if rest.startswith("swin.layernorm.") or rest.endswith("relative_position_index"):
+                if rest.startswith("layernorm.") or rest.endswith("relative_position_index"):
                     continue
                 raise KeyError(f"unmapped HF Swin key: {key}")
             out["backbone.0.body." + new] = value

@@ -30,10 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from networks.common.errors import CheckpointError
 from networks.common.onnx_export import MIN_OPSET, check_export_args, export_onnx_file
 from networks.common.onnx_export import onnx_parity as shared_parity
-from networks.common.weights import read_weights_file
 from networks.mask_grounding_dino.text import phrase_masks
 
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "RELA_OUTPUT_NAMES", "output_names", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
@@ -107,17 +105,18 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Te
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
-                       loader: Any = None) -> Any:
-    """Load a tao-cli/TAO checkpoint into ``model``; every model tensor must be present (CheckpointError)."""
-    from networks.mask_grounding_dino.model import load_pretrained
-    from networks.mask_grounding_dino.module import strip_lightning_prefix
+                       loader: Any = None, model_cfg: Any = None) -> Any:
+    """Load a whole trained model into ``model``: a tao-cli checkpoint or any whole-model layout of
+    :func:`networks.mask_grounding_dino.weight_formats.formats` (file or Hugging Face directory), every model tensor present
+    except parts the layout never has (reported).  ``loader(path) -> dict`` is the engine's safe loader
+    (decryption, network tag check).  Returns the load report."""
+    from networks.common.weight_formats import load_whole_model
+    from networks.mask_grounding_dino.weight_formats import formats
 
-    path = Path(checkpoint)
-    obj = read_weights_file(path, field=field, loader=loader)
-    report = load_pretrained(model, strip_lightning_prefix(obj), source=str(path), raise_on_mismatch=True)
+    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader)
     if report.missing:
-        raise CheckpointError(str(path), f"{len(report.missing)} model tensors are missing, e.g. {report.missing[:3]}",
-                              "check that the spec's model section matches the checkpoint")
+        log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
+                    len(report.missing), ", ".join(report.missing[:3]))
     return report
 
 
@@ -129,7 +128,7 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
 
     ex = cfg.export
     model = build_model(cfg).eval()
-    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None))
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model)
     tokenizer = load_tokenizer(cfg.model.text_encoder_type)
     T = int(cfg.model.max_text_len)
     out = export_onnx(model, tokenizer, ex.onnx_file, (ex.input_height, ex.input_width), T, ex.batch_size,

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from networks.backbones.swin import SwinTransformer, load_swin_weights
+from networks.backbones.swin import SwinTransformer
 from networks.backbones.swin_presets import SWIN_BACKBONES, swin_backbone
 from networks.common.config import cfg_get
 from networks.common.errors import ConfigError
-from networks.common.weights import LoadReport, apply_state_dict, read_weights_file, unwrap_state_dict
+from networks.common.weights import LoadReport, apply_state_dict, unwrap_state_dict
 from networks.ops.layers import MLP
 from networks.ops.ms_deform_attn import DeformableEncoderLayer, MSDeformAttn, init_deformable_transformer
 from networks.ops.position_encoding import PositionEmbeddingSine
@@ -965,14 +965,21 @@ def load_pretrained(model: MaskGDinoModel, state_dict: Mapping, *, source: str =
 
 
 def load_backbone_weights(model: MaskGDinoModel, path: str | Path,
-                          field: str = "model.pretrained_backbone_path") -> LoadReport:
-    """Load Swin weights (official release ``{"model": ...}``, bare, or a TAO/IDEA full checkpoint) into the
-    image backbone only.  Raises :class:`CheckpointError` naming ``field`` for a missing/unreadable file."""
-    path = Path(path)
-    obj = read_weights_file(path, field=field)
-    sd = remap_checkpoint_keys(unwrap_state_dict(obj))
-    prefix = "backbone.0.body."
-    if any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return load_swin_weights(model.swin, sd, source=str(path))
+                          field: str = "model.pretrained_backbone_path", model_cfg: Any = None) -> LoadReport:
+    """Load Swin weights into the image backbone only (``backbone.0.body``) and return the report.
 
+    Accepted: an ImageNet release in Microsoft's (``swin_*_patch4_window*.pth``, ``{"model": ...}``) or timm's
+    layout, or the Swin part of any whole-model checkpoint :mod:`.weight_formats` knows (tao-cli, TAO, IDEA, HF).
+    Bias tables trained with another window size are resized to the model's (logged); per-stage output norms a
+    classification release lacks are reported as newly initialised.  Raises :class:`CheckpointError` naming
+    ``field`` for a missing/unreadable file, an unknown layout, or a tensor that does not fit.
+    """
+    from networks.common.weight_formats import detect_format, load_converted, read_source
+    from networks.mask_grounding_dino.weight_formats import backbone_formats
+
+    source = read_source(path, field=field)
+    fmt = detect_format(source, backbone_formats(model.swin.layers[0].blocks[0].attn.window_size), field=field)
+    report = load_converted(model, source, fmt, model_cfg if model_cfg is not None else {},
+                            prefix="backbone.0.body.")
+    log.info(report.summary(f"{path} ({fmt.name}: {fmt.description})"))
+    return report

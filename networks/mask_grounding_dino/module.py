@@ -39,7 +39,7 @@ from networks.common.distributed import gather_objects, gather_unique, is_rank_z
 from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
 from networks.common.train_logging import MONITOR_METRICS, log_train_losses
-from networks.common.weights import freeze_modules, read_weights_file
+from networks.common.weights import freeze_modules
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
 from networks.ops.losses import weighted_sum
@@ -81,14 +81,27 @@ def strip_lightning_prefix(obj: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pretrained_model_path") -> Any:
-    """Load a TAO / IDEA / tao-cli checkpoint into ``model`` (safe ``weights_only`` load, keys remapped)."""
-    from networks.mask_grounding_dino.model import load_pretrained
+def load_full_weights(model: nn.Module, path: str | Path, field: str = "train.pretrained_model_path",
+                      model_cfg: Any = None, weights_format: str | None = None) -> Any:
+    """Load whole-model weights of any layout :mod:`networks.mask_grounding_dino.weight_formats` knows (tao-cli,
+    TAO, IDEA GroundingDINO, Hugging Face directory) into ``model`` and return the ``LoadReport``.
 
-    p = Path(path)
-    obj = read_weights_file(p, field=field)
-    report = load_pretrained(model, strip_lightning_prefix(obj), source=str(p))
-    log.info(report.summary(str(p)))
+    The file is read without running code; its format is detected (``weights_format`` forces one by name); an
+    HF config is checked against ``model_cfg`` (the spec's ``model`` section).  Only the mask head and the ReLA
+    branch may be absent (newly initialised, logged); any other missing, unexpected or mis-shaped key is one
+    :class:`~networks.common.errors.CheckpointError`.
+    """
+    from networks.common.weight_formats import detect_format, load_converted, read_source
+    from networks.mask_grounding_dino.weight_formats import formats
+
+    source = read_source(path, field=field)
+    fmt = detect_format(source, formats(), forced=weights_format, field=field)
+    report = load_converted(model, source, fmt, model_cfg)
+    log.info(report.summary(f"{path} ({fmt.name}: {fmt.description})"))
+    new_head = [k for k in report.missing if k.startswith(("controller.", "mask_head."))]
+    if new_head:
+        log.info("%s has no mask head: controller/mask_head (%d tensors) are newly initialised", path,
+                 len(new_head))
     return report
 
 
@@ -139,12 +152,11 @@ class MaskGDinoModule(pl.LightningModule):
 
     def _load_pretrained(self) -> None:
         if self.cfg.train.pretrained_model_path:
-            load_full_weights(self.model, self.cfg.train.pretrained_model_path)
+            load_full_weights(self.model, self.cfg.train.pretrained_model_path, model_cfg=self.cfg.model)
         elif self.cfg.model.pretrained_backbone_path:
             from networks.mask_grounding_dino.model import load_backbone_weights
 
-            report = load_backbone_weights(self.model, self.cfg.model.pretrained_backbone_path)
-            log.info(report.summary(str(self.cfg.model.pretrained_backbone_path)))
+            load_backbone_weights(self.model, self.cfg.model.pretrained_backbone_path, model_cfg=self.cfg.model)
 
     @property
     def tokenizer(self):

@@ -134,10 +134,12 @@ class BertTextEncoder(nn.Module):
             config = BertConfig.from_pretrained(str(path), local_files_only=True)
             weights = _pickled_weights(path)
             if weights is None:  # safetensors: no pickle, and never a fallback to a .bin next to it
-                model = BertModel.from_pretrained(str(path), config=config, add_pooling_layer=False,
-                                                  local_files_only=True, use_safetensors=True)
+                model, info = BertModel.from_pretrained(str(path), config=config, add_pooling_layer=False,
+                                                        local_files_only=True, use_safetensors=True,
+                                                        output_loading_info=True)
             else:  # read by our weights-only loader, so a crafted .bin is refused naming the file
-                model = BertModel.from_pretrained(None, config=config, state_dict=weights, add_pooling_layer=False)
+                model, info = BertModel.from_pretrained(None, config=config, state_dict=weights,
+                                                        add_pooling_layer=False, output_loading_info=True)
         except (OSError, ValueError) as err:
             raise ConfigError(_FIELD, f"cannot load a BERT model from {path}: {err}",
                               "the directory needs config.json and model.safetensors (or pytorch_model.bin) "
@@ -146,6 +148,14 @@ class BertTextEncoder(nn.Module):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+        # BertModel / BertForMaskedLM / BertForPreTraining files all fit (transformers drops the `bert.` prefix and
+        # the `cls.*` heads); weights that leave a BERT tensor at its random init are refused, not used silently
+        missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+        if missing:
+            raise ConfigError(_FIELD, f"the weights in {path} lack {len(missing)} BERT tensor(s), e.g. "
+                              f"{', '.join(sorted(missing)[:3])}",
+                              "point it at a BertModel / BertForMaskedLM / BertForPreTraining directory saved with "
+                              "save_pretrained")
         log.info("Text encoder: BERT from %s (hidden %d, %d layers)", path, config.hidden_size,
                  config.num_hidden_layers)
         return cls(model)

@@ -53,20 +53,57 @@ def train(run: Run, module, datamodule) -> int:
     return 0
 
 
-def load_into(module, checkpoint: Path, key: str | None, network: str) -> dict:
-    """Load ``checkpoint`` safely into ``module``; every key must match by name and shape.
+def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_cfg: Any = None,
+              field: str = "checkpoint", log=None) -> dict:
+    """Load ``checkpoint`` safely into ``module`` and return the checkpoint's non-weight entries (``epoch`` ...).
 
-    A mismatch is one ``CheckpointError`` naming the first few keys of each kind, with the checkpoint's and the
-    model's shape for shape mismatches.  Returns the loaded checkpoint object.
+    * A tao-cli/TAO checkpoint (``tao_model`` tag) — and an untagged file whose keys and shapes are exactly the
+      module's (``tao weights convert`` output) — loads as it is: every key must match by name and shape, a
+      mismatch is one ``CheckpointError`` naming the first few keys of each kind (with both shapes).
+    * Any other file or a directory is foreign weights: :func:`~networks.common.weight_formats.read_source`, the
+      network's ``weight_formats`` detect the layout, and the converted tensors load under the network's
+      ``weights_prefix`` with a report of matched / newly initialised / unexpected / mismatched counts (logged).
+      A format that fills only a part (a backbone) is refused: ``field`` needs a whole model.  Weights another
+      network recognises are refused in one line naming that network and ``network``.
     """
     import torch
 
-    from networks.common.weights import apply_state_dict, unwrap_state_dict
+    from networks.common.weight_formats import read_source, source_from_checkpoint
+    from networks.common.weights import unwrap_state_dict
 
     from .checkpoints import load_checkpoint
 
-    obj = load_checkpoint(checkpoint, key=key, expected_network=network)
-    weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        obj: dict = {}
+        src = read_source(checkpoint, field=field)
+    else:
+        obj = load_checkpoint(checkpoint, key=key, expected_network=network)
+        weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
+        if obj.get("tao_model") is not None or _fits(module, weights):
+            _load_own(module, weights, checkpoint)
+            return obj
+        src = source_from_checkpoint(checkpoint, obj,
+                                     "safetensors" if checkpoint.suffix == ".safetensors" else "torch")
+    report, fmt = _load_foreign(module, src, network, model_cfg, field)
+    line = f"{checkpoint}: {fmt.network} weights in format '{fmt.name}' ({fmt.description}): {report.counts()}"
+    if log is not None:
+        log.info("%s", line)
+        if report.missing:
+            log.warning("%d tensors of the model are newly initialised (not in %s), e.g. %s", len(report.missing),
+                        checkpoint.name, ", ".join(report.missing[:3]))
+    return {k: v for k, v in src.meta.items() if k in ("epoch", "global_step")}
+
+
+def _fits(module, weights: dict) -> bool:
+    """True when ``weights`` has exactly the module's keys, with the same shapes."""
+    own = module.state_dict()
+    return set(weights) == set(own) and all(tuple(weights[k].shape) == tuple(own[k].shape) for k in own)
+
+
+def _load_own(module, weights: dict, checkpoint: Path) -> None:
+    from networks.common.weights import apply_state_dict
+
     report = apply_state_dict(module, weights, source=str(checkpoint), raise_on_mismatch=False, log_summary=False)
     if not report.clean:
         parts = []
@@ -80,7 +117,30 @@ def load_into(module, checkpoint: Path, key: str | None, network: str) -> dict:
             parts.append(f"{len(report.unexpected)} unexpected key(s) e.g. {report.unexpected[:3]}")
         raise CheckpointError(str(checkpoint), "does not match the model: " + "; ".join(parts),
                               "check that the spec's model section matches the one used for training")
-    return obj
+
+
+def _load_foreign(module, src, network: str, model_cfg: Any, field: str):
+    """Detect ``src`` among ``network``'s formats and load it (see :func:`load_into`); ``(report, format)``."""
+    from networks.common.weight_formats import detect_format, load_converted, require_whole_model
+    from tao_cli import registry
+    from tao_cli.weights_cmd import detect_any
+
+    net = registry.load(network)
+    formats = list(net.weight_formats()) if net.weight_formats is not None else []
+    try:
+        if not formats:
+            raise CheckpointError(str(src.path), f"is not a {network} checkpoint (no tao_model tag, and the keys "
+                                  "are not the model's)", "pass a checkpoint trained by tao-cli or TAO")
+        fmt = detect_format(src, formats, field=field)
+    except CheckpointError:
+        other = detect_any(src, exclude=network)
+        if other:
+            name, fmt = other
+            raise CheckpointError(str(src.path), f"holds {name} weights ({fmt.name}: {fmt.description}), not "
+                                  f"{network}", f"use weights of the {network} network for {field}") from None
+        raise
+    require_whole_model(fmt, src, field)
+    return load_converted(module, src, fmt, model_cfg, prefix=net.weights_prefix), fmt
 
 
 def _trainer_for(run: Run, module):
@@ -89,7 +149,9 @@ def _trainer_for(run: Run, module):
 
     plan = run.plan
     try:
-        obj = load_into(module, plan.checkpoint, plan.key, plan.net.name)
+        obj = load_into(module, plan.checkpoint, plan.key, plan.net.name,
+                        model_cfg=run.cfg.model if "model" in run.cfg else None,
+                        field=f"{plan.action}.checkpoint", log=run.log)
     except RuntimeError as exc:  # shape mismatch from load_state_dict
         raise CheckpointError(str(plan.checkpoint),
                               f"does not match the model ({str(exc).splitlines()[0]})") from None

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from networks.common.errors import ConfigError, DataError
-from networks.common.network import LIGHTNING_ACTIONS, Network, refuse_deploy_action
+from networks.common.network import LIGHTNING_ACTIONS, Network, random_init_warning, refuse_deploy_action
 
 from .devices import DevicePlan, is_launch_rank_zero, plan_for_action
 from .runlock import check_free
@@ -209,7 +209,7 @@ def _checkpoint_for(cfg: DictConfig, action: str) -> Path:
     if value in (None, ""):
         raise ConfigError(f"{action}.checkpoint", "is not set", f"pass {action}.checkpoint=/path/to/model.pth")
     path = Path(os.path.expanduser(str(value)))
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a directory: Hugging Face weights (docs/weights.md)
         raise ConfigError(f"{action}.checkpoint", f"{value} does not exist")
     return path.resolve()
 
@@ -324,6 +324,9 @@ def print_dry_run(plan: RunPlan, cfg: DictConfig) -> None:
         lines.append(f"precision:    {decide_precision(cfg, action, devices.accelerator)}")
     if action == "train":
         lines.append(f"resume from:  {resume_reason(cfg, plan.run_dir, plan.resume)}")
+        warning = random_init_warning(net, cfg, resuming=plan.resume is not None)
+        if warning:
+            lines.append(f"  warning:    {warning}")
     elif plan.checkpoint is not None:
         lines.append(f"checkpoint:   {plan.checkpoint}")
     lines.append("would write:")

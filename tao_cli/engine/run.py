@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from networks.common.context import RunContext
 from networks.common.errors import TaoUserError
 from networks.common.io import atomic_write_text
-from networks.common.network import LIGHTNING_ACTIONS, Network
+from networks.common.network import LIGHTNING_ACTIONS, Network, random_init_warning
 from tao_cli.redact import mask, secrets_of
 
 from . import actions
@@ -65,6 +65,9 @@ class Run:
                 log.info("Resuming training from %s", resume_reason(cfg, plan.run_dir, plan.resume))
             else:
                 status.write("RUNNING", f"Starting from scratch (no checkpoint in {plan.run_dir})")
+                warning = random_init_warning(plan.net, cfg)
+                if warning:
+                    log.warning("%s", warning)
         else:
             status.write("RUNNING", f"Loading checkpoint: {plan.checkpoint}")
             log.info("Loading checkpoint: %s", plan.checkpoint)
