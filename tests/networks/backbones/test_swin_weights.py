@@ -18,6 +18,7 @@ from networks.backbones.swin_weights import (
 )
 from networks.common.errors import CheckpointError
 from networks.common.weight_formats import detect_format, load_converted, read_source
+from tests.inspect_check import assert_inspect_names
 
 timm = pytest.importorskip("timm")
 
@@ -92,6 +93,8 @@ def test_release_layouts_give_timm_features(tmp_path, layout):
     path = tmp_path / f"{layout}.pth"
     torch.save(sd if layout == "timm" else {"model": _microsoft_names(sd)}, path)
     fmt, ours, report = _load(path)
+    # Swin releases serve both Swin networks; inspect names the first that lists them
+    assert_inspect_names(path, "mask2former", f"swin-{layout}")
     assert fmt.name == f"swin-{layout}"
     assert sorted(report.missing) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
     assert report.unexpected == [] and report.mismatched == [] and report.benign == []

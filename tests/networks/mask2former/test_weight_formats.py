@@ -32,6 +32,7 @@ from networks.common.errors import CheckpointError  # noqa: E402
 from networks.common.weight_formats import detect_format, load_converted, read_source  # noqa: E402
 from networks.mask2former.convert import hf_config_to_spec_overrides, hf_to_tao_state_dict  # noqa: E402
 from networks.mask2former.weight_formats import formats, tao_checkpoint_layout  # noqa: E402
+from tests.inspect_check import assert_inspect_names  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 TAO_FIXTURE = DATA / "tao_keys_tiny.json"
@@ -128,6 +129,7 @@ def test_hf_directory_through_train_and_engine_paths(tmp_path, m2f_synthetic, hf
     src = read_source(path)
     fmt = detect_format(src, formats())
     assert (src.container, fmt.name) == ("hf-dir", "hf")
+    assert_inspect_names(path, "mask2former", "hf")
     from networks.mask2former.model import build_model
 
     torch.manual_seed(7)
@@ -190,6 +192,7 @@ def test_detectron2_pkl_through_the_train_path(tmp_path, m2f_synthetic, hf_model
     path.write_bytes(pickle.dumps({"model": arrays, "__author__": "Facebook AI Research",
                                    "matching_heuristics": False}))
     assert detect_format(read_source(path), formats()).name == "detectron2"
+    assert_inspect_names(path, "mask2former", "detectron2")
     cfg = _spec_for(m2f_synthetic, hf_cfg, tmp_path, pretrained_model_path=str(path))
     _max_diff_to_hf(hf, _train_module(cfg, tmp_path).model)
 
@@ -212,6 +215,7 @@ def test_tao_key_fixture_loads_with_nothing_missing_or_unexpected(tmp_path):
     path = tmp_path / "model_epoch_049_step_01000.pth"
     torch.save({"state_dict": state, "epoch": 49, "pytorch-lightning_version": "2.1.0"}, path)
     assert detect_format(read_source(path), formats()).name == "tao"
+    assert_inspect_names(path, "mask2former", "tao")
     report = load_pretrained_model(model, path)
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     assert report.loaded == 163 and report.benign == []

@@ -29,11 +29,22 @@ except ImportError:  # pragma: no cover
 pytestmark = pytest.mark.slow
 
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 32, 16, 128
-TRAIN_STEPS = 320
-#: Required lead of the trained model over the untrained one (mAP50 0.000 / 0.0003) on the held-out images.  On
-#: this 2-core CPU 320 steps give bbox mAP50 0.04-0.09 and segm mAP50 0.17-0.27 (runs with and without periodic
-#: validation; the boxes converge more slowly than the masks); the untrained and lr-0 models score 0.
-MARGINS = {"bbox_val_mAP50": 0.02, "segm_val_mAP50": 0.1}
+TRAIN_STEPS = 480
+#: Required lead of the trained model over the untrained one (mAP50 ≤ 0.002) on the held-out images, set from the
+#: spread over seeds rather than from one lucky run.  Measured on this 2-core CPU with the data fixed and
+#: ``train.seed`` ∈ {1234, 1, 2, 3, 4, 5} (initial weights, sample order and augmentation all change with it), bbox /
+#: segm mAP50 after 320, 480, 640 and 800 steps:
+#:
+#:   seed 1234: 0.017/0.19  0.083/0.28  0.060/0.22  0.143/0.26
+#:   seed 1:    0.063/0.22  0.086/0.29  0.086/0.25  0.099/0.26
+#:   seed 3:    0.100/0.25  0.224/0.40  0.296/0.42  0.251/0.41
+#:   seed 4:    0.075/0.23  0.085/0.27  0.129/0.30  0.225/0.36
+#:
+#: At 320 steps the default seed gives bbox 0.017, under the old margin of 0.02 (it passed before the sampler's
+#: seed stream changed: the margin had been set from a lucky stream); at 480 steps the worst bbox mAP50 is 0.083 and the worst segm 0.28, so the
+#: margins below sit at about a third of the worst seed.  Boxes converge more slowly than masks, and neither
+#: curve is monotonic at this scale (16 evaluation images).
+MARGINS = {"bbox_val_mAP50": 0.03, "segm_val_mAP50": 0.1}
 
 
 def _trainer(**kw) -> pl.Trainer:

@@ -43,6 +43,7 @@ from networks.mask_grounding_dino.model import build_model  # noqa: E402
 from networks.mask_grounding_dino.module import MaskGDinoModule, load_full_weights  # noqa: E402
 from networks.mask_grounding_dino.text_encoder import BertTextEncoder  # noqa: E402
 from networks.mask_grounding_dino.weight_formats import formats  # noqa: E402
+from tests.inspect_check import assert_inspect_names  # noqa: E402
 
 from .conftest import REPO, make_tiny_cfg  # noqa: E402
 from .test_hf_equivalence import MAX_TEXT_LEN, _hf_labels, _ours, _text_inputs, _tiny_hf  # noqa: E402
@@ -296,6 +297,7 @@ def test_tao_checkpoint_loads_with_no_missing_or_unexpected_key(tmp_path):
     spec = _tiny_spec()
     torch.manual_seed(1)
     via_format = build_model(spec)
+    assert_inspect_names(path, "mask_grounding_dino", "tao")
     source = read_source(path, field="evaluate.checkpoint")
     fmt = detect_format(source, NETWORK.weight_formats(), field="evaluate.checkpoint")
     assert fmt.name == "tao"
@@ -408,6 +410,7 @@ def test_hf_directory_through_the_engine_path(container, hf_dirs, mgd_synthetic)
     cfg = _hf_spec(mgd_synthetic, hf_dirs["root"] / "bert")
     source = read_source(hf_dirs["root"] / container, field="evaluate.checkpoint")
     assert source.container == "hf-dir"
+    assert_inspect_names(hf_dirs["root"] / container, "mask_grounding_dino", "hf")
     fmt = detect_format(source, NETWORK.weight_formats(), field="evaluate.checkpoint")
     assert fmt.name == "hf" and fmt.part == "model"
     torch.manual_seed(5)
@@ -492,6 +495,7 @@ def test_idea_pth_through_the_train_path(hf_dirs, mgd_synthetic, tmp_path, caplo
     path = tmp_path / "groundingdino_swint_ogc.pth"
     torch.save({"model": idea, "optimizer": {}, "epoch": 11}, path)
     assert detect_format(read_source(path), formats()).name == "idea"
+    assert_inspect_names(path, "mask_grounding_dino", "idea")
 
     cfg.train.pretrained_model_path = str(path)
     with caplog.at_level(logging.INFO):
