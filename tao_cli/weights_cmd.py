@@ -98,8 +98,11 @@ def inspect_text(path: str | Path, network: str | None = None) -> tuple[str, int
         for key, label in (("epoch", "epoch:"), ("global_step", "step:")):
             if key in src.meta:
                 lines.append(f"{label:<13}{src.meta[key]}")
-    if "converted_from" in src.meta:
-        lines.append(f"converted:   {src.meta['converted_from']}")
+    conv = src.meta.get("converted_from")
+    if isinstance(conv, dict):
+        lines.append(f"converted:   from {conv.get('path')} (format {conv.get('format')})")
+        if conv.get("new_parts"):
+            lines.append(f"not in it:   {', '.join(conv['new_parts'])} (newly initialised when loaded)")
     groups = key_groups(src.tensors, 2)
     lines.append("key groups:")
     lines += [f"  {prefix}  ({count})" for prefix, count in groups[:TOP_GROUPS]]
@@ -201,13 +204,13 @@ def convert(network: str, source: str | Path, out: str | Path, *, fmt_name: str 
     if out.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        _atomic_write(out, lambda p: save_file(keyed, str(p), metadata={"tao_model": network,
-                                                                           "format": fmt.name}))
+        _atomic_write(out, lambda p: save_file(keyed, str(p), metadata={
+            "tao_model": network, "format": fmt.name, "new_parts": ",".join(fmt.new_parts)}))
     else:
         import torch
 
         obj = {"state_dict": keyed, "tao_model": network,
-               "converted_from": {"path": str(src.path), "format": fmt.name}}
+               "converted_from": {"path": str(src.path), "format": fmt.name, "new_parts": list(fmt.new_parts)}}
         _atomic_write(out, lambda p: torch.save(obj, p))
     lines.append(f"written:   {out}")
     use = "train.pretrained_model_path" if fmt.part != "model" else \

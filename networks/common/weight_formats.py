@@ -28,7 +28,7 @@ import torch
 from networks.common.errors import CheckpointError
 
 __all__ = ["WeightSource", "WeightFormat", "read_source", "source_from_checkpoint", "detect_format", "key_groups",
-           "require_whole_model", "load_whole_model",
+           "require_whole_model", "load_whole_model", "declared_new_parts",
            "has_keys", "load_converted", "CONTAINERS"]
 
 #: container kinds :func:`read_source` returns
@@ -310,7 +310,7 @@ def load_converted(model: torch.nn.Module, source: WeightSource, fmt: WeightForm
     report = apply_state_dict(model, state, benign_patterns=tuple(prefix + p for p in fmt.benign),
                               source=str(source.path),
                               raise_on_mismatch=False, log_summary=False)
-    allowed = tuple(prefix + p for p in fmt.new_parts + fmt.optional_parts)
+    allowed = tuple(prefix + p for p in fmt.new_parts + fmt.optional_parts + declared_new_parts(source))
     scope = (lambda k: k.startswith(prefix)) if prefix else (lambda k: True)
 
     def bad(key: str) -> bool:
@@ -333,6 +333,17 @@ def load_converted(model: torch.nn.Module, source: WeightSource, fmt: WeightForm
                               "weights")
     report.missing = [k for k in report.missing if scope(k)]
     return report
+
+
+def declared_new_parts(source: WeightSource) -> tuple[str, ...]:
+    """Patterns of keys a converted file says it lacks: ``tao weights convert`` records the ``new_parts`` of the
+    format it converted from (a Grounding DINO release has no mask head), under ``converted_from`` in a ``.pth``
+    and as a comma-separated ``new_parts`` string in ``.safetensors`` metadata."""
+    conv = source.meta.get("converted_from")
+    parts = conv.get("new_parts") if isinstance(conv, Mapping) else source.meta.get("new_parts")
+    if isinstance(parts, str):
+        parts = [p for p in parts.split(",") if p]
+    return tuple(p for p in parts or () if isinstance(p, str))
 
 
 def require_whole_model(fmt: WeightFormat, source: WeightSource, field: str) -> None:

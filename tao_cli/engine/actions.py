@@ -80,7 +80,9 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
     else:
         obj = load_checkpoint(checkpoint, key=key, expected_network=network)
         weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
-        if obj.get("tao_model") is not None or _fits(module, weights):
+        # a converted file (tagged by `tao weights convert`) may lack parts its source never had: the foreign path
+        # loads it with those parts reported as newly initialised
+        if (obj.get("tao_model") is not None and "converted_from" not in obj) or _fits(module, weights):
             _load_own(module, weights, checkpoint)
             return obj
         src = source_from_checkpoint(checkpoint, obj,

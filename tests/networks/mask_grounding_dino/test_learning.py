@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 32, 16, 128
 TRAIN_STEPS = 480
-#: Required lead of the trained model over the untrained one (mAP50 ≤ 0.002) on the held-out images, set from the
+#: Required lead of the trained model over the untrained one (mAP50 ≤ 0.005) on the held-out images, set from the
 #: spread over seeds rather than from one lucky run.  Measured on this 2-core CPU with the data fixed and
 #: ``train.seed`` ∈ {1234, 1, 2, 3, 4, 5} (initial weights, sample order and augmentation all change with it), bbox /
 #: segm mAP50 after 320, 480, 640 and 800 steps:
@@ -39,11 +39,13 @@ TRAIN_STEPS = 480
 #:   seed 1:    0.063/0.22  0.086/0.29  0.086/0.25  0.099/0.26
 #:   seed 3:    0.100/0.25  0.224/0.40  0.296/0.42  0.251/0.41
 #:   seed 4:    0.075/0.23  0.085/0.27  0.129/0.30  0.225/0.36
+#:   seed 2:    0.110/0.25  0.182/0.34  0.130/0.29  0.141/0.36
+#:   seed 5:    0.084/0.24  0.101/0.20  0.149/0.21  0.115/0.23
 #:
 #: At 320 steps the default seed gives bbox 0.017, under the old margin of 0.02 (it passed before the sampler's
-#: seed stream changed: the margin had been set from a lucky stream); at 480 steps the worst bbox mAP50 is 0.083 and the worst segm 0.28, so the
-#: margins below sit at about a third of the worst seed.  Boxes converge more slowly than masks, and neither
-#: curve is monotonic at this scale (16 evaluation images).
+#: seed stream changed: the margin had been set from a lucky stream).  At 480 steps the worst bbox mAP50 is 0.083
+#: and the worst segm 0.20, so the margins below sit at a third (bbox) and a half (segm) of the worst seed.  Boxes
+#: converge more slowly than masks, and neither curve is monotonic at this scale (16 evaluation images).
 MARGINS = {"bbox_val_mAP50": 0.03, "segm_val_mAP50": 0.1}
 
 
