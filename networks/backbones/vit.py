@@ -6,6 +6,10 @@ one cls token, learned absolute position embedding for a 224x224 grid that timm 
 
 Parameter names are timm's (``patch_embed.proj.weight``, ``blocks.0.attn.qkv.weight``, ...), so official MAE
 and DeiT/timm checkpoints map onto it by key, and MAL checkpoints hold it under ``student.backbone.``.
+
+``patch_embed="convstem"`` swaps the patch embedding for :class:`ConvStemPatchEmbed`, the stem of TAO 5.0-6.0 and
+NVlabs MAL (github NVlabs/mask-auto-labeler ``models/vision_transformers.py`` ``ConvStem``), and drops the unused
+classifier (their ``head`` is ``nn.Identity``), so those checkpoints' backbone keys are exactly this module's.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from torch import nn
 from networks.common.errors import CheckpointError, ConfigError
 from networks.common.weights import LoadReport, apply_state_dict, read_weights_file
 
-__all__ = ["ARCHS", "ViTBackbone", "LoadReport", "build_vit", "load_vit_weights", "read_weights_file"]
+__all__ = ["ARCHS", "PATCH_EMBEDS", "ConvStemPatchEmbed", "ViTBackbone", "LoadReport", "build_vit", "load_vit_weights",
+           "read_weights_file"]
 
 _log = logging.getLogger(__name__)
 
@@ -31,6 +36,72 @@ ARCHS: dict[str, tuple[int, int, int, int]] = {
     "vit-mae-large/16": (1024, 24, 16, 16),
     "vit-mae-huge/14": (1280, 32, 16, 14),
 }
+
+
+#: ``model.patch_embed`` values: timm's Conv2d(kernel = stride = patch) or the 4-conv stem of TAO <= 6.0 / NVlabs MAL
+PATCH_EMBEDS = ("linear", "convstem")
+
+
+class ConvStemPatchEmbed(nn.Module):
+    """Convolutional patch embedding ("Early Convolutions Help Transformers See Better", Xiao et al. 2021) in the
+    layout of TAO 5.0-6.0 / NVlabs MAL, usable as timm's ``embed_layer``.
+
+    ``proj[i]`` (i = 0..depth-1) = ``Sequential(Conv2d(3x3, stride 2, pad 1, no bias), GroupNorm(1, eps 1e-6),
+    GELU)``; channels ``in -> D/2^(depth-1) -> ... -> D`` (D = ``embed_dim``; 3->24->48->96->192 for D=192,
+    3->96->192->384->768 for D=768); the last stage adds ``Conv2d(D, D, 1)`` with bias at index 3.  Keys:
+    ``proj.<i>.0.weight``, ``proj.<i>.1.{weight,bias}``, ``proj.<depth-1>.3.{weight,bias}``.
+
+    ``forward(x [B,C,H,W]) -> [B,H',W',D]`` (``output_fmt="NHWC"``, what timm asks for with ``dynamic_img_size``)
+    or ``[B,H'·W',D]``, H' = ceil(H/2^depth) (= H/16 for the usual depth 4 when 16 divides H).
+    ``grid_size`` is ``img_size // patch_size`` (the position-embedding grid, which ORIG sizes with the arch's patch
+    even for /14 models), ``stride`` = 2^depth is the real token stride.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 16,
+                 in_chans: int = 3, embed_dim: int = 768, *, depth: int = 4, output_fmt: str | None = None,
+                 device=None, dtype=None, **_timm_args):
+        # _timm_args: bias / strict_img_size / dynamic_img_pad / norm_layer that timm passes to every embed layer;
+        # the stem has no single projection bias and accepts any input size.
+        super().__init__()
+        if embed_dim % (2 ** (depth - 1)):
+            raise ConfigError("model.patch_embed", f"convstem needs a width divisible by {2 ** (depth - 1)}, "
+                              f"got {embed_dim}", "use model.patch_embed=linear")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.img_size = size
+        self.patch_size = patch
+        self.grid_size = (size[0] // patch[0], size[1] // patch[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.stride = 2 ** depth
+        self.output_fmt = output_fmt or "NLC"
+        self.dynamic_img_pad = False
+        dd = {"device": device, "dtype": dtype}
+        stages = []
+        cin, cout = in_chans, embed_dim // 2 ** (depth - 1)
+        for i in range(depth):
+            layers = [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False, **dd),
+                      nn.GroupNorm(1, cout, eps=1e-6, **dd), nn.GELU()]
+            if i == depth - 1:
+                layers.append(nn.Conv2d(cout, embed_dim, 1, **dd))
+            stages.append(nn.Sequential(*layers))
+            cin, cout = cout, cout * 2
+        self.proj = nn.ModuleList(stages)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int | tuple[int, int]:
+        """Token stride in pixels (timm's feature-info hook)."""
+        return self.stride if as_scalar else (self.stride, self.stride)
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        """Token grid for an input of ``img_size`` pixels (each stride-2 conv rounds up)."""
+        h, w = img_size
+        return -(-h // self.stride), -(-w // self.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """See class docstring."""
+        for stage in self.proj:
+            x = stage(x)
+        x = x.permute(0, 2, 3, 1)
+        return x if self.output_fmt == "NHWC" else x.flatten(1, 2)
 
 
 def _vit_class():
@@ -58,9 +129,10 @@ def _make_class():
     class _TimmViTBackbone(base, ViTBackbone):  # type: ignore[misc, valid-type]
         """timm ViT that returns spatial features and keeps frozen stages in eval mode."""
 
-        def __init__(self, *, patch_size: int, frozen_stages: Iterable[int] = (-1,), **kwargs):
+        def __init__(self, *, patch_size: int, frozen_stages: Iterable[int] = (-1,), token_stride: int = 0,
+                     **kwargs):
             base.__init__(self, patch_size=patch_size, **kwargs)
-            self.patch_size = int(patch_size)
+            self.patch_size = int(token_stride or patch_size)
             self.frozen_stages: tuple[int, ...] = ()
             self._freeze(frozen_stages)
 
@@ -112,7 +184,7 @@ _CLASS = None
 
 
 def build_vit(arch: str, *, drop_path_rate: float = 0.0, frozen_stages: Iterable[int] = (-1,),
-              img_size: int = 224, weight_init: str = "") -> ViTBackbone:
+              img_size: int = 224, weight_init: str = "", patch_embed: str = "linear") -> ViTBackbone:
     """Build one of :data:`ARCHS` (random init) as a timm ViT with the MAL settings.
 
     ``img_size`` only sets the stored position-embedding grid (``img_size // p`` squared); any input size works.
@@ -120,17 +192,24 @@ def build_vit(arch: str, *, drop_path_rate: float = 0.0, frozen_stages: Iterable
     ``weight_init`` is timm's (``""`` = its default ViT init; ``"skip"`` leaves PyTorch's default init, which is
     faster and fine when pretrained weights are loaded next or in tests).
     The timm classification head is kept (``Linear(C, 1000)``, unused) so MAL checkpoints keep TAO's keys.
+    ``patch_embed="convstem"``: :class:`ConvStemPatchEmbed` (token stride 16 for every arch, so ``patch_size`` is
+    16; the position-embedding grid stays ``img_size // arch patch``) and no classifier, as in TAO <= 6.0.
     """
     global _CLASS
     if arch not in ARCHS:
         raise ConfigError("model.arch", f"unknown backbone {arch!r}", f"use one of {', '.join(ARCHS)}")
     if _CLASS is None:
         _CLASS = _make_class()
+    if patch_embed not in PATCH_EMBEDS:
+        raise ConfigError("model.patch_embed", f"unknown patch embedding {patch_embed!r}",
+                          f"use one of {', '.join(PATCH_EMBEDS)}")
     dim, depth, heads, patch = ARCHS[arch]
+    stem = {} if patch_embed == "linear" else {"embed_layer": ConvStemPatchEmbed, "num_classes": 0,
+                                               "token_stride": 16}
     model = _CLASS(
         img_size=img_size, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0,
         qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=float(drop_path_rate),
-        dynamic_img_size=True, frozen_stages=frozen_stages, weight_init=weight_init,
+        dynamic_img_size=True, frozen_stages=frozen_stages, weight_init=weight_init, **stem,
     )
     if weight_init == "skip":
         # timm leaves these two as torch.empty() when its init is skipped
@@ -177,15 +256,20 @@ def load_vit_weights(backbone: nn.Module, state_dict: Mapping, *, source: str = 
     dicts and MAL checkpoints (``student.backbone.*``).  A ``pos_embed`` with another grid is resampled with
     timm's ``resample_abs_pos_embed``.  Any other shape mismatch raises :class:`CheckpointError` naming the key
     and both shapes (``source`` names the file in that message).  Nothing in the file matching the backbone, or a
-    TAO <= 6.0 ConvStem checkpoint, also raises.
+    ConvStem file (TAO 5.0-6.0 / NVlabs MAL) for a linear patch embedding and vice versa, also raises (naming
+    ``model.patch_embed``).
     """
     from timm.layers import resample_abs_pos_embed
 
     state = _select_backbone_keys(_unwrap(state_dict))
-    if any(k.startswith("patch_embed.proj.0.") for k in state):
-        raise CheckpointError(source, "holds a ConvStem patch embedding (TAO <= 6.0 / NVlabs MAL backbone), "
-                              "which does not fit the timm ViT backbone",
-                              "use an MAE/DeiT/timm ViT checkpoint or a checkpoint trained by this tool")
+    convstem_model = isinstance(getattr(backbone, "patch_embed", None), ConvStemPatchEmbed)
+    convstem_file = any(k.startswith("patch_embed.proj.0.") for k in state)
+    if convstem_file and not convstem_model:
+        raise CheckpointError(source, "holds a ConvStem patch embedding (TAO 5.0-6.0 / NVlabs MAL backbone) but "
+                              "model.patch_embed is 'linear'", "set model.patch_embed=convstem")
+    if convstem_model and "patch_embed.proj.weight" in state:
+        raise CheckpointError(source, "holds a linear patch embedding (MAE/DeiT/timm or TAO 6.25.7+) but "
+                              "model.patch_embed is 'convstem'", "set model.patch_embed=linear")
     own = backbone.state_dict()
     remapped: dict[str, torch.Tensor] = {}
     resampled_head = []

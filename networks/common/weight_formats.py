@@ -28,9 +28,12 @@ import torch
 from networks.common.errors import CheckpointError
 
 __all__ = ["WeightSource", "WeightFormat", "read_source", "source_from_checkpoint", "detect_format", "key_groups",
-           "require_whole_model", "load_whole_model", "declared_new_parts",
+           "require_whole_model", "load_whole_model", "declared_new_parts", "OWN_LAYOUTS",
            "has_keys", "load_converted", "CONTAINERS"]
 
+#: names of the formats that are a network's own checkpoint layout (tao-cli's ``ours``, TAO's ``tao``): a tagged
+#: checkpoint in one of them must match the model exactly
+OWN_LAYOUTS = ("ours", "tao")
 #: container kinds :func:`read_source` returns
 CONTAINERS = ("hf-dir", "safetensors", "torch", "detectron2-pkl")
 _TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tlt")

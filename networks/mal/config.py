@@ -80,6 +80,10 @@ class MALModelConfig:
         "vit-mae-base/16", description="ViT backbone variant (width/depth from the size word, patch from the "
         "number); weights come from train.pretrained_model_path.", valid_options=list(SUPPORTED_ARCHS),
         popular=True, display_name="Backbone")
+    patch_embed: str = param(
+        "linear", description="Patch embedding of the ViT: 'linear' (16x16 conv, timm/MAE/DeiT and TAO 6.25.7+) or "
+        "'convstem' (4 stride-2 convs); TAO 5.0-6.0 / NVlabs MAL checkpoints use convstem (not a TAO field).",
+        valid_options=["linear", "convstem"])
     frozen_stages: list[int] = param(
         [-1], description="Backbone stages to freeze: 0 = patch embedding, i = transformer block i (1-based); "
         "unknown ids such as -1 freeze nothing.")

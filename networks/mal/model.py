@@ -169,7 +169,8 @@ class MALNetwork(nn.Module):
 def build_mal_network(cfg: Any) -> MALNetwork:
     """One randomly initialised :class:`MALNetwork` from ``cfg.model.*`` (TAO field names)."""
     m = cfg.model
-    backbone = build_vit(str(m.arch), drop_path_rate=float(m.vit_dpr), frozen_stages=list(m.frozen_stages))
+    backbone = build_vit(str(m.arch), drop_path_rate=float(m.vit_dpr), frozen_stages=list(m.frozen_stages),
+                         patch_embed=str(m.patch_embed))
     return MALNetwork(
         backbone,
         num_convs=int(m.mask_head_num_convs),

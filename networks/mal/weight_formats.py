@@ -14,10 +14,13 @@ Formats, most specific first:
   ``cv/backbone_v2/vit.py`` (a timm ``VisionTransformer`` subclass, no extra parameters); the metrics'
   states are non-persistent, so a checkpoint holds ``student.*`` and ``teacher.*`` only.  A file with the
   student alone fills the teacher from it, as TAO's pretrained loading does for both networks.
-* ``convstem`` — TAO 5.0–6.0 and NVlabs MAL (github NVlabs/mask-auto-labeler ``models/mal.py``: the same
-  ``student.``/``teacher.`` naming, but ``models/vision_transformers.py``'s ConvStem patch embedding
-  ``patch_embed.proj.<i>.<j>.*``).  Recognised and refused in one line: the ConvStem has no counterpart in the
-  timm ViT used here (and by current TAO), so those weights cannot produce the same masks.
+* ``convstem`` — TAO 5.0–6.0 and NVlabs MAL (github NVlabs/mask-auto-labeler ``models/mal.py``; TAO's
+  ``cv/mal/models/mal.py`` at 5.x): the same ``student.``/``teacher.`` naming and heads, with the ConvStem ViT of
+  ``models/vision_transformers.py`` (TAO: ``cv/backbone/vision_transformer.py``): ``backbone.patch_embed.proj.<i>.
+  <j>.*`` instead of ``patch_embed.proj.weight``, and no ``backbone.head.*`` (their classifier is an Identity).
+  These are exactly our keys when the spec sets ``model.patch_embed: convstem``
+  (:class:`~networks.backbones.vit.ConvStemPatchEmbed`); with ``linear`` the load is refused in one line naming
+  that field.  A student-only file fills the teacher, as for ``tao``.
 * ``mae`` / ``deit`` / ``timm-vit`` — ImageNet ViT backbones (``part="backbone"``): Facebook MAE pre-training
   checkpoints (``{"model": ...}`` with ``blocks.*``, no classifier, optionally the decoder), DeiT releases
   (``{"model": ...}``; distilled ones add ``dist_token``/``head_dist``) and timm ViT state dicts.  They fill the
@@ -51,7 +54,20 @@ def _detect_tao(src: WeightSource) -> bool:
                                                  "student.roi_head.mlp1.weight", "student.mask_head.convs.0.conv.weight")
 
 
+def _patch_embed_of(model_cfg: Any, default: str) -> str:
+    # No spec (``tao weights convert`` without -e): the file decides.
+    return str(getattr(model_cfg, "patch_embed", default)) if model_cfg is not None else default
+
+
 def _tao_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Tensor]:
+    chosen = _patch_embed_of(model_cfg, "linear")
+    if chosen != "linear":
+        raise CheckpointError(str(src.path), "is a MAL checkpoint with a linear patch embedding (TAO 6.25.7+ or "
+                              f"tao-cli) but model.patch_embed is '{chosen}'", "set model.patch_embed=linear")
+    return _student_teacher(src)
+
+
+def _student_teacher(src: WeightSource) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in src.tensors.items() if k.startswith(("student.", "teacher."))}
     if not any(k.startswith("teacher.") for k in state):
         state.update({"teacher." + k[len("student."):]: v for k, v in list(state.items())})
@@ -61,10 +77,14 @@ def _tao_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Ten
     return state
 
 
-def _convstem_refused(src: WeightSource, model_cfg: Any) -> dict[str, torch.Tensor]:
-    raise CheckpointError(str(src.path), "is a MAL checkpoint with a ConvStem ViT backbone (TAO 5.0-6.0 or NVlabs "
-                          "MAL), which the timm ViT backbone of tao-cli and current TAO cannot load",
-                          "start from an MAE/DeiT backbone (see docs/weights.md) or a checkpoint of TAO 6.25.7+")
+def _convstem_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Tensor]:
+    """``student.*``/``teacher.*`` as they are (our ConvStem backbone has ORIG's names); ``model_cfg`` (when given)
+    must select that backbone."""
+    chosen = _patch_embed_of(model_cfg, "convstem")
+    if chosen != "convstem":
+        raise CheckpointError(str(src.path), "is a MAL checkpoint with a ConvStem patch embedding (TAO 5.0-6.0 or "
+                              f"NVlabs MAL) but model.patch_embed is '{chosen}'", "set model.patch_embed=convstem")
+    return _student_teacher(src)
 
 
 def _backbone_tensors(src: WeightSource) -> dict[str, torch.Tensor]:
@@ -99,6 +119,10 @@ def _vit_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Ten
     """The backbone tensors under ``student.backbone.`` and ``teacher.backbone.`` (TAO loads the same file into
     both networks); ``pos_embed`` resampled to the model's ``224 // patch`` grid; a distillation token's position
     dropped."""
+    chosen = _patch_embed_of(model_cfg, "linear")
+    if chosen != "linear":
+        raise CheckpointError(str(src.path), "is a ViT with a linear patch embedding (MAE/DeiT/timm) but "
+                              f"model.patch_embed is '{chosen}'", "set model.patch_embed=linear")
     t = _backbone_tensors(src)
     pos = t["pos_embed"]
     patch = int(t["patch_embed.proj.weight"].shape[-1])
@@ -129,8 +153,8 @@ def weight_formats() -> list[WeightFormat]:
                      "MAL Lightning checkpoint (TAO 6.25.7+ or tao-cli): student.*/teacher.* with a timm ViT",
                      _detect_tao, _tao_to_state_dict),
         WeightFormat("convstem", "mal", "model",
-                     "MAL checkpoint with a ConvStem ViT (TAO 5.0-6.0, NVlabs MAL): recognised, not loadable",
-                     _is_convstem, _convstem_refused),
+                     "MAL checkpoint with a ConvStem ViT (TAO 5.0-6.0, NVlabs MAL): needs model.patch_embed=convstem",
+                     _is_convstem, _convstem_to_state_dict),
         WeightFormat("mae", "mal", "backbone",
                      "MAE pre-trained ViT (mae_pretrain_vit_*.pth, no classifier): backbone only",
                      _detect_mae, _vit_to_state_dict, new_parts=_HEADS + ("*.backbone.head.*",),

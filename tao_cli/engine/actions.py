@@ -80,13 +80,18 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
     else:
         obj = load_checkpoint(checkpoint, key=key, expected_network=network)
         weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
-        # a converted file (tagged by `tao weights convert`) may lack parts its source never had: the foreign path
-        # loads it with those parts reported as newly initialised
-        if (obj.get("tao_model") is not None and "converted_from" not in obj) or _fits(module, weights):
+        if _fits(module, weights):
             _load_own(module, weights, checkpoint)
             return obj
         src = source_from_checkpoint(checkpoint, obj,
                                      "safetensors" if checkpoint.suffix == ".safetensors" else "torch")
+        # A tagged checkpoint in the network's own layout that does not fit is a spec/model mismatch: say which
+        # keys.  A converted file (it may lack parts its source never had) or a tagged file in another layout of
+        # the network (TAO 5 MAL's ConvStem) goes through its format, whose converter says what to set.
+        if obj.get("tao_model") is not None and "converted_from" not in obj \
+                and _own_layout(src, network):
+            _load_own(module, weights, checkpoint)
+            return obj
     report, fmt = _load_foreign(module, src, network, model_cfg, field)
     line = f"{checkpoint}: {fmt.network} weights in format '{fmt.name}' ({fmt.description}): {report.counts()}"
     if log is not None:
@@ -95,6 +100,21 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
             log.warning("%d tensors of the model are newly initialised (not in %s), e.g. %s", len(report.missing),
                         checkpoint.name, ", ".join(report.missing[:3]))
     return {k: v for k, v in src.meta.items() if k in ("epoch", "global_step")}
+
+
+def _own_layout(src, network: str) -> bool:
+    """True unless one of ``network``'s formats other than its own checkpoint layouts recognises ``src``."""
+    from networks.common.weight_formats import OWN_LAYOUTS
+    from tao_cli import registry
+
+    net = registry.load(network)
+    for fmt in net.weight_formats() if net.weight_formats is not None else []:
+        try:
+            if fmt.detect(src):
+                return fmt.name in OWN_LAYOUTS
+        except Exception:  # noqa: BLE001 - a detector must not decide by crashing
+            continue
+    return True
 
 
 def _fits(module, weights: dict) -> bool:

@@ -1,4 +1,5 @@
-"""MAL weight formats: TAO/tao-cli Lightning checkpoints (student/teacher), ConvStem refusal, MAE/DeiT/timm ViT.
+"""MAL weight formats: TAO/tao-cli Lightning checkpoints (student/teacher), ConvStem vs the default spec,
+MAE/DeiT/timm ViT.
 
 The TAO layout comes from a checked-in key list (``data/tao_mal_tiny_keys.json``, written from TAO's module
 structure for ``configs/mal/tiny.yaml``); a state dict with exactly those names loads through the engine's
@@ -134,17 +135,23 @@ def test_tao_checkpoint_as_pretrained_model_path_gives_student_to_both(tmp_path)
             assert torch.equal(sd["teacher." + k[len("student."):]], v)  # TAO: student weights into both
 
 
-def test_convstem_checkpoint_is_recognised_and_refused_in_one_line(tmp_path):
+def test_convstem_checkpoint_with_the_default_spec_is_refused_naming_the_field(tmp_path):
+    """ConvStem files load with model.patch_embed=convstem (tests/networks/mal/test_convstem.py); with the default
+    'linear' the format says which field to set, in one line."""
     from networks.common.errors import CheckpointError
+    from networks.common.weight_formats import detect_format, read_source
+    from networks.mal.weight_formats import weight_formats
     from tao_cli.engine.actions import load_into
 
     state = {k: v for k, v in _tao_state().items() if "patch_embed.proj" not in k}
     state["student.backbone.patch_embed.proj.0.0.weight"] = torch.zeros(24, 3, 3, 3)
     f = tmp_path / "nvlabs_mal.pth"
     torch.save({"state_dict": state}, f)
+    assert detect_format(read_source(f), weight_formats()).name == "convstem"
     with pytest.raises(CheckpointError) as err:
-        load_into(_module(_cfg()), f, None, "mal", field="evaluate.checkpoint")
-    assert "ConvStem" in err.value.one_line() and "\n" not in err.value.one_line()
+        load_into(_module(_cfg()), f, None, "mal", model_cfg=_cfg().model, field="evaluate.checkpoint")
+    line = err.value.one_line()
+    assert "ConvStem" in line and "set model.patch_embed=convstem" in line and "\n" not in line
 
 
 def _timm_vit():
