@@ -59,11 +59,20 @@ def _patch_embed_of(model_cfg: Any, default: str) -> str:
     return str(getattr(model_cfg, "patch_embed", default)) if model_cfg is not None else default
 
 
+#: what each patch embedding's checkpoints are, for the message when the spec selects the other one
+_EMBED_ORIGIN = {"linear": "a linear patch embedding (TAO 6.25.7+ or tao-cli)",
+                 "convstem": "a ConvStem patch embedding (TAO 5.0-6.0 or NVlabs MAL)"}
+
+
+def _require_patch_embed(src: WeightSource, model_cfg: Any, file_embed: str) -> None:
+    chosen = _patch_embed_of(model_cfg, file_embed)
+    if chosen != file_embed:
+        raise CheckpointError(str(src.path), f"is a MAL checkpoint with {_EMBED_ORIGIN[file_embed]} but "
+                              f"model.patch_embed is '{chosen}'", f"set model.patch_embed={file_embed}")
+
+
 def _tao_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Tensor]:
-    chosen = _patch_embed_of(model_cfg, "linear")
-    if chosen != "linear":
-        raise CheckpointError(str(src.path), "is a MAL checkpoint with a linear patch embedding (TAO 6.25.7+ or "
-                              f"tao-cli) but model.patch_embed is '{chosen}'", "set model.patch_embed=linear")
+    _require_patch_embed(src, model_cfg, "linear")
     return _student_teacher(src)
 
 
@@ -80,10 +89,7 @@ def _student_teacher(src: WeightSource) -> dict[str, torch.Tensor]:
 def _convstem_to_state_dict(src: WeightSource, model_cfg: Any) -> dict[str, torch.Tensor]:
     """``student.*``/``teacher.*`` as they are (our ConvStem backbone has ORIG's names); ``model_cfg`` (when given)
     must select that backbone."""
-    chosen = _patch_embed_of(model_cfg, "convstem")
-    if chosen != "convstem":
-        raise CheckpointError(str(src.path), "is a MAL checkpoint with a ConvStem patch embedding (TAO 5.0-6.0 or "
-                              f"NVlabs MAL) but model.patch_embed is '{chosen}'", "set model.patch_embed=convstem")
+    _require_patch_embed(src, model_cfg, "convstem")
     return _student_teacher(src)
 
 
