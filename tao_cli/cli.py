@@ -446,6 +446,109 @@ def dataset_synthetic(
     _out.print("  formats: docs/formats.md", highlight=False)
 
 
+@dataset_app.command("stats")
+def dataset_stats_cmd(
+    file: Path = typer.Argument(..., help="COCO instance or panoptic JSON."),
+    plot: Path | None = typer.Option(None, "--plot", help="Directory for PNG histograms (classes, boxes per image)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the statistics as JSON to this file."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Images, instances per class, COCO size bins, crowd, empty images, boxes per image."""
+    def work() -> None:
+        from tao_cli.dataset_stats import dataset_stats, print_stats
+
+        stats, written = dataset_stats(file, plot_dir=plot, json_out=json_out)
+        print_stats(stats, file, _out)
+        for path in written:
+            _say(str(path))
+
+    _guarded(work, debug)
+
+
+@dataset_app.command("subset")
+def dataset_subset_cmd(
+    file: Path = typer.Argument(..., help="COCO instance or panoptic JSON, or ODVG JSON lines."),
+    out: Path = typer.Option(..., "--out", help="Output directory (the subset file keeps the input's name)."),
+    num: int = typer.Option(..., "-n", "--num", min=1, help="Number of images (ODVG: lines)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same files."),
+    by_class: bool = typer.Option(False, "--by-class", help="Represent every class when -n allows."),
+    images: Path | None = typer.Option(None, "--images", help="Image directory or archive (default: FILE's folder/images)."),
+    archive: bool = typer.Option(False, "--archive", help="Write the images as OUT/images.tar.gz."),
+    panoptic_dir: Path | None = typer.Option(None, "--panoptic-dir",
+                                             help="Panoptic PNG directory or archive (default: FILE's folder/panoptic)."),
+    label_map: Path | None = typer.Option(None, "--label-map",
+                                          help="ODVG label map to copy (default: <FILE stem>_labelmap.json if present)."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """A consistent, deterministic subset: images copied, ids re-indexed (layout: docs/datasets.md)."""
+    def work() -> None:
+        from networks.common.dataset_subset import subset
+
+        result = subset(file, out, num, seed=seed, by_class=by_class, images=images, archive=archive,
+                        panoptic_dir=panoptic_dir, label_map=label_map)
+        _say(f"{result['format']} subset: {result['images']} images, {result['annotations']} annotations")
+        for path in result["files"]:
+            _say(str(path))
+
+    _guarded(work, debug)
+
+
+@dataset_app.command("convert")
+def dataset_convert(
+    src: Path = typer.Argument(..., metavar="SRC", help="Source annotation file (COCO JSON or ODVG JSON lines)."),
+    from_format: str = typer.Option(..., "--from", help="Source format: coco, coco_panoptic, odvg."),
+    to_format: str = typer.Option(..., "--to", help="Target format: odvg, odvg_grounding, coco, semantic."),
+    out: Path = typer.Option(..., "--out", help="Output file (odvg, odvg_grounding, coco) or directory (semantic)."),
+    label_map: Path | None = typer.Option(None, "--label-map",
+                                          help="ODVG label map: written by coco→odvg (default <out>_labelmap.json), "
+                                               "read by odvg→coco."),
+    captions: Path | None = typer.Option(None, "--captions",
+                                         help="COCO captions file for coco→odvg_grounding (else the images' caption)."),
+    categories: Path | None = typer.Option(None, "--categories",
+                                           help="odvg→coco: COCO file whose categories give the ids (default: the "
+                                                "label-map keys 0..C-1)."),
+    images: Path | None = typer.Option(None, "--images", help="Image folder: sizes for odvg→coco, img paths for "
+                                                             "semantic.jsonl."),
+    panoptic_dir: Path | None = typer.Option(None, "--panoptic-dir",
+                                             help="Panoptic PNG folder (default: SRC without .json)."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Convert annotations exactly: coco→odvg, coco→odvg_grounding, odvg→coco, coco_panoptic→semantic."""
+    def work() -> None:
+        from tao_cli.dataset_convert import convert, summary_lines
+
+        result = convert(src, from_format, to_format, out, label_map=label_map, captions=captions,
+                         categories=categories, images=images, panoptic_dir=panoptic_dir)
+        for line in summary_lines(result):
+            _out.print(line, highlight=False, markup=False)
+
+    _guarded(work, debug)
+
+
+@dataset_app.command("validate")
+def dataset_validate(
+    file: Path = typer.Argument(..., metavar="FILE",
+                                help="COCO / COCO-panoptic JSON, ODVG .jsonl, or a semantic mask directory."),
+    images: Path | None = typer.Option(None, "--images", help="Image directory: check files exist and decode."),
+    fmt: str | None = typer.Option(None, "--format", help="coco, coco_panoptic, odvg or semantic (default: detected)."),
+    masks: Path | None = typer.Option(None, "--masks", help="Panoptic PNG directory (default: beside the JSON)."),
+    label_map: Path | None = typer.Option(None, "--label-map", help="ODVG label map: labels must exist in it."),
+    all_images: bool = typer.Option(False, "--all", help="Decode every image/PNG, not a sample of 20."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    max_lines: int = typer.Option(50, "--max-lines", min=0, help="Problems printed one per line; then counts."),
+    debug: bool = typer.Option(False, "--debug", help="Full tracebacks."),
+) -> None:
+    """Check every record of a dataset file; exit 2 when anything would make training or a metric wrong."""
+    def work() -> None:
+        from tao_cli.dataset_validate import validate
+
+        code = validate(file, fmt=fmt, images=images, masks=masks, label_map=label_map, all_images=all_images,
+                        json_out=json_out, max_lines=max_lines, console=_out)
+        raise typer.Exit(code)
+
+    _guarded(work, debug)
+
+
 @weights_app.command("inspect")
 def weights_inspect(
     file: Path = typer.Argument(..., metavar="FILE", help="Weights file or Hugging Face model directory."),
