@@ -34,6 +34,7 @@ __all__ = [
     "rgb2id",
     "id2rgb",
     "load_panoptic_png",
+    "load_odvg_label_map",
 ]
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -307,3 +308,14 @@ def load_panoptic_png(path: str | os.PathLike) -> np.ndarray:
         raise DataError(str(p), "panoptic PNG does not exist", "check panoptic_dir and the annotation file_name")
     with Image.open(p) as im:
         return rgb2id(np.asarray(im.convert("RGB")))
+
+
+def load_odvg_label_map(path: str | os.PathLike, field: str = "label_map") -> dict[str, str]:
+    """ODVG label map ``{"0": "person", ...}`` → ``{label key: name}``; DataError on a missing/bad file, naming
+    ``field``.  (Mask2Former's label map is another format: a list of ``{id, name, color, isthing}``.)"""
+    data = read_json(path, field=field, hint=f"point {field} at the ODVG label-map JSON",
+                     invalid_hint="fix the label map")
+    if not isinstance(data, dict) or not data:
+        raise DataError(str(Path(os.path.expanduser(str(path)))),
+                        "must be a non-empty JSON object {\"0\": \"name\", ...}")
+    return {str(k): str(v) for k, v in data.items()}

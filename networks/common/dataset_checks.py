@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from networks.common.coco_io import ann_to_rle, load_coco, short_polygon, validate_coco, validate_panoptic
+from networks.common.coco_io import (
+    ann_to_rle,
+    load_coco,
+    load_odvg_label_map,
+    short_polygon,
+    validate_coco,
+    validate_panoptic,
+)
 from networks.common.errors import DataError
 from networks.common.io import read_json
 
@@ -454,15 +461,6 @@ def _unique(arr: Any) -> Iterable[int]:
 
 
 # ----------------------------------------------------------------------------------------------- ODVG
-def _read_label_map(path: str | os.PathLike) -> dict[str, str]:
-    """The ODVG label map as the Mask Grounding DINO loader reads it (``{"0": "name", ...}``)."""
-    data = read_json(path, field="--label-map", hint="point --label-map at the ODVG label-map JSON",
-                     invalid_hint="fix the label map")
-    if not isinstance(data, dict) or not data:
-        raise DataError(str(path), "must be a non-empty JSON object {\"0\": \"name\", ...}")
-    return {str(k): str(v) for k, v in data.items()}
-
-
 def check_odvg(path: str | os.PathLike, *, images: str | os.PathLike | None = None,
                label_map: str | os.PathLike | None = None, sample: int | None = DEFAULT_SAMPLE) -> _Report:
     """Every rule on an ODVG JSON-lines file (problems named ``file:line``): each line parses to an object with
@@ -473,7 +471,7 @@ def check_odvg(path: str | os.PathLike, *, images: str | os.PathLike | None = No
     rep = _Report()
     if not p.is_file():
         raise DataError(str(p), "does not exist", "give an ODVG .jsonl file")
-    lm = _read_label_map(label_map) if label_map is not None else None
+    lm = load_odvg_label_map(label_map, "--label-map") if label_map is not None else None
     lines = boxes = 0
     files: list[tuple[str, dict]] = []
     with open(p, encoding="utf-8", errors="replace") as fh:

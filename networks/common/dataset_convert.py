@@ -45,6 +45,7 @@ import numpy as np
 from networks.common.coco_io import (
     ann_to_rle,
     load_coco,
+    load_odvg_label_map,
     load_panoptic_png,
     rle_area,
     short_polygon,
@@ -148,14 +149,6 @@ def label_map_from_categories(categories: list, where: str) -> tuple[dict[str, s
     if not label_map:
         raise DataError(where, "has no categories", "an instances file lists its categories")
     return label_map, label_of
-
-
-def _read_label_map(path: str | os.PathLike) -> dict[str, str]:
-    data = read_json(path, field="--label-map", hint="give the ODVG label-map JSON written with the ODVG file",
-                     invalid_hint="fix the label map")
-    if not isinstance(data, dict) or not data:
-        raise DataError(str(path), "must be a non-empty JSON object {\"0\": \"name\", ...}")
-    return {str(k): str(v) for k, v in data.items()}
 
 
 def _captions_by_image(captions: str | os.PathLike | None, doc: dict) -> dict[Any, str]:
@@ -314,7 +307,7 @@ def odvg_to_coco(src: str | os.PathLike, label_map: str | os.PathLike, out: str 
     ``mask``, a bbox that is not 4 finite numbers or is inverted, a polygon ring of fewer than 3 points.
     """
     lm_where = str(label_map)
-    lmap = _read_label_map(label_map)
+    lmap = load_odvg_label_map(label_map, "--label-map")
     categories, cat_id = _categories_for(lmap, categories_from, lm_where)
     p = Path(os.path.expanduser(str(src)))
     if not p.is_file():

@@ -54,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
-from networks.common.coco_io import short_polygon
+from networks.common.coco_io import load_odvg_label_map, short_polygon
 from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
 from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_loader
@@ -88,19 +88,6 @@ SIZE_DIVISIBILITY = 32
 
 
 # ------------------------------------------------------------------------------------------- reading
-def load_odvg_label_map(path: str | os.PathLike, field: str) -> dict[str, str]:
-    """ODVG label map ``{"0": "person", ...}`` → ``{label key: name}``; DataError on a missing/bad file.
-
-    (Mask2Former's ``load_label_map`` reads another format: a list of ``{id, name, color, isthing}``.)
-    """
-    data = read_json(path, field=field, hint="point label_map at the ODVG label-map JSON",
-                     invalid_hint="fix the label map")
-    if not isinstance(data, dict) or not data:
-        raise DataError(str(Path(os.path.expanduser(str(path)))),
-                        "must be a non-empty JSON object {\"0\": \"name\", ...}")
-    return {str(k): str(v) for k, v in data.items()}
-
-
 @dataclass
 class OdvgRecord:
     """One ODVG line: image file, boxes (xyxy px as written), per-box class key (detection) or phrase
