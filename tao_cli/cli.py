@@ -9,6 +9,10 @@
     tao plot RUN_DIR [RUN_DIR ...] [--out DIR]
     tao dataset synthetic --out DIR [--seed S]
     tao dataset browse <net> [--spec SPEC] [--action A] --out DIR [--num N] [KEY=VALUE ...]
+    tao dataset validate FILE [--images DIR] [--format F] [--all] [--json OUT]
+    tao dataset stats FILE [--plot DIR] [--json OUT]
+    tao dataset subset FILE --out DIR -n N [--seed S] [--by-class] [--archive]
+    tao dataset convert --from F --to T SRC --out OUT [--label-map F] [--captions F]
     tao weights inspect FILE [--network NET]
     tao weights convert <net> SRC --out FILE [--format NAME] [-e SPEC] [KEY=VALUE ...]
     tao info
