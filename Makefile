@@ -1,4 +1,5 @@
 # tao-cli developer commands. Every target installs what is missing first.
+# PY only creates .venv on a fresh machine (there is no venv yet to call); every target then runs $(BIN)/...
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -95,7 +95,7 @@ def main() -> dict:
     for name, m in (("untrained", before), ("trained", after)):
         print(f"{name:10s}" + "".join(f"{m[k]:13.3f}" for k in KEYS))
     print(f"training: {epochs} epochs in {seconds:.0f} s (gIoU = mIoU, cIoU = overall_IoU)")
-    result = {"config": {"spec": str(spec), "epochs": epochs, "images": images, "train_seconds": round(seconds, 1)},
+    result = {"config": {"spec": spec.relative_to(Path(__file__).resolve().parents[1]).as_posix(), "epochs": epochs, "images": images, "train_seconds": round(seconds, 1)},
               "untrained": before, "trained": after, "curve": curve}
     atomic_write_json(RESULTS / "learn_rela.json", result, indent=2)
     print(f"results written to {RESULTS / 'learn_rela.json'}")
