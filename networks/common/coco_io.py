@@ -8,8 +8,6 @@ in column-major order starting with a run of zeros.  Panoptic PNGs store a segme
 """
 from __future__ import annotations
 
-import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,6 @@ from networks.common.io import read_json
 
 __all__ = [
     "load_coco",
-    "validate_coco",
-    "validate_panoptic",
-    "short_polygon",
     "ann_to_mask",
     "ann_to_rle",
     "mask_to_rle",
@@ -58,123 +53,6 @@ def load_coco(path: str | os.PathLike, *, field: str, required: tuple[str, ...] 
         if not isinstance(data[key], list):
             raise DataError(str(p), f"'{key}' must be a list, got {type(data[key]).__name__}")
     return data
-
-
-def short_polygon(segmentation: Any) -> bool:
-    """True when ``segmentation`` is a polygon list (``[[x,y,...], ...]`` or one flat ``[x,y,...]``) with a ring
-    of fewer than 3 points (< 6 numbers): such a ring has no area, so its mask is empty or smaller than drawn."""
-    if not isinstance(segmentation, list) or not segmentation:
-        return False
-    rings = segmentation if isinstance(segmentation[0], (list, tuple)) else [segmentation]
-    return any(isinstance(r, (list, tuple)) and len(r) < 6 for r in rings)
-
-
-def _ann_label(ann: Any, k: int) -> str:
-    aid = ann.get("id") if isinstance(ann, dict) else None
-    return f"annotation id {aid}" if aid is not None else f"annotations[{k}]"
-
-
-def _image_ids(doc: dict, where: str) -> set:
-    """Ids of ``doc['images']``; DataError for an entry without ``id`` or an id listed twice."""
-    ids: set = set()
-    for k, img in enumerate(doc["images"]):
-        if not isinstance(img, dict) or "id" not in img:
-            raise DataError(where, f"images[{k}] has no 'id'", "every image entry needs a unique id")
-        if img["id"] in ids:
-            raise DataError(where, f"image id {img['id']} appears twice in 'images'",
-                            "give every image a unique id (annotations would be matched to the wrong image)")
-        ids.add(img["id"])
-    return ids
-
-
-def validate_coco(doc: dict, path: str | os.PathLike, *, need_segmentation: bool = False, need_bbox: bool = False,
-                  need_annotations: bool = False, train: bool = False,
-                  segmentation_hint: str = "give every annotation a polygon or RLE 'segmentation'",
-                  log: logging.Logger | None = None) -> dict:
-    """Check the records of a COCO instances file (as returned by :func:`load_coco`) before anything uses them.
-
-    One :class:`DataError` with subject ``path`` naming the first bad record, for: an image id listed twice; an
-    annotation that is not an object, whose ``id`` is used twice or whose ``image_id`` is not in ``images``; a
-    ``bbox`` (checked when present, required with ``need_bbox``) that is not 4 finite numbers or has a negative
-    width or height; with ``need_annotations``, no annotation at all (nothing to score or learn); with
-    ``need_segmentation``, an annotation without ``segmentation`` or — unless ``train`` — with a polygon ring of
-    fewer than 3 points.  With ``train`` (and ``need_segmentation``) annotations with such a ring are dropped
-    instead and one warning gives their count.  Returns ``doc``, or a shallow copy without the dropped annotations.
-    """
-    where = str(path)
-    images = _image_ids(doc, where)
-    anns = doc["annotations"]
-    if need_annotations and not anns:
-        raise DataError(where, "has no annotations: there is nothing to score or learn from",
-                        "check that this is the right file (it lists images but no objects)")
-    seen: set = set()
-    short: list[str] = []
-    for k, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            raise DataError(where, f"annotations[{k}] is not an object")
-        label = _ann_label(ann, k)
-        aid = ann.get("id")
-        if aid is not None:
-            if aid in seen:
-                raise DataError(where, f"{label} is used twice", "annotation ids must be unique")
-            seen.add(aid)
-        if ann.get("image_id") not in images:
-            raise DataError(where, f"{label} refers to unknown image_id {ann.get('image_id')!r} (not in 'images')",
-                            "add the image entry or remove the annotation")
-        if need_bbox or "bbox" in ann:
-            try:
-                box = [float(v) for v in ann.get("bbox")]
-            except (TypeError, ValueError):
-                box = []
-            if len(box) != 4 or not all(math.isfinite(v) for v in box):
-                raise DataError(where, f"{label} has bbox {ann.get('bbox')!r}", "bbox must be [x, y, w, h] numbers")
-            if box[2] < 0 or box[3] < 0:
-                raise DataError(where, f"{label} has bbox {ann.get('bbox')!r} with a negative width or height",
-                                "COCO boxes are [x, y, width, height] with width, height >= 0")
-        if need_segmentation:
-            seg = ann.get("segmentation")
-            if seg is None or (not seg and seg != []):
-                raise DataError(where, f"{label} has no 'segmentation'", segmentation_hint)
-            if short_polygon(seg):
-                if not train:
-                    raise DataError(where, f"{label} has a polygon with fewer than 3 points (its mask would be "
-                                    "empty and the metric wrong)", "fix or remove the polygon")
-                short.append(label)
-    if not short:
-        return doc
-    (log or logging.getLogger("tao")).warning(
-        "%s: skipped %d annotation(s) with a polygon of fewer than 3 points (first: %s)", where, len(short), short[0])
-    dropped = {id(a) for a in anns if isinstance(a, dict) and short_polygon(a.get("segmentation"))}
-    return {**doc, "annotations": [a for a in anns if id(a) not in dropped]}
-
-
-def validate_panoptic(doc: dict, path: str | os.PathLike, *, need_annotations: bool = False) -> dict:
-    """Check the records of a COCO panoptic file (as returned by :func:`load_coco`); returns ``doc``.
-
-    One :class:`DataError` with subject ``path`` for: an image id listed twice; an annotation that is not an
-    object, whose ``image_id`` is not in ``images`` or is annotated twice; with ``need_annotations``, no segment
-    in any annotation (nothing to score or learn).
-    """
-    where = str(path)
-    images = _image_ids(doc, where)
-    annotated: set = set()
-    segments = 0
-    for k, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict):
-            raise DataError(where, f"annotations[{k}] is not an object")
-        image_id = ann.get("image_id")
-        if image_id not in images:
-            raise DataError(where, f"annotations[{k}] (image_id {image_id!r}) refers to an image that is not in "
-                            "'images'", "add the image entry or remove the annotation")
-        if image_id in annotated:
-            raise DataError(where, f"annotations[{k}]: image_id {image_id!r} has a second annotation",
-                            "a panoptic file has one annotation (one PNG) per image")
-        annotated.add(image_id)
-        segments += len(ann.get("segments_info") or [])
-    if need_annotations and not segments:
-        raise DataError(where, "has no annotations: no image has a segment, there is nothing to score or learn from",
-                        "check that this is the right file")
-    return doc
 
 
 def _bad(where: str | None, problem: str) -> DataError:

@@ -5,57 +5,34 @@ One function per format — :func:`check_coco`, :func:`check_panoptic`, :func:`c
 JSON lines or ``file: <record id>`` for JSON, a one-line message, and the ``rule`` it broke).  :func:`check_file`
 detects the format from the content and dispatches.
 
-Agreement with the loaders: the rules reuse the loaders' own helpers (``load_coco``/``read_json`` for the top
-level, ``short_polygon`` for polygon rings, ``ann_to_rle`` for RLE size/counts), and after the per-record pass the
-loaders' validators (``validate_coco``/``validate_panoptic``) are run on the same document: if they would refuse
-it while this pass found no error, their refusal is reported as an error.  ``validate`` therefore never passes a
-file a loader refuses.  It is stricter in places (boxes outside the image, unknown category ids, images that do
-not exist or decode with another size), because those make a metric wrong without any loader noticing.
+Agreement with the loaders: the record rules are not here.  They live once in
+``networks/common/dataset_rules.py`` (:func:`coco_problems`, :func:`panoptic_problems`,
+:func:`odvg_record_problems`), which the networks' loaders apply too; this module only adds what a loader cannot
+see without reading every file: image files that do not exist or decode with another size, panoptic PNG ids
+that do not match ``segments_info``, and semantic mask directories.  ``validate`` and a loader therefore differ
+only in policy (``dataset_rules``' module docstring): a loader stops at the first error and a training loader
+repairs short polygons and boxes outside the image, which ``validate`` reports as errors.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from networks.common.coco_io import (
-    ann_to_rle,
-    load_coco,
-    load_odvg_label_map,
-    short_polygon,
-    validate_coco,
-    validate_panoptic,
-)
+from networks.common.coco_io import load_coco, load_odvg_label_map
+from networks.common.dataset_rules import Problem, coco_problems, odvg_line_problems, panoptic_problems
 from networks.common.errors import DataError
 from networks.common.io import read_json
 
-__all__ = ["Problem", "FORMATS", "detect_format", "check_file", "check_coco", "check_panoptic", "check_odvg",
+__all__ = ["Problem", "FORMATS", "detect_format", "sniff_format", "check_file", "check_coco", "check_panoptic", "check_odvg",
            "check_semantic", "DEFAULT_SAMPLE"]
 
 FORMATS = ("coco", "coco_panoptic", "odvg", "semantic")
 DEFAULT_SAMPLE = 20
-# A box may exceed the image by this much (pixels) before it counts as outside: COCO's own boxes are rounded
-# polygon extents and overshoot by a fraction of a pixel.
-BOX_TOLERANCE = 1.0
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: ``severity`` is ``"error"`` (a loader would refuse it or a metric would be wrong) or
-    ``"warning"`` (suspicious but usable); ``where`` names the file and record; ``rule`` is the kind."""
-
-    severity: str
-    where: str
-    message: str
-    rule: str
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 class _Report:
@@ -84,12 +61,13 @@ def detect_format(path: str | os.PathLike) -> str:
     p = Path(os.path.expanduser(str(path)))
     if p.is_dir():
         return "semantic"
-    fmt, _ = _sniff(p)
+    fmt, _ = sniff_format(p)
     return fmt
 
 
-def _sniff(p: Path) -> tuple[str, Any]:
-    """(format, parsed document or None) — the COCO document is returned so it is parsed only once."""
+def sniff_format(p: Path) -> tuple[str, Any]:
+    """``(format, parsed document or None)`` of the file ``p`` (see :func:`detect_format`); the COCO document is
+    returned so that the caller parses it only once."""
     if not p.is_file():
         raise DataError(str(p), "does not exist", "give a COCO/panoptic JSON, an ODVG .jsonl or a mask directory")
     if p.suffix.lower() in (".jsonl", ".odvg"):
@@ -151,7 +129,7 @@ def check_file(path: str | os.PathLike, fmt: str | None = None, *, images: str |
         detected, doc = "odvg", None
     else:
         try:
-            detected, doc = _sniff(p)
+            detected, doc = sniff_format(p)
         except DataError as exc:
             if not p.is_file():
                 raise
@@ -186,89 +164,6 @@ def _load(p: Path, doc: Any, rep: _Report) -> dict | None:
         return None
 
 
-def _check_images(where: str, doc: dict, rep: _Report) -> dict:
-    """``{image id: image entry}``; errors for entries without an id, duplicate ids and bad sizes."""
-    by_id: dict = {}
-    for k, img in enumerate(doc["images"]):
-        if not isinstance(img, dict) or "id" not in img:
-            rep.error(f"{where}: images[{k}]", "has no 'id'", "image_id_missing")
-            continue
-        iid = img["id"]
-        label = f"{where}: image id {iid}"
-        if iid in by_id:
-            rep.error(label, "appears twice in 'images'", "image_id_duplicate")
-            continue
-        by_id[iid] = img
-        w, h = img.get("width"), img.get("height")
-        if not (_num(w) and _num(h) and w > 0 and h > 0):
-            rep.error(label, f"has width {w!r}, height {h!r} (need positive numbers)", "image_size")
-        if not isinstance(img.get("file_name"), str) or not img.get("file_name"):
-            rep.error(label, "has no 'file_name'", "image_file_name")
-    rep.stats["images"] = len(by_id)
-    return by_id
-
-
-def _check_categories(where: str, doc: dict, rep: _Report) -> set:
-    ids: set = set()
-    for k, cat in enumerate(doc["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat:
-            rep.error(f"{where}: categories[{k}]", "has no 'id'", "category_id_missing")
-            continue
-        if cat["id"] in ids:
-            rep.error(f"{where}: category id {cat['id']}", "appears twice in 'categories'", "category_id_duplicate")
-        ids.add(cat["id"])
-    rep.stats["categories"] = len(ids)
-    return ids
-
-
-def _check_box(label: str, box: Any, img: dict | None, rep: _Report, *, xyxy: bool = False) -> None:
-    """Box rule: 4 finite numbers, non-negative extent, inside the image (± BOX_TOLERANCE)."""
-    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_num(v) for v in box):
-        rep.error(label, f"has bbox {box!r} (need 4 finite numbers)", "bbox_not_finite")
-        return
-    x0, y0 = box[0], box[1]
-    x1, y1 = (box[2], box[3]) if xyxy else (box[0] + box[2], box[1] + box[3])
-    if x1 < x0 or y1 < y0:
-        rep.error(label, f"has bbox {list(box)!r} with a negative width or height", "bbox_negative")
-        return
-    if img is None:
-        return
-    w, h = img.get("width"), img.get("height")
-    if not (_num(w) and _num(h)):
-        return
-    t = BOX_TOLERANCE
-    if x0 < -t or y0 < -t or x1 > w + t or y1 > h + t:
-        rep.error(label, f"has bbox {list(box)!r} outside its {w}x{h} image", "bbox_outside_image")
-
-
-def _check_segmentation(label: str, seg: Any, img: dict | None, rep: _Report) -> None:
-    """Polygon rule (numbers, even count, ≥ 3 points: ``short_polygon``) and RLE rule (``ann_to_rle``)."""
-    if isinstance(seg, list):
-        rings = seg if seg and isinstance(seg[0], (list, tuple)) else [seg]
-        for ring in rings:
-            if not isinstance(ring, (list, tuple)) or not all(_num(v) for v in ring):
-                rep.error(label, "has a polygon whose coordinates are not finite numbers", "polygon_values")
-                return
-            if len(ring) % 2:
-                rep.error(label, f"has a polygon with an odd number of coordinates ({len(ring)})", "polygon_values")
-                return
-        if short_polygon(seg):
-            rep.error(label, "has a polygon with fewer than 3 points (its mask would be empty)", "polygon_short")
-        return
-    if isinstance(seg, dict):
-        if img is None or not (_num(img.get("height")) and _num(img.get("width"))):
-            return
-        try:
-            ann_to_rle(seg, int(img["height"]), int(img["width"]), where=label)
-        except DataError as exc:
-            rep.error(label, exc.problem, "rle")
-        except (TypeError, ValueError) as exc:
-            rep.error(label, f"has an unreadable RLE ({exc})", "rle")
-        return
-    rep.error(label, f"has a segmentation of type {type(seg).__name__} (need a polygon list or an RLE dict)",
-              "segmentation_type")
-
-
 def _sample(items: list, n: int | None) -> list:
     """``n`` evenly spaced items (all when ``n`` is None): deterministic, and spread over the whole file."""
     if n is None or len(items) <= n:
@@ -297,68 +192,40 @@ def _check_image_file(label: str, path: Path, size: tuple[Any, Any] | None, rep:
     return wh
 
 
-def _loader_backstop(rep: _Report, run: Callable[[], Any]) -> None:
-    """Run a loader's validator; if it refuses a file this pass found clean, report its refusal."""
-    if rep.has_error:
-        return
-    try:
-        run()
-    except DataError as exc:
-        rep.error(exc.subject, exc.problem, "loader_refusal")
-
-
 # ----------------------------------------------------------------------------------------------- COCO
+def _image_files(where: str, by_id: dict, images: str | os.PathLike, sample: int | None, rep: _Report) -> int:
+    """Image-file rule on ``sample`` evenly spaced images of ``by_id``; returns how many were checked."""
+    root = Path(os.path.expanduser(str(images)))
+    chosen = [img for img in _sample(list(by_id.values()), sample) if isinstance(img.get("file_name"), str)]
+    for img in chosen:
+        _check_image_file(f"{where}: image id {img['id']}", root / img["file_name"],
+                          (img.get("width"), img.get("height")), rep)
+    return len(chosen)
+
+
+def _by_id(doc: dict) -> dict:
+    return {img["id"]: img for img in doc["images"] if isinstance(img, dict) and "id" in img}
+
+
+def _count_categories(doc: dict) -> int:
+    return len({c["id"] for c in doc["categories"] if isinstance(c, dict) and "id" in c})
+
+
 def check_coco(path: str | os.PathLike, doc: dict | None = None, *, images: str | os.PathLike | None = None,
                sample: int | None = DEFAULT_SAMPLE) -> _Report:
-    """Every rule on a COCO instances file (``doc`` = its parsed content, read from ``path`` when None)."""
+    """The shared COCO rules (:func:`coco_problems`) on every record of a COCO instances file (``doc`` = its
+    parsed content, read from ``path`` when None), plus the image-file rule with ``images``."""
     p = Path(path)
-    where = str(p)
     rep = _Report()
     doc = _load(p, doc, rep)
     if doc is None:
         return rep
-    by_id = _check_images(where, doc, rep)
-    cats = _check_categories(where, doc, rep)
-    seen: set = set()
-    n = 0
-    for k, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict):
-            rep.error(f"{where}: annotations[{k}]", "is not an object", "annotation_type")
-            continue
-        n += 1
-        aid = ann.get("id")
-        label = f"{where}: annotation id {aid}" if aid is not None else f"{where}: annotations[{k}]"
-        if aid is None:
-            rep.error(label, "has no 'id'", "annotation_id_missing")
-        elif aid in seen:
-            rep.error(label, "is used twice", "annotation_id_duplicate")
-        else:
-            seen.add(aid)
-        img = by_id.get(ann.get("image_id"))
-        if img is None:
-            rep.error(label, f"refers to unknown image_id {ann.get('image_id')!r}", "image_ref")
-        if ann.get("category_id") not in cats:
-            rep.error(label, f"refers to unknown category_id {ann.get('category_id')!r}", "category_ref")
-        if "bbox" in ann:
-            _check_box(label, ann["bbox"], img, rep)
-        else:
-            rep.warn(label, "has no 'bbox'", "bbox_missing")
-        if "segmentation" in ann:
-            _check_segmentation(label, ann["segmentation"], img, rep)
-        if ann.get("iscrowd", 0) not in (0, 1):
-            rep.error(label, f"has iscrowd {ann.get('iscrowd')!r} (need 0 or 1)", "iscrowd")
-    rep.stats["annotations"] = n
-    if not n:
-        rep.warn(where, "has no annotations: there is nothing to score or learn from", "no_annotations")
+    rep.problems.extend(coco_problems(doc, p))
+    by_id = _by_id(doc)
+    rep.stats.update(images=len(by_id), categories=_count_categories(doc),
+                     annotations=sum(isinstance(a, dict) for a in doc["annotations"]))
     if images is not None:
-        root = Path(os.path.expanduser(str(images)))
-        chosen = _sample(list(by_id.values()), sample)
-        for img in chosen:
-            if isinstance(img.get("file_name"), str):
-                _check_image_file(f"{where}: image id {img['id']}", root / img["file_name"],
-                                  (img.get("width"), img.get("height")), rep)
-        rep.stats["image_files_checked"] = len(chosen)
-    _loader_backstop(rep, lambda: validate_coco(doc, p))
+        rep.stats["image_files_checked"] = _image_files(str(p), by_id, images, sample, rep)
     return rep
 
 
@@ -374,8 +241,9 @@ def _panoptic_dir(p: Path, masks: str | os.PathLike | None) -> Path | None:
 
 def check_panoptic(path: str | os.PathLike, doc: dict | None = None, *, images: str | os.PathLike | None = None,
                    masks: str | os.PathLike | None = None, sample: int | None = DEFAULT_SAMPLE) -> _Report:
-    """Every rule on a COCO panoptic file; PNGs (``masks`` dir, see :func:`check_file`) of ``sample`` images are
-    decoded and their segment ids compared with ``segments_info``."""
+    """The shared panoptic rules (:func:`panoptic_problems`) on every record; then the PNGs (``masks`` dir, see
+    :func:`check_file`) of ``sample`` annotations are decoded and their segment ids compared with
+    ``segments_info``, and with ``images`` the image-file rule."""
     from networks.common.coco_io import load_panoptic_png
 
     p = Path(path)
@@ -384,49 +252,16 @@ def check_panoptic(path: str | os.PathLike, doc: dict | None = None, *, images: 
     doc = _load(p, doc, rep)
     if doc is None:
         return rep
-    by_id = _check_images(where, doc, rep)
-    cats = _check_categories(where, doc, rep)
-    annotated: set = set()
-    usable: list[tuple[str, dict]] = []
-    segments = 0
-    for k, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict):
-            rep.error(f"{where}: annotations[{k}]", "is not an object", "annotation_type")
-            continue
-        iid = ann.get("image_id")
-        label = f"{where}: annotations[{k}] (image id {iid})"
-        img = by_id.get(iid)
-        if img is None:
-            rep.error(label, f"refers to unknown image_id {iid!r}", "image_ref")
-        elif iid in annotated:
-            rep.error(label, "is a second annotation of this image", "image_annotated_twice")
-        annotated.add(iid)
-        if not isinstance(ann.get("file_name"), str):
-            rep.error(label, "has no PNG 'file_name'", "png_file_name")
-        infos = ann.get("segments_info")
-        if not isinstance(infos, list):
-            rep.error(label, "has no 'segments_info' list", "segments_info")
-            continue
-        ids: set = set()
-        for j, seg in enumerate(infos):
-            slabel = f"{label} segment {seg.get('id') if isinstance(seg, dict) else j}"
-            if not isinstance(seg, dict) or not isinstance(seg.get("id"), int) or seg["id"] <= 0:
-                rep.error(slabel, "has no positive integer 'id'", "segment_id")
-                continue
-            if seg["id"] in ids:
-                rep.error(slabel, "is listed twice in segments_info", "segment_id_duplicate")
-            ids.add(seg["id"])
-            if seg.get("category_id") not in cats:
-                rep.error(slabel, f"refers to unknown category_id {seg.get('category_id')!r}", "category_ref")
-            if "bbox" in seg:
-                _check_box(slabel, seg["bbox"], img, rep)
-        segments += len(infos)
-        if img is not None and isinstance(ann.get("file_name"), str):
-            usable.append((label, ann))
-    rep.stats["annotations"] = len(annotated)
-    rep.stats["segments"] = segments
-    if not segments:
-        rep.warn(where, "has no segments: there is nothing to score or learn from", "no_annotations")
+    rep.problems.extend(panoptic_problems(doc, p))
+    by_id = _by_id(doc)
+    anns = doc["annotations"]
+    # PNGs are compared only for annotations whose record is sound (known image, a PNG name, a segments list)
+    usable = [(f"{where}: annotations[{k}] (image id {a.get('image_id')})", a) for k, a in enumerate(anns)
+              if isinstance(a, dict) and a.get("image_id") in by_id and isinstance(a.get("file_name"), str)
+              and isinstance(a.get("segments_info"), list)]
+    rep.stats.update(images=len(by_id), categories=_count_categories(doc),
+                     annotations=len({a.get("image_id") for a in anns if isinstance(a, dict)}),
+                     segments=sum(len(a.get("segments_info") or []) for a in anns if isinstance(a, dict)))
     png_dir = _panoptic_dir(p, masks)
     chosen = _sample(usable, sample)
     if png_dir is not None:
@@ -445,12 +280,7 @@ def check_panoptic(path: str | os.PathLike, doc: dict | None = None, *, images: 
     else:
         rep.warn(where, "no panoptic PNG directory found (give --masks DIR): PNG ids not checked", "png_dir")
     if images is not None:
-        root = Path(os.path.expanduser(str(images)))
-        for img in _sample(list(by_id.values()), sample):
-            if isinstance(img.get("file_name"), str):
-                _check_image_file(f"{where}: image id {img['id']}", root / img["file_name"],
-                                  (img.get("width"), img.get("height")), rep)
-    _loader_backstop(rep, lambda: validate_panoptic(doc, p))
+        rep.stats["image_files_checked"] = _image_files(where, by_id, images, sample, rep)
     return rep
 
 
@@ -463,10 +293,8 @@ def _unique(arr: Any) -> Iterable[int]:
 # ----------------------------------------------------------------------------------------------- ODVG
 def check_odvg(path: str | os.PathLike, *, images: str | os.PathLike | None = None,
                label_map: str | os.PathLike | None = None, sample: int | None = DEFAULT_SAMPLE) -> _Report:
-    """Every rule on an ODVG JSON-lines file (problems named ``file:line``): each line parses to an object with
-    ``file_name`` and ``detection.instances`` or ``grounding.regions``; labels exist in ``label_map`` (when
-    given); each instance/region has a ``mask`` and a finite, non-inverted xyxy box inside its image (when the
-    line has ``height``/``width``); polygon and RLE rules as for COCO."""
+    """The shared ODVG rules (:func:`odvg_record_problems`; problems named ``file:line``) on every line, with
+    labels checked against ``label_map`` when given; plus the image-file rule with ``images``."""
     p = Path(os.path.expanduser(str(path)))
     rep = _Report()
     if not p.is_file():
@@ -474,54 +302,19 @@ def check_odvg(path: str | os.PathLike, *, images: str | os.PathLike | None = No
     lm = load_odvg_label_map(label_map, "--label-map") if label_map is not None else None
     lines = boxes = 0
     files: list[tuple[str, dict]] = []
-    with open(p, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            lines += 1
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rep.error(where, f"not valid JSON ({exc.msg})", "json_line")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
-                rep.error(where, "is not a JSON object with 'file_name'", "odvg_record")
-                continue
-            img = obj if _num(obj.get("height")) and _num(obj.get("width")) else None
-            files.append((where, obj))
-            if "detection" in obj:
-                det = obj["detection"]
-                items = det.get("instances") if isinstance(det, dict) else None
-                kind, key = "instance", "label"
-            elif "grounding" in obj:
-                gr = obj["grounding"]
-                items = gr.get("regions", []) if isinstance(gr, dict) else None
-                kind, key = "region", "phrase"
-            else:
-                rep.error(where, "has neither 'detection' nor 'grounding'", "odvg_record")
-                continue
-            if not isinstance(items, list):
-                rep.error(where, f"has no {kind} list", "odvg_record")
-                continue
-            for j, item in enumerate(items):
-                label = f"{where} {kind} {j}"
-                if not isinstance(item, dict):
-                    rep.error(label, "is not an object", "odvg_record")
-                    continue
-                boxes += 1
-                if kind == "instance":
-                    if lm is not None and str(item.get("label")) not in lm:
-                        rep.error(label, f"label {item.get('label')!r} is not in the label map", "label_unknown")
-                elif not str(item.get(key, "")).strip():
-                    rep.error(label, "has no phrase", "phrase_missing")
-                _check_box(label, item.get("bbox"), img, rep, xyxy=True)
-                if "mask" not in item:
-                    rep.error(label, "has no 'mask'", "mask_missing")
-                else:
-                    _check_segmentation(label, item["mask"], img, rep)
+    for where, obj, problems in odvg_line_problems(p, label_map=lm):
+        lines += 1
+        rep.problems.extend(problems)
+        if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
+            continue
+        files.append((where, obj))
+        body = obj.get("detection", obj.get("grounding"))
+        items = body.get("instances", body.get("regions")) if isinstance(body, dict) else None
+        boxes += len(items) if isinstance(items, list) else 0
     rep.stats["lines"] = lines
     rep.stats["boxes"] = boxes
+    if not boxes:
+        rep.warn(str(p), "has no instances or regions: there is nothing to score or learn from", "no_annotations")
     if images is not None:
         root = Path(os.path.expanduser(str(images)))
         chosen = _sample(files, sample)

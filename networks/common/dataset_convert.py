@@ -48,7 +48,11 @@ from networks.common.coco_io import (
     load_odvg_label_map,
     load_panoptic_png,
     rle_area,
-    short_polygon,
+)
+from networks.common.dataset_rules import (
+    odvg_line_problems,
+    raise_first,
+    record_kind,
     validate_coco,
     validate_panoptic,
 )
@@ -57,7 +61,6 @@ from networks.common.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    iter_json_lines,
     read_json,
 )
 
@@ -122,17 +125,6 @@ def xyxy_to_xywh(box: list) -> list:
     return [x1, y1, _extent(x1, x2), _extent(y1, y2)]
 
 
-def _number_box(value: Any, where: str, what: str, xyxy: bool) -> list:
-    ok = isinstance(value, list) and len(value) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    if not ok:
-        form = "[x1, y1, x2, y2]" if xyxy else "[x, y, w, h]"
-        raise DataError(where, f"{what} has bbox {value!r}, not 4 finite numbers", f"write bbox as {form} in pixels")
-    if xyxy and (value[2] < value[0] or value[3] < value[1]):
-        raise DataError(where, f"{what} has bbox {value!r} with x2 < x1 or y2 < y1", "ODVG boxes are [x1, y1, x2, y2]")
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ labels
 def label_map_from_categories(categories: list, where: str) -> tuple[dict[str, str], dict[Any, int]]:
     """COCO ``categories`` → (ODVG label map ``{"0": name, ...}``, ``{category_id: label}``); label = position in
@@ -177,20 +169,16 @@ def _captions_by_image(captions: str | os.PathLike | None, doc: dict) -> dict[An
 # ------------------------------------------------------------------------------------------------ COCO → ODVG
 def coco_doc_to_odvg(doc: dict, where: str, *, captions: dict[Any, str] | None = None
                      ) -> tuple[list[dict], dict[str, str], dict[str, int]]:
-    """A validated COCO instances dict → (ODVG records, label map, counts).  ``captions`` given → grounding
+    """A COCO instances dict that passed :func:`validate_coco` (with ``need_bbox``) → (ODVG records, label map, counts).  ``captions`` given → grounding
     records for the images it names; else detection records for every image.  See the module docstring."""
     label_map, label_of = label_map_from_categories(doc["categories"], where)
     by_image: dict[Any, list[dict]] = {img["id"]: [] for img in doc["images"]}
     counts = {"images": len(doc["images"]), "annotations": 0, "crowd_skipped": 0}
     for ann in doc["annotations"]:
-        label = f"annotation id {ann.get('id')}"
-        if ann.get("category_id") not in label_of:
-            raise DataError(where, f"{label} has category_id {ann.get('category_id')!r}, not in 'categories'",
-                            "add the category or remove the annotation")
         if ann.get("iscrowd"):
             counts["crowd_skipped"] += 1
             continue
-        box = xywh_to_xyxy(_number_box(ann.get("bbox"), where, label, xyxy=False))
+        box = xywh_to_xyxy(ann["bbox"])
         cat = label_of[ann["category_id"]]
         if captions is None:
             item = {"bbox": box, "label": cat, "category": label_map[str(cat)], "mask": ann["segmentation"]}
@@ -228,11 +216,13 @@ def coco_to_odvg(src: str | os.PathLike, out: str | os.PathLike, *, label_map_ou
     Detection (default): also writes the label map to ``label_map_out`` (default ``<out stem>_labelmap.json``,
     TAO's ``annotations_odvg_labelmap.json`` naming).  ``grounding`` (or ``captions`` given): grounding records
     with captions from the ``captions`` file, else from the images' ``caption`` key; no label map.  The source is
-    checked as the networks check it (:func:`validate_coco` with segmentations required; a polygon ring of fewer
-    than 3 points is refused, since the ODVG loader would drop that instance).
+    checked by the shared rules (:func:`validate_coco` with boxes and segmentations required; a polygon ring of
+    fewer than 3 points is refused, since the ODVG loader would drop that instance; a box outside its image is
+    copied as it is, the ODVG loader clips it).
     """
     where = str(src)
     doc = validate_coco(load_coco(src, field="SRC"), src, need_segmentation=True, need_bbox=True,
+                        tolerate=("bbox_outside_image",),
                         segmentation_hint="ODVG needs a mask per instance: give every annotation a segmentation")
     cap = None
     if grounding or captions is not None:
@@ -313,36 +303,23 @@ def odvg_to_coco(src: str | os.PathLike, label_map: str | os.PathLike, out: str 
     if not p.is_file():
         raise DataError("SRC", f"'{src}' does not exist", "give the ODVG .jsonl file")
     images, annotations = [], []
-    for where, obj in iter_json_lines(p, hint="each line must be one JSON object"):
-        if not isinstance(obj, dict) or not isinstance(obj.get("file_name"), str):
-            raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
-        det = obj.get("detection")
-        if not isinstance(det, dict) or not isinstance(det.get("instances", []), list):
-            hint = "grounding records have no categories; only detection ODVG converts to COCO" \
-                if "grounding" in obj else "see docs/formats.md (ODVG)"
-            raise DataError(where, "has no 'detection': {'instances': [...]}", hint)
+    for where, obj, problems in odvg_line_problems(p, label_map=lmap, kind="detection"):
+        if obj is not None and record_kind(obj) == "grounding":
+            raise DataError(where, "is a grounding record",
+                            "grounding records have no categories; only detection ODVG converts to COCO")
+        # conversion is exact: nothing is dropped or clipped, so every rule is enforced
+        raise_first(problems)
         if obj.get("height") and obj.get("width"):
             h, w = obj["height"], obj["width"]
         else:
             h, w = _image_size(image_dir, obj["file_name"], where)
         image_id = len(images) + 1
         images.append({"id": image_id, "file_name": obj["file_name"], "height": h, "width": w})
-        for j, inst in enumerate(det.get("instances", [])):
-            what = f"instance {j}"
-            if not isinstance(inst, dict):
-                raise DataError(where, f"{what} is not an object")
-            key = str(inst.get("label"))
-            if key not in lmap:
-                raise DataError(where, f"label {inst.get('label')!r} of {what} is not in the label map",
-                                f"label map keys are {sorted(lmap)[:10]}")
-            if "mask" not in inst:
-                raise DataError(where, f"{what} has no 'mask'", "give a polygon list or RLE per instance")
-            if short_polygon(inst["mask"]):
-                raise DataError(where, f"{what} has a polygon with fewer than 3 points", "fix or remove the polygon")
-            box = _number_box(inst.get("bbox"), where, what, xyxy=True)
-            area = rle_area(ann_to_rle(inst["mask"], int(h), int(w), where=f"{where} {what}"))
+        for j, inst in enumerate(obj["detection"].get("instances", [])):
+            key = str(inst["label"])
+            area = rle_area(ann_to_rle(inst["mask"], int(h), int(w), where=f"{where} instance {j}"))
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id[key],
-                                "bbox": xyxy_to_xywh(box), "area": float(area), "iscrowd": 0,
+                                "bbox": xyxy_to_xywh(inst["bbox"]), "area": float(area), "iscrowd": 0,
                                 "segmentation": inst["mask"]})
     doc = {"images": images, "annotations": annotations, "categories": categories}
     out = Path(out)

@@ -33,20 +33,20 @@ from typing import Any
 
 import numpy as np
 
-from networks.common.coco_io import load_coco, validate_coco, validate_panoptic
+from networks.common.coco_io import load_coco
+from networks.common.dataset_checks import sniff_format
+from networks.common.dataset_rules import (
+    REPAIRS,
+    coco_problems,
+    odvg_line_problems,
+    panoptic_problems,
+    raise_first,
+)
 from networks.common.errors import ConfigError, DataError
-from networks.common.io import atomic_path, atomic_write_text, iter_json_lines
+from networks.common.io import atomic_path, atomic_write_text
 from networks.common.sources import resolve_dir, resolve_member
 
-__all__ = ["choose_images", "detect_format", "subset"]
-
-_ODVG_SUFFIXES = (".jsonl", ".ndjson")
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """``"odvg"`` for a JSON-lines file (by suffix), else ``"coco"`` (the JSON content decides panoptic)."""
-    return "odvg" if Path(path).suffix.lower() in _ODVG_SUFFIXES else "coco"
-
+__all__ = ["choose_images", "subset"]
 
 def choose_images(classes: list[list[Any]], n: int, seed: int, by_class: bool = False) -> list[int]:
     """Indices (ascending) of ``min(n, len(classes))`` images; ``classes[i]`` lists image i's class keys.
@@ -156,15 +156,14 @@ def subset(path: str | os.PathLike, out: str | os.PathLike, n: int, *, seed: int
         raise ConfigError("--out", f"'{target}' already exists", "choose an empty output directory")
     if not src.is_file():
         raise DataError("FILE", f"'{path}' does not exist" if not src.exists() else f"'{path}' is not a file")
-    if detect_format(src) == "odvg":
+    fmt, doc = sniff_format(src)
+    if fmt == "odvg":
         return _subset_odvg(src, out_dir, n, seed, by_class, images, archive, label_map, copy_images)
-    doc = load_coco(src, field="FILE")
-    panoptic = bool(doc["annotations"]) and isinstance(doc["annotations"][0], dict) \
-        and "segments_info" in doc["annotations"][0]
-    if panoptic:
-        validate_panoptic(doc, src)
-    else:
-        validate_coco(doc, src)
+    if doc is None or not all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
+        doc = load_coco(src, field="FILE")
+    panoptic = fmt == "coco_panoptic"
+    # the shared rules; records a loader repairs (short polygons, boxes outside the image) are copied unchanged
+    raise_first((panoptic_problems if panoptic else coco_problems)(doc, src), tolerate=REPAIRS)
 
     id_pos = {img["id"]: k for k, img in enumerate(doc["images"])}
     classes: list[list[Any]] = [[] for _ in doc["images"]]
@@ -205,25 +204,22 @@ def subset(path: str | os.PathLike, out: str | os.PathLike, n: int, *, seed: int
             "annotations": segments, "files": [str(p) for p in written]}
 
 
-def _odvg_classes(obj: Any, where: str) -> list[Any]:
-    if not isinstance(obj, dict) or "file_name" not in obj:
-        raise DataError(where, "is not an ODVG record (an object with 'file_name')")
-    if isinstance(obj.get("detection"), dict):
-        return [inst.get("label") for inst in obj["detection"].get("instances") or [] if isinstance(inst, dict)]
-    if isinstance(obj.get("grounding"), dict):
-        return [r.get("phrase") for r in obj["grounding"].get("regions") or [] if isinstance(r, dict)]
-    raise DataError(where, "has neither 'detection' nor 'grounding'")
+def _odvg_classes(obj: dict) -> list[Any]:
+    """The class keys of a checked ODVG record: detection labels or grounding phrases."""
+    if "detection" in obj:
+        return [inst.get("label") for inst in obj["detection"].get("instances") or []]
+    return [r.get("phrase") for r in obj["grounding"].get("regions") or []]
 
 
 def _subset_odvg(src: Path, out_dir: Path, n: int, seed: int, by_class: bool, images, archive: bool,
                  label_map, copy_images: bool) -> dict[str, Any]:
     lines: list[tuple[str, str, Any]] = []  # (where, raw line, parsed)
-    hint = "an ODVG line is one JSON object with file_name and detection or grounding"
-    with open(src, encoding="utf-8") as fh:  # the same line split and blank-skipping as iter_json_lines
+    with open(src, encoding="utf-8", errors="replace") as fh:  # the line split and blank-skipping of the rules
         raw_lines = [ln.rstrip("\r\n") for ln in fh if ln.strip()]
-    for (where, obj), raw in zip(iter_json_lines(src, hint=hint), raw_lines, strict=True):
+    for (where, obj, problems), raw in zip(odvg_line_problems(src), raw_lines, strict=True):
+        raise_first(problems, tolerate=REPAIRS)
         lines.append((where, raw, obj))
-    classes = [_odvg_classes(obj, where) for where, _, obj in lines]
+    classes = [_odvg_classes(obj) for _, _, obj in lines]
     keep = choose_images(classes, n, seed, by_class)
     written = []
     lm = Path(os.path.expanduser(str(label_map))) if label_map is not None else \

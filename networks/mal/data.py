@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from networks.common.coco_io import ann_to_mask, load_coco, validate_coco
+from networks.common.coco_io import ann_to_mask, load_coco
+from networks.common.dataset_rules import validate_coco
 from networks.common.errors import DataError
 from networks.common.sampling import private_generator, seeded_globals, training_loader
 from networks.common.sources import read_rgb, resolve_dir
@@ -91,62 +92,27 @@ def load_records(ann_path: str, *, field: str, need_segmentation: bool = False,
                  need_annotations: bool = False) -> tuple[list[BoxRecord], dict]:
     """Read a COCO JSON and return ``(records, coco_dict)``: one :class:`BoxRecord` per annotation, in file order.
 
-    Raises :class:`DataError` naming the file and annotation for a malformed record (missing/short or negative
-    ``bbox``, unknown ``image_id`` or ``category_id``, duplicate image or annotation ``id``, image without
-    positive ``height``/``width``); with ``need_segmentation`` for an annotation without ``segmentation`` or with
-    a polygon of fewer than 3 points; with ``need_annotations`` for a file without annotations
-    (:func:`networks.common.coco_io.validate_coco`).
+    The file is checked by the shared COCO rules (:func:`networks.common.dataset_rules.validate_coco`, the
+    rules ``tao dataset validate`` reports), with ``bbox`` required: a :class:`DataError` names the file and
+    record for duplicate or missing ids, unknown ``image_id``/``category_id``, an image without a positive
+    size, a bbox that is not 4 finite numbers or is negative; with ``need_segmentation`` an annotation without
+    ``segmentation``, and a polygon of fewer than 3 points; with ``need_annotations`` a file without
+    annotations.  Boxes outside their image are let through: training drops them (:func:`filter_train_records`,
+    TAO's filter) and inference labels what is inside the image.
     """
     coco = validate_coco(load_coco(ann_path, field=field), ann_path, need_bbox=True,
                          need_segmentation=need_segmentation, need_annotations=need_annotations,
+                         tolerate=("bbox_outside_image",),
                          segmentation_hint="set dataset.load_mask=false (inference.load_mask for inference) for "
                                            "box-only annotations")
-    where = str(ann_path)
-    images: dict[int, dict] = {}
-    for img in coco["images"]:
-        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise DataError(where, f"image entry {str(img)[:80]} lacks 'id' or 'file_name'")
-        try:
-            h, w = int(img["height"]), int(img["width"])
-        except (KeyError, TypeError, ValueError):
-            raise DataError(where, f"image {img['id']} ('{img['file_name']}') lacks integer height/width",
-                            "every COCO image needs 'height' and 'width'") from None
-        if h <= 0 or w <= 0:
-            raise DataError(where, f"image {img['id']} has size {w}x{h}")
-        images[img["id"]] = img
-    cat_index = {}
-    for i, cat in enumerate(coco["categories"]):
-        if not isinstance(cat, dict) or "id" not in cat:
-            raise DataError(where, f"category entry {str(cat)[:80]} lacks 'id'")
-        cat_index[cat["id"]] = i + 1
+    images = {img["id"]: img for img in coco["images"]}
+    cat_index = {cat["id"]: i + 1 for i, cat in enumerate(coco["categories"])}
     records: list[BoxRecord] = []
-    seen: set = set()
-    for k, ann in enumerate(coco["annotations"]):
-        if not isinstance(ann, dict):
-            raise DataError(where, f"annotation #{k} is not an object")
-        ann_id = ann.get("id")
-        label = f"annotation id={ann_id}" if ann_id is not None else f"annotation #{k}"
-        if ann_id is None:
-            raise DataError(where, f"{label} has no 'id'", "every annotation needs a unique integer id")
-        if ann_id in seen:
-            raise DataError(where, f"{label} is duplicated", "annotation ids must be unique")
-        seen.add(ann_id)
-        bbox = ann.get("bbox")
-        try:
-            bbox = tuple(float(v) for v in bbox)
-        except (TypeError, ValueError):
-            bbox = None
-        if bbox is None or len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
-            raise DataError(where, f"{label} has bbox {ann.get('bbox')!r}", "bbox must be [x, y, w, h] numbers")
-        img = images.get(ann.get("image_id"))
-        if img is None:
-            raise DataError(where, f"{label} refers to unknown image_id {ann.get('image_id')!r}")
-        if ann.get("category_id") not in cat_index:
-            raise DataError(where, f"{label} has unknown category_id {ann.get('category_id')!r}",
-                            "add the category to 'categories'")
+    for ann in coco["annotations"]:
+        img = images[ann["image_id"]]
         records.append(BoxRecord(
-            ann_id=int(ann_id), image_id=int(img["id"]), file_name=str(img["file_name"]),
-            height=int(img["height"]), width=int(img["width"]), bbox=bbox,
+            ann_id=int(ann["id"]), image_id=int(img["id"]), file_name=str(img["file_name"]),
+            height=int(img["height"]), width=int(img["width"]), bbox=tuple(float(v) for v in ann["bbox"]),
             category_id=int(ann["category_id"]), compact_category_id=cat_index[ann["category_id"]],
             iscrowd=int(ann.get("iscrowd", 0) or 0), segmentation=ann.get("segmentation")))
     return records, coco

@@ -205,11 +205,12 @@ def _unknown_ids_error(where: str, ids: set[int], label_map: LabelMap) -> DataEr
 
 
 def _load_records(split: Any, key: str, label_map: LabelMap) -> list[_Record]:
-    """Records of one split.  COCO files are checked first (``validate_coco``/``validate_panoptic``): duplicate
-    image ids, annotations of unknown images, negative boxes, missing segmentations and files without any
-    annotation are errors naming the file and record; a polygon of fewer than 3 points is an error in ``val``
-    (it would make the metric wrong) and skipped with one warning in ``train``."""
-    from networks.common.coco_io import load_coco, validate_coco, validate_panoptic
+    """Records of one split.  COCO files are checked first by the shared rules (``networks/common/dataset_rules``,
+    what ``tao dataset validate`` reports): an error names the file and record; in ``train`` a polygon of fewer
+    than 3 points is skipped and a box outside its image clipped (one warning each), in ``val`` both are errors
+    (they would make the metric wrong)."""
+    from networks.common.coco_io import load_coco
+    from networks.common.dataset_rules import validate_coco, validate_panoptic
     from networks.common.sources import resolve_dir
 
     kind = split.type
@@ -253,7 +254,7 @@ def _load_records(split: Any, key: str, label_map: LabelMap) -> list[_Record]:
                 for im in data["images"]]
 
     data = validate_panoptic(load_coco(split.panoptic_json, field=f"dataset.{key}.panoptic_json"),
-                             split.panoptic_json, need_annotations=True)
+                             split.panoptic_json, need_annotations=True, train=key == "train")
     pan_dir = resolve_dir(split.panoptic_dir, field=f"dataset.{key}.panoptic_dir")
     used = {int(s["category_id"]) for a in data["annotations"] for s in a.get("segments_info", [])}
     unknown = {c for c in used if not label_map.has_id(c)}

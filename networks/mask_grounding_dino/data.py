@@ -35,7 +35,6 @@ resized, **unpadded** size.  :class:`Collator` pads a batch to its largest image
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ try:
 except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
-from networks.common.coco_io import load_odvg_label_map, short_polygon
+from networks.common.coco_io import load_odvg_label_map
 from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
 from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_loader
@@ -104,100 +103,50 @@ class OdvgRecord:
     extra: dict = field(default_factory=dict)
 
 
-def _box(value: Any, where: str) -> list[float]:
-    try:
-        b = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise DataError(where, f"bbox {value!r} is not 4 numbers", "write bbox as [x1, y1, x2, y2] in pixels") from None
-    if len(b) != 4 or not all(math.isfinite(v) for v in b):
-        raise DataError(where, f"bbox {value!r} is not 4 finite numbers", "write bbox as [x1, y1, x2, y2]")
-    if b[2] < b[0] or b[3] < b[1]:
-        # an inverted box is not "outside the image": clipping would turn it into nothing, silently
-        raise DataError(where, f"bbox {value!r} has x2 < x1 or y2 < y1", "ODVG boxes are [x1, y1, x2, y2] pixels")
-    return b
-
-
-def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: str) -> list[OdvgRecord]:
+def read_odvg(path: str | os.PathLike, label_map: dict[str, str] | None, field: str, *,
+              repair: bool = True) -> list[OdvgRecord]:
     """Parse an ODVG JSON-lines file.  ``label_map`` given → detection records, else grounding records.
 
-    Raises :class:`DataError` (``<file>:<line>``) for non-JSON lines, missing keys, labels not in the label map,
-    instances without ``mask`` and inverted boxes (x2 < x1 or y2 < y1); (``<file>``) for a detection file in which
-    no record has an instance.  Counts boxes outside the image (when the record has ``height``/``width``) and
-    warns once; they are clipped when the image is read.  A grounding record without regions is kept as a
-    no-target expression when it has a ``caption`` (in ``extra["caption"]``, as for every grounding record) and
-    skipped otherwise (nothing to prompt with; one warning with the count).  Instances/regions whose polygon mask
-    has a ring of fewer than 3 points are skipped (one warning with the count).
+    Each line is checked by the shared ODVG rules (:func:`networks.common.dataset_rules.odvg_record_problems`,
+    what ``tao dataset validate`` reports); the first error is a :class:`DataError` naming ``<file>:<line>``
+    (non-JSON lines, missing keys, labels not in the label map, items without ``mask``, boxes that are not 4
+    finite numbers or are inverted, bad polygons or RLE), and a detection file in which no record has an
+    instance is one naming ``<file>``.  With ``repair`` (training) an instance/region whose polygon has a ring
+    of fewer than 3 points is skipped and a box outside its image is clipped when the image is read, one warning
+    each; without it (evaluation ground truth) both are errors.  A grounding record without regions is kept as
+    a no-target expression when it has a ``caption`` (in ``extra["caption"]``) and skipped otherwise (one
+    warning with the count).
     """
+    from networks.common.dataset_rules import odvg_line_problems, raise_first, warn_repaired
+
     p = Path(os.path.expanduser(str(path)))
     if not p.is_file():
         raise DataError(field, f"'{path}' does not exist", "point json_file at an ODVG .jsonl file")
+    kind = "detection" if label_map is not None else "grounding"
     records: list[OdvgRecord] = []
-    outside = 0
-    first_outside = ""
+    repaired = []
     empty_regions = 0
-    short: list[str] = []
-    for where, obj in iter_json_lines(p, hint="each line must be one JSON object"):
-        if not isinstance(obj, dict) or "file_name" not in obj:
-            raise DataError(where, "is not a JSON object with 'file_name'", "see docs/formats.md (ODVG)")
+    for where, obj, problems in odvg_line_problems(p, label_map=label_map, kind=kind):
+        fixed = raise_first(problems, repair=repair)
+        repaired += fixed
+        dropped = {pr.item for pr in fixed if pr.rule == "polygon_short"}
+        items = obj[kind].get("instances" if kind == "detection" else "regions", [])
+        kept = [(j, it) for j, it in enumerate(items) if j not in dropped]
+        boxes = [[float(v) for v in it["bbox"]] for _, it in kept]
+        keys = [str(it["label"]) if kind == "detection" else str(it["phrase"]).strip() for _, it in kept]
+        masks = [it["mask"] for _, it in kept]
         h, w = obj.get("height"), obj.get("width")
-        boxes, keys, masks = [], [], []
-        if label_map is not None:
-            det = obj.get("detection")
-            if not isinstance(det, dict) or not isinstance(det.get("instances", []), list):
-                raise DataError(where, "has no 'detection': {'instances': [...]}",
-                                "a source with label_map needs detection records")
-            for j, inst in enumerate(det.get("instances", [])):
-                key = str(inst.get("label"))
-                if key not in label_map:
-                    raise DataError(where, f"label {inst.get('label')!r} of instance {j} is not in the label map",
-                                    f"label map keys are {sorted(label_map)[:10]}")
-                if "mask" not in inst:
-                    raise DataError(where, f"instance {j} has no 'mask'", "give a polygon list or RLE per instance")
-                box = _box(inst.get("bbox"), where)
-                if short_polygon(inst["mask"]):
-                    short.append(f"{where} instance {j}")
-                    continue
-                boxes.append(box)
-                keys.append(key)
-                masks.append(inst["mask"])
-        else:
-            gr = obj.get("grounding")
-            if not isinstance(gr, dict) or not isinstance(gr.get("regions", []), list):
-                raise DataError(where, "has no 'grounding': {'regions': [...]}",
-                                "a source without label_map needs grounding records")
-            for j, reg in enumerate(gr.get("regions", [])):
-                phrase = str(reg.get("phrase", "")).strip()
-                if not phrase:
-                    raise DataError(where, f"region {j} has no phrase")
-                if "mask" not in reg:
-                    raise DataError(where, f"region {j} has no 'mask'", "give a polygon list or RLE per region")
-                box = _box(reg.get("bbox"), where)
-                if short_polygon(reg["mask"]):
-                    short.append(f"{where} region {j}")
-                    continue
-                boxes.append(box)
-                keys.append(phrase)
-                masks.append(reg["mask"])
-            caption = str(gr.get("caption") or "").strip().rstrip(".").strip()
-            if not boxes and not caption:
-                empty_regions += 1
-                continue
-        if h and w:
-            for b in boxes:
-                if b[0] < 0 or b[1] < 0 or b[2] > float(w) or b[3] > float(h):
-                    outside += 1
-                    first_outside = first_outside or where
-        records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, label_map is None,
+        caption = str(obj[kind].get("caption") or "").strip().rstrip(".").strip() if kind == "grounding" else ""
+        if kind == "grounding" and not boxes and not caption:  # also when every region was dropped
+            empty_regions += 1
+            continue
+        records.append(OdvgRecord(str(obj["file_name"]), boxes, keys, masks, where, kind == "grounding",
                                   int(h) if h else None, int(w) if w else None,
-                                  {} if label_map is not None else {"caption": caption}))
-    if outside:
-        log.warning("%s: %d boxes extend outside their image (first at %s); they are clipped to the image.",
-                    p, outside, first_outside)
+                                  {"caption": caption} if kind == "grounding" else {}))
+    # boxes are clipped when the image is read (_clip_boxes): the image size is known only then for every line
+    warn_repaired(repaired, str(p), log, noun="instance(s)" if kind == "detection" else "region(s)")
     if empty_regions:
         log.warning("%s: skipped %d grounding records without regions nor caption.", p, empty_regions)
-    if short:
-        log.warning("%s: skipped %d instance(s)/region(s) whose polygon mask has fewer than 3 points (first: %s).",
-                    p, len(short), short[0])
     if label_map is not None and records and not any(r.boxes for r in records):
         raise DataError(str(p), "has no annotations: no record has an instance, there is nothing to learn from",
                         "check that this is the right file")
@@ -450,7 +399,8 @@ class CocoDataset(Dataset):
     ``categories`` order).  Item as :class:`OdvgDataset` plus ``category_ids`` (COCO id per prompt slot)."""
 
     def __init__(self, source: Any, key: str, transform: Transform):
-        from networks.common.coco_io import load_coco, validate_coco
+        from networks.common.coco_io import load_coco
+        from networks.common.dataset_rules import validate_coco
         from networks.common.sources import resolve_dir
 
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
@@ -517,7 +467,7 @@ class ReferringDataset(Dataset):
 
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
         self.json_file = str(source.get("json_file"))
-        self.records = read_odvg(self.json_file, None, f"{key}.json_file")
+        self.records = read_odvg(self.json_file, None, f"{key}.json_file", repair=False)
         if not self.records:
             raise DataError(f"{key}.json_file", f"'{self.json_file}' holds no referring expressions")
         self.transform = transform

@@ -203,7 +203,8 @@ def test_two_point_polygon(variant, synthetic, tmp_path, capsys):
 
 
 def test_two_point_polygon_in_training_files_is_skipped_with_one_warning(synthetic, tmp_path, caplog):
-    from networks.common.coco_io import load_coco, validate_coco
+    from networks.common.coco_io import load_coco
+    from networks.common.dataset_rules import validate_coco
     from networks.mask_grounding_dino.data import read_odvg
 
     _, data = synthetic

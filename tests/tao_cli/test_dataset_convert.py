@@ -202,7 +202,7 @@ def test_planted_errors_name_the_record(syn, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     code, _, err = _tao("--from", "coco", "--to", "odvg", tmp_path / "bad.json", "--out", tmp_path / "o.jsonl")
     aid = doc["annotations"][4]["id"]
-    assert code == 2 and f"annotation id {aid} has category_id 99, not in 'categories'" in _one_error(err)
+    assert code == 2 and f"annotation id {aid}: refers to unknown category_id 99" in _one_error(err)
     assert not (tmp_path / "o.jsonl").exists()
 
     lines = (tr / "annotations_odvg.jsonl").read_text().splitlines()
@@ -212,7 +212,7 @@ def test_planted_errors_name_the_record(syn, tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     code, _, err = _tao("--from", "odvg", "--to", "coco", tmp_path / "bad.jsonl", "--out", tmp_path / "c.json",
                         "--label-map", tr / "annotations_odvg_labelmap.json")
-    assert code == 2 and "bad.jsonl:3: label 7 of instance 0 is not in the label map" in _one_error(err)
+    assert code == 2 and "bad.jsonl:3 instance 0: label 7 is not in the label map" in _one_error(err)
     assert not (tmp_path / "c.json").exists()
 
     code, _, err = _tao("--from", "odvg", "--to", "coco", tr / "annotations_odvg.jsonl", "--out", tmp_path / "c.json")

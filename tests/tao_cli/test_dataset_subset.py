@@ -134,7 +134,7 @@ def test_bad_inputs_name_the_record(synth, tmp_path):
     doc["annotations"][2]["image_id"] = 777
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=rf"annotation id {doc['annotations'][2]['id']} refers to unknown image_id 777"):
+    with pytest.raises(DataError, match=rf"annotation id {doc['annotations'][2]['id']}: refers to unknown image_id 777"):
         subset(bad, tmp_path / "o1", 3, images=synth / "train" / "images")
     doc = json.loads((synth / "train" / "annotations.json").read_text())
     doc["images"][0]["file_name"] = "gone.jpg"

@@ -145,7 +145,7 @@ def test_label_missing_from_label_map(tmp_path):
     f = _write(tmp_path, [json.dumps({"file_name": "a.jpg", "detection": {"instances": [inst]}})])
     with pytest.raises(DataError) as err:
         read_odvg(f, {"0": "circle"}, "json_file")
-    assert err.value.subject == f"{f}:1" and "label 7" in str(err.value)
+    assert err.value.subject == f"{f}:1 instance 0" and "label 7" in str(err.value)
 
 
 def test_box_outside_image_warned_and_counted(tmp_path, caplog):
@@ -154,7 +154,7 @@ def test_box_outside_image_warned_and_counted(tmp_path, caplog):
     f = _write(tmp_path, [json.dumps(rec)])
     with caplog.at_level(logging.WARNING):
         recs = read_odvg(f, {"0": "circle"}, "json_file")
-    assert len(recs) == 1 and "2 boxes extend outside" in caplog.text and f"{f}:1" in caplog.text
+    assert len(recs) == 1 and "2 instance(s) clipped to the image" in caplog.text and f"{f}:1 instance 0" in caplog.text
 
 
 def test_prompt_longer_than_max_text_len_is_data_error(tmp_path, tokenizer, tiny_cfg):
