@@ -24,11 +24,11 @@ import math
 import os
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from networks.common.coco_io import ann_to_rle
 from networks.common.errors import DataError
+from networks.common.io import json_lines
 
 __all__ = ["Problem", "REPAIRS", "BOX_TOLERANCE", "short_polygon", "coco_problems", "panoptic_problems",
            "odvg_record_problems", "odvg_line_problems", "raise_first", "validate_coco", "validate_panoptic",
@@ -188,6 +188,13 @@ def _category_ids(doc: dict, where: str, problems: list[Problem]) -> set:
     return ids
 
 
+def _images_and_categories(doc: dict, where: str) -> tuple[dict, set, list[Problem]]:
+    """``({image id: entry}, {category id}, problems of both lists)`` — the part COCO and panoptic share."""
+    problems: list[Problem] = []
+    by_id = _image_index(doc, where, problems)
+    return by_id, _category_ids(doc, where, problems), problems
+
+
 # ----------------------------------------------------------------------------------------------- COCO
 def coco_problems(doc: dict, path: str | os.PathLike, *, need_bbox: bool = False, need_segmentation: bool = False,
                   need_annotations: bool = False,
@@ -199,9 +206,7 @@ def coco_problems(doc: dict, path: str | os.PathLike, *, need_bbox: bool = False
     negative, inside the image; polygon/RLE rules; ``iscrowd`` 0 or 1), and at least one annotation.  A missing
     ``bbox``/``segmentation``/annotation list is a warning unless ``need_*`` makes it an error."""
     where = str(path)
-    head: list[Problem] = []
-    by_id = _image_index(doc, where, head)
-    cats = _category_ids(doc, where, head)
+    by_id, cats, head = _images_and_categories(doc, where)
     yield from head
     seen: set = set()
     anns = doc["annotations"]
@@ -252,9 +257,7 @@ def panoptic_problems(doc: dict, path: str | os.PathLike, *, need_annotations: b
     a positive integer ``id`` (unique in the image), a known ``category_id`` and a valid box; at least one
     segment (an error with ``need_annotations``).  The PNG's pixels are checked by ``tao dataset validate``."""
     where = str(path)
-    head: list[Problem] = []
-    by_id = _image_index(doc, where, head)
-    cats = _category_ids(doc, where, head)
+    by_id, cats, head = _images_and_categories(doc, where)
     yield from head
     annotated: set = set()
     segments = 0
@@ -368,23 +371,16 @@ def odvg_line_problems(path: str | os.PathLike, **rules: Any) -> Iterator[tuple[
     JSON gives ``None`` and one ``json_line`` error.  ``rules`` go to :func:`odvg_record_problems`; without a
     ``kind`` (or a ``label_map``, which means detection) the first record's kind is the file's, as one source
     holds one kind."""
-    p = Path(os.path.expanduser(str(path)))
     if rules.get("kind") is None and rules.get("label_map") is not None:
         rules = {**rules, "kind": "detection"}
-    with open(p, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, None, [Problem("error", where, f"not valid JSON ({exc.msg})", "json_line",
-                                            "each line must be one JSON object")]
-                continue
-            if rules.get("kind") is None and record_kind(obj) is not None:
-                rules = {**rules, "kind": record_kind(obj)}
-            yield where, obj, list(odvg_record_problems(obj, where, **rules))
+    for where, obj in json_lines(path):
+        if isinstance(obj, json.JSONDecodeError):
+            yield where, None, [Problem("error", where, f"not valid JSON ({obj.msg})", "json_line",
+                                        "each line must be one JSON object")]
+            continue
+        if rules.get("kind") is None and record_kind(obj) is not None:
+            rules = {**rules, "kind": record_kind(obj)}
+        yield where, obj, list(odvg_record_problems(obj, where, **rules))
 
 
 # ------------------------------------------------------------------------------------------ loader policy

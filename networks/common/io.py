@@ -78,20 +78,28 @@ def read_json(path: str | os.PathLike, *, field: str, hint: str | None = None, i
         raise DataError(str(p), "is not UTF-8 text", "save the file as UTF-8 JSON") from exc
 
 
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(where, obj)`` for each non-blank line of the JSON-lines file ``path`` (``where`` = ``<path>:<line>``);
+    a line that is not valid JSON gives its :class:`json.JSONDecodeError` as ``obj`` (for a caller that reports
+    every bad line).  Undecodable bytes are replaced, so they surface as a JSON error on their line."""
+    p = Path(os.path.expanduser(str(path)))
+    with open(p, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{p}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{p}:{lineno}", exc
+
+
 def iter_json_lines(path: str | os.PathLike, *, hint: str) -> Iterator[tuple[str, Any]]:
     """``(where, obj)`` for each non-blank line of the JSON-lines file ``path``; ``where`` is ``<path>:<line>``.
 
     A line that is not valid JSON is a :class:`DataError` naming ``<path>:<line>`` with ``hint`` (what a line
     must look like).  The caller checks that the file exists.
     """
-    p = Path(os.path.expanduser(str(path)))
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(where, f"not valid JSON ({exc.msg})", hint) from None
-            yield where, obj
+    for where, obj in json_lines(path):
+        if isinstance(obj, json.JSONDecodeError):
+            raise DataError(where, f"not valid JSON ({obj.msg})", hint) from None
+        yield where, obj

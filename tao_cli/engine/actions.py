@@ -53,9 +53,10 @@ def train(run: Run, module, datamodule) -> int:
     return 0
 
 
-def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_cfg: Any = None,
+def load_into(module, checkpoint: Path, key: str | None, network: Any, *, model_cfg: Any = None,
               field: str = "checkpoint", log=None) -> dict:
     """Load ``checkpoint`` safely into ``module`` and return the checkpoint's non-weight entries (``epoch`` ...).
+    ``network`` is the :class:`Network` (or its registry name) whose checkpoint tag and weight formats apply.
 
     * A tao-cli/TAO checkpoint (``tao_model`` tag) — and an untagged file whose keys and shapes are exactly the
       module's (``tao weights convert`` output) — loads as it is: every key must match by name and shape, a
@@ -73,6 +74,8 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
 
     from .checkpoints import load_checkpoint
 
+    net = _network(network)
+    network = net.name
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         obj: dict = {}
@@ -89,10 +92,10 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
         # keys.  A converted file (it may lack parts its source never had) or a tagged file in another layout of
         # the network (TAO 5 MAL's ConvStem) goes through its format, whose converter says what to set.
         if obj.get("tao_model") is not None and "converted_from" not in obj \
-                and _own_layout(src, network):
+                and _own_layout(src, net):
             _load_own(module, weights, checkpoint)
             return obj
-    report, fmt = _load_foreign(module, src, network, model_cfg, field)
+    report, fmt = _load_foreign(module, src, net, model_cfg, field)
     line = f"{checkpoint}: {fmt.network} weights in format '{fmt.name}' ({fmt.description}): {report.counts()}"
     if log is not None:
         log.info("%s", line)
@@ -102,12 +105,17 @@ def load_into(module, checkpoint: Path, key: str | None, network: str, *, model_
     return {k: v for k, v in src.meta.items() if k in ("epoch", "global_step")}
 
 
-def _own_layout(src, network: str) -> bool:
-    """True unless one of ``network``'s formats other than its own checkpoint layouts recognises ``src``."""
-    from networks.common.weight_formats import OWN_LAYOUTS
+def _network(network: Any):
+    """The :class:`Network` object for a registry name or the object itself (an unregistered test network)."""
     from tao_cli import registry
 
-    net = registry.load(network)
+    return registry.load(network) if isinstance(network, str) else network
+
+
+def _own_layout(src, net) -> bool:
+    """True unless one of ``net``'s formats other than its own checkpoint layouts recognises ``src``."""
+    from networks.common.weight_formats import OWN_LAYOUTS
+
     for fmt in net.weight_formats() if net.weight_formats is not None else []:
         try:
             if fmt.detect(src):
@@ -141,13 +149,12 @@ def _load_own(module, weights: dict, checkpoint: Path) -> None:
                               "check that the spec's model section matches the one used for training")
 
 
-def _load_foreign(module, src, network: str, model_cfg: Any, field: str):
-    """Detect ``src`` among ``network``'s formats and load it (see :func:`load_into`); ``(report, format)``."""
+def _load_foreign(module, src, net, model_cfg: Any, field: str):
+    """Detect ``src`` among ``net``'s formats and load it (see :func:`load_into`); ``(report, format)``."""
     from networks.common.weight_formats import detect_format, load_converted, require_whole_model
-    from tao_cli import registry
     from tao_cli.weights_cmd import detect_any
 
-    net = registry.load(network)
+    network = net.name
     formats = list(net.weight_formats()) if net.weight_formats is not None else []
     try:
         if not formats:
@@ -171,7 +178,7 @@ def _trainer_for(run: Run, module):
 
     plan = run.plan
     try:
-        obj = load_into(module, plan.checkpoint, plan.key, plan.net.name,
+        obj = load_into(module, plan.checkpoint, plan.key, plan.net,
                         model_cfg=run.cfg.model if "model" in run.cfg else None,
                         field=f"{plan.action}.checkpoint", log=run.log)
     except RuntimeError as exc:  # shape mismatch from load_state_dict

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from networks.common import synthetic
 from tao_cli.cli import app
+from tests.dataset_plants import IMAGE_FILE_RULES, plant_coco
 
 runner = CliRunner()
 
@@ -54,54 +55,14 @@ def test_pretty_printed_coco_is_detected(synth, tmp_path):
     assert (code, report["format"], report["stats"]["annotations"]) == (0, "coco", len(doc["annotations"]))
 
 
-def _plant_coco(doc: dict, rule: str) -> tuple[str, bool]:
-    """Plant one error of kind ``rule``; return the record label it must be reported at and whether images
-    must be checked to see it."""
-    imgs, anns = doc["images"], doc["annotations"]
-    a = anns[1]
-    img = next(i for i in imgs if i["id"] == a["image_id"])
-    ann_label = f"annotation id {a['id']}"
-    if rule == "image_id_duplicate":
-        imgs[2]["id"] = imgs[0]["id"]
-        return f"image id {imgs[0]['id']}", False
-    if rule == "annotation_id_duplicate":
-        a["id"] = anns[0]["id"]
-        return f"annotation id {anns[0]['id']}", False
-    if rule == "image_ref":
-        a["image_id"] = 987654
-    elif rule == "category_ref":
-        a["category_id"] = 4321
-    elif rule == "bbox_not_finite":
-        a["bbox"] = [1.0, float("nan"), 3.0, 4.0]
-    elif rule == "bbox_negative":
-        a["bbox"] = [1.0, 2.0, -3.0, 4.0]
-    elif rule == "bbox_outside_image":
-        a["bbox"] = [img["width"] - 2.0, 0.0, 10.0, 5.0]
-    elif rule == "polygon_short":
-        a["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
-    elif rule == "rle":
-        a["segmentation"] = {"size": [img["height"] + 1, img["width"]], "counts": a["segmentation"]["counts"]}
-    elif rule == "image_missing":
-        imgs[3]["file_name"] = "no_such_image.jpg"
-        return f"image id {imgs[3]['id']}", True
-    elif rule == "image_size_mismatch":
-        imgs[3]["width"] += 7
-        return f"image id {imgs[3]['id']}", True
-    elif rule == "image_decode":
-        imgs[3]["file_name"] = "broken.jpg"
-        return f"image id {imgs[3]['id']}", True
-    else:
-        raise AssertionError(rule)
-    return ann_label, False
-
-
 @pytest.mark.parametrize("rule", ["image_id_duplicate", "annotation_id_duplicate", "image_ref", "category_ref",
                                   "bbox_not_finite", "bbox_negative", "bbox_outside_image", "polygon_short", "rle",
                                   "image_missing", "image_size_mismatch", "image_decode"])
 def test_coco_rule_names_the_record(synth, tmp_path, rule):
     doc = json.loads(Path(synth["annotations"]).read_text())
     assert isinstance(doc["annotations"][1]["segmentation"], dict)  # the RLE plant edits an RLE
-    record, needs_images = _plant_coco(doc, rule)
+    record = plant_coco(doc, rule)
+    needs_images = rule in IMAGE_FILE_RULES
     images = tmp_path / "images"
     shutil.copytree(synth["images"], images)
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")

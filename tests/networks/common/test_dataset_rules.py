@@ -17,6 +17,7 @@ import pytest
 from networks.common import synthetic
 from networks.common.dataset_checks import check_coco, check_odvg
 from networks.common.errors import DataError
+from tests.dataset_plants import plant_coco
 
 COCO_RULES = ["image_id_duplicate", "annotation_id_duplicate", "annotation_id_missing", "image_ref", "category_ref",
               "bbox_not_finite", "bbox_negative", "bbox_outside_image", "polygon_short", "polygon_values", "rle",
@@ -29,42 +30,6 @@ ODVG_RULES = ["json_line", "odvg_record", "label_unknown", "bbox_not_finite", "b
 def synth(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("rules_synth")
     return synthetic.generate(root, seed=5, num_train=5, num_val=1, image_size=64)["train"]
-
-
-def _plant_coco(doc: dict, rule: str) -> None:
-    imgs, anns = doc["images"], doc["annotations"]
-    a = anns[1]
-    img = next(i for i in imgs if i["id"] == a["image_id"])
-    if rule == "image_id_duplicate":
-        imgs[2]["id"] = imgs[0]["id"]
-    elif rule == "annotation_id_duplicate":
-        a["id"] = anns[0]["id"]
-    elif rule == "annotation_id_missing":
-        del a["id"]
-    elif rule == "image_ref":
-        a["image_id"] = 987654
-    elif rule == "category_ref":
-        a["category_id"] = 4321
-    elif rule == "bbox_not_finite":
-        a["bbox"] = [1.0, float("inf"), 3.0, 4.0]
-    elif rule == "bbox_negative":
-        a["bbox"] = [1.0, 2.0, -3.0, 4.0]
-    elif rule == "bbox_outside_image":
-        a["bbox"] = [img["width"] - 2.0, 0.0, 10.0, 5.0]
-    elif rule == "polygon_short":
-        a["segmentation"] = [[1.0, 1.0, 5.0, 5.0]]
-    elif rule == "polygon_values":
-        a["segmentation"] = [[1.0, 1.0, 5.0, "x", 5.0, 9.0]]
-    elif rule == "rle":
-        a["segmentation"] = {"size": [img["height"] + 1, img["width"]], "counts": a["segmentation"]["counts"]}
-    elif rule == "segmentation_type":
-        a["segmentation"] = "a mask"
-    elif rule == "iscrowd":
-        a["iscrowd"] = 2
-    elif rule == "image_size":
-        imgs[1]["height"] = 0
-    else:
-        raise AssertionError(rule)
 
 
 def _validate_first_error(path: Path) -> tuple[str, str, str]:
@@ -99,11 +64,11 @@ def _mgd(path: Path) -> None:
 @pytest.mark.parametrize("loader", ["mal", "mask2former", "mask_grounding_dino"])
 def test_coco_loader_refuses_what_validate_reports(synth, tmp_path, rule, loader):
     doc = json.loads(Path(synth["annotations"]).read_text())
-    _plant_coco(doc, rule)
+    record = plant_coco(doc, rule)
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(doc))
     where, message, found = _validate_first_error(p)
-    assert found == rule
+    assert (where, found) == (f"{p}: {record}", rule)
     load = {"mal": _mal, "mask2former": _m2f, "mask_grounding_dino": _mgd}[loader]
     if rule == "bbox_outside_image" and loader == "mal":
         load(p)  # MAL lets it through to TAO's training filter, which drops it (test_filter_train_records)
@@ -118,7 +83,7 @@ def test_training_repairs_what_validate_reports(synth, tmp_path, rule, caplog):
     from networks.common.dataset_rules import validate_coco
 
     doc = json.loads(Path(synth["annotations"]).read_text())
-    _plant_coco(doc, rule)
+    plant_coco(doc, rule)
     p = tmp_path / "bad.json"
     p.write_text(json.dumps(doc))
     where, _, _ = _validate_first_error(p)
