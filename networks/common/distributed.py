@@ -41,3 +41,20 @@ def gather_unique(records: list[dict], key: str, order_by: str | None = None) ->
             merged[record[key]] = record
     by = order_by or key
     return sorted(merged.values(), key=lambda r: r[by])
+
+
+def gather_dict(mapping: dict) -> dict:
+    """Every rank's ``mapping`` merged into one dict in key order (numbers first, then other keys by ``str``).
+
+    A key seen on several ranks keeps the later rank's value: the distributed sampler repeats samples to even out
+    ranks, and a repeat must count once.  The key order (not the rank order) is what makes sums, COCO inputs and
+    files built from the result independent of the world size.  Without a process group: ``mapping`` in key order.
+    """
+    merged: dict = {}
+    for part in gather_objects(mapping):
+        merged.update(part or {})
+    return {k: merged[k] for k in sorted(merged, key=_order)}
+
+
+def _order(key: Any) -> tuple[int, Any]:
+    return (0, key) if isinstance(key, (int, float)) and not isinstance(key, bool) else (1, str(key))

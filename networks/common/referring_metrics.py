@@ -14,9 +14,9 @@ empty ground truth predicted empty has IoU 1 (and a wrong empty/non-empty call h
 * ``T_acc`` — fraction of expressions *with* a target whose prediction is not empty;
 * ``N_acc`` — fraction of no-target expressions predicted empty;
 * ``Pr@0.7``, ``Pr@0.8``, ``Pr@0.9`` — fraction of expressions whose IoU is ≥ the threshold;
-* ``mAP50``, ``mAP`` — mask AP at IoU 0.5 and over 0.5:0.95 (pycocotools), one detection per expression (its
-  merged mask, confidence = mean score of its kept instances) against one ground truth per expression with a
-  target; a prediction on a no-target expression is a false positive;
+* ``mAP50``, ``mAP`` — mask AP at IoU 0.5 and over 0.5:0.95 (COCOeval of ``coco_backend``), one detection per
+  expression (its merged mask, confidence = mean score of its kept instances) against one ground truth per
+  expression with a target; a prediction on a no-target expression is a false positive;
 * counts ``num_expressions``, ``num_no_target``.
 
 A rate whose denominator is 0 (``N_acc`` with no no-target expression, ``mAP`` with no target at all) is None.
@@ -95,8 +95,9 @@ class ReferringMetrics:
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _mask_ap(self, rows: Sequence[dict]) -> tuple[float | None, float | None]:
-        """(mAP over IoU .5:.95, mAP50) by pycocotools: one image per expression, one category."""
+    def _mask_ap(self, rows: Sequence[dict], coco_backend: str) -> tuple[float | None, float | None]:
+        """(mAP over IoU .5:.95, mAP50) by COCOeval of ``coco_backend``: one image per expression, one
+        category."""
         from networks.common.coco_io import rle_area, rle_to_bbox
         from networks.common.metrics import coco_eval_stats
 
@@ -113,11 +114,12 @@ class ReferringMetrics:
         if not anns:
             return None, None
         gt = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "referred"}]}
-        stats = coco_eval_stats(gt, dets, "segm")
+        stats = coco_eval_stats(gt, dets, "segm", backend=coco_backend)
         return (None if stats[0] < 0 else stats[0]), (None if stats[1] < 0 else stats[1])
 
-    def compute(self) -> dict[str, float | int | None]:
-        """The metrics of the module doc, keyed by :func:`referring_metric_names`."""
+    def compute(self, *, coco_backend: str = "faster_coco_eval") -> dict[str, float | int | None]:
+        """The metrics of the module doc, keyed by :func:`referring_metric_names`; ``coco_backend`` (the spec's
+        ``evaluate.coco_backend``, see :func:`networks.common.metrics.coco_eval_stats`) computes the mask AP."""
         rows = self.rows()
         n = len(rows)
         target = [r for r in rows if not r["gt_empty"]]
@@ -134,7 +136,7 @@ class ReferringMetrics:
         }
         for t in PRECISION_THRESHOLDS:
             out[f"Pr@{t}"] = float((ious >= t).mean()) if n else None
-        out["mAP"], out["mAP50"] = self._mask_ap(rows) if n else (None, None)
+        out["mAP"], out["mAP50"] = self._mask_ap(rows, coco_backend) if n else (None, None)
         out = {k: out[k] for k in referring_metric_names() if k in out}
         out["num_expressions"] = n
         out["num_no_target"] = len(no_target)

@@ -18,6 +18,7 @@ from networks.common.config import InferenceConfig as _BaseInference
 from networks.common.config import TrainConfig as _BaseTrain
 from networks.common.config import cfg_get, param
 from networks.common.errors import ConfigError
+from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -179,6 +180,11 @@ class MALEvalExpConfig(_BaseEvaluate):
     comp_clustering: bool = param(
         False, description="Report val_cluster_score (kept for spec compatibility; see docs/mal.md).")
     use_flip_test: bool = param(False, description="Average logits with those of the horizontally flipped crop.")
+    coco_backend: str = param(
+        "faster_coco_eval",
+        description="Library computing COCO AP (evaluate, and validation during train): faster_coco_eval (C++; "
+        "the same numbers as pycocotools) or pycocotools (not a TAO field).",
+        valid_options=list(COCO_BACKENDS))
 
 
 @dataclass

@@ -36,6 +36,7 @@ from networks.common.coco_io import ann_to_mask, load_coco
 from networks.common.dataset_rules import validate_coco
 from networks.common.errors import DataError
 from networks.common.sampling import private_generator, seeded_globals, training_loader
+from networks.common.serialized import SerializedList
 from networks.common.sources import read_rgb, resolve_dir
 
 __all__ = [
@@ -273,7 +274,7 @@ class MALTrainDataset(Dataset):
 
     def __init__(self, records: Sequence[BoxRecord], img_root: Path, crop_size: int,
                  margin_rate: Sequence[float]):
-        self.records = list(records)
+        self.records = SerializedList(records)  # workers share it without copying (serialized.py)
         self.img_root = Path(img_root)
         self.crop_size = int(crop_size)
         self.margin_rate = [float(m) for m in margin_rate]
@@ -314,7 +315,7 @@ class MALEvalDataset(Dataset):
 
     def __init__(self, records: Sequence[BoxRecord], img_root: Path, crop_size: int, test_margin: float,
                  load_mask: bool):
-        self.records = list(records)
+        self.records = SerializedList(records)  # workers share it without copying (serialized.py)
         self.img_root = Path(img_root)
         self.crop_size = int(crop_size)
         self.margins = [0.5 * float(test_margin)] * 4

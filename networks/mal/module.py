@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from networks.common.coco_io import mask_to_rle
-from networks.common.distributed import gather_lists
+from networks.common.distributed import gather_unique
 from networks.common.metrics import InstanceIoU, as_metrics, coco_mask_ap, defined_metrics, mask_iou
 from networks.common.network import TrainerTraits
 from networks.mal.criterion import MeanField, mal_losses
@@ -120,6 +120,8 @@ class MALModule(pl.LightningModule):
         self.use_mixed_model_test = bool(ev.use_mixed_model_test)
         self.use_teacher_test = bool(ev.use_teacher_test)
         self.use_flip_test = bool(ev.use_flip_test)
+        #: COCOeval implementation of the mask AP in :meth:`compute_kpi` (``evaluate.coco_backend``)
+        self.coco_backend = str(ev.coco_backend)
         self.label_dump_path: Path | None = None
         self.num_overlays = int(ev.get("num_overlays", 0) or 0) if action == "evaluate" else 0
         if action == "inference":
@@ -308,11 +310,11 @@ class MALModule(pl.LightningModule):
             results.append({"image_id": r["image_id"], "category_id": r["category_id"],
                             "segmentation": r["pred"], "score": r["score"]})
         gt = {"images": list(images.values()), "categories": list(cats.values()), "annotations": anns}
-        kpi.update(coco_mask_ap(gt, results, "segm"))
+        kpi.update(coco_mask_ap(gt, results, "segm", backend=self.coco_backend))
         return as_metrics(kpi)
 
     def _epoch_end(self, prefix: str) -> None:
-        records = gather_lists(self._records)
+        records = gather_unique(self._records, "ann_id")  # box order (and overlay colours) as with one process
         self._records = []
         if prefix == "test":
             self._gathered = records  # read by on_test_epoch_end for the overlay pictures
@@ -376,7 +378,7 @@ class MALModule(pl.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         """Gather predictions and, on rank 0, write the pseudo-label JSON (and overlays) atomically."""
-        preds = gather_lists(self._predictions)
+        preds = gather_unique(self._predictions, "ann_id")  # box order: sums do not depend on the world size
         self._predictions = []
         if self.label_dump_path is None or self.global_rank != 0:
             return

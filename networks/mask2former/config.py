@@ -22,6 +22,7 @@ from networks.common.config import (
 )
 from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
+from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "SwinConfig",
@@ -36,6 +37,7 @@ __all__ = [
     "DatasetConfig",
     "OptimConfig",
     "Mask2FormerTrainConfig",
+    "Mask2FormerEvaluateConfig",
     "Mask2FormerExportConfig",
     "ExperimentConfig",
     "check",
@@ -257,6 +259,17 @@ class Mask2FormerTrainConfig(TrainConfig):
 
 
 @dataclass
+class Mask2FormerEvaluateConfig(EvaluateConfig):
+    """``evaluate`` (TAO's common evaluate fields) plus the COCO AP backend of ``model.mode: instance``."""
+
+    coco_backend: str = param(
+        "faster_coco_eval",
+        description="Library computing COCO mask AP (model.mode instance; evaluate, and validation during "
+        "train): faster_coco_eval (C++; the same numbers as pycocotools) or pycocotools (not a TAO field).",
+        valid_options=list(COCO_BACKENDS))
+
+
+@dataclass
 class Mask2FormerExportConfig(OnnxExportConfig):
     """``export`` (TAO ``Mask2FormerExportExpConfig``: the common export fields without ``format``)."""
 
@@ -272,7 +285,7 @@ class ExperimentConfig(CommonExperimentConfig):
     model: ModelConfig = param(ModelConfig, description="Model.")
     dataset: DatasetConfig = param(DatasetConfig, description="Datasets.")
     train: Mask2FormerTrainConfig = param(Mask2FormerTrainConfig, description="Training.")
-    evaluate: EvaluateConfig = param(EvaluateConfig, description="Evaluation.")
+    evaluate: Mask2FormerEvaluateConfig = param(Mask2FormerEvaluateConfig, description="Evaluation.")
     inference: InferenceConfig = param(InferenceConfig, description="Inference.")
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
     gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine (tao-deploy).")

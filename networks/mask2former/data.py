@@ -429,7 +429,10 @@ class Mask2FormerDataset(Dataset):
         self.mean = np.asarray(pixel_mean, dtype=np.float32)
         self.std = np.asarray(pixel_std, dtype=np.float32)
         self.keep_gt = keep_gt
-        self.records = _load_records(split, key, label_map)
+        from networks.common.serialized import SerializedList
+
+        # one byte buffer: DataLoader workers read it without copying it page by page (serialized.py)
+        self.records = SerializedList(_load_records(split, key, label_map))
         # Lookup category id -> class index for ade maps (values 0..65535).
         self._ade_lut: np.ndarray | None = None
 

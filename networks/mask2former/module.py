@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
 from networks.common.context import run_output_dir
-from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
+from networks.common.distributed import gather_dict, gather_unique, is_rank_zero
 from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
 from networks.common.train_logging import MONITOR_METRICS, log_train_losses
@@ -402,9 +402,7 @@ class Mask2FormerModule(pl.LightningModule):
             miou_from_confusion,
         )
 
-        merged: dict[Any, dict] = {}
-        for part in gather_objects(self._eval_records):
-            merged.update(part)
+        merged = gather_dict(self._eval_records)  # one record per image, in image-id order
         self._eval_records = {}
         C = self.num_classes
         conf = np.zeros(C * C, dtype=np.int64)
@@ -432,7 +430,7 @@ class Mask2FormerModule(pl.LightningModule):
                     gts.append(dict(a, id=len(gts) + 1))
             gt_json = {"images": images, "annotations": gts, "categories": self._categories()}
             if gts:
-                kpi.update(coco_mask_ap(gt_json, dets))
+                kpi.update(coco_mask_ap(gt_json, dets, backend=self.cfg.evaluate.coco_backend))
             else:
                 log.warning("No instance ground truth in the evaluation set; mask AP not computed.")
         if self._trainer is not None:

