@@ -19,14 +19,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def gather_lists(items: list) -> list:
-    """Concatenation of every rank's list (rank order); the list itself without a process group."""
-    out: list = []
-    for part in gather_objects(items):
-        out.extend(part or [])
-    return out
-
-
 def is_rank_zero() -> bool:
     """True on global rank 0, and always without a process group."""
     return not _initialised() or torch.distributed.get_rank() == 0
