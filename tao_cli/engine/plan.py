@@ -303,6 +303,7 @@ def outputs_planned(action: str, run_dir: Path, checkpoint_name: str) -> list[st
 def print_dry_run(plan: RunPlan, cfg: DictConfig) -> None:
     """Print the resolved spec (secrets redacted) and the plan to stdout."""
     from .experiment import redacted_yaml
+    from .threads import choose_threads, loader_workers
     from .trainer import decide_precision
 
     action, net, devices = plan.action, plan.net, plan.devices
@@ -322,6 +323,8 @@ def print_dry_run(plan: RunPlan, cfg: DictConfig) -> None:
             strategy = "auto (single process)"
         lines.append(f"strategy:     {strategy}")
         lines.append(f"precision:    {decide_precision(cfg, action, devices.accelerator)}")
+        threads, why = choose_threads(devices.processes_per_node, loader_workers(cfg))
+        lines.append(f"threads:      {threads} intra-op per process ({why})")
     if action == "train":
         lines.append(f"resume from:  {resume_reason(cfg, plan.run_dir, plan.resume)}")
         warning = random_init_warning(net, cfg, resuming=plan.resume is not None)

@@ -109,6 +109,29 @@ def _print_err(text: str) -> None:
     sys.stderr.flush()
 
 
+def _set_threads(plan, cfg: DictConfig, log) -> int | None:
+    """Give this process the intra-op thread count chosen from the plan (tao_cli/engine/threads.py); returns the
+    previous count (None when nothing changed)."""
+    import torch
+
+    from .threads import choose_threads, loader_workers
+
+    threads, why = choose_threads(plan.devices.processes_per_node, loader_workers(cfg))
+    log.info("Intra-op threads: %d per process (%s)", threads, why)
+    before = torch.get_num_threads()
+    if threads == before:
+        return None
+    torch.set_num_threads(threads)
+    return before
+
+
+def _restore_threads(before: int | None) -> None:
+    if before is not None:
+        import torch
+
+        torch.set_num_threads(before)
+
+
 def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], dry_run: bool = False,
                debug: bool = False, overrides: Sequence[str] = ()) -> int:
     """Run ``action`` of ``net`` with the validated spec ``cfg``; return the exit code.
@@ -158,6 +181,7 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
                         log.warning("Removing partial checkpoint %s left by an earlier run", stale.name)
                         stale.unlink(missing_ok=True)
                 run = Run(plan, cfg, status, signals, log, _context(plan, log))
+                threads_before = _set_threads(plan, cfg, log)
                 try:
                     # weights a network reads itself (pretrained, backbone) are decrypted with the run's key
                     from networks.common.weights import file_reader
@@ -176,6 +200,8 @@ def run_action(net: Network, action: str, cfg: DictConfig, *, argv: list[str], d
                 except Exception:
                     log.error("%s", traceback.format_exc().rstrip(), extra={"file_only": True})
                     raise
+                finally:  # an in-process caller (a test, a notebook) gets its own setting back
+                    _restore_threads(threads_before)
     except TaoUserError as exc:
         if status is not None and not status.ended:
             status.write("FAILURE", exc.one_line())
