@@ -170,6 +170,15 @@ class TrainConfig:
     results_dir: str | None = param(None, description="Results directory of this action; default <results_dir>/train.")
 
 
+def coco_backend_param(what: str = "COCO AP") -> Any:
+    """The ``evaluate.coco_backend`` field (a tao-cli field) of a network whose evaluation computes ``what``."""
+    from networks.common.metrics import COCO_BACKENDS
+
+    return param("faster_coco_eval", description=f"Library computing {what} (evaluate, and validation during "
+                 "train): faster_coco_eval (C++; the same numbers as pycocotools) or pycocotools (not a TAO field).",
+                 valid_options=list(COCO_BACKENDS))
+
+
 @dataclass
 class EvaluateConfig:
     """Fields every network's ``evaluate`` section has (TAO ``EvaluateConfig``)."""

@@ -16,9 +16,8 @@ from networks.common.config import EvaluateConfig as _BaseEvaluate
 from networks.common.config import ExperimentConfig as _BaseExperiment
 from networks.common.config import InferenceConfig as _BaseInference
 from networks.common.config import TrainConfig as _BaseTrain
-from networks.common.config import cfg_get, param
+from networks.common.config import cfg_get, coco_backend_param, param
 from networks.common.errors import ConfigError
-from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "SUPPORTED_ARCHS",
@@ -180,11 +179,7 @@ class MALEvalExpConfig(_BaseEvaluate):
     comp_clustering: bool = param(
         False, description="Report val_cluster_score (kept for spec compatibility; see docs/mal.md).")
     use_flip_test: bool = param(False, description="Average logits with those of the horizontally flipped crop.")
-    coco_backend: str = param(
-        "faster_coco_eval",
-        description="Library computing COCO AP (evaluate, and validation during train): faster_coco_eval (C++; "
-        "the same numbers as pycocotools) or pycocotools (not a TAO field).",
-        valid_options=list(COCO_BACKENDS))
+    coco_backend: str = coco_backend_param("COCO AP")
 
 
 @dataclass

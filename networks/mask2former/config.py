@@ -18,11 +18,11 @@ from networks.common.config import (
     OnnxExportConfig,
     QuantizeConfig,
     TrainConfig,
+    coco_backend_param,
     param,
 )
 from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
-from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "SwinConfig",
@@ -262,11 +262,7 @@ class Mask2FormerTrainConfig(TrainConfig):
 class Mask2FormerEvaluateConfig(EvaluateConfig):
     """``evaluate`` (TAO's common evaluate fields) plus the COCO AP backend of ``model.mode: instance``."""
 
-    coco_backend: str = param(
-        "faster_coco_eval",
-        description="Library computing COCO mask AP (model.mode instance; evaluate, and validation during "
-        "train): faster_coco_eval (C++; the same numbers as pycocotools) or pycocotools (not a TAO field).",
-        valid_options=list(COCO_BACKENDS))
+    coco_backend: str = coco_backend_param("COCO mask AP (model.mode instance)")
 
 
 @dataclass

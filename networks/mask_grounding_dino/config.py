@@ -33,11 +33,11 @@ from networks.common.config import (
     QuantizeConfig,
     TensorRTConfig,
     TrainConfig,
+    coco_backend_param,
     param,
 )
 from networks.common.config import ExperimentConfig as CommonExperimentConfig
 from networks.common.errors import ConfigError
-from networks.common.metrics import COCO_BACKENDS
 
 __all__ = [
     "BACKBONES",
@@ -274,11 +274,7 @@ class MaskGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
     input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
     conf_threshold: float = param(0.0, description="Drop detections scoring below this.", valid_min=0,
                                   valid_max=1)
-    coco_backend: str = param(
-        "faster_coco_eval",
-        description="Library computing COCO AP (evaluate, and validation during train): faster_coco_eval (C++; "
-        "the same numbers as pycocotools) or pycocotools (not a TAO field).",
-        valid_options=list(COCO_BACKENDS))
+    coco_backend: str = coco_backend_param("COCO AP")
 
 
 @dataclass
