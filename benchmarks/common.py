@@ -1,6 +1,13 @@
-"""Timing helpers shared by the benchmarks: warm-up, repeated timing, peak memory on CPU or CUDA."""
+"""Timing helpers shared by the benchmarks: thread pinning, paired A/B timing, repeated timing, peak memory.
+
+A ratio between two implementations is measured with :func:`paired`: both run alternately in one process on
+the same inputs, so load from other processes, thermal state and allocator state hit both alike, and the figure
+is the median of the per-pair ratios (with their min and max as the spread), not a ratio of two separately
+timed medians.
+"""
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
@@ -17,6 +24,72 @@ def device() -> torch.device:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def pin_threads() -> int:
+    """Set torch's intra-op threads to ``BENCH_THREADS`` (default: the cores this process may run on), print
+    and return the number (every bench records it next to its figures)."""
+    wanted = int(os.environ.get("BENCH_THREADS", "0") or 0)
+    n = wanted if wanted > 0 else len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
+    return torch.get_num_threads()
+
+
+def bench_pairs(default: int) -> int:
+    """Pairs to time for one ratio: ``BENCH_PAIRS`` when set (>= 1), else the bench's ``default``."""
+    n = int(os.environ.get("BENCH_PAIRS", "0") or 0)
+    return n if n > 0 else default
+
+
+def paired(a: Callable[[], object], b: Callable[[], object], *, pairs: int, warmup: int = 1,
+           dev: torch.device | None = None, clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time ``a`` against ``b`` in ``warmup + pairs`` alternating pairs; the first ``warmup`` pairs are dropped.
+
+    Pair ``i`` runs ``a`` then ``b`` when ``i`` is even and ``b`` then ``a`` when odd (A B, B A, A B, ...), so
+    neither side always runs right after the other's allocations.  Each call is timed alone with ``clock``
+    (after ``sync(dev)``, so CUDA work is counted).  Returns seconds per call and ratios a/b:
+    ``{"a_median_s", "b_median_s", "ratio_median", "ratio_min", "ratio_max", "ratios", "pairs", "warmup"}``;
+    ``ratio_median`` is the median of the per-pair ratios ``a_i / b_i`` (the figure benches report).
+    """
+    if pairs < 1 or warmup < 0:
+        raise ValueError(f"paired needs pairs >= 1 and warmup >= 0, got pairs={pairs}, warmup={warmup}")
+    dev = dev or torch.device("cpu")
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync(dev)
+        start = clock()
+        fn()
+        sync(dev)
+        return clock() - start
+
+    a_s: list[float] = []
+    b_s: list[float] = []
+    for i in range(warmup + pairs):
+        if i % 2 == 0:
+            ta = timed(a)
+            tb = timed(b)
+        else:
+            tb = timed(b)
+            ta = timed(a)
+        if i >= warmup:
+            a_s.append(ta)
+            b_s.append(tb)
+    ratios = [x / y for x, y in zip(a_s, b_s, strict=True)]
+    return {"a_median_s": statistics.median(a_s), "b_median_s": statistics.median(b_s),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratios": [round(r, 4) for r in ratios], "a_runs_s": [round(t, 4) for t in a_s],
+            "b_runs_s": [round(t, 4) for t in b_s], "pairs": pairs, "warmup": warmup}
+
+
+def figure(name: str, timing: dict, target: float | None, a: str, b: str, **extra) -> dict:
+    """One reported ratio: ``name``, the :func:`paired` result ``timing`` (a = ``a``, b = ``b``), its
+    ``target`` (the median must be <= it; ``None``: reported without a target) and any ``extra`` fields."""
+    return {"name": name, "ratio": round(timing["ratio_median"], 4),
+            "spread": [round(timing["ratio_min"], 4), round(timing["ratio_max"], 4)], "target": target,
+            "numerator": a, "denominator": b, f"{a}_s": round(timing["a_median_s"], 4),
+            f"{b}_s": round(timing["b_median_s"], 4), "pairs": timing["pairs"], "ratios": timing["ratios"],
+            **extra}
 
 
 def time_it(fn: Callable[[], object], dev: torch.device, *, warmup: int = 1, repeat: int = 3) -> dict:

@@ -1,0 +1,127 @@
+"""The `make bench` harness: paired A/B timing (fake clock, no wall-clock asserts), thread pinning, the
+PASS/FAIL table and the history.jsonl line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import run as bench_run
+from benchmarks.common import bench_pairs, figure, paired, pin_threads
+
+
+class FakeClock:
+    """A clock that only moves when a fake workload advances it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def workloads(clock: FakeClock, a_costs: list[float], b_costs: list[float]):
+    """Callables ``a`` and ``b`` whose k-th call takes ``*_costs[k]`` fake seconds; ``order`` logs the calls."""
+    order: list[str] = []
+
+    def make(name: str, costs: list[float]):
+        def fn():
+            clock.now += costs[sum(1 for o in order if o == name)]
+            order.append(name)
+        return fn
+
+    return make("a", a_costs), make("b", b_costs), order
+
+
+def test_paired_alternates_drops_warmup_and_reports_median_of_pair_ratios():
+    clock = FakeClock()
+    # warm-up pair is slow (10 s each) and must not count; then pairs with ratios 2, 3, 1.5 (a/b).
+    a, b, order = workloads(clock, [10.0, 2.0, 6.0, 3.0], [10.0, 1.0, 2.0, 2.0])
+    out = paired(a, b, pairs=3, warmup=1, clock=clock)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # A B, B A, A B, B A
+    assert out["ratios"] == [2.0, 3.0, 1.5]
+    assert out["ratio_median"] == 2.0  # median of the pair ratios ...
+    assert out["a_median_s"] / out["b_median_s"] == 1.5  # ... which differs from the ratio of the medians (3/2)
+    assert (out["ratio_min"], out["ratio_max"]) == (1.5, 3.0)
+    assert out["a_runs_s"] == [2.0, 6.0, 3.0] and out["b_runs_s"] == [1.0, 2.0, 2.0]
+    assert (out["pairs"], out["warmup"]) == (3, 1)
+
+
+def test_paired_ratio_tracks_a_known_cost_ratio_under_drifting_load():
+    clock = FakeClock()
+    load = [1.0 + 0.5 * k for k in range(10)]  # the machine slows down pair after pair: hits both alike
+    a, b, _ = workloads(clock, [1.3 * x for x in load], [x for x in load])
+    out = paired(a, b, pairs=9, warmup=1, clock=clock)
+    assert out["ratio_median"] == pytest.approx(1.3)
+    assert out["ratio_max"] - out["ratio_min"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_paired_rejects_no_pairs():
+    with pytest.raises(ValueError, match="pairs >= 1"):
+        paired(lambda: None, lambda: None, pairs=0)
+
+
+def test_threads_and_pairs_come_from_the_environment(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("BENCH_THREADS", "1")
+        assert pin_threads() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.delenv("BENCH_PAIRS", raising=False)
+    assert bench_pairs(5) == 5
+    monkeypatch.setenv("BENCH_PAIRS", "2")
+    assert bench_pairs(5) == 2
+
+
+def _timing(ratios: list[float]) -> dict:
+    return {"ratio_median": sorted(ratios)[len(ratios) // 2], "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "a_median_s": 2.0, "b_median_s": 1.0, "pairs": len(ratios), "ratios": ratios}
+
+
+def fake_table() -> dict:
+    return {
+        "date_utc": "2026-12-06T08:00:00+00:00", "commit": "abc1234",
+        "machine": {"python": "3.11", "torch": "2.x", "cpu": "Fake CPU", "cpu_cores": 2, "gpu": None, "threads": 2},
+        "wall_s": 600.0,
+        "results": {
+            "bench_a": {"figures": [figure("A step / backbone", _timing([1.2, 1.35, 1.5]), 1.4, "step", "backbone"),
+                                    figure("A over", _timing([1.5, 1.6, 1.7]), 1.4, "ours", "hf")],
+                        "train_step_s": 2.0},
+            "bench_b": {"figures": [figure("B train step", _timing([0.9, 1.0, 1.1]), None, "ours", "hf")]},
+            "bench_c": {"error": "RuntimeError: boom"},
+        },
+    }
+
+
+def test_table_has_every_figure_with_target_and_verdict():
+    lines = bench_run.format_table(fake_table()["results"]).splitlines()
+    assert lines[0].split() == ["figure", "ratio", "(min-max)", "target", "verdict"]
+    assert len(lines) == 5
+    assert lines[1].startswith("A step / backbone") and "1.350 (1.200-1.500)" in lines[1]
+    assert lines[1].rstrip().endswith("<= 1.40  PASS")
+    assert "1.600 (1.500-1.700)" in lines[2] and lines[2].endswith("FAIL")
+    assert lines[3].endswith("report") and " - " in lines[3]
+    assert "bench_c (failed)" in lines[4] and "ERROR: RuntimeError: boom" in lines[4]
+
+
+def test_verdict_boundary_is_inclusive():
+    assert bench_run.verdict({"ratio": 0.85, "target": 0.85}) == "PASS"
+    assert bench_run.verdict({"ratio": 0.8501, "target": 0.85}) == "FAIL"
+    assert bench_run.verdict({"ratio": 5.0, "target": None}) == "report"
+
+
+def test_history_line_is_one_json_object_with_figures_targets_verdicts():
+    record = bench_run.history_record(fake_table())
+    line = json.dumps(record)
+    assert "\n" not in line
+    back = json.loads(line)
+    assert (back["date_utc"], back["commit"], back["wall_s"]) == ("2026-12-06T08:00:00+00:00", "abc1234", 600.0)
+    assert back["machine"]["threads"] == 2 and back["machine"]["cpu"] == "Fake CPU"
+    assert [(f["bench"], f["name"], f["verdict"]) for f in back["figures"]] == [
+        ("bench_a", "A step / backbone", "PASS"), ("bench_a", "A over", "FAIL"), ("bench_b", "B train step", "report"),
+        ("bench_c", "bench_c (failed)", "ERROR")]
+    first = back["figures"][0]
+    assert (first["ratio"], first["spread"], first["target"], first["pairs"]) == (1.35, [1.2, 1.5], 1.4, 3)
+    assert "ratios" not in first and "train_step_s" not in json.dumps(back)  # per-run detail stays in latest.json
