@@ -169,8 +169,9 @@ def _captions_by_image(captions: str | os.PathLike | None, doc: dict) -> dict[An
 # ------------------------------------------------------------------------------------------------ COCO → ODVG
 def coco_doc_to_odvg(doc: dict, where: str, *, captions: dict[Any, str] | None = None
                      ) -> tuple[list[dict], dict[str, str], dict[str, int]]:
-    """A COCO instances dict that passed :func:`validate_coco` (with ``need_bbox``) → (ODVG records, label map, counts).  ``captions`` given → grounding
-    records for the images it names; else detection records for every image.  See the module docstring."""
+    """A COCO instances dict that passed :func:`validate_coco` (with ``need_bbox``) → (ODVG records, label map,
+    counts).  ``captions`` given → grounding records for the images it names; else detection records for every
+    image.  See the module docstring."""
     label_map, label_of = label_map_from_categories(doc["categories"], where)
     by_image: dict[Any, list[dict]] = {img["id"]: [] for img in doc["images"]}
     counts = {"images": len(doc["images"]), "annotations": 0, "crowd_skipped": 0}

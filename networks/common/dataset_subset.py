@@ -48,6 +48,7 @@ from networks.common.sources import resolve_dir, resolve_member
 
 __all__ = ["choose_images", "subset"]
 
+
 def choose_images(classes: list[list[Any]], n: int, seed: int, by_class: bool = False) -> list[int]:
     """Indices (ascending) of ``min(n, len(classes))`` images; ``classes[i]`` lists image i's class keys.
 

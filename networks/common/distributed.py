@@ -27,10 +27,7 @@ def is_rank_zero() -> bool:
 def gather_unique(records: list[dict], key: str, order_by: str | None = None) -> list[dict]:
     """Every rank's ``records`` gathered, de-duplicated by ``record[key]`` (a later rank's record wins; the
     distributed sampler repeats samples to even out ranks) and sorted by ``record[order_by or key]``."""
-    merged: dict = {}
-    for part in gather_objects(records):
-        for record in part or []:
-            merged[record[key]] = record
+    merged = gather_dict({record[key]: record for record in records})
     by = order_by or key
     return sorted(merged.values(), key=lambda r: r[by])
 

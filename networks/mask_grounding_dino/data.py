@@ -722,7 +722,7 @@ class Collator:
 
     def __init__(self, tokenizer, max_text_len: int, size_divisibility: int = SIZE_DIVISIBILITY, *,
                  chunk: bool = False, cache_size: int = 8):
-        from collections import OrderedDict
+        from networks.common.lru import LRUDict
 
         self.tokenizer = tokenizer
         self.max_text_len = int(max_text_len)
@@ -730,23 +730,17 @@ class Collator:
         self.chunk = bool(chunk)
         self._tokens = _NameTokens(tokenizer)
         self._warned: set[str] = set()
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = int(cache_size)
+        self._cache = LRUDict(cache_size)
 
     def _tokenize(self, captions: list[str], spans_list: list) -> tuple[dict, list[torch.Tensor]]:
         """:func:`tokenize` and the positive maps of a batch's captions, from the cache when seen before."""
         key = (tuple(captions), tuple(tuple(sp) for sp in spans_list))
         hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        tok = tokenize(captions, self.tokenizer, self.max_text_len)
-        maps = [positive_map(spans_list[i], tok["offsets"][i], self.max_text_len) for i in range(len(captions))]
-        if self._cache_size > 0:
-            self._cache[key] = (tok, maps)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return tok, maps
+        if hit is None:
+            tok = tokenize(captions, self.tokenizer, self.max_text_len)
+            hit = tok, [positive_map(spans_list[i], tok["offsets"][i], self.max_text_len) for i in range(len(captions))]
+            self._cache.put(key, hit)
+        return hit
 
     def __call__(self, samples: list[dict]) -> dict:
         views = None

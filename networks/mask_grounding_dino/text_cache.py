@@ -10,11 +10,12 @@ the version counters of the encoder's parameters, which every in-place update bu
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from networks.common.lru import LRUDict
 
 __all__ = ["TextCache"]
 
@@ -24,7 +25,7 @@ class TextCache:
 
     def __init__(self, max_entries: int = 64):
         self.max_entries = int(max_entries)
-        self._rows: OrderedDict = OrderedDict()
+        self._rows = LRUDict(max_entries)
         self.hits = 0
         self.misses = 0
 
@@ -53,15 +54,11 @@ class TextCache:
         for r, key in enumerate(keys):
             if key not in self._rows and key not in missing:
                 missing[key] = r
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
         if missing:
             out = run()
             for key, r in missing.items():
-                self._rows[key] = out[r].detach()
-        self.misses += len(missing)
-        self.hits += len(keys) - len(missing)
-        for key in keys:
-            self._rows.move_to_end(key)
-        result = out if missing else torch.stack([self._rows[key] for key in keys])
-        while len(self._rows) > self.max_entries:
-            self._rows.popitem(last=False)
-        return result
+                self._rows.put(key, out[r].detach())
+            return out
+        return torch.stack([self._rows.get(key) for key in keys])
