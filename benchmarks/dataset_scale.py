@@ -11,8 +11,9 @@ same code path as the CLI (``tao_cli.dataset_validate.validate``); ``stats`` loa
     .venv/bin/python benchmarks/dataset_scale.py [--images 118287] [--annotations 860001] [--keep DIR] [--index]
 
 With ``--index`` (issue 14) each network's training index of the same file is timed too, in its own child:
-MAL's ``load_records``, Mask2Former's instance ``_load_records`` and Mask Grounding DINO's ``read_odvg`` (on the file
-converted to ODVG first), each followed by the ``SerializedList`` its dataset keeps; reported are the time, the
+MAL's ``load_records``, Mask2Former's instance and panoptic ``_load_records`` (the panoptic JSON holds the same
+images and one segment per annotation, ~860k ``segments_info`` entries) and Mask Grounding DINO's ``read_odvg`` (on
+the file converted to ODVG first), each followed by the ``SerializedList`` its dataset keeps; reported are the time, the
 peak RSS and the RSS still held once the index is built.
 """
 from __future__ import annotations
@@ -73,6 +74,21 @@ def generate(path: Path, n_images: int, n_anns: int, seed: int = 0) -> None:
                    "categories": cats}, fh, separators=(",", ":"))
 
 
+def panoptic_from_instances(path: Path, out: Path) -> None:
+    """Write a COCO panoptic JSON with the images of the instances file at ``path`` and one segment per annotation
+    (segment id = annotation id; PNG names only, the PNGs are not written: indexing does not open them)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    by_image: dict[int, list] = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(
+            {"id": a["id"], "category_id": a["category_id"], "bbox": a["bbox"], "area": a["area"], "iscrowd": 0})
+    anns = [{"image_id": im["id"], "file_name": im["file_name"].replace(".jpg", ".png"),
+             "segments_info": by_image.get(im["id"], [])} for im in data["images"]]
+    cats = [{**c, "isthing": 1} for c in data["categories"]]
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump({"images": data["images"], "annotations": anns, "categories": cats}, fh, separators=(",", ":"))
+
+
 def _child(command: str, path: str) -> None:
     """Run one command on ``path`` in this (fresh) process and print its figures as one JSON line."""
     sys.path.insert(0, str(ROOT))
@@ -119,6 +135,18 @@ def _index(command: str, path: str) -> dict:
         cats = [Category(c["id"], c["name"], (0, 0, 0), True) for c in load_coco(path, field=path)["categories"]]
         gc.collect()
         split = SimpleNamespace(type="coco", img_dir=str(Path(path).parent), instance_json=path)
+        records = SerializedList(_load_records(split, "train", LabelMap(cats, len(cats), contiguous=True)))
+    elif command == "index_mask2former_panoptic":
+        from types import SimpleNamespace
+
+        from networks.common.coco_io import load_coco
+        from networks.mask2former.data import Category, LabelMap, _load_records
+
+        pan = Path(path).with_name("panoptic_scale.json")
+        cats = [Category(c["id"], c["name"], (0, 0, 0), True) for c in load_coco(pan, field=pan)["categories"]]
+        gc.collect()
+        split = SimpleNamespace(type="panoptic", img_dir=str(Path(path).parent), panoptic_json=str(pan),
+                                panoptic_dir=str(Path(path).parent))
         records = SerializedList(_load_records(split, "train", LabelMap(cats, len(cats), contiguous=True)))
     elif command == "index_mask_grounding_dino":
         from networks.common.coco_io import load_odvg_label_map
@@ -168,7 +196,8 @@ def main() -> int:
             from networks.common.dataset_convert import coco_to_odvg
 
             coco_to_odvg(path, folder / "train_odvg.jsonl", label_map_out=folder / "train_odvg_labelmap.json")
-            commands += ["index_mal", "index_mask2former", "index_mask_grounding_dino"]
+            panoptic_from_instances(path, folder / "panoptic_scale.json")
+            commands += ["index_mal", "index_mask2former", "index_mask2former_panoptic", "index_mask_grounding_dino"]
         results = {}
         for command in commands:
             proc = subprocess.run([sys.executable, __file__, "--child", command, str(path)], capture_output=True,

@@ -6,7 +6,8 @@
     ``MeanField`` with 0 iterations — must fail the same bar.
 (b) Trained from boxes only (no masks), MAL's validation mIoU beats the trivial box-fill baseline (computed in
     the test from the val annotations) by ``BOX_FILL_MARGIN``.  Calibration on this 2-core CPU: this test's
-    8 epochs give mIoU 0.632 vs box-fill 0.560 (+0.072); the same run with ``train.num_epochs=1`` gives +0.032,
+    8 epochs give mIoU 0.621 vs box-fill 0.560 (+0.062) with the 2 intra-op threads torch (and the engine) choose
+    here, 0.623 with 1 thread (the test sets none: the figures differ only by reduction order); the same run with ``train.num_epochs=1`` gives +0.032,
     as the learning curve (``benchmarks/results/learn_mal.json``, +0.03 after 1 epoch, +0.07 after 8); the demo
     reaches 0.635 in 20 epochs.  The margin is above what a 1-epoch model reaches, and the trained module with
     its mask logits replaced by a box fill (0.560) must fail it.
@@ -108,7 +109,7 @@ def test_mean_field_recovers_corrupted_masks(corrupted_crops, one_thread, num_it
     assert (iou >= naive + CRF_MARGIN) == recovers
 
 
-def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, one_thread, caplog, monkeypatch):
+def test_mal_trained_on_boxes_beats_box_fill(synthetic: Path, caplog, monkeypatch):
     import pytorch_lightning as pl
 
     from networks.mal.config import ExperimentConfig
