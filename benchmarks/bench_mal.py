@@ -13,6 +13,7 @@ Environment: ``BENCH_MAL_ARCH``, ``BENCH_MAL_CROP``, ``BENCH_MAL_BATCH``, ``BENC
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -39,8 +40,9 @@ PAIRS = 7
 TARGET = 1.4
 
 
-def run() -> dict:
-    threads = pin_threads()
+def build_parts() -> SimpleNamespace:
+    """The bench's student, teacher (eval), mean field, AdamW and inputs on :func:`device` (seeded), shared with
+    ``benchmarks/profile_mal.py``."""
     torch.manual_seed(0)
     dev = device()
     cfg = OmegaConf.structured(ExperimentConfig)
@@ -56,6 +58,18 @@ def run() -> dict:
     mask = torch.zeros(BATCH, 1, CROP, CROP, device=dev)
     mask[:, :, CROP // 4: 3 * CROP // 4, CROP // 4: 3 * CROP // 4] = 1
     bbox = torch.tensor([[10.0, 10.0, 200.0, 150.0]] * BATCH, device=dev)
+    loss_kw = dict(loss_mil_weight=4.0, loss_crf_weight=0.5, loss_mil_step=1000, loss_crf_step=4000,
+                   crf_size_ratio=1)
+    return SimpleNamespace(dev=dev, student=student, teacher=teacher, mean_field=mean_field, opt=opt, image=image,
+                           mask=mask, bbox=bbox, loss_kw=loss_kw,
+                           config={"arch": ARCH, "crop": CROP, "batch": BATCH, "device": str(dev)})
+
+
+def run() -> dict:
+    threads = pin_threads()
+    p = build_parts()
+    dev, student, teacher, mean_field, opt = p.dev, p.student, p.teacher, p.mean_field, p.opt
+    image, mask, bbox = p.image, p.mask, p.bbox
     amp = dev.type == "cuda"
 
     def train_step():
@@ -63,9 +77,7 @@ def run() -> dict:
             s = student(image, bbox)
             with torch.no_grad():
                 t = teacher(image, bbox)
-            losses = mal_losses(s, t, image, mask, mean_field, epoch=1, step_in_epoch=0,
-                                loss_mil_weight=4.0, loss_crf_weight=0.5, loss_mil_step=1000,
-                                loss_crf_step=4000, crf_size_ratio=1)
+            losses = mal_losses(s, t, image, mask, mean_field, epoch=1, step_in_epoch=0, **p.loss_kw)
         opt.zero_grad(set_to_none=True)
         (losses["loss_mil"] + losses["loss_crf"]).backward()
         opt.step()
