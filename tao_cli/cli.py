@@ -4,6 +4,7 @@
     tao model <net> -h
     tao model <net> <action> -h                 (the action's spec fields: type, default, bounds/options)
     tao model <net> <action> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]
+    tao automl <net> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]
     tao spec <net> <action>
     tao schema <net> --out DIR
     tao plot RUN_DIR [RUN_DIR ...] [--out DIR]
@@ -53,6 +54,7 @@ app = typer.Typer(
   tao model list                networks and their actions
   tao model <net> -h            actions of one network
   tao model <net> <action> -h   the action's spec fields: type, default, bounds/options
+  tao automl <net> -e SPEC      hyper-parameter search of the train spec (docs/automl.md)
   tao spec <net> <action>       the default spec as commented YAML""",
     pretty_exceptions_enable=False,
 )
@@ -338,8 +340,51 @@ def run_model(name: str, action: str, spec_path: str | None, overrides: list[str
     refuse_deploy_action(net, action)  # before the spec: its mandatory fields are not the problem
     path = Path(spec_path) if spec_path else packaged_spec(name, action)
     cfg = spec_mod.load_spec(net.config_class, action, path, overrides)  # net.check runs once, in make_plan
+    if action == "train":
+        from tao_cli.automl import policy_is_auto, run_automl
+
+        if policy_is_auto(cfg):  # TAO's automl_policy: the train action becomes the AutoML study
+            return run_automl(net, path, overrides, dry_run=dry_run, via_policy=True)
     return run_action(net, action, cfg, argv=argv or sys.argv, dry_run=dry_run, debug=debug,
                       overrides=overrides)
+
+
+AUTOML_USAGE = "usage: tao automl <net> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]"
+
+
+@app.command(
+    "automl",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    short_help="Hyper-parameter search of a train spec on Optuna: tao automl <net> -e SPEC [KEY=VALUE ...].",
+    help="Hyper-parameter search: tao automl <net> [-e SPEC] [--dry-run] [--debug] [KEY=VALUE ...]. Each trial "
+         "is a train run in <results_dir>/automl/trial_<NNN>; the spec's automl section sets the algorithm, "
+         "trials and search space (docs/automl.md). Rerun the same command to resume or add workers.",
+)
+def automl_cmd(ctx: typer.Context) -> None:
+    args = list(ctx.args)
+
+    def work() -> None:
+        parsed = parse_model_args(args)
+        pos = parsed["positional"]
+        if parsed["help"] or not pos:
+            _say(AUTOML_USAGE)
+            _say("\nRuns the study of the spec's automl section (`tao spec <net> train` shows its fields); "
+                 "--dry-run prints the plan and the search space. See docs/automl.md.")
+            raise typer.Exit(0)
+        if len(pos) > 1:
+            raise ConfigError(pos[1], "unexpected argument", AUTOML_USAGE)
+        raise typer.Exit(run_automl_cmd(pos[0], parsed["spec"], parsed["overrides"], dry_run=parsed["dry_run"]))
+
+    _guarded(work, "--debug" in args)
+
+
+def run_automl_cmd(name: str, spec_path: str | None, overrides: list[str], *, dry_run: bool = False) -> int:
+    """``tao automl <name>``: load the network and run (or plan) its study; returns the exit code."""
+    from tao_cli.automl import run_automl
+
+    net = registry.load(name)
+    path = Path(spec_path) if spec_path else packaged_spec(name, "train")
+    return run_automl(net, path, overrides, dry_run=dry_run)
 
 
 @app.command("spec")

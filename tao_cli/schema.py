@@ -53,6 +53,8 @@ __all__ = [
     "default_instance",
     "kept_sections",
     "write_schemas",
+    "skill_info",
+    "AUTOML_POLICIES",
 ]
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -61,8 +63,9 @@ _X_TAO_KEYS = ("popular", "math_cond", "depends_on", "option_weights", "parent_p
 
 # ------------------------------------------------------------------------------------------------ helpers
 def kept_sections(schema_cls: type, action: str, actions: list[str] | dict[str, str]) -> list[str]:
-    """Top-level field names kept for ``action``: every non-action field, ``train`` and ``action`` itself."""
-    others = set(actions) - {action, "train"}
+    """Top-level field names kept for ``action``: every non-action field, ``train`` and ``action`` itself;
+    ``automl`` (read by ``tao automl`` and the train policy) only for ``train``."""
+    others = (set(actions) - {action, "train"}) | ({"automl"} if action != "train" else set())
     return [f.name for f in dataclasses.fields(schema_cls) if f.name not in others]
 
 
@@ -449,11 +452,31 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+AUTOML_POLICIES = ("off", "auto")
+
+
+def skill_info(net: Network) -> dict[str, Any]:
+    """What ``references/skill_info.yaml`` holds: ``network``; ``automl_enabled`` (the train spec has at least one
+    field marked automl_enabled); ``automl_policy`` (the spec default of ``automl.automl_policy``, else ``off``;
+    one of :data:`AUTOML_POLICIES`); ``automl_default_parameters`` (the train schema's list); ``actions``."""
+    train = json_schema(net.config_class, net.name, "train", list(net.actions))
+    policy_node = train["properties"].get("automl", {}).get("properties", {}).get("automl_policy", {})
+    policy = policy_node.get("default", "off")
+    return {
+        "network": net.name,
+        "automl_enabled": bool(train["automl_default_parameters"]),
+        "automl_policy": policy if policy in AUTOML_POLICIES else "off",
+        "automl_default_parameters": list(train["automl_default_parameters"]),
+        "actions": list(net.actions),
+    }
+
+
 def write_schemas(net: Network, out_dir: Path, version: str) -> list[Path]:
     """Write ``schemas/<action>.schema.json`` and ``references/spec_template_<action>.yaml`` for every action of
-    ``net`` (its name, actions and config class) and ``schemas/manifest.json`` (network,
-    actions, package_version, sha256 of each file keyed by its path relative to ``out_dir``).  Atomic writes;
-    the output is deterministic (no timestamps).  Returns the written paths, the manifest last."""
+    ``net`` (its name, actions and config class), ``references/skill_info.yaml`` (:func:`skill_info`) and
+    ``schemas/manifest.json`` (network, actions, package_version, sha256 of each other file keyed by its path
+    relative to ``out_dir``).  Atomic writes; the output is deterministic (no timestamps).  Returns the written
+    paths, the manifest last."""
     out_dir = Path(out_dir)
     name = net.name
     actions = list(net.actions)
@@ -465,6 +488,7 @@ def write_schemas(net: Network, out_dir: Path, version: str) -> list[Path]:
                                          json.dumps(schema, indent=2, allow_nan=False) + "\n"))
         written.append(atomic_write_text(out_dir / "references" / f"spec_template_{action}.yaml",
                                          spec_template(cls, action, actions)))
+    written.append(atomic_write_text(out_dir / "references" / "skill_info.yaml", _dump(skill_info(net))))
     manifest = {
         "network": name,
         "actions": actions,

@@ -29,6 +29,8 @@ __all__ = [
     "TensorRTConfig",
     "ExperimentConfig",
     "QuantizeConfig",
+    "AutoMLConfig",
+    "AUTOML_ALGORITHMS",
 ]
 
 _META_KEYS = (
@@ -321,3 +323,57 @@ def cfg_get(section: Any, key: str, default: Any = None) -> Any:
         else:
             node = getattr(node, part, None)
     return default if node is None else node
+
+
+#: TAO's ``automl_algorithm`` enum (TC ``microservices/blueprints/v2/schemas.py``); tao-cli runs the first four
+#: on Optuna and refuses the others when a study is planned (``tao_cli/automl/algorithms.py`` says why).
+AUTOML_ALGORITHMS = ["bayesian", "hyperband", "bohb", "asha", "pbt", "bfbo", "dehb", "hyperband_es"]
+
+
+@dataclass
+class AutoMLConfig:
+    """``automl``: the hyper-parameter search of ``tao automl <net>`` (docs/automl.md); ignored by a plain train
+    run unless ``automl_policy`` is ``auto``.  Nothing in this section is itself searchable."""
+
+    automl_policy: str = param(
+        "off", description="auto: `tao model <net> train` runs the AutoML study of this spec instead of one "
+        "training run; off: a plain training run (this section is not read).", valid_options=["off", "auto"])
+    automl_algorithm: str = param(
+        "bayesian", description="Search algorithm (TAO's enum). bayesian, hyperband, bohb and asha run on Optuna; "
+        "pbt, bfbo, dehb and hyperband_es are refused with the reason.", valid_options=AUTOML_ALGORITHMS)
+    automl_hyperparameters: list[str] | None = param(
+        None, description="Dotted train-spec keys to search; unset = the schema's automl_default_parameters.")
+    automl_range_override: dict[str, Any] = param(
+        {}, description="Per searched key: valid_min, valid_max, valid_options, option_weights, depends_on, "
+        "math_cond, replacing the schema's values.")
+    override_automl_disabled_params: bool = param(
+        False, description="Allow keys the schema marks automl_enabled=false in automl_hyperparameters.")
+    metric: str = param(
+        "kpi", description="kpi: the network's main validation KPI (its direction); loss: val_loss, minimised.",
+        valid_options=["kpi", "loss"])
+    automl_max_recommendations: int = param(
+        20, description="Number of trials of the study (completed, pruned and finally failed ones count; a "
+        "retried trial counts once).", valid_min=1)
+    automl_max_epochs: int | None = param(
+        None, description="Epochs of a full trial (Hyperband's R). Unset: train.num_epochs. Every algorithm "
+        "trains each trial for this many epochs unless a pruner stops it.", valid_min=1)
+    automl_reduction_factor: int = param(
+        3, description="Hyperband/successive-halving reduction factor (eta): 1/eta of the trials go on at each "
+        "rung.", valid_min=2)
+    automl_delete_intermediate_ckpt: bool = param(
+        False, description="At the end of the study delete the checkpoints of every trial but the best one.")
+    seed: int | None = param(
+        None, description="Seeds the sampler (trial N uses seed + N) and every trial's train.seed. Unset: "
+        "train.seed.", valid_min=0)
+    storage: str | None = param(
+        None, description="Optuna RDB URL of the study (e.g. postgresql://user@host/db) shared by every worker. "
+        "Unset: sqlite:///<results_dir>/automl/study.db.")
+    study_name: str | None = param(None, description="Study name in the storage. Unset: the network name.")
+    timeout: float | None = param(
+        None, description="Stop starting new trials after this many seconds of this worker (running ones end).",
+        valid_min=0)
+    heartbeat_interval: int = param(
+        60, description="Seconds between a worker's heartbeats for its running trial.", valid_min=1)
+    grace_period: int | None = param(
+        None, description="A running trial without a heartbeat for this many seconds is failed and retried once "
+        "(its worker died). Unset: 2 x heartbeat_interval.", valid_min=1)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from networks.common.config import AutoMLConfig, cfg_get, coco_backend_param, param
 from networks.common.config import EvaluateConfig as _BaseEvaluate
 from networks.common.config import ExperimentConfig as _BaseExperiment
 from networks.common.config import InferenceConfig as _BaseInference
 from networks.common.config import TrainConfig as _BaseTrain
-from networks.common.config import cfg_get, coco_backend_param, param
 from networks.common.errors import ConfigError
 
 __all__ = [
@@ -211,6 +211,7 @@ class ExperimentConfig(_BaseExperiment):
     train: MALTrainExpConfig = param(MALTrainExpConfig, description="Training settings.")
     evaluate: MALEvalExpConfig = param(MALEvalExpConfig, description="Evaluation settings.")
     inference: MALInferenceExpConfig = param(MALInferenceExpConfig, description="Inference settings.")
+    automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 
 def _blank(value: Any) -> bool:

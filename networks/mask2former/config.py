@@ -12,6 +12,7 @@ from typing import Any
 
 from networks.backbones.swin_presets import SWIN_PRESETS
 from networks.common.config import (
+    AutoMLConfig,
     EvaluateConfig,
     GenTrtEngineConfig,
     InferenceConfig,
@@ -286,6 +287,7 @@ class ExperimentConfig(CommonExperimentConfig):
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
     gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine (tao-deploy).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
+    automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 
 def swin_dims(swin: Any) -> tuple[int, list[int], list[int]]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from networks.backbones.swin_presets import SWIN_BACKBONES
 from networks.common.config import (
+    AutoMLConfig,
     EvaluateConfig,
     ExportConfig,
     GenTrtEngineConfig,
@@ -328,6 +329,7 @@ class ExperimentConfig(CommonExperimentConfig):
     gen_trt_engine: MaskGDinoGenTrtEngineConfig = param(MaskGDinoGenTrtEngineConfig,
                                                      description="TensorRT engine (tao-deploy).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
+    automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 
 def _source_error(key: str, problem: str, hint: str | None = None) -> ConfigError:

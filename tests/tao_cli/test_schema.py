@@ -5,6 +5,7 @@ Uses the test-only toy schema of ``test_spec``; no network package is imported.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -14,8 +15,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from networks.common.config import TrainConfig, param
 from networks.common.errors import ConfigError
 from tao_cli.schema import (
+    AUTOML_POLICIES,
     JSON_SCHEMA_DIALECT,
     commented_yaml,
     default_instance,
@@ -238,12 +241,12 @@ def test_write_schemas_writes_every_action_and_a_manifest(tmp_path):
     assert rel == sorted(
         [f"schemas/{a}.schema.json" for a in ALL_ACTIONS]
         + [f"references/spec_template_{a}.yaml" for a in ALL_ACTIONS]
-        + ["schemas/manifest.json"]
+        + ["references/skill_info.yaml", "schemas/manifest.json"]
     )
     manifest = json.loads((tmp_path / "schemas" / "manifest.json").read_text())
     assert manifest["network"] == "toy" and manifest["actions"] == ALL_ACTIONS
     assert manifest["package_version"] == "1.2.3"
-    assert len(manifest["files"]) == 2 * len(ALL_ACTIONS)
+    assert len(manifest["files"]) == 2 * len(ALL_ACTIONS) + 1
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() == digest
 
@@ -259,3 +262,28 @@ def test_write_schemas_writes_every_action_and_a_manifest(tmp_path):
     write_schemas(toy_network, tmp_path, "1.2.3")
     assert {p: p.read_bytes() for p in paths} == before
     assert sorted(q for q in Path(tmp_path).rglob("*") if q.is_file()) == sorted(paths)
+
+
+@dataclasses.dataclass
+class _NoAutoMLExperiment:
+    """A spec without any automl_enabled field."""
+
+    train: TrainConfig = param(TrainConfig)
+
+
+def test_skill_info_yaml_matches_the_train_schema(tmp_path):
+    paths = write_schemas(toy_network, tmp_path, "1.2.3")
+    path = tmp_path / "references" / "skill_info.yaml"
+    assert path in paths
+    info = yaml.safe_load(path.read_text())
+    train = schema_for("train")
+    assert list(info) == ["network", "automl_enabled", "automl_policy", "automl_default_parameters", "actions"]
+    assert info["network"] == "toy" and info["actions"] == ALL_ACTIONS
+    assert info["automl_default_parameters"] == train["automl_default_parameters"]
+    assert "model.hidden_dim" in info["automl_default_parameters"] and info["automl_enabled"] is True
+    assert info["automl_policy"] == "off" and info["automl_policy"] in AUTOML_POLICIES  # a string, not YAML false
+
+    quiet = dataclasses.replace(toy_network, name="quiet", config_class=_NoAutoMLExperiment)
+    write_schemas(quiet, tmp_path / "quiet", "1.2.3")
+    info = yaml.safe_load((tmp_path / "quiet" / "references" / "skill_info.yaml").read_text())
+    assert info["automl_enabled"] is False and info["automl_default_parameters"] == []
