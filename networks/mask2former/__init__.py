@@ -61,13 +61,14 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
             paths["train.pretrained_model_path"] = cfg.train.pretrained_model_path
         elif cfg.model.backbone.pretrained_weights:
             paths["model.backbone.pretrained_weights"] = cfg.model.backbone.pretrained_weights
-    elif action == "evaluate":
-        split("val")
-        paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
-    elif action == "inference":
-        if ds.test.img_dir:
+    elif action in ("evaluate", "inference"):
+        if action == "evaluate":
+            split("val")
+        elif ds.test.img_dir:
             paths["dataset.test.img_dir"] = ds.test.img_dir
-        paths["inference.checkpoint"] = cfg.inference.checkpoint
+        for key in ("checkpoint", "onnx_file"):  # whichever one is set (config.check: exactly one)
+            if cfg[action].get(key):
+                paths[f"{action}.{key}"] = cfg[action][key]
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
     return paths

@@ -39,6 +39,7 @@ __all__ = [
     "OptimConfig",
     "Mask2FormerTrainConfig",
     "Mask2FormerEvaluateConfig",
+    "Mask2FormerInferenceConfig",
     "Mask2FormerExportConfig",
     "ExperimentConfig",
     "check",
@@ -259,11 +260,30 @@ class Mask2FormerTrainConfig(TrainConfig):
                                         valid_min=1)
 
 
+_ONNX_FILE_HELP = ("ONNX file written by the export action, run with ONNX Runtime instead of a checkpoint "
+                   "(not a TAO field; set exactly one of checkpoint, onnx_file, trt_engine).")
+
+
 @dataclass
 class Mask2FormerEvaluateConfig(EvaluateConfig):
-    """``evaluate`` (TAO's common evaluate fields) plus the COCO AP backend of ``model.mode: instance``."""
+    """``evaluate`` (TAO's common evaluate fields) plus the COCO AP backend of ``model.mode: instance`` and
+    ``onnx_file``.  ``checkpoint`` is optional here: exactly one of checkpoint / onnx_file / trt_engine is
+    required, which :func:`check` enforces."""
 
+    checkpoint: str | None = param(None, description="Path to the checkpoint to evaluate (or set onnx_file).",
+                                   examples=["/path/to/mask2former_model.pth"])
+    onnx_file: str | None = param(None, description=_ONNX_FILE_HELP)
     coco_backend: str = coco_backend_param("COCO mask AP (model.mode instance)")
+
+
+@dataclass
+class Mask2FormerInferenceConfig(InferenceConfig):
+    """``inference`` (TAO's common inference fields) plus ``onnx_file``; as for evaluate, exactly one of
+    checkpoint / onnx_file / trt_engine."""
+
+    checkpoint: str | None = param(None, description="Path to the checkpoint to run (or set onnx_file).",
+                                   examples=["/path/to/mask2former_model.pth"])
+    onnx_file: str | None = param(None, description=_ONNX_FILE_HELP)
 
 
 @dataclass
@@ -283,7 +303,7 @@ class ExperimentConfig(CommonExperimentConfig):
     dataset: DatasetConfig = param(DatasetConfig, description="Datasets.")
     train: Mask2FormerTrainConfig = param(Mask2FormerTrainConfig, description="Training.")
     evaluate: Mask2FormerEvaluateConfig = param(Mask2FormerEvaluateConfig, description="Evaluation.")
-    inference: InferenceConfig = param(InferenceConfig, description="Inference.")
+    inference: Mask2FormerInferenceConfig = param(Mask2FormerInferenceConfig, description="Inference.")
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
     gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine (tao-deploy).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
@@ -320,6 +340,22 @@ def clip_norm_type(value: Any) -> float:
         raise ConfigError("train.clip_grad_norm_type", f"{value!r} is not a norm type",
                           "use a number >= 1 (2 = L2) or 'inf'")
     return norm
+
+
+def _check_model_source(cfg: Any, action: str) -> None:
+    """Exactly one of ``<action>.checkpoint`` / ``onnx_file`` / ``trt_engine``; an ONNX file must be a
+    Mask2Former export of ``model.mode`` (read without running it)."""
+    from networks.mask2former.onnx_runtime import ONNX_SOURCES, check_onnx_file
+
+    section = cfg[action]
+    keys = [f"{action}.{k}" for k in ONNX_SOURCES]
+    given = [f"{action}.{k}" for k in ONNX_SOURCES if section.get(k) not in (None, "")]
+    if len(given) != 1:
+        what = "none is set" if not given else f"{' and '.join(given)} are set"
+        raise ConfigError(action, f"set exactly one of {', '.join(keys)}; {what}",
+                          f"e.g. {action}.checkpoint=/path/to/model.pth or {action}.onnx_file=/path/to/model.onnx")
+    if section.get("onnx_file") not in (None, ""):
+        check_onnx_file(section.onnx_file, str(cfg.model.mode), f"{action}.onnx_file")
 
 
 def check(cfg: Any, action: str) -> None:
@@ -394,6 +430,8 @@ def check(cfg: Any, action: str) -> None:
             for path in tr.freeze:
                 if not isinstance(path, str) or not path.strip():
                     raise ConfigError("train.freeze", f"entries must be dotted module paths, got {path!r}")
+    if action in ("evaluate", "inference"):
+        _check_model_source(cfg, action)
     if action == "evaluate":
         problems = _split_needs(ds.val, "val")
         if problems:

@@ -21,23 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from networks.common.errors import ConfigError
 from networks.common.onnx_export import MIN_OPSET, check_export_args, export_onnx_file
 from networks.common.onnx_export import onnx_parity as shared_parity
-from networks.mask2former.postprocess import instance_topk, semantic_probs
+from networks.mask2former.postprocess import HEAD_OUTPUTS, head_outputs
 
 __all__ = ["OUTPUT_NAMES", "ExportWrapper", "export_onnx", "onnx_parity", "load_model_weights", "run_export"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAMES: dict[str, list[str]] = {
-    "semantic": ["pred_masks"],
-    "instance": ["pred_masks", "pred_scores", "pred_classes"],
-    "panoptic": ["prob_masks", "pred_masks", "pred_scores", "pred_classes"],
-}
+#: Output names per ``model.mode`` (the post-processor's, shared with evaluate/inference from ONNX).
+OUTPUT_NAMES: dict[str, list[str]] = HEAD_OUTPUTS
 
 
 class ExportWrapper(nn.Module):
@@ -57,22 +53,7 @@ class ExportWrapper(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(inputs)
-        logits = out["pred_logits"]
-        masks = F.interpolate(out["pred_masks"], size=inputs.shape[-2:], mode="bilinear", align_corners=False)
-        if self.mode == "semantic":
-            return (semantic_probs(logits, masks),)
-        if self.mode == "instance":
-            scores, query, cls0 = instance_topk(logits, self.topk)
-            H, W = masks.shape[-2:]
-            index = query[:, :, None, None].expand(-1, -1, H, W)
-            selected = torch.gather(masks, 1, index)
-            binary = (selected > 0).to(selected.dtype)
-            mask_scores = (selected.sigmoid() * binary).flatten(2).sum(-1) / (binary.flatten(2).sum(-1) + 1e-6)
-            return binary, scores * mask_scores, cls0
-        probs = logits.float().softmax(-1)[..., 1:]
-        scores, cls0 = probs.max(-1)
-        sig = masks.sigmoid()
-        return scores[:, :, None, None] * sig, sig, scores, cls0
+        return head_outputs(self.mode, out["pred_logits"], out["pred_masks"], inputs.shape[-2:], self.topk)
 
 
 def export_onnx(model: nn.Module, mode: str, out_path: str | Path, input_hw: tuple[int, int],

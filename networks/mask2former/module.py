@@ -12,6 +12,10 @@
   (panoptic) or COCO mask AP (instance).  Per-image results are gathered to every rank and de-duplicated by
   image id (the distributed sampler repeats images to even out ranks) before the metrics are computed.
 * Inference: overlay PNGs plus machine-readable results under ``ctx.run_dir`` (see :meth:`predict_step`).
+* Runtimes: evaluate/inference run the PyTorch model, or — with ``<action>.onnx_file`` — an exported ONNX file
+  under ONNX Runtime (:class:`~networks.mask2former.onnx_runtime.OnnxHead`, no PyTorch model is built).  Both
+  produce TAO's export outputs (:func:`~networks.mask2former.postprocess.head_outputs`) and share everything
+  after them (:func:`~networks.mask2former.postprocess.finish_image`, metrics, files).
 """
 from __future__ import annotations
 
@@ -37,13 +41,7 @@ from networks.common.train_logging import MONITOR_METRICS, log_train_losses
 from networks.common.weights import freeze_modules
 from networks.mask2former.criterion import Mask2FormerCriterion, loss_weights
 from networks.mask2former.data import LabelMap, load_label_map
-from networks.mask2former.postprocess import (
-    instance_inference,
-    panoptic_inference,
-    panoptic_keep,
-    semantic_inference,
-    to_image_size,
-)
+from networks.mask2former.postprocess import HEAD_OUTPUTS, eval_extras, finish_image, head_outputs
 from networks.ops.losses import weighted_sum
 from networks.ops.matcher import HungarianMatcher, mask2former_cost_terms
 
@@ -157,7 +155,19 @@ class Mask2FormerModule(pl.LightningModule):
         # TAO: plain DDP with activation checkpointing, else find_unused_parameters (e.g. frozen parts).
         self.trainer_traits = TrainerTraits(find_unused_parameters=not bool(cfg.train.activation_checkpoint))
         mc = cfg.model
-        if model is None:
+        from networks.mask2former.onnx_runtime import onnx_file_of
+
+        #: the ONNX Runtime head when ``<action>.onnx_file`` is set (then there is no PyTorch model)
+        self.onnx = None
+        onnx_file = onnx_file_of(cfg, getattr(ctx, "action", None)) if model is None else None
+        if onnx_file:
+            from networks.mask2former.onnx_runtime import OnnxHead
+
+            self.onnx = OnnxHead(onnx_file, str(mc.mode), want_gpu=getattr(ctx, "accelerator", None) == "gpu",
+                                 field=f"{ctx.action}.onnx_file")
+            log.info("Running %s with onnxruntime %s (providers %s), input %dx%d", self.onnx.path,
+                     self.onnx.version, ", ".join(self.onnx.providers), *self.onnx.hw)
+        elif model is None:
             from networks.mask2former.model import build_model
 
             model = build_model(mc, activation_checkpoint=bool(cfg.train.activation_checkpoint))
@@ -291,17 +301,51 @@ class Mask2FormerModule(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         """As :meth:`validation_step` (``evaluate`` runs on ``dataset.val``)."""
-        outputs = self._eval_step(batch, "test/loss")
+        results = self._eval_step(batch, "test/loss")
         overlays = getattr(self, "_overlays", None)
-        if overlays is not None and overlays.wanted and outputs is not None:
-            from networks.mask2former.visualize import eval_pair
-
-            ds = self.cfg.dataset
+        if overlays is not None and overlays.wanted and results is not None:
             for i, gt in enumerate(batch["gts"]):
                 if gt is not None and overlays.wanted:
-                    left, right = eval_pair(batch, i, outputs, self.cfg.model, self.label_map, ds.pixel_mean,
-                                            ds.pixel_std, self.num_classes)
+                    left, right = self._eval_pictures(batch, i, results[i])
                     overlays.add(batch["image_ids"][i], batch["file_names"][i], left, right)
+
+    def _eval_pictures(self, batch: dict, i: int, result: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(ground truth, prediction) pictures of image ``i`` at its original resolution; the image is the
+        un-normalised network input resized back."""
+        from PIL import Image
+
+        from networks.common.visualize import denormalize
+        from networks.mask2former.visualize import draw_segments, ground_truth_segments
+
+        ds = self.cfg.dataset
+        h, w = (int(v) for v in batch["image_sizes"][i])
+        H0, W0 = (int(v) for v in batch["orig_sizes"][i])
+        image = denormalize(batch["images"][i][:, :h, :w], ds.pixel_mean, ds.pixel_std)
+        if (h, w) != (H0, W0):
+            image = np.asarray(Image.fromarray(image).resize((W0, H0), Image.BILINEAR))
+        gt_masks, gt_classes = ground_truth_segments(batch["gts"][i], self.cfg.model.mode, self.label_map)
+        left = draw_segments(image, gt_masks, gt_classes, self.label_map, self.num_classes)
+        masks, classes, scores = self._shown_segments(result)
+        right = draw_segments(image, masks, classes, self.label_map, self.num_classes, scores)
+        return left, right
+
+    def _shown_segments(self, result: dict) -> tuple[list[np.ndarray], list[int], list[float] | None]:
+        """(masks, class indices, scores or None) that pictures show of one image's results: the semantic map
+        split by class; the panoptic segments; the instances scoring above ``object_mask_threshold``."""
+        mode = self.cfg.model.mode
+        if mode == "semantic":
+            sem = result["semantic"].cpu().numpy()
+            classes = [int(c) for c in np.unique(sem)]
+            return [sem == c for c in classes], classes, None
+        if mode == "panoptic":
+            pan = result["panoptic"].cpu().numpy()
+            segs = result["segments"]
+            return [pan == s["id"] for s in segs], [int(s["category"]) for s in segs], [float(s["score"]) for s in segs]
+        inst = result["instances"]
+        shown = [(m.cpu().numpy(), int(lab), float(s)) for m, s, lab in
+                 zip(inst["masks"], inst["scores"].tolist(), inst["labels"].tolist(), strict=True)
+                 if s > float(self.cfg.model.object_mask_threshold)]
+        return [m for m, _, _ in shown], [c for _, c, _ in shown], [s for _, _, s in shown]
 
     def _thing_classes(self, device) -> torch.Tensor | None:
         if self.label_map is None:
@@ -311,42 +355,74 @@ class Mask2FormerModule(pl.LightningModule):
     def _category_id(self, class_index: int) -> int:
         return self.label_map.category_id(class_index) if self.label_map is not None else int(class_index)
 
-    def _eval_step(self, batch: dict, loss_name: str) -> dict | None:
-        """Loss and metric records of one batch; returns the model outputs (None during the sanity check)."""
-        outputs = self.model(batch["images"])
-        losses = self.criterion(outputs, batch["targets"])
-        if self._trainer is not None:
-            self.log(loss_name, self._weighted(losses), on_step=False, on_epoch=True, sync_dist=True,
-                     batch_size=len(batch["targets"]))
-            if self.trainer.sanity_checking:
-                return None
+    def _head(self, batch: dict, evaluating: bool = False) -> tuple[dict | None, dict[str, torch.Tensor], list]:
+        """(model outputs or None, TAO's export outputs of the batch, per-image un-padded size in those maps).
+
+        PyTorch: the model, then :func:`head_outputs` at the padded input size, plus the :func:`eval_extras` that
+        keep the original panoptic test and (``evaluating``) TAO's mIoU in every mode.  ONNX: the graph (its own H×W,
+        which is then each image's size)."""
+        images = batch["images"]
+        if self.onnx is not None:
+            return None, self.onnx(images, batch["image_sizes"]), [self.onnx.hw] * images.shape[0]
+        outputs = self.model(images)
+        mc = self.cfg.model
+        hw = tuple(images.shape[-2:])
+        head = dict(zip(HEAD_OUTPUTS[mc.mode], head_outputs(mc.mode, outputs["pred_logits"], outputs["pred_masks"],
+                                                             hw, int(mc.test_topk_per_image)), strict=True))
+        head.update(eval_extras(mc.mode, outputs["pred_logits"], outputs["pred_masks"], hw,
+                                float(mc.object_mask_threshold), semantic=evaluating))
+        return outputs, head, list(batch["image_sizes"])
+
+    def _finish(self, head: dict[str, torch.Tensor], i: int, image_hw, orig_hw, thing: torch.Tensor | None,
+                semantic: bool) -> dict[str, Any]:
+        """Image ``i``'s results at its original resolution (:func:`finish_image` with the spec's thresholds;
+        thing-only instances and stuff merging when the label map has stuff classes)."""
+        mc = self.cfg.model
+        has_stuff = self.label_map is not None and self.label_map.has_stuff()
+        return finish_image(mc.mode, {k: v[i] for k, v in head.items()}, image_hw, orig_hw,
+                            num_classes=self.num_classes, object_mask_threshold=float(mc.object_mask_threshold),
+                            overlap_threshold=float(mc.overlap_threshold), topk=int(mc.test_topk_per_image),
+                            thing_classes=thing if has_stuff else None, semantic=semantic)
+
+    def _eval_step(self, batch: dict, loss_name: str) -> list[dict | None] | None:
+        """Loss (PyTorch runtime only) and metric records of one batch; returns each image's results (None for
+        an image without ground truth; None for the whole batch during the sanity check)."""
+        outputs, head, sizes = self._head(batch, evaluating=True)
+        if outputs is not None:
+            losses = self.criterion(outputs, batch["targets"])
+            if self._trainer is not None:
+                self.log(loss_name, self._weighted(losses), on_step=False, on_epoch=True, sync_dist=True,
+                         batch_size=len(batch["targets"]))
+                if self.trainer.sanity_checking:
+                    return None
         from networks.common.coco_io import mask_to_rle
 
         mode = self.cfg.model.mode
-        padded = tuple(batch["images"].shape[-2:])
         C = self.num_classes
         thing = self._thing_classes(batch["images"].device)
+        # TAO's mIoU needs the class-probability map: the semantic graph's output, or the PyTorch extras.  A
+        # panoptic/instance ONNX graph lacks it, so there mIoU and pixel accuracy are not computed (None).
+        semantic = mode == "semantic" or "semantic_probs" in head
+        results: list[dict | None] = []
         for i, gt in enumerate(batch["gts"]):
             if gt is None:
+                results.append(None)
                 continue
-            cls = outputs["pred_logits"][i]
-            masks = to_image_size(outputs["pred_masks"][i], padded, batch["image_sizes"][i], batch["orig_sizes"][i])
+            res = self._finish(head, i, sizes[i], batch["orig_sizes"][i], thing, semantic=semantic)
+            results.append(res)
             rec: dict[str, Any] = {}
-            sem = semantic_inference(cls, masks) - 1
-            gt_sem = torch.as_tensor(gt["sem_seg"], device=sem.device) - 1
-            valid = (gt_sem >= 0) & (gt_sem < C)
-            counts = torch.bincount(gt_sem[valid] * C + sem[valid], minlength=C * C)
-            nz = torch.nonzero(counts).flatten()
-            rec["conf"] = (nz.cpu().numpy(), counts[nz].cpu().numpy())
+            if semantic:
+                sem = res["semantic"] - 1
+                gt_sem = torch.as_tensor(gt["sem_seg"], device=sem.device) - 1
+                valid = (gt_sem >= 0) & (gt_sem < C)
+                counts = torch.bincount(gt_sem[valid] * C + sem[valid], minlength=C * C)
+                nz = torch.nonzero(counts).flatten()
+                rec["conf"] = (nz.cpu().numpy(), counts[nz].cpu().numpy())
             if mode == "panoptic":
-                pan, segs = self._panoptic(cls, outputs["pred_masks"][i], padded, batch, i,
-                                           thing if self.label_map is not None and self.label_map.has_stuff()
-                                           else None)
-                rec["pq"] = self._panoptic_stats(gt, pan.cpu().numpy(), segs, batch["image_ids"][i])
+                rec["pq"] = self._panoptic_stats(gt, res["panoptic"].cpu().numpy(), res["segments"],
+                                                 batch["image_ids"][i])
             elif mode == "instance":
-                inst = instance_inference(cls, masks, self.cfg.model.test_topk_per_image,
-                                          thing if self.label_map is not None and self.label_map.has_stuff()
-                                          else None)
+                inst = res["instances"]
                 image_id = batch["image_ids"][i]
                 rec["dets"] = [{"image_id": image_id, "category_id": self._category_id(int(lab)),
                                 "score": float(s), "segmentation": mask_to_rle(m.cpu().numpy())}
@@ -355,15 +431,7 @@ class Mask2FormerModule(pl.LightningModule):
                 rec["image"] = {"id": image_id, "height": gt["height"], "width": gt["width"],
                                 "file_name": batch["file_names"][i]}
             self._eval_records[batch["image_ids"][i]] = rec
-        return outputs
-
-    def _panoptic(self, cls: torch.Tensor, small_masks: torch.Tensor, padded: tuple[int, int], batch: dict,
-                  i: int, thing: torch.Tensor | None):
-        """Panoptic result at the original resolution, upsampling only the queries that can be kept."""
-        keep = panoptic_keep(cls, self.cfg.model.object_mask_threshold)
-        masks = to_image_size(small_masks[keep], padded, batch["image_sizes"][i], batch["orig_sizes"][i])
-        return panoptic_inference(cls[keep], masks, self.cfg.model.object_mask_threshold,
-                                  self.cfg.model.overlap_threshold, thing)
+        return results
 
     def _categories(self) -> list[dict]:
         if self.label_map is not None:
@@ -406,10 +474,15 @@ class Mask2FormerModule(pl.LightningModule):
         self._eval_records = {}
         C = self.num_classes
         conf = np.zeros(C * C, dtype=np.int64)
-        for rec in merged.values():
-            idx, cnt = rec["conf"]
+        with_conf = [rec["conf"] for rec in merged.values() if "conf" in rec]
+        for idx, cnt in with_conf:
             conf[idx] += cnt
-        sem = miou_from_confusion(conf.reshape(C, C))
+        sem = miou_from_confusion(conf.reshape(C, C)) if with_conf or not merged else \
+            {"mIoU": None, "pixel_accuracy": None}
+        if merged and not with_conf:
+            log.info("mIoU and pixel accuracy are not computed: a %s-mode ONNX graph has no class-probability "
+                     "map (TAO's export outputs); evaluate the checkpoint or a semantic-mode graph for them",
+                     self.cfg.model.mode)
         kpi = {"mIoU": sem["mIoU"], "ACC_all": sem["pixel_accuracy"], "pixel_accuracy": sem["pixel_accuracy"]}
         mode = self.cfg.model.mode
         if mode == "panoptic" and merged:
@@ -439,6 +512,8 @@ class Mask2FormerModule(pl.LightningModule):
                 self.log(f"{prefix}/{k}", float(v), rank_zero_only=True)
         self.kpi = as_metrics(kpi)
         log.info("Evaluation on %d images: %s", len(merged), format_metrics(self.kpi))
+        if self.onnx is not None:  # metrics.json says what produced the numbers (the PyTorch path: a checkpoint)
+            self.kpi["runtime"] = self.onnx.describe()
 
     # -- inference -----------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
@@ -459,24 +534,19 @@ class Mask2FormerModule(pl.LightningModule):
         from networks.common.visualize import colorize_semantic, overlay_masks, palette, save_png
 
         out_dir = run_output_dir(self.ctx)
-        outputs = self.model(batch["images"])
-        padded = tuple(batch["images"].shape[-2:])
+        _, head, sizes = self._head(batch)
         mode = self.cfg.model.mode
         colors = self.label_map.colors() if self.label_map is not None else None
         thing = self._thing_classes(batch["images"].device)
-        has_stuff = self.label_map is not None and self.label_map.has_stuff()
         for i in range(batch["images"].shape[0]):
-            cls = outputs["pred_logits"][i]
-            if mode != "panoptic":
-                masks = to_image_size(outputs["pred_masks"][i], padded, batch["image_sizes"][i],
-                                      batch["orig_sizes"][i])
+            res = self._finish(head, i, sizes[i], batch["orig_sizes"][i], thing, semantic=mode == "semantic")
             rel = Path(batch["file_names"][i]).with_suffix(".png")
             with Image.open(batch["paths"][i]) as im:
                 image = np.asarray(im.convert("RGB"))
             record: dict[str, Any] = {"file_name": batch["file_names"][i], "image_id": batch["image_ids"][i],
                                       "height": int(image.shape[0]), "width": int(image.shape[1])}
             if mode == "semantic":
-                sem = semantic_inference(cls, masks).cpu().numpy()
+                sem = res["semantic"].cpu().numpy()
                 lut = np.array([0] + [self._category_id(k) for k in range(1, self.num_classes + 1)])
                 cat_map = lut[sem]
                 save_png(out_dir / "semantic" / rel,
@@ -485,9 +555,8 @@ class Mask2FormerModule(pl.LightningModule):
                 overlay = (0.5 * image + 0.5 * color).astype(np.uint8)
                 record["semantic_png"] = str(Path("semantic") / rel)
             elif mode == "panoptic":
-                pan, segs = self._panoptic(cls, outputs["pred_masks"][i], padded, batch, i,
-                                           thing if has_stuff else None)
-                pan_np = pan.cpu().numpy()
+                segs = res["segments"]
+                pan_np = res["panoptic"].cpu().numpy()
                 save_png(out_dir / "panoptic" / rel, id2rgb(pan_np))
                 record["segments_info"] = [{"id": s["id"], "category_id": self._category_id(s["category"]),
                                             "isthing": int(s["isthing"]), "score": s["score"], "area": s["area"]}
@@ -498,8 +567,7 @@ class Mask2FormerModule(pl.LightningModule):
                                         if colors is not None else None,
                                         labels=[self._name(s["category"]) for s in segs])
             else:
-                inst = instance_inference(cls, masks, self.cfg.model.test_topk_per_image,
-                                          thing if has_stuff else None)
+                inst = res["instances"]
                 dets = []
                 shown = []
                 for m, s, lab in zip(inst["masks"], inst["scores"], inst["labels"], strict=False):
@@ -547,4 +615,6 @@ class Mask2FormerModule(pl.LightningModule):
                 summary["instances_json"] = str(path)
             else:
                 summary["semantic_dir"] = str(out_dir / "semantic")
+        if self.onnx is not None:
+            summary["runtime"] = self.onnx.describe()
         self.outputs = summary

@@ -177,10 +177,12 @@ def _trainer_for(run: Run, module):
     from .trainer import build_trainer
 
     plan = run.plan
+    obj: dict = {}
     try:
-        obj = load_into(module, plan.checkpoint, plan.key, plan.net,
-                        model_cfg=run.cfg.model if "model" in run.cfg else None,
-                        field=f"{plan.action}.checkpoint", log=run.log)
+        if plan.checkpoint is not None:  # None: the module runs <action>.onnx_file itself
+            obj = load_into(module, plan.checkpoint, plan.key, plan.net,
+                            model_cfg=run.cfg.model if "model" in run.cfg else None,
+                            field=f"{plan.action}.checkpoint", log=run.log)
     except RuntimeError as exc:  # shape mismatch from load_state_dict
         raise CheckpointError(str(plan.checkpoint),
                               f"does not match the model ({str(exc).splitlines()[0]})") from None

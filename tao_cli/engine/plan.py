@@ -1,8 +1,9 @@
 """Everything decided before a run writes anything, and the ``--dry-run`` printout of it.
 
-:func:`make_plan` refuses ``trt_engine`` (no TensorRT runner here) and intervals beyond ``num_epochs`` (TAO's
-assertion), resolves the results dir (and why), runs the network's checks, checks the input paths, plans the
-devices, checks the strategy, and finds the resume checkpoint (and why) or the checkpoint to evaluate.  Any
+:func:`make_plan` refuses intervals beyond ``num_epochs`` (TAO's assertion), resolves the results dir (and why),
+runs the network's checks (e.g. exactly one of checkpoint / onnx_file / trt_engine), then refuses ``trt_engine``
+(no TensorRT runner here), checks the input paths, plans the devices, checks the strategy, and finds the resume
+checkpoint (and why) or the checkpoint to evaluate (none when an ONNX file runs).  Any
 refusal is a ``TaoUserError`` raised here, so ``--dry-run`` exit 0 means the run will start.
 """
 from __future__ import annotations
@@ -261,8 +262,6 @@ def check_intervals(cfg: DictConfig, action: str) -> None:
 def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[str] = ()) -> RunPlan:
     """Decide everything about the run without writing anything; refusals raise ``TaoUserError``."""
     refuse_deploy_action(net, action)
-    if action in LIGHTNING_ACTIONS:
-        check_trt_engine(cfg, action)
     check_intervals(cfg, action)
     key = (cfg.get("encryption_key") if "encryption_key" in cfg else None) or None
     run_dir, why = choose_results_dir(cfg, action, overrides)
@@ -271,7 +270,9 @@ def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[st
     if is_launch_rank_zero():
         check_writable(run_dir, run_dir_key)  # DDP workers re-run the command inside rank 0's (locked) run
         check_free(run_dir)
-    net.check(cfg, action)
+    net.check(cfg, action)  # first: a network's own rule on trt_engine (e.g. "exactly one source") wins
+    if action in LIGHTNING_ACTIONS:
+        check_trt_engine(cfg, action)
     check_input_paths(net, cfg, action)
     devices = plan_for_action(cfg, action)
     plan = RunPlan(net, action, run_dir, why, devices, key=key)
@@ -283,7 +284,8 @@ def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[st
         from .checkpoints import resolve_resume
 
         plan.resume = resolve_resume(cfg, run_dir, net.checkpoint_name)
-    elif action in LIGHTNING_ACTIONS:
+    elif action in LIGHTNING_ACTIONS and _value(cfg.get(action), "onnx_file") in (None, ""):
+        # a network that offers <action>.onnx_file runs it itself (ONNX Runtime) instead of a checkpoint
         plan.checkpoint = _checkpoint_for(cfg, action)
     return plan
 
@@ -332,6 +334,8 @@ def print_dry_run(plan: RunPlan, cfg: DictConfig) -> None:
             lines.append(f"  warning:    {warning}")
     elif plan.checkpoint is not None:
         lines.append(f"checkpoint:   {plan.checkpoint}")
+    elif action in LIGHTNING_ACTIONS and _value(cfg.get(action), "onnx_file") not in (None, ""):
+        lines.append(f"onnx file:    {_value(cfg.get(action), 'onnx_file')} (ONNX Runtime)")
     lines.append("would write:")
     lines += [f"  {p}" for p in outputs_planned(action, plan.run_dir, net.checkpoint_name)]
     print("\n".join(lines))

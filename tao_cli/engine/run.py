@@ -68,9 +68,11 @@ class Run:
                 warning = random_init_warning(plan.net, cfg)
                 if warning:
                     log.warning("%s", warning)
-        else:
+        elif plan.checkpoint is not None:
             status.write("RUNNING", f"Loading checkpoint: {plan.checkpoint}")
             log.info("Loading checkpoint: %s", plan.checkpoint)
+        else:  # <action>.onnx_file: the network's module opens it (and logs the runtime)
+            status.write("RUNNING", f"Loading ONNX file: {cfg[action].get('onnx_file')}")
 
         module = plan.net.build_module(cfg, self.ctx)
         datamodule = plan.net.build_datamodule(cfg, self.ctx)
