@@ -137,7 +137,8 @@ def _plots(prep: Prepared, study, complete: int) -> list[Path]:
     import optuna.visualization.matplotlib as ovm
 
     out = []
-    with warnings.catch_warnings():
+    # optuna's plots switch matplotlib's global style (ggplot) for the rest of the process: keep it to these two
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore")
         ax = ovm.plot_optimization_history(study, target_name=prep.kpi)
         out.append(_save(ax, prep.automl_dir / "optimization_history.png", plt))

@@ -256,7 +256,7 @@ def test_mask2former_instance_evaluate_uses_the_spec_backend(backend_spy):
            "dets": [{"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": rle}],
            "gt_instances": [{"image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": rle,
                              "bbox": [5, 5, 10, 10], "area": 100}]}
-    fake = SimpleNamespace(cfg=cfg, _eval_records={1: rec}, num_classes=2, _trainer=None,
+    fake = SimpleNamespace(cfg=cfg, _eval_records={1: rec}, num_classes=2, _trainer=None, onnx=None,
                            _categories=lambda: [{"id": 1, "name": "a", "isthing": 1}, {"id": 2, "name": "b"}])
     Mask2FormerModule._finish_eval(fake)
     assert backend_spy == ["pycocotools"] and fake.kpi["AP"] == pytest.approx(1.0)

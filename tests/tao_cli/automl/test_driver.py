@@ -70,11 +70,17 @@ def test_hyperband_prunes_bad_trials_at_a_rung(tmp_path, data, capsys):
         lr = _lr_of(spec)
         return [lr * 1000 * (e + 1) for e in range(ctx.max_epochs)]
 
+    import matplotlib
+
+    style = (matplotlib.rcParams["axes.prop_cycle"], matplotlib.rcParams["axes.facecolor"])
     root = tmp_path / "r"
     code = run_automl(registry.load("mal"), TINY, _overrides(
         data, root, "automl.automl_algorithm=hyperband", "automl.automl_max_epochs=9",
         "automl.automl_reduction_factor=3", "automl.automl_max_recommendations=12"), runner=scripted(stream))
     assert code == 0
+    assert (root / "automl" / "param_importances.png").is_file()
+    # optuna's plots use the ggplot style; the rest of the process (tao plot's colours) must not inherit it
+    assert (matplotlib.rcParams["axes.prop_cycle"], matplotlib.rcParams["axes.facecolor"]) == style
     study = _study(root)
     states = [t.state for t in study.trials]
     assert len(states) == 12 and TrialState.PRUNED in states and TrialState.COMPLETE in states
