@@ -292,19 +292,34 @@ class LayerQuantizationConfig:
 
 @dataclass
 class QuantizeConfig:
-    """``quantize`` (tao-core ``ModelQuantizationConfig``); accepted so TAO specs load, the action is tao-deploy's."""
+    """``quantize`` (tao-core ``ModelQuantizationConfig``) plus ``calib_images``.  TAO's fields and defaults are
+    kept so TAO specs load for every action; a network that implements the action says which combinations it runs
+    (Mask2Former: ``backend: onnxruntime`` with ``mode: static_ptq``), the rest is refused when quantizing."""
 
-    backend: str = param("torchao", valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx"])
-    mode: str = param("weight_only_ptq", valid_options=["static_ptq", "weight_only_ptq"])
-    algorithm: str = param("minmax", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
-                                                    "awq_full", "rtn_dq"])
-    layers: list[LayerQuantizationConfig] = param([])
-    skip_names: list[str] = param([])
-    model_path: str = param("")
+    backend: str = param("torchao", description="Quantization backend. onnxruntime (a tao-cli addition): static "
+                         "int8 PTQ of the exported ONNX with ONNX Runtime, written as a QDQ ONNX. TAO's torchao, "
+                         "modelopt.pytorch and modelopt.onnx load but are refused by the quantize action.",
+                         valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx", "onnxruntime"])
+    mode: str = param("weight_only_ptq", description="static_ptq: weights and activations, calibrated on "
+                      "dataset.quant_calibration_dataset; weight_only_ptq: weights only (not implemented).",
+                      valid_options=["static_ptq", "weight_only_ptq"])
+    algorithm: str = param("minmax", description="Calibration algorithm; backend onnxruntime runs minmax and "
+                           "entropy.", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
+                                                      "awq_full", "rtn_dq"])
+    layers: list[LayerQuantizationConfig] = param([], description="Per-layer dtypes (refused by backend "
+                                                  "onnxruntime: every quantized layer is int8).")
+    skip_names: list[str] = param([], description="Substrings of ONNX node names to keep in fp32, in addition to "
+                                  "the layers TAO keeps in fp32.")
+    model_path: str = param("", description="The fp32 ONNX file written by the export action (backend "
+                            "onnxruntime).")
     results_dir: str = param("")
-    backend_kwargs: dict[str, Any] = param({})
-    # TAO's default, kept verbatim so specs round-trip; nothing in tao-cli reads it.
-    device: str = param("cuda", description="Quantization device (tao-deploy).")
+    backend_kwargs: dict[str, Any] = param({}, description="Backend options (none are read by backend "
+                                           "onnxruntime; must stay empty).")
+    device: str = param("cuda", description="Calibration device: cuda (ONNX Runtime's CUDA provider when this "
+                        "build has it, else the CPU) or cpu; trt is refused.")
+    calib_images: int = param(64, description="Number of calibration images (the first N of "
+                              "dataset.quant_calibration_dataset.images_dir, sorted); not a TAO field.",
+                              valid_min=1)
 
 
 def cfg_get(section: Any, key: str, default: Any = None) -> Any:

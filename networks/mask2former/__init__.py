@@ -1,7 +1,8 @@
-"""Mask2Former (Cheng et al., CVPR 2022) for tao-cli: TAO's ``mask2former`` spec, train/evaluate/inference/export.
+"""Mask2Former (Cheng et al., CVPR 2022) for tao-cli: TAO's ``mask2former`` spec, train/evaluate/inference/export
+and quantize (static int8 PTQ of the exported ONNX with ONNX Runtime).
 
-Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` and ``quantize`` are
-listed so TAO users find them, but they belong to tao-deploy and fail with a clear message.
+Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` is listed so TAO users
+find it, but it belongs to tao-deploy and fails with a clear message.
 """
 from __future__ import annotations
 
@@ -24,8 +25,14 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint on dataset.val: mIoU and pixel accuracy, plus PQ or mask AP.",
     "inference": "Segment the images of dataset.test.img_dir; writes overlays and PNG/JSON results.",
     "export": "Export a checkpoint to ONNX (standard ops) and check it with onnxruntime.",
-    **TAO_DEPLOY_ACTIONS,
+    "quantize": "Static int8 quantization of the exported ONNX (ONNX Runtime, QDQ), calibrated on "
+                "dataset.quant_calibration_dataset.",
+    "gen_trt_engine": TAO_DEPLOY_ACTIONS["gen_trt_engine"],
 }
+_DEPLOY_ACTIONS = ("gen_trt_engine",)
+#: Sections the quantize action reads: no longer "unsupported" for this network (see networks/mask2former/
+#: unsupported.py, whose entries for them predate the action).
+_QUANTIZE_FIELDS = ("quantize", "dataset.quant_calibration_dataset")
 
 _SPLIT_FIELDS = {
     "ade": ("annot_file", "root_dir"),
@@ -71,6 +78,9 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
                 paths[f"{action}.{key}"] = cfg[action][key]
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
+    elif action == "quantize":
+        paths["quantize.model_path"] = cfg.quantize.model_path
+        paths["dataset.quant_calibration_dataset.images_dir"] = cfg.dataset.quant_calibration_dataset.images_dir
     return paths
 
 
@@ -78,17 +88,18 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
 build_module = lazy("networks.mask2former.module:Mask2FormerModule")
 build_datamodule = lazy("networks.mask2former.data:Mask2FormerDataModule")
 _export = lazy("networks.mask2former.export:run_export")
+_quantize = lazy("networks.mask2former.quantize:run_quantize")
 
 
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
+    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize}, deploy_actions=_DEPLOY_ACTIONS,
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
-    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
+    unsupported={k: v for k, v in _fields.UNSUPPORTED.items() if k not in _QUANTIZE_FIELDS}, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
     pretrained_fields=("model.backbone.pretrained_weights", "train.pretrained_model_path"),
 )
 
-#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail
+#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``); tao-deploy and unknown actions fail
 #: with one line.
 run_action = partial(run_extra_action, NETWORK)

@@ -193,9 +193,10 @@ class AugmentationConfig:
 
 @dataclass
 class CalibrationDatasetConfig:
-    """``dataset.quant_calibration_dataset`` (quantize; accepted so TAO specs load)."""
+    """``dataset.quant_calibration_dataset``: the images the quantize action calibrates on."""
 
-    images_dir: str = param("", description="Calibration images.")
+    images_dir: str = param("", description="Folder or archive of calibration images for quantize "
+                            "(quantize.calib_images of them), preprocessed as evaluate does.")
 
 
 @dataclass
@@ -306,7 +307,7 @@ class ExperimentConfig(CommonExperimentConfig):
     inference: Mask2FormerInferenceConfig = param(Mask2FormerInferenceConfig, description="Inference.")
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
     gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine (tao-deploy).")
-    quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
+    quantize: QuantizeConfig = param(QuantizeConfig, description="Static int8 quantization of the exported ONNX.")
     automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 
@@ -449,3 +450,7 @@ def check(cfg: Any, action: str) -> None:
                               "of 32 in both dimensions")
         if ex.batch_size == 0:
             raise ConfigError("export.batch_size", "must be -1 (dynamic) or >= 1")
+    if action == "quantize":
+        from networks.mask2former.quantize import check_quantize
+
+        check_quantize(cfg)

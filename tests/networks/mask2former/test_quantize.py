@@ -1,0 +1,162 @@
+"""``tao model mask2former quantize``: static int8 PTQ of an exported tiny semantic model with ONNX Runtime.
+
+One module fixture exports a seeded tiny semantic model (as test_onnx_eval.py does), labels ``dataset.val`` with
+the checkpoint's own predictions (so mIoU is high and a broken quantized graph shows), then runs the real
+``quantize`` action through the ``tao`` entry point.  The tests read its outputs, evaluate the fp32 and the QDQ
+file, and check the refusals at ``--dry-run``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from .test_onnx_eval import SIZE, _checkpoint, _main, _self_labelled_val, _spec, _tao
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+CALIB = 3  # fewer than the 4 validation images: the count must be honoured
+#: mIoU of the QDQ graph vs the fp32 graph on the self-labelled set: measured 1.0 vs 0.9994 on the tiny model
+#: (fp32 mIoU is 1.0 by construction); loose so that calibration noise does not flake while a graph whose
+#: activations are wrongly scaled (mIoU near chance) still fails.
+MIOU_DROP = 0.05
+
+
+@pytest.fixture(scope="module")
+def quantized(m2f_synthetic, tmp_path_factory):
+    """(spec, fp32 onnx, quantize run dir) after a successful quantize run."""
+    import _pytest.monkeypatch
+
+    root = tmp_path_factory.mktemp("m2f_quant")
+    mp = _pytest.monkeypatch.MonkeyPatch()
+    try:
+        mp.chdir(root)
+        spec = _spec(m2f_synthetic, "semantic", root)
+        ckpt = _checkpoint(spec, root / "semantic.pth")
+        onnx_path = root / "tiny_sem.onnx"
+        _main(mp, "model", "mask2former", "export", "-e", str(spec), f"results_dir={root / 'export'}",
+              f"export.checkpoint={ckpt}", f"export.onnx_file={onnx_path}", f"export.input_height={SIZE}",
+              f"export.input_width={SIZE}")
+        _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / 'gt'}",
+              f"inference.checkpoint={ckpt}")
+        images = Path(m2f_synthetic["val"]["images"])
+        cfg = OmegaConf.load(spec)
+        cfg.dataset.val = OmegaConf.merge(cfg.dataset.val, _self_labelled_val("semantic", root / "gt" / "inference",
+                                                                               images, root))
+        cfg.quantize.backend, cfg.quantize.mode = "onnxruntime", "static_ptq"
+        cfg.quantize.device = "cpu"
+        cfg.quantize.calib_images = CALIB
+        cfg.dataset.quant_calibration_dataset.images_dir = str(images)
+        OmegaConf.save(cfg, spec)
+        _main(mp, "model", "mask2former", "quantize", "-e", str(spec), f"results_dir={root / 'results'}",
+              f"quantize.model_path={onnx_path}")
+    finally:
+        mp.undo()
+    return spec, onnx_path, root / "results" / "quantize"
+
+
+def test_quantize_writes_a_standard_qdq_graph(quantized):
+    import onnx
+
+    from networks.mask2former.quantize import TAO_FP32_PATTERNS
+
+    _, onnx_path, run = quantized
+    qdq, named = run / "tiny_sem_int8_qdq.onnx", run / "tiny_sem_named.onnx"
+    assert qdq.is_file() and named.is_file()
+    model = onnx.load(str(qdq))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    assert [o.name for o in model.graph.output] == ["pred_masks"]
+    assert [i.name for i in onnx.load(str(named)).graph.input] == ["inputs"]
+
+    report = json.loads((run / "quantize_report.json").read_text())
+    assert report["calibration_images"] == CALIB
+    assert report["quantized_onnx"] == str(qdq) and report["model_path"] == str(onnx_path.resolve())
+    assert report["int8_mb"] < report["fp32_mb"]
+    excluded = set(report["excluded_nodes"])
+    assert report["num_excluded_nodes"] == len(excluded) > 0
+    cross = [n for n in excluded if TAO_FP32_PATTERNS[0] in n]
+    assert cross and any(n == "/Einsum" for n in excluded)  # TAO's fp32 layers and the post-processor
+    assert not any(n.startswith("/model/backbone/") for n in excluded)
+
+    # excluded weight layers keep fp32 weights; quantized ones read int8 weights through DequantizeLinear
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1]
+
+    def int8_weight(node) -> bool:
+        p = producer.get(node.input[1])
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    assert all(not int8_weight(n) for n in weighted if n.name in excluded)
+    assert any(int8_weight(n) for n in weighted if n.name.startswith("/model/backbone/"))
+    last = json.loads((run / "status.json").read_text().splitlines()[-1])
+    assert last["status"] == "SUCCESS" and last["outputs"]["quantized_onnx"] == str(qdq)
+
+
+def test_evaluate_from_qdq_is_close_to_fp32(quantized, monkeypatch, capfd, tmp_path):
+    spec, onnx_path, run = quantized
+    monkeypatch.chdir(tmp_path)
+    metrics = {}
+    for name, path in (("fp32", onnx_path), ("int8", run / "tiny_sem_int8_qdq.onnx")):
+        code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec),
+                            f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
+        assert code == 0, err[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
+    assert metrics["int8"]["runtime"]["onnx_file"].endswith("_int8_qdq.onnx")
+    assert metrics["fp32"]["mIoU"] > 0.5  # self-labelled: the fp32 graph agrees with its own labels
+    assert metrics["int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics
+
+
+# ----------------------------------------------------------------------------------------- refusals
+@pytest.mark.parametrize("overrides, field, words", [
+    (["quantize.backend=modelopt.onnx"], "quantize.backend", "onnxruntime-gpu"),
+    (["quantize.backend=modelopt.pytorch"], "quantize.backend", "nvidia-modelopt"),
+    (["quantize.backend=torchao"], "quantize.backend", "torchao"),
+    (["quantize.mode=weight_only_ptq"], "quantize.mode", "static_ptq"),
+    (["quantize.algorithm=awq_lite"], "quantize.algorithm", "minmax"),
+    (["quantize.model_path="], "quantize.model_path", "export"),
+    (["quantize.model_path=/nonexistent/m.onnx"], "quantize.model_path", "does not exist"),
+    (["dataset.quant_calibration_dataset.images_dir="], "dataset.quant_calibration_dataset.images_dir", "empty"),
+    (["dataset.quant_calibration_dataset.images_dir=/nonexistent/calib"],
+     "dataset.quant_calibration_dataset.images_dir", "nonexistent"),
+], ids=["modelopt.onnx", "modelopt.pytorch", "torchao", "weight_only", "algorithm", "no-model", "missing-model",
+        "no-images", "missing-images"])
+def test_quantize_refusals_at_dry_run(quantized, overrides, field, words, monkeypatch, capfd, tmp_path):
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}", *overrides)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert field in lines[0] and words in lines[0], lines[0]
+
+
+def test_quantize_dry_run_ok_and_tao_defaults_still_load(quantized, monkeypatch, capfd, tmp_path):
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}")
+    assert code == 0, err
+    # TAO's default quantize section (torchao, weight-only) does not stop another action
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"evaluate.onnx_file={onnx_path}", "quantize.backend=torchao",
+                        "quantize.mode=weight_only_ptq")
+    assert code == 0, err
+
+
+def test_excluded_nodes_rules():
+    from networks.mask2former.quantize import excluded_nodes
+
+    ours = ["/model/backbone/Conv", "/model/sem_seg_head/predictor/transformer_cross_attention_layers.0/MatMul",
+            "/model/sem_seg_head/predictor/transformer_self_attention_layers.0/MatMul", "/Einsum", "Constant_7"]
+    assert excluded_nodes(ours, []) == ours[1:2] + ours[3:]
+    assert excluded_nodes(ours, ["self_attention"]) == ours[1:]
+    assert excluded_nodes(ours, ["backbone"], default=False) == ours[:1]
+    # a graph named as TAO's exporter names it: only TAO's patterns, not "everything outside /model/"
+    tao = ["/backbone/Conv", "/sem_seg_head/predictor/transformer_cross_attention_layers.1/Add",
+           "/post_processor/Div", "/post_processor/Sigmoid"]
+    assert excluded_nodes(tao, []) == tao[1:3]
