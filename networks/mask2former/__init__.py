@@ -30,9 +30,6 @@ ACTIONS: dict[str, str] = {
     "gen_trt_engine": TAO_DEPLOY_ACTIONS["gen_trt_engine"],
 }
 _DEPLOY_ACTIONS = ("gen_trt_engine",)
-#: Sections the quantize action reads: no longer "unsupported" for this network (see networks/mask2former/
-#: unsupported.py, whose entries for them predate the action).
-_QUANTIZE_FIELDS = ("quantize", "dataset.quant_calibration_dataset")
 
 _SPLIT_FIELDS = {
     "ade": ("annot_file", "root_dir"),
@@ -96,7 +93,7 @@ NETWORK = Network(
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
     main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize}, deploy_actions=_DEPLOY_ACTIONS,
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
-    unsupported={k: v for k, v in _fields.UNSUPPORTED.items() if k not in _QUANTIZE_FIELDS}, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
+    unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
     pretrained_fields=("model.backbone.pretrained_weights", "train.pretrained_model_path"),
 )
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 UNSUPPORTED: dict[str, str] = {
     "model.backbone.efficientvit": "the EfficientViT backbone is not implemented (model.backbone.type=efficientvit is refused)",
-    "dataset.quant_calibration_dataset": "INT8 calibration belongs to tao-deploy; quantization is not part of tao-cli",
     "train.clip_grad_type": "only 'full' (one global L2 clip over all parameters) is implemented",
     "gen_trt_engine": "TensorRT engines are built by tao-deploy",
-    "quantize": "quantization is not part of tao-cli (tao-deploy)",
 }
 
 TAO_IGNORED: dict[str, str] = {

@@ -168,6 +168,9 @@ def _mask2former(data: dict, results: Path) -> list[tuple[str, list[str]]]:
         runs.append(("inference", [*common, f"model.mode={mode}", f"inference.checkpoint={ckpt}",
                                    f"inference.results_dir={results}/{mode}/inference"]))
     runs.append(("export", [*common, f"export.checkpoint={ckpt}", f"export.onnx_file={results}/export/m2f.onnx"]))
+    runs.append(("quantize", [*common, "quantize.backend=onnxruntime", "quantize.mode=static_ptq",
+                              f"quantize.model_path={results}/export/m2f.onnx", "quantize.calib_images=2",
+                              f"dataset.quant_calibration_dataset.images_dir={va['images']}"]))
     # one batch each (is_dry_run) through the other dataset formats, optimizer and schedule
     runs.append(("train", [*common, "train.is_dry_run=true", f"train.results_dir={results}/coco/train",
                            "dataset.train.type=coco", "dataset.val.type=coco", "model.mode=instance",
