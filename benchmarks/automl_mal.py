@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 SPEC = ROOT / "configs" / "mal" / "automl.yaml"
 
 
@@ -30,13 +32,13 @@ def _tao(*args: str) -> None:
 
 
 def _best_epoch_kpi(status: Path, key: str) -> tuple[float, int]:
-    best = (float("-inf"), -1)
-    for line in status.read_text().splitlines():
-        rec = json.loads(line)
-        value = (rec.get("kpi") or {}).get(key)
-        if isinstance(value, (int, float)) and isinstance(rec.get("epoch"), int) and value > best[0]:
-            best = (float(value), rec["epoch"])
-    return best
+    """(best value, its epoch) of ``key`` over the epoch records of a run's ``status.json`` (the reader the
+    AutoML driver ranks trials with)."""
+    from tao_cli.automl.trial_run import epoch_kpis
+
+    values, _ = epoch_kpis(status, key)
+    epoch = max(values, key=values.get)
+    return values[epoch], epoch
 
 
 def main() -> int:
