@@ -31,6 +31,7 @@ from benchmarks.common import (
 from networks.mal.config import ExperimentConfig
 from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import build_mal_networks, ema_update
+from networks.ops.optim import fused_option
 
 ARCH = os.environ.get("BENCH_MAL_ARCH", "vit-mae-base/16")
 CROP = int(os.environ.get("BENCH_MAL_CROP", "512"))
@@ -53,7 +54,8 @@ def build_parts() -> SimpleNamespace:
     tr = cfg.train
     mean_field = MeanField(int(tr.crf_kernel_size), float(tr.crf_zeta), int(tr.crf_num_iter),
                            float(tr.crf_value_low_thres), float(tr.crf_value_high_thres))
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.9))
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.9), **fused_option(params))  # as the module builds it
     image = torch.randn(BATCH, 3, CROP, CROP, device=dev)
     mask = torch.zeros(BATCH, 1, CROP, CROP, device=dev)
     mask[:, :, CROP // 4: 3 * CROP // 4, CROP // 4: 3 * CROP // 4] = 1

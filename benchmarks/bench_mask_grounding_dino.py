@@ -155,6 +155,14 @@ def run() -> dict:
 
     o, r = run_ours(), run_hf()
     timing = paired(run_ours, run_hf, pairs=bench_pairs(15), dev=dev)
+    # Random weights leave denormal floats in padded Swin tokens, and a CPU matmul reading them is ~100x slower;
+    # the same pair with denormals flushed to zero shows how much of the figure that effect is.
+    flushed = None
+    if dev.type == "cpu" and torch.set_flush_denormal(True):
+        try:
+            flushed = paired(run_ours, run_hf, pairs=bench_pairs(9), dev=dev)
+        finally:
+            torch.set_flush_denormal(False)
     result: dict[str, Any] = {
         "config": dict(BENCH_ARCH, image=SIZE, batch=BATCH, text_tokens=int(text["input_ids"].shape[1]),
                        text_encoder=f"{TEXT_ENCODER} config (random weights)", device=str(dev),
@@ -168,6 +176,9 @@ def run() -> dict:
                            FORWARD_TARGET, "ours", "hf")],
         "note": "ours also computes pred_masks (mask head); HF has no mask head",
     }
+    if flushed is not None:
+        result["figures"].append(figure(f"Mask Grounding DINO forward ours / HF, denormals flushed to zero "
+                                        f"(Swin-T, {SIZE} px, batch {BATCH})", flushed, None, "ours", "hf"))
     del o, r
     result["figures"].append(_train_figure(hf, ours, dev, bench_pairs(9)))
     ours.eval()

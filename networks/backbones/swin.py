@@ -70,7 +70,9 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
+        """``project=False`` returns the heads' output before ``proj`` (a per-token linear map), so that a caller
+        can crop padded tokens first and project only the tokens it keeps."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -85,7 +87,7 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
                                              dropout_p=self.attn_drop.p if self.training else 0.0)
         out = out.transpose(1, 2).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(self.proj(out)) if project else out
 
 
 class SwinTransformerBlock(nn.Module):
@@ -123,11 +125,13 @@ class SwinTransformerBlock(nn.Module):
         else:
             mask = None
         windows = window_partition(x, ws).view(-1, ws * ws, c)
-        windows = self.attn(windows, mask).reshape(-1, ws, ws, c)
+        windows = self.attn(windows, mask, project=False).reshape(-1, ws, ws, c)
         x = window_reverse(windows, ws, hp, wp)
         if self.shift_size > 0:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        x = x[:, :h, :w, :].reshape(b, h * w, c)
+        # crop the padding before the output projection: padded tokens are dropped anyway, and with small maps
+        # (the last stage at 320 px: 100 of 196 tokens) they are half the projection's work
+        x = self.attn.proj_drop(self.attn.proj(x[:, :h, :w, :].reshape(b, h * w, c)))
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 

@@ -32,6 +32,7 @@ from networks.common.metrics import InstanceIoU, as_metrics, coco_mask_ap, defin
 from networks.common.network import TrainerTraits
 from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import area_bin, build_mal_networks, ema_update
+from networks.ops.optim import fused_option
 
 __all__ = ["MALModule", "warmup_cosine_lr"]
 
@@ -168,7 +169,7 @@ class MALModule(pl.LightningModule):
         """AdamW over the student's trainable parameters + per-step warm-up/cosine ``LambdaLR``."""
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, betas=self.optim_betas, eps=self.optim_eps,
-                                weight_decay=self.wd)
+                                weight_decay=self.wd, **fused_option(params))
         spe = self._steps_per_epoch()
         base = self.lr
 

@@ -346,17 +346,10 @@ def clip_norm_type(value: Any) -> float:
 def _check_model_source(cfg: Any, action: str) -> None:
     """Exactly one of ``<action>.checkpoint`` / ``onnx_file`` / ``trt_engine``; an ONNX file must be a
     Mask2Former export of ``model.mode`` (read without running it)."""
-    from networks.mask2former.onnx_runtime import ONNX_SOURCES, check_onnx_file
+    from networks.common.onnx_runtime import check_model_source
+    from networks.mask2former.onnx_runtime import check_onnx_file
 
-    section = cfg[action]
-    keys = [f"{action}.{k}" for k in ONNX_SOURCES]
-    given = [f"{action}.{k}" for k in ONNX_SOURCES if section.get(k) not in (None, "")]
-    if len(given) != 1:
-        what = "none is set" if not given else f"{' and '.join(given)} are set"
-        raise ConfigError(action, f"set exactly one of {', '.join(keys)}; {what}",
-                          f"e.g. {action}.checkpoint=/path/to/model.pth or {action}.onnx_file=/path/to/model.onnx")
-    if section.get("onnx_file") not in (None, ""):
-        check_onnx_file(section.onnx_file, str(cfg.model.mode), f"{action}.onnx_file")
+    check_model_source(cfg, action, lambda path, field: check_onnx_file(path, str(cfg.model.mode), field))
 
 
 def check(cfg: Any, action: str) -> None:

@@ -258,7 +258,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         logits = self.class_embed(decoded)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
         attn = F.interpolate(masks, size=target_size, mode="bilinear", align_corners=False)
-        attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        # threshold before repeating over heads: the repeat then copies booleans, not floats
+        attn = (attn.sigmoid() < 0.5).flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
         return logits, masks, attn.detach()
 
     def forward(self, x: Sequence[torch.Tensor], mask_features: torch.Tensor) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from networks.mask2former.data import LabelMap, load_label_map
 from networks.mask2former.postprocess import HEAD_OUTPUTS, eval_extras, finish_image, head_outputs
 from networks.ops.losses import weighted_sum
 from networks.ops.matcher import HungarianMatcher, mask2former_cost_terms
+from networks.ops.optim import fused_option
 
 __all__ = ["Mask2FormerModule", "load_pretrained_model", "load_detectron2_pkl", "param_groups", "freeze_modules"]
 
@@ -238,9 +239,9 @@ class Mask2FormerModule(pl.LightningModule):
         o = self.cfg.train.optim
         groups = param_groups(self.model, o.lr, o.weight_decay, o.backbone_multiplier)
         if o.type.lower() == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **fused_option(groups))
         else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr)
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, **fused_option(groups))
         if o.lr_scheduler.lower() == "warmuppoly":
             max_iter = self._poly_max_iter()
             scheduler = torch.optim.lr_scheduler.LambdaLR(

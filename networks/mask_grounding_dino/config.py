@@ -204,8 +204,10 @@ class DatasetConfig:
                     ".jsonl file with one {file_name, caption} (or TAO VG record) per image; classmap: a label map "
                     "file (label_map.txt, one name per line) naming the classes of images without their own "
                     "caption. json_file (tao-cli) is the same as a captions .jsonl. Other keys are refused.")
-    quant_calibration_data_sources: dict[str, Any] = param({"image_dir": "", "json_file": ""},
-                                                           description="Quantization calibration data.")
+    quant_calibration_data_sources: dict[str, Any] = param(
+        {"image_dir": "", "json_file": ""},
+        description="Calibration data of quantize: {image_dir, json_file (COCO; its categories are the prompt)}; "
+                    "the first quantize.calib_images images, preprocessed as evaluate does.")
     batch_size: int = param(4, description="Batch size per device.", valid_min=1, popular=True)
     workers: int = param(8, description="Data-loader workers per device.", valid_min=0)
     pin_memory: bool = param(True, description="Pin host memory for the loaders.")
@@ -267,9 +269,17 @@ class _ReLAThresholds:
                                   "phrase.", valid_min=0, valid_max=1)
 
 
+_ONNX_FILE_HELP = ("ONNX file written by the export action (or its quantized QDQ copy), run with ONNX Runtime "
+                   "instead of a checkpoint (not a TAO field; set exactly one of checkpoint, onnx_file, trt_engine).")
+
+
 @dataclass
 class MaskGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
-    """``evaluate``."""
+    """``evaluate``; exactly one of checkpoint / onnx_file / trt_engine (:func:`check`)."""
+
+    checkpoint: str | None = param(None, description="Path to the checkpoint to evaluate (or set onnx_file).",
+                                   examples=["/path/to/mask_gdino_model.pth"])
+    onnx_file: str | None = param(None, description=_ONNX_FILE_HELP)
 
     input_width: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
     input_height: int | None = param(None, description="Accepted; unused (as TAO).", valid_min=1)
@@ -280,7 +290,11 @@ class MaskGDinoEvaluateConfig(_ReLAThresholds, EvaluateConfig):
 
 @dataclass
 class MaskGDinoInferenceConfig(_ReLAThresholds, InferenceConfig):
-    """``inference``."""
+    """``inference``; exactly one of checkpoint / onnx_file / trt_engine (:func:`check`)."""
+
+    checkpoint: str | None = param(None, description="Path to the checkpoint to run (or set onnx_file).",
+                                   examples=["/path/to/mask_gdino_model.pth"])
+    onnx_file: str | None = param(None, description=_ONNX_FILE_HELP)
 
     color_map: dict[str, str] | None = param(None, description="Category name → colour of the overlays.")
     conf_threshold: float = param(0.5, description="Drop detections scoring below this.", valid_min=0,
@@ -328,7 +342,7 @@ class ExperimentConfig(CommonExperimentConfig):
     export: MaskGDinoExportConfig = param(MaskGDinoExportConfig, description="ONNX export.")
     gen_trt_engine: MaskGDinoGenTrtEngineConfig = param(MaskGDinoGenTrtEngineConfig,
                                                      description="TensorRT engine (tao-deploy).")
-    quantize: QuantizeConfig = param(QuantizeConfig, description="Quantization (tao-deploy).")
+    quantize: QuantizeConfig = param(QuantizeConfig, description="Static int8 quantization of the exported ONNX.")
     automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 
@@ -430,6 +444,15 @@ def check(cfg: Any, action: str) -> None:
     if not list(aug.scales):
         raise ConfigError("dataset.augmentation.scales", "is empty", "give at least one shorter-side size")
     ds = cfg.dataset
+    if action in ("evaluate", "inference"):
+        from networks.common.onnx_runtime import check_model_source
+        from networks.mask_grounding_dino.onnx_runtime import check_onnx_file
+
+        check_model_source(cfg, action, lambda path, field: check_onnx_file(path, int(m.max_text_len), field))
+    if action == "quantize":
+        from networks.mask_grounding_dino.quantize import check_quantize
+
+        check_quantize(cfg)
     if action == "train":
         sources = list(ds.train_data_sources or [])
         if not sources:

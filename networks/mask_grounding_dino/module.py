@@ -18,6 +18,11 @@
   ``<stage>`` = ``val`` or ``test``); ``evaluate`` also writes ``<run_dir>/<json_file stem>_results.json``.
 * Inference: ``overlays/<image>.png`` per image and one ``results.json`` (COCO results + ``file_name``,
   ``category_name``, ``phrase``) under ``ctx.run_dir``, written atomically.
+* Runtimes: evaluate/inference run the PyTorch model, or — with ``<action>.onnx_file`` — the exported ONNX file
+  under ONNX Runtime (:class:`~networks.mask_grounding_dino.onnx_runtime.OnnxModel`; no PyTorch model is
+  built).  Both feed the same chunk merge and post-processing; the ONNX path has no auxiliary outputs, so its
+  ``val_loss`` is None (undefined) rather than a differently defined number, and metrics.json / the inference
+  outputs carry a ``runtime`` record (ONNX Runtime version, providers, file, input size).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from networks.common.weights import freeze_modules
 from networks.mask_grounding_dino.criterion import MaskGDinoCriterion, build_matcher, loss_weights
 from networks.mask_grounding_dino.postprocess import detection_phrases, postprocess
 from networks.ops.losses import weighted_sum
+from networks.ops.optim import fused_option
 
 __all__ = ["MaskGDinoModule", "param_groups", "freeze_modules", "strip_lightning_prefix", "load_full_weights",
            "TEXT_KEYS"]
@@ -125,7 +131,18 @@ class MaskGDinoModule(pl.LightningModule):
         #: what the engine's Trainer must know (DDP with find_unused_parameters, as before)
         self.trainer_traits = TrainerTraits(find_unused_parameters=True)
         mc = cfg.model
-        if model is None:
+        from networks.common.onnx_runtime import onnx_file_of
+
+        #: the ONNX Runtime model when ``<action>.onnx_file`` is set (then there is no PyTorch model)
+        self.onnx = None
+        onnx_file = onnx_file_of(cfg, getattr(ctx, "action", None)) if model is None else None
+        if onnx_file:
+            from networks.mask_grounding_dino.onnx_runtime import OnnxModel
+
+            self.onnx = OnnxModel(onnx_file, int(mc.max_text_len), int(self.tokenizer.pad_token_id or 0),
+                                  want_gpu=getattr(ctx, "accelerator", None) == "gpu", field=f"{ctx.action}.onnx_file")
+            self.onnx.log_start(log)
+        elif model is None:
             from networks.mask_grounding_dino.model import build_model
 
             model = build_model(cfg)
@@ -173,7 +190,10 @@ class MaskGDinoModule(pl.LightningModule):
 
     # -- forward / training ---------------------------------------------------------------------------
     def forward(self, batch: dict, match: bool = False) -> dict[str, Any]:
-        """Model outputs for a collated batch; ``match`` passes targets and the matcher (training masks)."""
+        """Model outputs for a collated batch; ``match`` passes targets and the matcher (training masks).  With an
+        ONNX file: the graph's outputs (:class:`~networks.mask_grounding_dino.onnx_runtime.OnnxModel`)."""
+        if self.onnx is not None:
+            return self.onnx(batch)
         args = [batch[k] for k in TEXT_KEYS]
         if match:
             return self.model(batch["images"], batch["pixel_mask"], *args, targets=batch["targets"],
@@ -211,7 +231,8 @@ class MaskGDinoModule(pl.LightningModule):
         mc = self.cfg.model
         groups = param_groups(self.model, float(o.lr), float(o.lr_backbone), float(o.lr_linear_proj_mult),
                               list(mc.backbone_names), list(mc.linear_proj_names))
-        optimizer = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay))
+        optimizer = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay),
+                                      **fused_option(groups))
         if o.lr_scheduler == "StepLR":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(o.lr_step_size), gamma=float(o.lr_decay))
         else:
@@ -288,22 +309,24 @@ class MaskGDinoModule(pl.LightningModule):
         from networks.mask_grounding_dino.chunking import merge_views
 
         outputs = self(batch)
-        losses = self.criterion(outputs, batch["targets"], batch["attention_mask"], with_masks=False,
-                                across_ranks=False)
-        loss = self.weighted_loss(losses)
         bs = len(batch["targets"])
-        # keyed by the batch's samples: a batch the distributed sampler repeats on another rank counts once
-        keys = [r["expression_id"] for r in batch["referring"]] if "referring" in batch else batch["image_ids"]
-        self._val_loss[tuple(keys)] = (float(loss) * bs, bs)
-        if self._trainer is not None:
+        if self.onnx is None:  # the graph has no auxiliary outputs: its loss would be another quantity
+            losses = self.criterion(outputs, batch["targets"], batch["attention_mask"], with_masks=False,
+                                    across_ranks=False)
+            loss = self.weighted_loss(losses)
+            # keyed by the batch's samples: a batch the distributed sampler repeats on another rank counts once
+            keys = [r["expression_id"] for r in batch["referring"]] if "referring" in batch else batch["image_ids"]
+            self._val_loss[tuple(keys)] = (float(loss) * bs, bs)
+        if self._trainer is not None and self.onnx is None:
             self.log("test/loss" if self.trainer.testing else "val/loss", loss, on_step=False, on_epoch=True,
                      sync_dist=True, batch_size=bs)
             if self.trainer.sanity_checking:
                 return None
         outputs, batch = merge_views(outputs, batch)
         ev = self.cfg.evaluate
-        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
-                           batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
+        image_sizes, padded_hw = self._sizes(batch)
+        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], image_sizes,
+                           batch["orig_sizes"], padded_hw, int(self.cfg.model.num_select),
                            float(ev.conf_threshold), float(ev.nms_threshold), ioi_threshold=float(ev.ioi_threshold))
         if "referring" in batch:
             self._referring_step(batch, outputs, dets)
@@ -318,6 +341,13 @@ class MaskGDinoModule(pl.LightningModule):
                              "bbox": _xywh(box), "segmentation": mask_to_rle(masks[j])})
             self._records[batch["image_ids"][i]] = rows
         return outputs, dets, batch
+
+    def _sizes(self, batch: dict) -> tuple[list, tuple[int, int]]:
+        """(per-image un-padded size, padded size) of the input the outputs were computed on: the batch's, or
+        the ONNX graph's H×W for every image (each image was resized to it)."""
+        if self.onnx is not None:
+            return [self.onnx.hw] * len(batch["orig_sizes"]), self.onnx.hw
+        return list(batch["image_sizes"]), tuple(batch["images"].shape[-2:])
 
     def _referring_step(self, batch: dict, outputs: dict, dets: list[dict]) -> None:
         """Per expression: the merged mask of every kept instance (none kept ⇒ predicted no-target) against the
@@ -395,6 +425,8 @@ class MaskGDinoModule(pl.LightningModule):
         kpi: dict[str, float] = {}
         if loss_n:
             kpi["val_loss"] = loss_sum / loss_n
+        elif self.onnx is not None:
+            kpi["val_loss"] = None
         if merged:
             gt = load_coco(source.get("json_file"), field="json_file")
             seen = set(merged)
@@ -421,6 +453,8 @@ class MaskGDinoModule(pl.LightningModule):
         self.kpi = kpi
         log.info("Evaluation on %d images: %s", len(merged) or int(kpi.get(f"{prefix}_num_expressions") or 0),
                  format_metrics(self.kpi))
+        if self.onnx is not None:  # metrics.json says what produced the numbers (the PyTorch path: a checkpoint)
+            self.kpi["runtime"] = self.onnx.describe()
 
     # -- inference -------------------------------------------------------------------------------------
     def on_predict_epoch_start(self) -> None:
@@ -453,8 +487,9 @@ class MaskGDinoModule(pl.LightningModule):
 
         inf = self.cfg.inference
         outputs, batch = merge_views(self(batch), batch)
-        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], batch["image_sizes"],
-                           batch["orig_sizes"], batch["images"].shape[-2:], int(self.cfg.model.num_select),
+        image_sizes, padded_hw = self._sizes(batch)
+        dets = postprocess(outputs, [t["positive_map"] for t in batch["targets"]], image_sizes,
+                           batch["orig_sizes"], padded_hw, int(self.cfg.model.num_select),
                            float(inf.conf_threshold), float(inf.nms_threshold),
                            ioi_threshold=float(inf.ioi_threshold))
         out_dir = run_output_dir(self.ctx)
@@ -499,3 +534,5 @@ class MaskGDinoModule(pl.LightningModule):
                                                                               "width", "captions")} for r in ordered])
         self.outputs = {"num_images": len(ordered), "results_json": str(path), "overlays": str(out_dir / "overlays"),
                         "num_detections": sum(len(r["detections"]) for r in ordered)}
+        if self.onnx is not None:
+            self.outputs["runtime"] = self.onnx.describe()

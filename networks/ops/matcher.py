@@ -154,8 +154,10 @@ class SampledMaskCost:
                                             tuple(out_mask.shape[-2:]))
             coords = random_points(1, self.num_points, valid_extent=extent, device=out_mask.device,
                                    dtype=out_mask.dtype)
-            tgt_pts = point_sample(tgt_mask[:, None], coords.repeat(tgt_mask.shape[0], 1, 1)).squeeze(1)
-            out_pts = point_sample(out_mask[:, None], coords.repeat(out_mask.shape[0], 1, 1)).squeeze(1)
+            # all masks share the points: sample them as channels of one image (the interpolation weights are
+            # computed once instead of once per mask; the values are the same)
+            tgt_pts = point_sample(tgt_mask[None], coords)[0]
+            out_pts = point_sample(out_mask[None], coords)[0]
             cache[key] = (out_pts, tgt_pts)
         return cache[key]
 

@@ -1,0 +1,210 @@
+"""The ``quantize`` action's shared part: static int8 post-training quantization of an exported ONNX file with
+ONNX Runtime, written as a QDQ graph (standard ``QuantizeLinear``/``DequantizeLinear`` operators only).
+
+A network supplies three things to :func:`run_static_ptq`: which nodes stay in fp32 (a function of the graph's
+node names), the calibration feeds (a function of the named ONNX path, preprocessed exactly as its ``evaluate``
+from an ONNX file does) and a few report fields.  Everything else is here: the spec refusals
+(:func:`check_quantize_section`: only ``backend: onnxruntime`` + ``mode: static_ptq`` runs), node naming
+(``nodes_to_exclude`` can only match named nodes), the calibration reader, the standard-domain check, file names
+and ``quantize_report.json``.
+
+Outputs in the run directory: ``<stem>_named.onnx`` (the input re-saved with a unique name on every node),
+``<stem>_int8_qdq.onnx`` and ``quantize_report.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from networks.common.errors import ConfigError
+
+__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "calibration_order", "check_quantize_section", "match_nodes",
+           "name_nodes", "run_static_ptq", "size_mb"]
+
+log = logging.getLogger(__name__)
+
+#: ``quantize.algorithm`` → ONNX Runtime calibration method name.
+ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy"}
+
+_FIX = "set quantize.backend=onnxruntime and quantize.mode=static_ptq"
+#: Why each TAO backend other than ONNX Runtime is refused.
+BACKEND_REFUSALS = {
+    "modelopt.onnx": "nvidia-modelopt[onnx] pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
+                     "onnx/onnxruntime",
+    "modelopt.pytorch": "nvidia-modelopt pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
+                        "onnx/onnxruntime",
+    "torchao": "torchao is not installed with tao-cli, and its weight-only quantization yields a PyTorch model "
+               "that no tao-cli action runs yet (not implemented)",
+}
+
+
+def check_quantize_section(q: Any, check_model: Callable[[str, str], Any], calib_field: str,
+                           calib_value: Any) -> None:
+    """Refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run: another
+    backend or mode, an algorithm without an ONNX Runtime calibrator, per-layer settings, ``backend_kwargs``, a
+    TensorRT device, an empty ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the
+    network's export check) or an empty calibration source ``calib_value`` (the spec field ``calib_field``)."""
+    backend, mode = str(q.backend), str(q.mode)
+    if backend in BACKEND_REFUSALS:
+        raise ConfigError("quantize.backend", f"'{backend}' is not supported: {BACKEND_REFUSALS[backend]}", _FIX)
+    if mode != "static_ptq":
+        raise ConfigError("quantize.mode", f"'{mode}' is not implemented for backend '{backend}' (only static int8 "
+                          "PTQ with calibration)", "set quantize.mode=static_ptq")
+    if str(q.algorithm) not in ALGORITHMS:
+        raise ConfigError("quantize.algorithm", f"'{q.algorithm}' has no ONNX Runtime calibrator",
+                          f"use one of {', '.join(ALGORITHMS)}")
+    if len(q.layers):
+        raise ConfigError("quantize.layers", "per-layer dtypes are not implemented for backend onnxruntime (every "
+                          "quantized layer is int8)", "remove quantize.layers; use quantize.skip_names to keep "
+                          "layers in fp32")
+    if len(q.backend_kwargs):
+        raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
+                          "onnxruntime", "remove quantize.backend_kwargs")
+    if str(q.device) == "trt":
+        raise ConfigError("quantize.device", "'trt' calibrates inside TensorRT (tao-deploy)",
+                          "use cpu or cuda (ONNX Runtime calibration)")
+    if not q.model_path:
+        raise ConfigError("quantize.model_path", "is empty",
+                          "point it at the fp32 .onnx file written by the export action")
+    check_model(str(q.model_path), "quantize.model_path")
+    if not calib_value:
+        raise ConfigError(calib_field, "is empty",
+                          "point it at a folder (or archive) of calibration images like the evaluation images")
+
+
+def name_nodes(model: Any) -> int:
+    """Give every unnamed node of ``model`` (an ``onnx.ModelProto``, changed in place) a unique name
+    ``<op_type>_<n>``; returns how many were named."""
+    taken = {n.name for n in model.graph.node if n.name}
+    named = 0
+    for i, node in enumerate(model.graph.node):
+        if node.name:
+            continue
+        name, k = f"{node.op_type}_{i}", 0
+        while name in taken:
+            k += 1
+            name = f"{node.op_type}_{i}_{k}"
+        node.name = name
+        taken.add(name)
+        named += 1
+    return named
+
+
+def match_nodes(node_names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """The names containing any of ``patterns`` (empty patterns ignored), in the given order."""
+    pats = [str(p) for p in patterns if str(p)]
+    return [n for n in node_names if any(p in n for p in pats)]
+
+
+def calibration_order(used: int, step: int) -> list[int]:
+    """Indices ``0..used-1``, completed to a multiple of ``step`` (a fixed graph batch) with indices from the
+    start of the list, so every calibration batch is whole."""
+    order = list(range(used))
+    while used and len(order) % step:
+        order.append(order[len(order) % used])
+    return order
+
+
+def size_mb(path: Path) -> float:
+    return round(Path(path).stat().st_size / 2**20, 3)
+
+
+def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
+                   calibration: Callable[[str], tuple[Iterator[dict], int]], calib_source: str,
+                   excluded_patterns: list[str], exclusion_why: str) -> dict[str, Any]:
+    """Quantize ``q.model_path`` (the spec's checked ``quantize`` section) into ``ctx.run_dir``.
+
+    ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (iterator of feeds, images
+    used)``; ``calib_source`` (where the images come from), ``excluded_patterns`` and ``exclusion_why`` go to the
+    log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
+    non-standard operator domain (the file is then not written)."""
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from networks.common.onnx_runtime import choose_providers, resolve_onnx_path
+
+    src = resolve_onnx_path(q.model_path)
+    out_dir = Path(ctx.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    named_path = out_dir / f"{src.stem}_named.onnx"
+    qdq_path = out_dir / f"{src.stem}_int8_qdq.onnx"
+
+    model = onnx.load(str(src))
+    renamed = name_nodes(model)
+    large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: keep weights beside the graph
+    onnx.save(model, str(named_path), save_as_external_data=large)
+    node_names = [n.name for n in model.graph.node]
+    excluded = exclude(node_names)
+    del model
+    ctx.log.info("Named ONNX written to %s (%d unnamed nodes named); %d of %d nodes kept in fp32 (%s%s)",
+                 named_path, renamed, len(excluded), len(node_names), exclusion_why,
+                 f", quantize.skip_names {list(q.skip_names)}" if len(q.skip_names) else "")
+    for name in excluded:
+        ctx.log.debug("fp32: %s", name)
+
+    batches, used = calibration(str(named_path))
+    want_gpu = str(q.device).startswith("cuda")
+    providers = choose_providers(want_gpu)
+    if want_gpu and providers == ["CPUExecutionProvider"]:
+        ctx.log.info("quantize.device=%s but this ONNX Runtime has no CUDA provider: calibrating on the CPU",
+                     q.device)
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            return next(batches, None)
+
+    # external weights are named after the file they are saved with, so a large model is written in place
+    tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp")
+    ctx.log.info("Calibrating on %d images of %s (%s, %s)", used, calib_source, q.algorithm, providers[0])
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        # a tensor that is constant over the calibration set has a zero range; ORT then picks scale 1 itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        # ORT logs one root-logger warning per non-initializer bias (hundreds on these graphs); the run's own
+        # loggers propagate to root's handlers regardless of root's level, so only those are silenced
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_static(str(named_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            nodes_to_exclude=excluded,
+                            calibrate_method=getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)]),
+                            use_external_data_format=large, calibration_providers=providers)
+        finally:
+            root.setLevel(level)
+    qmodel = onnx.load(str(tmp), load_external_data=False)
+    foreign = sorted({n.domain for n in qmodel.graph.node if n.domain not in ("", "ai.onnx")})
+    if foreign:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"the quantized graph uses non-standard operator domains {foreign}")
+    ops = [n.op_type for n in qmodel.graph.node]
+    if tmp != qdq_path:
+        os.replace(tmp, qdq_path)
+    report = {
+        "backend": "onnxruntime", "mode": "static_ptq", "algorithm": str(q.algorithm),
+        "activations": "int8 (per-tensor)", "weights": "int8 (per-channel)", "format": "QDQ",
+        "model_path": str(src), "named_onnx": str(named_path), "quantized_onnx": str(qdq_path),
+        "calibration_images_dir": calib_source, "calibration_images": used, "calibration_providers": providers,
+        "fp32_mb": size_mb(named_path), "int8_mb": size_mb(qdq_path),
+        "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
+        "excluded_patterns": [*excluded_patterns, *[str(s) for s in q.skip_names]],
+        "num_excluded_nodes": len(excluded), "excluded_nodes": excluded,
+    }
+    (out_dir / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    ctx.log.info("QDQ ONNX written to %s (%.2f MB; fp32 %.2f MB; %d QuantizeLinear); evaluate it with "
+                 "evaluate.onnx_file=%s", qdq_path, report["int8_mb"], report["fp32_mb"], report["quantize_linear"],
+                 qdq_path)
+    return {k: report[k] for k in ("named_onnx", "quantized_onnx", "fp32_mb", "int8_mb", "calibration_images",
+                                   "num_excluded_nodes")}
