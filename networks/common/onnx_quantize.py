@@ -10,6 +10,10 @@ and ``quantize_report.json``.
 
 Outputs in the run directory: ``<stem>_named.onnx`` (the input re-saved with a unique name on every node),
 ``<stem>_int8_qdq.onnx`` and ``quantize_report.json``.
+
+Besides the network's choice, every node that produces or reads a tensor whose calibrated range is not finite
+stays fp32 (:func:`unbounded_tensors`, one min-max pass before calibration): attention logits masked with -inf
+would otherwise get an infinite int8 scale.
 """
 from __future__ import annotations
 
@@ -23,8 +27,8 @@ from typing import Any
 
 from networks.common.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "calibration_order", "check_quantize_section", "match_nodes",
-           "name_nodes", "run_static_ptq", "size_mb"]
+__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "calibration_count", "calibration_order", "check_quantize_section",
+           "match_nodes", "name_nodes", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +105,16 @@ def match_nodes(node_names: Iterable[str], patterns: Iterable[str]) -> list[str]
     return [n for n in node_names if any(p in n for p in pats)]
 
 
+def calibration_count(wanted: int, available: int, where: Any) -> int:
+    """How many calibration images are used: ``quantize.calib_images``, or all of ``where`` (warned) when it
+    holds fewer."""
+    used = min(int(wanted), int(available))
+    if used < wanted:
+        log.warning("%s has %d images, fewer than quantize.calib_images=%d; calibrating on all of them", where,
+                    available, wanted)
+    return used
+
+
 def calibration_order(used: int, step: int) -> list[int]:
     """Indices ``0..used-1``, completed to a multiple of ``step`` (a fixed graph batch) with indices from the
     start of the list, so every calibration batch is whole."""
@@ -108,6 +122,41 @@ def calibration_order(used: int, step: int) -> list[int]:
     while used and len(order) % step:
         order.append(order[len(order) % used])
     return order
+
+
+def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[str], work_dir: Path) -> set[str]:
+    """Names of the float tensors whose value range over ``feeds`` is not finite (a min-max calibration pass on
+    ``model_path``).  Masked attention logits hold -inf by design; an int8 scale computed from such a range is
+    inf and turns every value of the tensor into garbage, so these tensors must stay fp32."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict | None:
+            return next(feeds, None)
+
+    augmented = work_dir / f".{model_path.stem}_range_probe.onnx"
+    try:
+        calibrator = create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
+                                       calibrate_method=CalibrationMethod.MinMax, providers=providers)
+        calibrator.collect_data(Reader())
+        ranges = calibrator.compute_data()
+    finally:
+        for leftover in work_dir.glob(f".{model_path.stem}_range_probe*"):
+            leftover.unlink(missing_ok=True)
+    out = set()
+    for name in ranges:
+        lo, hi = ranges[name].range_value
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            out.add(name)
+    return out
+
+
+def touching_nodes(model: Any, tensors: set[str]) -> list[str]:
+    """Names of the nodes of ``model`` that produce or read any of ``tensors``, in graph order: keeping them
+    fp32 keeps a QuantizeLinear/DequantizeLinear pair off those tensors."""
+    return [n.name for n in model.graph.node if tensors.intersection(n.input) or tensors.intersection(n.output)]
 
 
 def size_mb(path: Path) -> float:
@@ -147,19 +196,24 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     onnx.save(model, str(named_path), save_as_external_data=large)
     node_names = [n.name for n in model.graph.node]
     excluded = exclude(node_names)
-    del model
-    ctx.log.info("Named ONNX written to %s (%d unnamed nodes named); %d of %d nodes kept in fp32 (%s%s)",
-                 named_path, renamed, len(excluded), len(node_names), exclusion_why,
-                 f", quantize.skip_names {list(q.skip_names)}" if len(q.skip_names) else "")
-    for name in excluded:
-        ctx.log.debug("fp32: %s", name)
-
-    batches, used = calibration(str(named_path))
     want_gpu = str(q.device).startswith("cuda")
     providers = choose_providers(want_gpu)
     if want_gpu and providers == ["CPUExecutionProvider"]:
         ctx.log.info("quantize.device=%s but this ONNX Runtime has no CUDA provider: calibrating on the CPU",
                      q.device)
+    unbounded = unbounded_tensors(named_path, calibration(str(named_path))[0], providers, out_dir)
+    by_range = [n for n in touching_nodes(model, unbounded) if n not in set(excluded)]
+    excluded = [n for n in node_names if n in set(excluded) | set(by_range)]
+    del model
+    ctx.log.info("Named ONNX written to %s (%d unnamed nodes named); %d of %d nodes kept in fp32 (%s%s; %d "
+                 "more around %d tensors with an infinite range)", named_path, renamed, len(excluded),
+                 len(node_names), exclusion_why,
+                 f", quantize.skip_names {list(q.skip_names)}" if len(q.skip_names) else "", len(by_range),
+                 len(unbounded))
+    for name in excluded:
+        ctx.log.debug("fp32: %s", name)
+
+    batches, used = calibration(str(named_path))
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict | None:
@@ -201,6 +255,7 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "excluded_patterns": [*excluded_patterns, *[str(s) for s in q.skip_names]],
         "num_excluded_nodes": len(excluded), "excluded_nodes": excluded,
+        "unbounded_tensors": sorted(unbounded), "excluded_for_unbounded_range": by_range,
     }
     (out_dir / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
     ctx.log.info("QDQ ONNX written to %s (%.2f MB; fp32 %.2f MB; %d QuantizeLinear); evaluate it with "

@@ -14,12 +14,12 @@ combination at load (``--dry-run`` included) with the reason.
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 from networks.common.onnx_quantize import (
     ALGORITHMS,
+    calibration_count,
     calibration_order,
     check_quantize_section,
     match_nodes,
@@ -29,8 +29,6 @@ from networks.common.onnx_quantize import (
 
 __all__ = ["TAO_FP32_PATTERNS", "POSTPROCESSOR_PREFIX", "ALGORITHMS", "check_quantize", "excluded_nodes",
            "name_nodes", "run_quantize"]
-
-log = logging.getLogger(__name__)
 
 #: Substrings of the layer names TAO forces to fp32 when it builds a TensorRT engine (reference §7.2).
 TAO_FP32_PATTERNS = ("/sem_seg_head/predictor/transformer_cross_attention_layers", "/post_processor/Div",
@@ -76,10 +74,7 @@ def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterato
     dataset = PredictDataset(ds.quant_calibration_dataset.images_dir, transform, ds.pixel_mean, ds.pixel_std,
                              field=field)
     head = OnnxHead(model_path, str(cfg.model.mode), field="quantize.model_path")
-    used = min(count, len(dataset))
-    if used < count:
-        log.warning("%s has %d images, fewer than quantize.calib_images=%d; calibrating on all of them",
-                    ds.quant_calibration_dataset.images_dir, len(dataset), count)
+    used = calibration_count(count, len(dataset), ds.quant_calibration_dataset.images_dir)
     step = head.batch or 1
     order = calibration_order(used, step)
 

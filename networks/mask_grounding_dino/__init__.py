@@ -1,8 +1,9 @@
-"""Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export.
+"""Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export and
+quantize (static int8 PTQ of the exported ONNX with ONNX Runtime).
 
 Open-vocabulary detection and instance segmentation prompted by text ("cat . dog ."): Grounding DINO
 (Liu et al., 2023) with a CondInst-style dynamic mask head, as in TAO.  Implements the engine ↔ network
-contract of docs/architecture.md; ``gen_trt_engine`` and ``quantize`` belong to tao-deploy and fail clearly.
+contract of docs/architecture.md; ``gen_trt_engine`` belongs to tao-deploy and fails clearly.
 """
 from __future__ import annotations
 
@@ -27,8 +28,11 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint: COCO bbox and segm AP on the test (or val) COCO file.",
     "inference": "Detect and segment the phrases of infer_data_sources in its images; writes overlays and JSON.",
     "export": "Export a checkpoint to ONNX (standard ops, TAO's input/output names) and check it with onnxruntime.",
-    **TAO_DEPLOY_ACTIONS,
+    "quantize": "Static int8 quantization of the exported ONNX (ONNX Runtime, QDQ), calibrated on "
+                "dataset.quant_calibration_data_sources.",
+    "gen_trt_engine": TAO_DEPLOY_ACTIONS["gen_trt_engine"],
 }
+_DEPLOY_ACTIONS = ("gen_trt_engine",)
 
 
 def main_kpi(cfg: Any) -> tuple[str, str]:
@@ -72,16 +76,21 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
     elif action == "evaluate":
         key, src = eval_source(cfg)
         source(key, src, ("image_dir", "json_file"))
-        paths["evaluate.checkpoint"] = cfg.evaluate.checkpoint
     elif action == "inference":
         source("dataset.infer_data_sources", ds.infer_data_sources, ("image_dir", "json_file", "classmap"))
         captions = ds.infer_data_sources.get("captions") if ds.infer_data_sources else None
         if isinstance(captions, str) and captions.strip().lower().endswith(".jsonl"):  # a captions file
             paths["dataset.infer_data_sources.captions"] = captions
-        paths["inference.checkpoint"] = cfg.inference.checkpoint
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
-    if action in ("train", "evaluate", "inference", "export"):
+    elif action == "quantize":
+        paths["quantize.model_path"] = cfg.quantize.model_path
+        source("dataset.quant_calibration_data_sources", ds.quant_calibration_data_sources, ("image_dir", "json_file"))
+    if action in ("evaluate", "inference"):
+        for key in ("checkpoint", "onnx_file"):  # whichever one is set (config.check: exactly one)
+            if cfg[action].get(key):
+                paths[f"{action}.{key}"] = cfg[action][key]
+    if action in ("train", "evaluate", "inference", "export", "quantize"):
         from networks.mask_grounding_dino.text_encoder import resolve_text_encoder
 
         # Resolved here so --dry-run refuses an encoder that is neither local nor cached (never downloaded).
@@ -93,18 +102,20 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
 build_module = lazy("networks.mask_grounding_dino.module:MaskGDinoModule")
 build_datamodule = lazy("networks.mask_grounding_dino.data:MaskGDinoDataModule")
 _export = lazy("networks.mask_grounding_dino.export:run_export")
+_quantize = lazy("networks.mask_grounding_dino.quantize:run_quantize")
 
 
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export}, deploy_actions=tuple(TAO_DEPLOY_ACTIONS),
+    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize},
+    deploy_actions=_DEPLOY_ACTIONS,
     sample_drawer=lazy("networks.mask_grounding_dino.visualize:sample_drawer"),
     unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
     weight_formats=lazy("networks.mask_grounding_dino.weight_formats:formats"),
     pretrained_fields=("model.pretrained_backbone_path", "train.pretrained_model_path"),
 )
 
-#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``); tao-deploy and unknown actions fail
+#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``); tao-deploy and unknown actions fail
 #: with one line.
 run_action = partial(run_extra_action, NETWORK)

@@ -131,6 +131,7 @@ class MaskGDinoModule(pl.LightningModule):
         #: what the engine's Trainer must know (DDP with find_unused_parameters, as before)
         self.trainer_traits = TrainerTraits(find_unused_parameters=True)
         mc = cfg.model
+        self._tokenizer = None
         from networks.common.onnx_runtime import onnx_file_of
 
         #: the ONNX Runtime model when ``<action>.onnx_file`` is set (then there is no PyTorch model)
@@ -232,7 +233,7 @@ class MaskGDinoModule(pl.LightningModule):
         groups = param_groups(self.model, float(o.lr), float(o.lr_backbone), float(o.lr_linear_proj_mult),
                               list(mc.backbone_names), list(mc.linear_proj_names))
         optimizer = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay),
-                                      **fused_option(groups))
+                                      **fused_option(groups, getattr(self._trainer, "precision", None)))
         if o.lr_scheduler == "StepLR":
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=int(o.lr_step_size), gamma=float(o.lr_decay))
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 UNSUPPORTED: dict[str, str] = {
     "model.pre_norm": "only post-norm layers exist (TAO asserts pre_norm is false too)",
-    "dataset.quant_calibration_data_sources": "INT8 calibration belongs to tao-deploy; quantization is not part of tao-cli",
     "dataset.dataset_type": "a memory layout of TAO's loader; tao-cli's loader has one layout",
     "train.optim.optimizer": "only AdamW is implemented (as in TAO)",
     "inference.is_internal": "TAO's internal folder layout is not implemented",
@@ -13,7 +12,6 @@ UNSUPPORTED: dict[str, str] = {
     "export.format": "only ONNX is written",
     "export.serialize_nvdsinfer": "DeepStream config files are not written",
     "gen_trt_engine": "TensorRT engines are built by tao-deploy",
-    "quantize": "quantization is not part of tao-cli (tao-deploy)",
 }
 
 TAO_IGNORED: dict[str, str] = {
