@@ -14,7 +14,9 @@ hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks
   the RSS after building the model and the batch, measured in a fresh subprocess per model (max RSS never goes down).
 * Inference: ``networks.mask2former.export.export_onnx`` (panoptic outputs, batch 1) in a temp dir; latency of
   onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch
-  model, and the max |difference|.
+  model, and the max |difference|.  Then the ``quantize`` action's static int8 PTQ of that file (its default fp32
+  exclusions, 8 random calibration images) against the fp32 file, both in ONNX Runtime, alternating
+  (:func:`paired`); target int8 / fp32 <= 1/1.5 (issue 12), with both file sizes.
 
 Environment: ``BENCH_PAIRS`` (default 11 at the small config, 7 at Swin-T), ``BENCH_REPEAT`` (inference runs,
 default 3), ``BENCH_M2F_SIZE`` (default 256), ``BENCH_M2F_SWIN_T_SIZE`` (default 384), ``BENCH_THREADS``.
@@ -59,6 +61,8 @@ BATCH = 2
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
 SWIN_T_SIZE = int(os.environ.get("BENCH_M2F_SWIN_T_SIZE", "384"))
 TARGET = 0.85
+#: issue 12: int8 static PTQ at least 1.5x faster than the fp32 ONNX in ONNX Runtime at batch 1
+INT8_TARGET = round(1 / 1.5, 3)
 
 #: Mask2Former Swin-T (HF names): the paper's COCO architecture with 100 queries.
 SWIN_T: dict = {
@@ -166,6 +170,38 @@ def _memory(which: str) -> float:
     raise RuntimeError(f"memory probe for {which} failed: {(proc.stderr or proc.stdout)[-2000:]}")
 
 
+def out_figures(size: int, small: dict, swin_t: dict) -> list[dict]:
+    """The two train-step figures (target :data:`TARGET`)."""
+    return [figure(f"Mask2Former train step ours / HF (small, {size} px, batch {BATCH})", small, TARGET, "ours", "hf"),
+            figure(f"Mask2Former train step ours / HF (Swin-T, {SWIN_T_SIZE} px, batch {BATCH}, "
+                   f"{SWIN_T['num_queries']} queries)", swin_t, TARGET, "ours", "hf")]
+
+
+def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[str], tmp: Path) -> dict:
+    """The ``quantize`` action's static int8 PTQ (:func:`networks.common.onnx_quantize.run_static_ptq`, the
+    network's fp32 exclusions) of the exported file, calibrated on 8 random images, then ONNX Runtime int8 vs
+    fp32 alternating (:func:`paired`) on ``feed``; sizes in MB."""
+    import logging
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from networks.common.onnx_quantize import run_static_ptq
+    from networks.mask2former.quantize import excluded_nodes
+
+    rng = np.random.default_rng(2)
+    calib = [{"inputs": rng.standard_normal(feed["inputs"].shape).astype(np.float32)} for _ in range(8)]
+    q = SimpleNamespace(model_path=str(fp32_path), skip_names=[], device="cpu", algorithm="minmax")
+    ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask2former"))
+    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
+                         "8 random images", ["the quantize action's defaults"], "TAO's fp32 layers")
+    int8 = ort.InferenceSession(out["quantized_onnx"], opts, providers=providers)
+    timing = paired(lambda: int8.run(None, feed), lambda: fp32_sess.run(None, feed), pairs=bench_pairs(15),
+                    dev=torch.device("cpu"))
+    return {"timing": timing, "onnx_fp32_mb": round(out["fp32_mb"], 2), "onnx_int8_mb": round(out["int8_mb"], 2)}
+
+
 def run() -> dict:
     """The benchmark; returns a flat-ish dict of seconds, ratios and MiB (see the module docstring)."""
     import time
@@ -211,14 +247,15 @@ def run() -> dict:
         diff = max(float((torch.as_tensor(g) - w.cpu()).abs().max()) for g, w in zip(got, want, strict=False))
         torch_s = time_it(torch_infer, dev, warmup=1, repeat=REPEAT)["median_s"]
         ort_s = time_it(lambda: sess.run(None, feed), torch.device("cpu"), warmup=1, repeat=REPEAT)["median_s"]
+        int8 = _int8_timing(path, sess, feed, opts, providers, Path(tmp))
 
+    figures = [*out_figures(SIZE, small, swin_t),
+               figure(f"Mask2Former ONNX Runtime int8 QDQ / fp32 (small, {SIZE} px, batch 1, CPU provider)",
+                      int8.pop("timing"), INT8_TARGET, "int8", "fp32")]
     return {
         "config": {**SMALL, "input": [SIZE, SIZE], "batch": BATCH, "device": str(dev),
                    "threads": threads, "repeat": REPEAT},
-        "figures": [figure(f"Mask2Former train step ours / HF (small, {SIZE} px, batch {BATCH})", small, TARGET,
-                           "ours", "hf"),
-                    figure(f"Mask2Former train step ours / HF (Swin-T, {SWIN_T_SIZE} px, batch {BATCH}, "
-                           f"{SWIN_T['num_queries']} queries)", swin_t, TARGET, "ours", "hf")],
+        "figures": figures,
         "params_m": {"ours": round(sum(p.numel() for p in ours.parameters()) / 1e6, 3),
                      "hf": round(sum(p.numel() for p in hf.parameters()) / 1e6, 3)},
         "peak_memory_mib": mem,
@@ -228,6 +265,7 @@ def run() -> dict:
         "ratio_ort_over_pytorch": round(ort_s / torch_s, 3),
         "onnx_export_s": round(export_s, 1),
         "onnx_max_abs_diff": diff,
+        **int8,
     }
 
 

@@ -60,13 +60,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--teacher-bf16", action="store_true")
+    ap.add_argument("--amp", action="store_true",
+                    help="the whole forward under CPU bf16 autocast, as MAL's default train.use_amp runs on CPU")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     threads = pin_threads()
     p = build_parts()
 
     def teacher_forward():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.teacher_bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.teacher_bf16 or args.amp):
             return p.teacher(p.image, p.bbox).float()
 
     clock: dict[str, list[float]] = {name: [] for name in ("student", *PHASES) if name != "student.heads"}
@@ -84,10 +86,11 @@ def main() -> int:
         (losses["loss_mil"] + losses["loss_crf"]).backward()
 
     def step():
-        s = phase("student", lambda: p.student(p.image, p.bbox))
-        t = phase("teacher", teacher_forward)
-        losses = phase("losses", lambda: mal_losses(s, t, p.image, p.mask, p.mean_field, epoch=1, step_in_epoch=0,
-                                                    **p.loss_kw))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp):
+            s = phase("student", lambda: p.student(p.image, p.bbox))
+            t = phase("teacher", teacher_forward)
+            losses = phase("losses", lambda: mal_losses(s, t, p.image, p.mask, p.mean_field, epoch=1,
+                                                        step_in_epoch=0, **p.loss_kw))
         phase("backward", lambda: backward(losses))
         phase("optimizer", p.opt.step)
         phase("ema", lambda: ema_update(p.teacher, p.student, 0.996))
@@ -116,7 +119,7 @@ def main() -> int:
             step()
     undo()
     print(f"\nMAL train step ({p.config}, threads {threads}, teacher "
-          f"{'bf16' if args.teacher_bf16 else 'fp32'}): {total:.0f} ms per step (median per phase, no profiler)")
+          f"{'everything bf16 autocast' if args.amp else 'bf16' if args.teacher_bf16 else 'fp32'}): {total:.0f} ms per step (median per phase, no profiler)")
     print(f"{'phase':<18}{'ms/step':>10}{'share':>8}")
     for name in PHASES:
         print(f"{name:<18}{phases[name]:>10.0f}{phases[name] / total:>8.1%}")
@@ -131,7 +134,7 @@ def main() -> int:
     out = ROOT / "benchmarks" / "results" / f"profile_mal{'_' + args.tag if args.tag else ''}.json"
     from networks.common.io import atomic_write_json
 
-    atomic_write_json(out, {"config": {**p.config, "threads": threads, "teacher_bf16": args.teacher_bf16},
+    atomic_write_json(out, {"config": {**p.config, "threads": threads, "teacher_bf16": args.teacher_bf16, "amp": args.amp},
                             "ms_per_step": round(total, 1),
                             "phases_ms": {k: round(v, 1) for k, v in phases.items()},
                             "teacher_agreement": agreement,

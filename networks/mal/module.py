@@ -168,8 +168,9 @@ class MALModule(pl.LightningModule):
     def configure_optimizers(self):
         """AdamW over the student's trainable parameters + per-step warm-up/cosine ``LambdaLR``."""
         params = [p for p in self.student.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.optim_betas, eps=self.optim_eps,
-                                weight_decay=self.wd, **fused_option(params))
+        fused = fused_option(params, getattr(self._trainer, "precision", None))
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.optim_betas, eps=self.optim_eps, weight_decay=self.wd,
+                                **fused)
         spe = self._steps_per_epoch()
         base = self.lr
 

@@ -1,17 +1,18 @@
 """Mask2Former (Cheng et al., CVPR 2022) for tao-cli: TAO's ``mask2former`` spec, train/evaluate/inference/export
 and quantize (static int8 PTQ of the exported ONNX with ONNX Runtime).
 
-Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` is listed so TAO users
-find it, but it belongs to tao-deploy and fails with a clear message.
+Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` builds a TensorRT engine
+from the exported ONNX where TensorRT and a CUDA GPU exist, and says what is missing (at load) where they do not.
 """
 from __future__ import annotations
 
 from functools import partial
 from typing import Any
 
-from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
+from networks.common.network import Network, lazy, run_extra_action
 from networks.mask2former import unsupported as _fields
-from networks.mask2former.config import ExperimentConfig, check
+from networks.mask2former.config import ExperimentConfig
+from networks.mask2former.config import check as _check_fields
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
            "build_module", "build_datamodule", "run_action", "NETWORK"]
@@ -27,15 +28,24 @@ ACTIONS: dict[str, str] = {
     "export": "Export a checkpoint to ONNX (standard ops) and check it with onnxruntime.",
     "quantize": "Static int8 quantization of the exported ONNX (ONNX Runtime, QDQ), calibrated on "
                 "dataset.quant_calibration_dataset.",
-    "gen_trt_engine": TAO_DEPLOY_ACTIONS["gen_trt_engine"],
+    "gen_trt_engine": "Build a TensorRT engine from the exported ONNX (FP32/FP16; needs TensorRT and a CUDA GPU).",
 }
-_DEPLOY_ACTIONS = ("gen_trt_engine",)
 
 _SPLIT_FIELDS = {
     "ade": ("annot_file", "root_dir"),
     "coco": ("instance_json", "img_dir"),
     "coco_panoptic": ("panoptic_json", "img_dir", "panoptic_dir"),
 }
+
+
+def check(cfg: Any, action: str) -> None:
+    """The spec's cross-field checks (:func:`networks.mask2former.config.check`), and for ``gen_trt_engine`` its
+    own (TensorRT and a GPU present, layer precisions, the ONNX file)."""
+    _check_fields(cfg, action)
+    if action == "gen_trt_engine":
+        from networks.mask2former.tensorrt import check_engine_spec
+
+        check_engine_spec(cfg)
 
 
 def main_kpi(cfg: Any) -> tuple[str, str]:
@@ -70,11 +80,13 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
             split("val")
         elif ds.test.img_dir:
             paths["dataset.test.img_dir"] = ds.test.img_dir
-        for key in ("checkpoint", "onnx_file"):  # whichever one is set (config.check: exactly one)
+        for key in ("checkpoint", "onnx_file", "trt_engine"):  # whichever one is set (config.check: exactly one)
             if cfg[action].get(key):
                 paths[f"{action}.{key}"] = cfg[action][key]
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
+    elif action == "gen_trt_engine":
+        paths["gen_trt_engine.onnx_file"] = cfg.gen_trt_engine.onnx_file
     elif action == "quantize":
         paths["quantize.model_path"] = cfg.quantize.model_path
         paths["dataset.quant_calibration_dataset.images_dir"] = cfg.dataset.quant_calibration_dataset.images_dir
@@ -86,17 +98,18 @@ build_module = lazy("networks.mask2former.module:Mask2FormerModule")
 build_datamodule = lazy("networks.mask2former.data:Mask2FormerDataModule")
 _export = lazy("networks.mask2former.export:run_export")
 _quantize = lazy("networks.mask2former.quantize:run_quantize")
+_gen_trt_engine = lazy("networks.mask2former.tensorrt:run_gen_trt_engine")
 
 
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize}, deploy_actions=_DEPLOY_ACTIONS,
+    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize, "gen_trt_engine": _gen_trt_engine},
     sample_drawer=lazy("networks.mask2former.visualize:sample_drawer"),
     unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED, weight_formats=lazy("networks.mask2former.weight_formats:formats"),
     pretrained_fields=("model.backbone.pretrained_weights", "train.pretrained_model_path"),
 )
 
-#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``); tao-deploy and unknown actions fail
+#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``, ``gen_trt_engine``); unknown actions fail
 #: with one line.
 run_action = partial(run_extra_action, NETWORK)

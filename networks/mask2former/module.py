@@ -13,7 +13,8 @@
   image id (the distributed sampler repeats images to even out ranks) before the metrics are computed.
 * Inference: overlay PNGs plus machine-readable results under ``ctx.run_dir`` (see :meth:`predict_step`).
 * Runtimes: evaluate/inference run the PyTorch model, or — with ``<action>.onnx_file`` — an exported ONNX file
-  under ONNX Runtime (:class:`~networks.mask2former.onnx_runtime.OnnxHead`, no PyTorch model is built).  Both
+  under ONNX Runtime (:class:`~networks.mask2former.onnx_runtime.OnnxHead`, no PyTorch model is built), or — with
+  ``<action>.trt_engine`` — a TensorRT engine (:class:`~networks.mask2former.tensorrt.TrtHead`, same calls).  All
   produce TAO's export outputs (:func:`~networks.mask2former.postprocess.head_outputs`) and share everything
   after them (:func:`~networks.mask2former.postprocess.finish_image`, metrics, files).
 """
@@ -157,6 +158,7 @@ class Mask2FormerModule(pl.LightningModule):
         self.trainer_traits = TrainerTraits(find_unused_parameters=not bool(cfg.train.activation_checkpoint))
         mc = cfg.model
         from networks.mask2former.onnx_runtime import onnx_file_of
+        from networks.mask2former.tensorrt import trt_engine_of
 
         #: the ONNX Runtime head when ``<action>.onnx_file`` is set (then there is no PyTorch model)
         self.onnx = None
@@ -168,6 +170,12 @@ class Mask2FormerModule(pl.LightningModule):
                                  field=f"{ctx.action}.onnx_file")
             log.info("Running %s with onnxruntime %s (providers %s), input %dx%d", self.onnx.path,
                      self.onnx.version, ", ".join(self.onnx.providers), *self.onnx.hw)
+        elif model is None and trt_engine_of(cfg, getattr(ctx, "action", None)):
+            from networks.mask2former.tensorrt import TrtHead
+
+            # a TensorRT engine takes the ONNX head's place: same inputs, outputs and post-processing
+            self.onnx = TrtHead(trt_engine_of(cfg, ctx.action), str(mc.mode), field=f"{ctx.action}.trt_engine")
+            self.onnx.log_start(log)
         elif model is None:
             from networks.mask2former.model import build_model
 
@@ -238,10 +246,11 @@ class Mask2FormerModule(pl.LightningModule):
         """AdamW/SGD over :func:`param_groups`, with a MultiStep (per epoch) or WarmupPoly (per step) schedule."""
         o = self.cfg.train.optim
         groups = param_groups(self.model, o.lr, o.weight_decay, o.backbone_multiplier)
+        fused = fused_option(groups, getattr(self._trainer, "precision", None))
         if o.type.lower() == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **fused_option(groups))
+            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **fused)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, **fused_option(groups))
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, **fused)
         if o.lr_scheduler.lower() == "warmuppoly":
             max_iter = self._poly_max_iter()
             scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -6,7 +6,6 @@ from __future__ import annotations
 UNSUPPORTED: dict[str, str] = {
     "model.backbone.efficientvit": "the EfficientViT backbone is not implemented (model.backbone.type=efficientvit is refused)",
     "train.clip_grad_type": "only 'full' (one global L2 clip over all parameters) is implemented",
-    "gen_trt_engine": "TensorRT engines are built by tao-deploy",
 }
 
 TAO_IGNORED: dict[str, str] = {

@@ -225,19 +225,20 @@ def resume_reason(cfg: DictConfig, run_dir: Path, resume: Path | None) -> str:
             "pass a new results_dir= to start afresh)")
 
 
-def check_trt_engine(cfg: DictConfig, action: str) -> None:
-    """``<action>.trt_engine`` set (evaluate/inference): refused in one line saying what is missing.  Running a
-    TensorRT engine belongs to the deploy issue; until then it is refused even with TensorRT installed."""
+def check_trt_engine(cfg: DictConfig, action: str, net: Network | None = None) -> None:
+    """``<action>.trt_engine`` set (evaluate/inference): a network that builds engines (``gen_trt_engine`` among its
+    actions) runs one where TensorRT and a CUDA GPU exist; otherwise one line saying what is missing."""
     engine = _value(cfg.get(action) if action in cfg else None, "trt_engine")
     if engine in (None, ""):
         return
-    import importlib.util
-
     key = f"{action}.trt_engine"
-    if importlib.util.find_spec("tensorrt") is None:
-        raise ConfigError(key, f"{engine} needs TensorRT, which is not installed",
-                          f"install TensorRT, or unset {key} and give {action}.checkpoint to run the .pth model")
-    raise ConfigError(key, "running a TensorRT engine is not supported by tao-cli yet",
+    if net is not None and "gen_trt_engine" in net.extra_actions:
+        from networks.common.tensorrt_engine import require_tensorrt
+
+        require_tensorrt(key, want="run a TensorRT engine")
+        return
+    name = net.name if net is not None else "this network"
+    raise ConfigError(key, f"running a TensorRT engine is not supported by tao-cli for {name} yet",
                       f"unset {key} and give {action}.checkpoint to run the .pth model")
 
 
@@ -272,7 +273,7 @@ def make_plan(net: Network, action: str, cfg: DictConfig, overrides: Sequence[st
         check_free(run_dir)
     net.check(cfg, action)  # first: a network's own rule on trt_engine (e.g. "exactly one source") wins
     if action in LIGHTNING_ACTIONS:
-        check_trt_engine(cfg, action)
+        check_trt_engine(cfg, action, net)
     check_input_paths(net, cfg, action)
     devices = plan_for_action(cfg, action)
     plan = RunPlan(net, action, run_dir, why, devices, key=key)

@@ -171,6 +171,12 @@ def _mask2former(data: dict, results: Path) -> list[tuple[str, list[str]]]:
     runs.append(("quantize", [*common, "quantize.backend=onnxruntime", "quantize.mode=static_ptq",
                               f"quantize.model_path={results}/export/m2f.onnx", "quantize.calib_images=2",
                               f"dataset.quant_calibration_dataset.images_dir={va['images']}"]))
+    # with TensorRT stood in for (see _fake_tensorrt): the action reads and checks every gen_trt_engine field
+    runs.append(("gen_trt_engine", [*common, f"gen_trt_engine.onnx_file={results}/export/m2f.onnx",
+                                    f"gen_trt_engine.trt_engine={results}/m2f.engine",
+                                    f"gen_trt_engine.timing_cache={results}/trt_cache.bin",
+                                    "gen_trt_engine.verbose=true", "gen_trt_engine.tensorrt.data_type=FP16",
+                                    "gen_trt_engine.tensorrt.max_batch_size=2"]))
     # one batch each (is_dry_run) through the other dataset formats, optimizer and schedule
     runs.append(("train", [*common, "train.is_dry_run=true", f"train.results_dir={results}/coco/train",
                            "dataset.train.type=coco", "dataset.val.type=coco", "model.mode=instance",
@@ -234,6 +240,20 @@ def _fake_wandb(monkeypatch) -> None:
     monkeypatch.setattr(pl_loggers, "WandbLogger", logger)
 
 
+def _fake_tensorrt(monkeypatch) -> None:
+    """No TensorRT or GPU here: the presence check passes and the engine build is a stub that writes a file, so the
+    ``gen_trt_engine`` action runs its own code (reading every field) up to TensorRT's API."""
+    import networks.common.tensorrt_engine as trt_engine
+
+    def build(onnx_file, engine_file, **kwargs):
+        Path(engine_file).write_bytes(b"stand-in engine")
+        return trt_engine.BuildReport(str(engine_file), str(onnx_file), kwargs["data_type"], False, kwargs["batch"])
+
+    monkeypatch.setattr(trt_engine, "require_tensorrt", lambda *a, **k: None)
+    monkeypatch.setattr(trt_engine, "build_engine", build)
+    monkeypatch.setattr(trt_engine, "select_gpu", lambda gpu_id: None)
+
+
 def walk(name: str, root: Path, monkeypatch) -> tuple[set[str], list[str]]:
     """Run ``name``'s scenarios under the spy; returns (schema leaves read, skipped variants)."""
     from networks.common.synthetic import generate
@@ -246,6 +266,8 @@ def walk(name: str, root: Path, monkeypatch) -> tuple[set[str], list[str]]:
     own_check = getattr(net.check, "__wrapped__", net.check)
     excluded = {check_field_support.__code__, own_check.__code__}
     _fake_wandb(monkeypatch)
+    if "gen_trt_engine" in net.extra_actions:
+        _fake_tensorrt(monkeypatch)
     skipped = []
     with ReadSpy(excluded) as spy:
         for action, overrides in SCENARIOS[name](data, results):
