@@ -53,20 +53,20 @@ def ms_deform_attn_core(
     n, _, heads, dim = value.shape
     _, lq, _, levels, points, _ = sampling_locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
-    # Points before queries: grid_sample then writes [N*h, d, P, Lq], so the weighting below runs over contiguous
-    # rows of Lq and sums over P, an outer axis; and each level is summed on its own, so no stacked
-    # [N*h, d, Lq, L*P] copy is made.  Forward about 1.4x faster on CPU than the stacked form; the values are equal.
+    # Points before queries: grid_sample then writes [N*h, d, P, Lq], and the weighted sum reduces the (L*P) axis
+    # over contiguous rows of Lq, an outer axis.  Forward and backward on CPU are up to 1.4x faster than with
+    # queries before points; the values are equal.  The levels are still concatenated before one Mul + ReduceSum,
+    # which int8 quantization of the exported graph needs (per-level partial sums, each quantized, lose accuracy).
     # [N, Lq, h, L, P, 2] -> [L, N*h, P, Lq, 2], grid_sample wants [-1, 1]
     grids = (2 * sampling_locations - 1).permute(3, 0, 2, 4, 1, 5).reshape(levels, n * heads, points, lq, 2)
-    # [N, Lq, h, L, P] -> [L, N*h, 1, P, Lq]
-    weights = attention_weights.permute(3, 0, 2, 4, 1).reshape(levels, n * heads, 1, points, lq)
-    out = None
+    # [N, Lq, h, L, P] -> [N*h, 1, L*P, Lq]
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(n * heads, 1, levels * points, lq)
+    sampled = []
     for lvl, (h, w) in enumerate(shapes):
         # [N, H*W, h, d] -> [N*h, d, H, W]
         v = values[lvl].flatten(2).transpose(1, 2).reshape(n * heads, dim, h, w)
-        sampled = F.grid_sample(v, grids[lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        part = (sampled * weights[lvl]).sum(2)  # [N*h, d, Lq]
-        out = part if out is None else out + part
+        sampled.append(F.grid_sample(v, grids[lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
+    out = (torch.cat(sampled, dim=2) * weights).sum(2)  # [N*h, d, Lq]
     return out.view(n, heads * dim, lq).transpose(1, 2).contiguous()
 
 

@@ -99,8 +99,7 @@ def get_uncertain_point_coords_with_randomness(
     point_uncertainties = uncertainty_func(point_logits)
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
-    # the chosen points' order does not matter to the losses (means over points); unsorted is 2x faster on CPU
-    idx = torch.topk(point_uncertainties[:, 0, :], k=num_uncertain, dim=1, sorted=False)[1]
+    idx = torch.topk(point_uncertainties[:, 0, :], k=num_uncertain, dim=1)[1]
     shift = num_sampled * torch.arange(num_boxes, dtype=torch.long, device=device)
     idx = idx + shift[:, None]
     point_coords = point_coords.view(-1, 2)[idx.view(-1), :].view(num_boxes, num_uncertain, 2)
