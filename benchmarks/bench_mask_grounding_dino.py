@@ -23,7 +23,9 @@ encoder terms).  Pair counts: ``BENCH_PAIRS`` (default 15 forward, 9 train step)
 
 Then ours is exported with :func:`networks.mask_grounding_dino.export.export_onnx` (text
 padded to ``BENCH_MGD_TEXT_LEN`` = 32 tokens, static batch) and ONNX Runtime (CPU provider) is timed against
-PyTorch, both on CPU, on the same padded inputs; if the export fails, ``ort_error`` holds the reason.
+PyTorch, both on CPU, on the same padded inputs; if the export fails, ``ort_error`` holds the reason.  The export
+is then quantized as the ``quantize`` action does (static int8 PTQ, the network's fp32 exclusions, 4 random
+calibration images) and ONNX Runtime int8 is timed against fp32, alternating (target int8 / fp32 <= 1/1.5).
 """
 from __future__ import annotations
 
@@ -184,6 +186,8 @@ def run() -> dict:
     ours.eval()
     hf = None  # frees its memory before the export
     result.update(_ort(ours.cpu(), tok, images.cpu()))
+    if "int8_figure" in result:
+        result["figures"].append(result.pop("int8_figure"))
     return result
 
 
@@ -234,6 +238,34 @@ def _train_figure(hf: nn.Module, ours: nn.Module, dev: torch.device, pairs: int)
                   "ours with masks)", timing, None, "ours", "hf", hf_auxiliary_loss=True)
 
 
+def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
+    """The ``quantize`` action's static int8 PTQ (:func:`networks.common.onnx_quantize.run_static_ptq` with the
+    network's fp32 exclusions) of the exported file, calibrated on 4 random images with the bench prompt, then
+    ONNX Runtime int8 vs fp32 alternating (:func:`benchmarks.common.paired`); ``int8_figure`` (target int8 / fp32
+    <= 1/1.5, issue 12) and both sizes."""
+    import logging
+    from types import SimpleNamespace
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from benchmarks.common import bench_pairs, figure, paired
+    from networks.common.onnx_quantize import run_static_ptq
+    from networks.mask_grounding_dino.quantize import excluded_nodes
+
+    rng = np.random.default_rng(2)
+    calib = [dict(feeds, inputs=rng.standard_normal(feeds["inputs"].shape).astype(np.float32)) for _ in range(4)]
+    q = SimpleNamespace(model_path=str(fp32_path), skip_names=[], device="cpu", algorithm="minmax")
+    ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask_grounding_dino"))
+    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
+                         "4 random images", ["the quantize action's defaults"], "the network's fp32 rules")
+    int8 = ort.InferenceSession(out["quantized_onnx"], providers=["CPUExecutionProvider"])
+    timing = paired(lambda: int8.run(None, feeds), lambda: fp32_session.run(None, feeds), pairs=bench_pairs(9))
+    name = f"Mask Grounding DINO ONNX Runtime int8 QDQ / fp32 (Swin-T, {SIZE} px, batch 1, CPU provider)"
+    return {"int8_figure": figure(name, timing, round(1 / 1.5, 3), "int8", "fp32"),
+            "ort_fp32_mb": round(out["fp32_mb"], 2), "ort_int8_mb": round(out["int8_mb"], 2)}
+
+
 def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
     """ONNX export of ``ours`` and ORT (CPU provider) vs PyTorch (CPU) latency on the same padded inputs, or
     ``ort_error``."""
@@ -274,9 +306,11 @@ def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
             diffs = {n: _max_diff(torch.from_numpy(g), e) for n, g, e in zip(OUTPUT_NAMES, got, expected,
                                                                                 strict=True)}
             timing = paired(run_ort, run_torch, pairs=bench_pairs(REPEAT))
+            int8 = _int8(path, session, feeds, Path(tmp))
         except Exception as exc:  # noqa: BLE001 - the bench reports, it does not fail
             return {"ort_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
         return {
+            **int8,
             "ort_text_len": TEXT_LEN,
             "ort_export_s": round(export_s, 1),
             "ort_onnx_mib": round(path.stat().st_size / 2**20, 1),

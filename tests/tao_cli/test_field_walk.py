@@ -203,6 +203,10 @@ def _mask_grounding_dino(data: dict, results: Path) -> list[tuple[str, list[str]
         ("evaluate", [*common, f"evaluate.checkpoint={ckpt}"]),
         ("inference", [*common, f"inference.checkpoint={ckpt}"]),
         ("export", [*common, f"export.checkpoint={ckpt}", f"export.onnx_file={results}/export/mgd.onnx"]),
+        ("quantize", [*common, "quantize.backend=onnxruntime", "quantize.mode=static_ptq",
+                      f"quantize.model_path={results}/export/mgd.onnx", "quantize.calib_images=2",
+                      f"dataset.quant_calibration_data_sources={{image_dir: {va / 'images'}, "
+                      f"json_file: {va / 'annotations.json'}}}"]),
     ]
     no_mask = ["model.has_mask=false", "dataset.has_mask=false"]
     runs += [("evaluate", [*common, *no_mask, f"evaluate.checkpoint={ckpt}",

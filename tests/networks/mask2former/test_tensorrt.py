@@ -96,3 +96,20 @@ def test_builds_an_engine_through_the_cli(exported, monkeypatch, tmp_path):
     report = json.loads((tmp_path / "r" / "gen_trt_engine" / "gen_trt_engine_report.json").read_text())
     assert engine.stat().st_size > 0 and report["forced_fp32_layers"] > 0 and report["data_type"] == "FP16"
     assert (tmp_path / "cache.bin").stat().st_size > 0
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU")
+def test_evaluate_from_the_engine_equals_evaluate_from_the_onnx(exported, monkeypatch, tmp_path):
+    spec, onnx_path = exported
+    monkeypatch.chdir(tmp_path)
+    engine = tmp_path / "m.engine"
+    _main(monkeypatch, "model", "mask2former", "gen_trt_engine", "-e", str(spec), f"results_dir={tmp_path / 'b'}",
+          f"gen_trt_engine.onnx_file={onnx_path}", f"gen_trt_engine.trt_engine={engine}")
+    metrics = {}
+    for key, value in (("onnx_file", onnx_path), ("trt_engine", engine)):
+        _main(monkeypatch, "model", "mask2former", "evaluate", "-e", str(spec), f"results_dir={tmp_path / key}",
+              f"evaluate.{key}={value}", "evaluate.checkpoint=null")
+        metrics[key] = json.loads((tmp_path / key / "evaluate" / "metrics.json").read_text())
+    assert metrics["trt_engine"]["runtime"]["name"] == "tensorrt"
+    numbers = {k for k, v in metrics["onnx_file"].items() if isinstance(v, float)}
+    assert numbers and all(abs(metrics["trt_engine"][k] - metrics["onnx_file"][k]) <= 1e-3 for k in numbers)
