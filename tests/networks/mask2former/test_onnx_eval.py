@@ -132,6 +132,19 @@ def _self_labelled_val(mode: str, inf: Path, images: Path, root: Path) -> dict:
     return {"type": "coco", "instance_json": str(root / "self_instances.json"), "img_dir": str(images)}
 
 
+def export_tiny(mp, data: dict, mode: str, root: Path, batch: int = -1) -> tuple[Path, Path, Path]:
+    """(spec, checkpoint, ONNX) of a seeded tiny ``mode`` model, exported by the export action at SIZE x SIZE
+    under ``root`` (the current directory)."""
+    spec = _spec(data, mode, root)
+    ckpt = _checkpoint(spec, root / f"{mode}.pth")
+    onnx_path = root / f"{mode}.onnx"
+    _main(mp, "model", "mask2former", "export", "-e", str(spec), f"results_dir={root / ('export_' + mode)}",
+          f"export.checkpoint={ckpt}", f"export.onnx_file={onnx_path}", f"export.input_height={SIZE}",
+          f"export.input_width={SIZE}", f"export.batch_size={batch}")
+    assert onnx_path.is_file()
+    return spec, ckpt, onnx_path
+
+
 @pytest.fixture(scope="module")
 def exported(m2f_synthetic, tmp_path_factory):
     """{mode: (spec, checkpoint, onnx)}: the ONNX written by the export action (the semantic one with a fixed
@@ -144,14 +157,7 @@ def exported(m2f_synthetic, tmp_path_factory):
     try:
         mp.chdir(root)
         for mode in ("semantic", "panoptic", "instance"):
-            spec = _spec(m2f_synthetic, mode, root)
-            ckpt = _checkpoint(spec, root / f"{mode}.pth")
-            onnx_path = root / f"{mode}.onnx"
-            batch = 2 if mode == "semantic" else -1
-            _main(mp, "model", "mask2former", "export", "-e", str(spec), f"results_dir={root / ('export_' + mode)}",
-                  f"export.checkpoint={ckpt}", f"export.onnx_file={onnx_path}", f"export.input_height={SIZE}",
-                  f"export.input_width={SIZE}", f"export.batch_size={batch}")
-            assert onnx_path.is_file()
+            spec, ckpt, onnx_path = export_tiny(mp, m2f_synthetic, mode, root, 2 if mode == "semantic" else -1)
             _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / ('gt_' + mode)}",
                   f"inference.checkpoint={ckpt}")
             cfg = OmegaConf.load(spec)

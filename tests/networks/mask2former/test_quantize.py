@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from .test_onnx_eval import SIZE, _checkpoint, _main, _self_labelled_val, _spec, _tao
+from .test_onnx_eval import _main, _self_labelled_val, _tao, export_tiny
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -34,12 +34,7 @@ def quantized(m2f_synthetic, tmp_path_factory):
     mp = _pytest.monkeypatch.MonkeyPatch()
     try:
         mp.chdir(root)
-        spec = _spec(m2f_synthetic, "semantic", root)
-        ckpt = _checkpoint(spec, root / "semantic.pth")
-        onnx_path = root / "tiny_sem.onnx"
-        _main(mp, "model", "mask2former", "export", "-e", str(spec), f"results_dir={root / 'export'}",
-              f"export.checkpoint={ckpt}", f"export.onnx_file={onnx_path}", f"export.input_height={SIZE}",
-              f"export.input_width={SIZE}")
+        spec, ckpt, onnx_path = export_tiny(mp, m2f_synthetic, "semantic", root)
         _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / 'gt'}",
               f"inference.checkpoint={ckpt}")
         images = Path(m2f_synthetic["val"]["images"])
@@ -64,7 +59,7 @@ def test_quantize_writes_a_standard_qdq_graph(quantized):
     from networks.mask2former.quantize import TAO_FP32_PATTERNS
 
     _, onnx_path, run = quantized
-    qdq, named = run / "tiny_sem_int8_qdq.onnx", run / "tiny_sem_named.onnx"
+    qdq, named = run / "semantic_int8_qdq.onnx", run / "semantic_named.onnx"
     assert qdq.is_file() and named.is_file()
     model = onnx.load(str(qdq))
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
@@ -101,7 +96,7 @@ def test_evaluate_from_qdq_is_close_to_fp32(quantized, monkeypatch, capfd, tmp_p
     spec, onnx_path, run = quantized
     monkeypatch.chdir(tmp_path)
     metrics = {}
-    for name, path in (("fp32", onnx_path), ("int8", run / "tiny_sem_int8_qdq.onnx")):
+    for name, path in (("fp32", onnx_path), ("int8", run / "semantic_int8_qdq.onnx")):
         code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec),
                             f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
         assert code == 0, err[-3000:]

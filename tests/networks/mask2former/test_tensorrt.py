@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from .test_onnx_eval import SIZE, _checkpoint, _main, _spec, _tao
+from .test_onnx_eval import _main, _tao, export_tiny
 
 pytest.importorskip("onnx")
 
@@ -24,12 +24,7 @@ def exported(m2f_synthetic, tmp_path_factory):
     mp = _pytest.monkeypatch.MonkeyPatch()
     try:
         mp.chdir(root)
-        spec = _spec(m2f_synthetic, "semantic", root)
-        ckpt = _checkpoint(spec, root / "semantic.pth")
-        onnx_path = root / "tiny_sem.onnx"
-        _main(mp, "model", "mask2former", "export", "-e", str(spec), f"results_dir={root / 'export'}",
-              f"export.checkpoint={ckpt}", f"export.onnx_file={onnx_path}", f"export.input_height={SIZE}",
-              f"export.input_width={SIZE}")
+        spec, _, onnx_path = export_tiny(mp, m2f_synthetic, "semantic", root)
     finally:
         mp.undo()
     return spec, onnx_path
@@ -85,14 +80,20 @@ def test_fp32_layers_are_the_quantize_exclusions_of_the_export(exported):
     assert not any(n.startswith("/model/backbone/") for n in forced)
 
 
-@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU")
-def test_builds_an_engine_through_the_cli(exported, monkeypatch, tmp_path):
-    spec, onnx_path = exported
+def _build(monkeypatch, spec, onnx_path, tmp_path, *extra):
+    """``gen_trt_engine`` through the CLI into ``tmp_path/m.engine`` (run dir ``tmp_path/r``); the engine path."""
     monkeypatch.chdir(tmp_path)
     engine = tmp_path / "m.engine"
     _main(monkeypatch, "model", "mask2former", "gen_trt_engine", "-e", str(spec), f"results_dir={tmp_path / 'r'}",
-          f"gen_trt_engine.onnx_file={onnx_path}", f"gen_trt_engine.trt_engine={engine}",
-          "gen_trt_engine.tensorrt.data_type=FP16", f"gen_trt_engine.timing_cache={tmp_path / 'cache.bin'}")
+          f"gen_trt_engine.onnx_file={onnx_path}", f"gen_trt_engine.trt_engine={engine}", *extra)
+    return engine
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU")
+def test_builds_an_engine_through_the_cli(exported, monkeypatch, tmp_path):
+    spec, onnx_path = exported
+    engine = _build(monkeypatch, spec, onnx_path, tmp_path, "gen_trt_engine.tensorrt.data_type=FP16",
+                    f"gen_trt_engine.timing_cache={tmp_path / 'cache.bin'}")
     report = json.loads((tmp_path / "r" / "gen_trt_engine" / "gen_trt_engine_report.json").read_text())
     assert engine.stat().st_size > 0 and report["forced_fp32_layers"] > 0 and report["data_type"] == "FP16"
     assert (tmp_path / "cache.bin").stat().st_size > 0
@@ -101,10 +102,7 @@ def test_builds_an_engine_through_the_cli(exported, monkeypatch, tmp_path):
 @pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU")
 def test_evaluate_from_the_engine_equals_evaluate_from_the_onnx(exported, monkeypatch, tmp_path):
     spec, onnx_path = exported
-    monkeypatch.chdir(tmp_path)
-    engine = tmp_path / "m.engine"
-    _main(monkeypatch, "model", "mask2former", "gen_trt_engine", "-e", str(spec), f"results_dir={tmp_path / 'b'}",
-          f"gen_trt_engine.onnx_file={onnx_path}", f"gen_trt_engine.trt_engine={engine}")
+    engine = _build(monkeypatch, spec, onnx_path, tmp_path)
     metrics = {}
     for key, value in (("onnx_file", onnx_path), ("trt_engine", engine)):
         _main(monkeypatch, "model", "mask2former", "evaluate", "-e", str(spec), f"results_dir={tmp_path / key}",
