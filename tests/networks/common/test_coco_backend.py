@@ -273,7 +273,7 @@ def test_mask_grounding_dino_evaluate_uses_the_spec_backend(tmp_path, backend_sp
                            "bbox": [5, 5, 10, 10], "area": 100}]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     det = {"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": rle, "bbox": [5, 5, 10, 10]}
-    fake = SimpleNamespace(cfg=cfg, _records={1: [det]}, _val_loss={}, _trainer=None, _referring=None)
+    fake = SimpleNamespace(cfg=cfg, _records={1: [det]}, _val_loss={}, _trainer=None, _referring=None, onnx=None)
     MaskGDinoModule._finish_eval(fake, {"json_file": str(tmp_path / "gt.json")})
     assert backend_spy == ["pycocotools", "pycocotools"]  # bbox, then segm
     assert fake.kpi["segm_val_mAP"] == pytest.approx(1.0) and fake.kpi["bbox_val_mAP"] == pytest.approx(1.0)

@@ -158,7 +158,7 @@ def test_missing_train_source_field_named():
 
 
 def test_inference_needs_captions():
-    c = _cfg(**{"dataset.infer_data_sources.image_dir": "imgs"})
+    c = _cfg(**{"dataset.infer_data_sources.image_dir": "imgs", "inference.checkpoint": "m.pth"})
     with pytest.raises(ConfigError) as err:
         check(c, "inference")
     assert err.value.subject == "dataset.infer_data_sources.captions"
