@@ -36,11 +36,12 @@ def _is_set(value: Any) -> bool:
     return value not in (None, "")
 
 
-def onnx_file_of(cfg: Any, action: str | None) -> str | None:
-    """``<action>.onnx_file`` when ``action`` is evaluate/inference and it is set, else None."""
+def onnx_file_of(cfg: Any, action: str | None, key: str = "onnx_file") -> str | None:
+    """``<action>.<key>`` (one of :data:`ONNX_SOURCES`, default ``onnx_file``) when ``action`` is
+    evaluate/inference and it is set, else None."""
     if action not in ("evaluate", "inference") or action not in cfg:
         return None
-    value = cfg[action].get("onnx_file")
+    value = cfg[action].get(key)
     return str(value) if _is_set(value) else None
 
 

@@ -158,11 +158,12 @@ class Mask2FormerModule(pl.LightningModule):
         self.trainer_traits = TrainerTraits(find_unused_parameters=not bool(cfg.train.activation_checkpoint))
         mc = cfg.model
         from networks.mask2former.onnx_runtime import onnx_file_of
-        from networks.mask2former.tensorrt import trt_engine_of
 
         #: the ONNX Runtime head when ``<action>.onnx_file`` is set (then there is no PyTorch model)
         self.onnx = None
-        onnx_file = onnx_file_of(cfg, getattr(ctx, "action", None)) if model is None else None
+        action = getattr(ctx, "action", None)
+        onnx_file = onnx_file_of(cfg, action) if model is None else None
+        trt_engine = onnx_file_of(cfg, action, "trt_engine") if model is None else None
         if onnx_file:
             from networks.mask2former.onnx_runtime import OnnxHead
 
@@ -170,11 +171,11 @@ class Mask2FormerModule(pl.LightningModule):
                                  field=f"{ctx.action}.onnx_file")
             log.info("Running %s with onnxruntime %s (providers %s), input %dx%d", self.onnx.path,
                      self.onnx.version, ", ".join(self.onnx.providers), *self.onnx.hw)
-        elif model is None and trt_engine_of(cfg, getattr(ctx, "action", None)):
+        elif trt_engine:
             from networks.mask2former.tensorrt import TrtHead
 
             # a TensorRT engine takes the ONNX head's place: same inputs, outputs and post-processing
-            self.onnx = TrtHead(trt_engine_of(cfg, ctx.action), str(mc.mode), field=f"{ctx.action}.trt_engine")
+            self.onnx = TrtHead(trt_engine, str(mc.mode), field=f"{action}.trt_engine")
             self.onnx.log_start(log)
         elif model is None:
             from networks.mask2former.model import build_model

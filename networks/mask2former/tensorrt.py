@@ -14,7 +14,7 @@ from networks.common.tensorrt_engine import TrtSession
 from networks.mask2former.onnx_runtime import OnnxHead
 from networks.mask2former.postprocess import HEAD_OUTPUTS
 
-__all__ = ["check_engine_spec", "run_gen_trt_engine", "TrtHead", "trt_engine_of"]
+__all__ = ["check_engine_spec", "run_gen_trt_engine", "TrtHead"]
 
 
 def _check_onnx(cfg: Any):
@@ -36,14 +36,6 @@ def run_gen_trt_engine(cfg: Any, ctx: Any) -> dict[str, Any]:
     from networks.mask2former.quantize import excluded_nodes
 
     return tensorrt_engine.run_gen_trt_engine(cfg, ctx, _check_onnx(cfg), lambda names: excluded_nodes(names, []))
-
-
-def trt_engine_of(cfg: Any, action: str | None) -> str | None:
-    """``<action>.trt_engine`` when ``action`` is evaluate/inference and it is set, else None."""
-    if action not in ("evaluate", "inference") or action not in cfg:
-        return None
-    value = cfg[action].get("trt_engine")
-    return str(value) if value not in (None, "") else None
 
 
 class TrtHead(TrtSession):
