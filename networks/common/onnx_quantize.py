@@ -11,6 +11,11 @@ and ``quantize_report.json``.
 Outputs in the run directory: ``<stem>_named.onnx`` (the input re-saved with a unique name on every node),
 ``<stem>_int8_qdq.onnx`` and ``quantize_report.json``.
 
+Only the operators with integer kernels are quantized (:data:`QUANTIZED_OP_TYPES`: Conv, MatMul, Gemm), as
+TensorRT's explicit-quantization guide and ModelOpt's default place Q/DQ: a QDQ pair around an elementwise op,
+a LayerNorm or a Softmax runs it in fp32 between an extra quantize and dequantize, which costs time and
+accuracy and buys nothing.
+
 Besides the network's choice, every node that produces or reads a tensor whose calibrated range is not finite
 stays fp32 (:func:`unbounded_tensors`, one min-max pass before calibration): attention logits masked with -inf
 would otherwise get an infinite int8 scale.
@@ -27,13 +32,16 @@ from typing import Any
 
 from networks.common.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "calibration_count", "calibration_order", "check_quantize_section",
+__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "QUANTIZED_OP_TYPES", "calibration_count", "calibration_order", "check_quantize_section",
            "match_nodes", "name_nodes", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
 
 log = logging.getLogger(__name__)
 
 #: ``quantize.algorithm`` → ONNX Runtime calibration method name.
 ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy"}
+
+#: Operator types that get int8 inputs (ONNX Runtime and TensorRT have integer kernels for them).
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
 _FIX = "set quantize.backend=onnxruntime and quantize.mode=static_ptq"
 #: Why each TAO backend other than ONNX Runtime is refused.
@@ -233,7 +241,7 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         try:
             quantize_static(str(named_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            nodes_to_exclude=excluded,
+                            nodes_to_exclude=excluded, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                             calibrate_method=getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)]),
                             use_external_data_format=large, calibration_providers=providers)
         finally:
@@ -249,6 +257,7 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     report = {
         "backend": "onnxruntime", "mode": "static_ptq", "algorithm": str(q.algorithm),
         "activations": "int8 (per-tensor)", "weights": "int8 (per-channel)", "format": "QDQ",
+        "quantized_op_types": list(QUANTIZED_OP_TYPES),
         "model_path": str(src), "named_onnx": str(named_path), "quantized_onnx": str(qdq_path),
         "calibration_images_dir": calib_source, "calibration_images": used, "calibration_providers": providers,
         "fp32_mb": size_mb(named_path), "int8_mb": size_mb(qdq_path),

@@ -101,6 +101,8 @@ def test_evaluate_from_qdq_is_close_to_fp32(quantized, monkeypatch, capfd, tmp_p
                             f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
         assert code == 0, err[-3000:]
         metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
+    with capfd.disabled():
+        print(f"\nmIoU fp32 ONNX {metrics['fp32']['mIoU']:.4f}, int8 QDQ {metrics['int8']['mIoU']:.4f}")
     assert metrics["int8"]["runtime"]["onnx_file"].endswith("_int8_qdq.onnx")
     assert metrics["fp32"]["mIoU"] > 0.5  # self-labelled: the fp32 graph agrees with its own labels
     assert metrics["int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics

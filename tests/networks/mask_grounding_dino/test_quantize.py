@@ -101,15 +101,23 @@ def test_quantize_writes_a_standard_qdq_graph_with_fp32_exclusions(quantized):
 
 
 def test_evaluate_from_qdq_writes_metrics(quantized, monkeypatch, capfd, tmp_path):
-    spec, _, run = quantized
+    """The QDQ file evaluates through the CLI; its AP beside the fp32 file's is printed, not asserted: the tiny
+    random-weight model's detections sit at near-equal scores, so int8 rounding reorders them (a measured figure,
+    not a bar; see docs/mask_grounding_dino.md)."""
+    spec, onnx_path, run = quantized
     monkeypatch.chdir(tmp_path)
     qdq = run / "mgd_int8_qdq.onnx"
-    code, _, err = _tao(monkeypatch, capfd, "model", NET, "evaluate", "-e", str(spec),
-                        f"results_dir={tmp_path / 'int8'}", f"evaluate.onnx_file={qdq}")
-    assert code == 0, err[-3000:]
-    metrics = json.loads((tmp_path / "int8" / "evaluate" / "metrics.json").read_text())
-    assert metrics["runtime"]["onnx_file"] == str(qdq)
-    assert isinstance(metrics["segm_val_mAP"], float) and isinstance(metrics["bbox_val_mAP"], float)
+    metrics = {}
+    for name, path in (("fp32", onnx_path), ("int8", qdq)):
+        code, _, err = _tao(monkeypatch, capfd, "model", NET, "evaluate", "-e", str(spec),
+                            f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
+        assert code == 0, err[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
+    with capfd.disabled():
+        print("\n" + "; ".join(f"{n}: bbox mAP50 {m['bbox_val_mAP50']:.3f}, segm mAP50 {m['segm_val_mAP50']:.3f}"
+                               for n, m in metrics.items()))
+    assert metrics["int8"]["runtime"]["onnx_file"] == str(qdq)
+    assert isinstance(metrics["int8"]["segm_val_mAP"], float) and isinstance(metrics["int8"]["bbox_val_mAP"], float)
 
 
 # ----------------------------------------------------------------------------------------- refusals
