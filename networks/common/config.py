@@ -181,6 +181,11 @@ def coco_backend_param(what: str = "COCO AP") -> Any:
                  valid_options=list(COCO_BACKENDS))
 
 
+_TRT_ENGINE_HELP = ("TensorRT engine written by gen_trt_engine, run instead of a checkpoint (networks that offer "
+                    "gen_trt_engine; needs TensorRT and a CUDA GPU; set exactly one of checkpoint, onnx_file, "
+                    "trt_engine).")
+
+
 @dataclass
 class EvaluateConfig:
     """Fields every network's ``evaluate`` section has (TAO ``EvaluateConfig``)."""
@@ -189,7 +194,7 @@ class EvaluateConfig:
     gpu_ids: list[int] = param([0], description="List of GPU IDs to run evaluation on.")
     num_nodes: int = param(1, description="Number of nodes.", valid_min=1)
     checkpoint: str = param(MISSING, description="Path to the checkpoint to evaluate.", required=True)
-    trt_engine: str | None = param(None, description="TensorRT engine (tao-deploy only; unused here).")
+    trt_engine: str | None = param(None, description=_TRT_ENGINE_HELP)
     results_dir: str | None = param(None, description="Results directory; default <results_dir>/evaluate.")
     batch_size: int = param(-1, description="Batch size; -1 uses the dataset setting.", valid_min=-1)
     num_overlays: int = param(
@@ -205,7 +210,7 @@ class InferenceConfig:
     gpu_ids: list[int] = param([0], description="List of GPU IDs to run inference on.")
     num_nodes: int = param(1, description="Number of nodes.", valid_min=1)
     checkpoint: str = param(MISSING, description="Path to the checkpoint to run.", required=True)
-    trt_engine: str | None = param(None, description="TensorRT engine (tao-deploy only; unused here).")
+    trt_engine: str | None = param(None, description=_TRT_ENGINE_HELP)
     results_dir: str | None = param(None, description="Results directory; default <results_dir>/inference.")
     batch_size: int = param(-1, description="Batch size; -1 uses the dataset setting.", valid_min=-1)
 
@@ -248,7 +253,8 @@ class TensorRTConfig:
 
 @dataclass
 class GenTrtEngineConfig:
-    """``gen_trt_engine`` section (tao-deploy; accepted so TAO specs load, the action itself is not offered)."""
+    """``gen_trt_engine`` section (TAO's fields; the action runs for the networks that list it, with TensorRT
+    and a CUDA GPU)."""
 
     results_dir: str | None = param(None)
     gpu_id: int = param(0, valid_min=0)

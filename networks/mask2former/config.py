@@ -306,7 +306,7 @@ class ExperimentConfig(CommonExperimentConfig):
     evaluate: Mask2FormerEvaluateConfig = param(Mask2FormerEvaluateConfig, description="Evaluation.")
     inference: Mask2FormerInferenceConfig = param(Mask2FormerInferenceConfig, description="Inference.")
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
-    gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine (tao-deploy).")
+    gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine from the exported ONNX (needs TensorRT and a CUDA GPU).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Static int8 quantization of the exported ONNX.")
     automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 

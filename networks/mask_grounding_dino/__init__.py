@@ -1,9 +1,9 @@
-"""Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export and
-quantize (static int8 PTQ of the exported ONNX with ONNX Runtime).
+"""Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export,
+quantize (static int8 PTQ of the exported ONNX with ONNX Runtime) and gen_trt_engine (TensorRT, needs a GPU).
 
 Open-vocabulary detection and instance segmentation prompted by text ("cat . dog ."): Grounding DINO
 (Liu et al., 2023) with a CondInst-style dynamic mask head, as in TAO.  Implements the engine ↔ network
-contract of docs/architecture.md; ``gen_trt_engine`` belongs to tao-deploy and fails clearly.
+contract of docs/architecture.md.
 """
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from networks.common.network import TAO_DEPLOY_ACTIONS, Network, lazy, run_extra_action
+from networks.common.network import Network, lazy, run_extra_action
 from networks.mask_grounding_dino import unsupported as _fields
-from networks.mask_grounding_dino.config import ExperimentConfig, check, eval_source
+from networks.mask_grounding_dino.config import ExperimentConfig, eval_source
+from networks.mask_grounding_dino.config import check as _check_fields
 
 __all__ = ["NAME", "TITLE", "CHECKPOINT_NAME", "ACTIONS", "ExperimentConfig", "check", "main_kpi", "input_paths",
            "build_module", "build_datamodule", "run_action", "NETWORK"]
@@ -30,9 +31,19 @@ ACTIONS: dict[str, str] = {
     "export": "Export a checkpoint to ONNX (standard ops, TAO's input/output names) and check it with onnxruntime.",
     "quantize": "Static int8 quantization of the exported ONNX (ONNX Runtime, QDQ), calibrated on "
                 "dataset.quant_calibration_data_sources.",
-    "gen_trt_engine": TAO_DEPLOY_ACTIONS["gen_trt_engine"],
+    "gen_trt_engine": "Build a TensorRT engine from the exported ONNX (FP32/FP16, or a quantized QDQ file; needs "
+                      "TensorRT and a CUDA GPU).",
 }
-_DEPLOY_ACTIONS = ("gen_trt_engine",)
+
+
+def check(cfg: Any, action: str) -> None:
+    """The spec's cross-field checks (:func:`networks.mask_grounding_dino.config.check`), and for
+    ``gen_trt_engine`` its own (TensorRT and a GPU present, layer precisions, the ONNX file, the batch range)."""
+    _check_fields(cfg, action)
+    if action == "gen_trt_engine":
+        from networks.mask_grounding_dino.tensorrt import check_engine_spec
+
+        check_engine_spec(cfg)
 
 
 def main_kpi(cfg: Any) -> tuple[str, str]:
@@ -83,11 +94,13 @@ def input_paths(cfg: Any, action: str) -> dict[str, str]:
             paths["dataset.infer_data_sources.captions"] = captions
     elif action == "export":
         paths["export.checkpoint"] = cfg.export.checkpoint
+    elif action == "gen_trt_engine":
+        paths["gen_trt_engine.onnx_file"] = cfg.gen_trt_engine.onnx_file
     elif action == "quantize":
         paths["quantize.model_path"] = cfg.quantize.model_path
         source("dataset.quant_calibration_data_sources", ds.quant_calibration_data_sources, ("image_dir", "json_file"))
     if action in ("evaluate", "inference"):
-        for key in ("checkpoint", "onnx_file"):  # whichever one is set (config.check: exactly one)
+        for key in ("checkpoint", "onnx_file", "trt_engine"):  # whichever one is set (config.check: exactly one)
             if cfg[action].get(key):
                 paths[f"{action}.{key}"] = cfg[action][key]
     if action in ("train", "evaluate", "inference", "export", "quantize"):
@@ -103,19 +116,19 @@ build_module = lazy("networks.mask_grounding_dino.module:MaskGDinoModule")
 build_datamodule = lazy("networks.mask_grounding_dino.data:MaskGDinoDataModule")
 _export = lazy("networks.mask_grounding_dino.export:run_export")
 _quantize = lazy("networks.mask_grounding_dino.quantize:run_quantize")
+_gen_trt_engine = lazy("networks.mask_grounding_dino.tensorrt:run_gen_trt_engine")
 
 
 NETWORK = Network(
     name=NAME, title=TITLE, checkpoint_name=CHECKPOINT_NAME, config_class=ExperimentConfig, actions=ACTIONS,
     check=check, input_paths=input_paths, build_module=build_module, build_datamodule=build_datamodule,
-    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize},
-    deploy_actions=_DEPLOY_ACTIONS,
+    main_kpi=main_kpi, extra_actions={"export": _export, "quantize": _quantize, "gen_trt_engine": _gen_trt_engine},
     sample_drawer=lazy("networks.mask_grounding_dino.visualize:sample_drawer"),
     unsupported=_fields.UNSUPPORTED, tao_ignored=_fields.TAO_IGNORED,
     weight_formats=lazy("networks.mask_grounding_dino.weight_formats:formats"),
     pretrained_fields=("model.pretrained_backbone_path", "train.pretrained_model_path"),
 )
 
-#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``); tao-deploy and unknown actions fail
-#: with one line.
+#: ``run_action(action, cfg, ctx)``: a non-Lightning action (``export``, ``quantize``, ``gen_trt_engine``); unknown
+#: actions fail with one line.
 run_action = partial(run_extra_action, NETWORK)

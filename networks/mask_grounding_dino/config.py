@@ -324,7 +324,7 @@ class MaskGDinoTensorRTConfig(TensorRTConfig):
 
 @dataclass
 class MaskGDinoGenTrtEngineConfig(GenTrtEngineConfig):
-    """``gen_trt_engine`` (tao-deploy; accepted so TAO specs load)."""
+    """``gen_trt_engine`` with Grounding DINO's TensorRT defaults."""
 
     tensorrt: MaskGDinoTensorRTConfig = param(MaskGDinoTensorRTConfig)
 
@@ -341,7 +341,7 @@ class ExperimentConfig(CommonExperimentConfig):
     inference: MaskGDinoInferenceConfig = param(MaskGDinoInferenceConfig, description="Inference.")
     export: MaskGDinoExportConfig = param(MaskGDinoExportConfig, description="ONNX export.")
     gen_trt_engine: MaskGDinoGenTrtEngineConfig = param(MaskGDinoGenTrtEngineConfig,
-                                                     description="TensorRT engine (tao-deploy).")
+                                                     description="TensorRT engine from the exported ONNX (needs TensorRT and a CUDA GPU).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Static int8 quantization of the exported ONNX.")
     automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 

@@ -20,7 +20,8 @@
   ``category_name``, ``phrase``) under ``ctx.run_dir``, written atomically.
 * Runtimes: evaluate/inference run the PyTorch model, or — with ``<action>.onnx_file`` — the exported ONNX file
   under ONNX Runtime (:class:`~networks.mask_grounding_dino.onnx_runtime.OnnxModel`; no PyTorch model is
-  built).  Both feed the same chunk merge and post-processing; the ONNX path has no auxiliary outputs, so its
+  built), or — with ``<action>.trt_engine`` — a TensorRT engine
+  (:class:`~networks.mask_grounding_dino.tensorrt.TrtModel`, same calls).  All feed the same chunk merge and post-processing; the ONNX path has no auxiliary outputs, so its
   ``val_loss`` is None (undefined) rather than a differently defined number, and metrics.json / the inference
   outputs carry a ``runtime`` record (ONNX Runtime version, providers, file, input size).
 """
@@ -134,14 +135,24 @@ class MaskGDinoModule(pl.LightningModule):
         self._tokenizer = None
         from networks.common.onnx_runtime import onnx_file_of
 
-        #: the ONNX Runtime model when ``<action>.onnx_file`` is set (then there is no PyTorch model)
+        #: the ONNX Runtime model when ``<action>.onnx_file`` is set, the TensorRT engine when ``trt_engine`` is
+        #: (then there is no PyTorch model)
         self.onnx = None
-        onnx_file = onnx_file_of(cfg, getattr(ctx, "action", None)) if model is None else None
+        action = getattr(ctx, "action", None)
+        onnx_file = onnx_file_of(cfg, action) if model is None else None
+        trt_engine = onnx_file_of(cfg, action, "trt_engine") if model is None else None
         if onnx_file:
             from networks.mask_grounding_dino.onnx_runtime import OnnxModel
 
             self.onnx = OnnxModel(onnx_file, int(mc.max_text_len), int(self.tokenizer.pad_token_id or 0),
                                   want_gpu=getattr(ctx, "accelerator", None) == "gpu", field=f"{ctx.action}.onnx_file")
+            self.onnx.log_start(log)
+        elif trt_engine:
+            from networks.mask_grounding_dino.tensorrt import TrtModel
+
+            # a TensorRT engine takes the ONNX model's place: same feeds, outputs and post-processing
+            self.onnx = TrtModel(trt_engine, int(mc.max_text_len), int(self.tokenizer.pad_token_id or 0),
+                                 field=f"{action}.trt_engine")
             self.onnx.log_start(log)
         elif model is None:
             from networks.mask_grounding_dino.model import build_model

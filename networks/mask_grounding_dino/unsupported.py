@@ -11,7 +11,6 @@ UNSUPPORTED: dict[str, str] = {
     "export.input_channel": "the model takes RGB images: the ONNX input always has 3 channels",
     "export.format": "only ONNX is written",
     "export.serialize_nvdsinfer": "DeepStream config files are not written",
-    "gen_trt_engine": "TensorRT engines are built by tao-deploy",
 }
 
 TAO_IGNORED: dict[str, str] = {

@@ -207,6 +207,11 @@ def _mask_grounding_dino(data: dict, results: Path) -> list[tuple[str, list[str]
                       f"quantize.model_path={results}/export/mgd.onnx", "quantize.calib_images=2",
                       f"dataset.quant_calibration_data_sources={{image_dir: {va / 'images'}, "
                       f"json_file: {va / 'annotations.json'}}}"]),
+        # with TensorRT stood in for (see _fake_tensorrt): the action reads and checks every gen_trt_engine field
+        ("gen_trt_engine", [*common, f"gen_trt_engine.onnx_file={results}/export/mgd.onnx",
+                            f"gen_trt_engine.trt_engine={results}/mgd.engine",
+                            f"gen_trt_engine.timing_cache={results}/trt_cache.bin", "gen_trt_engine.verbose=true",
+                            "gen_trt_engine.tensorrt.data_type=FP16", "gen_trt_engine.tensorrt.max_batch_size=2"]),
     ]
     no_mask = ["model.has_mask=false", "dataset.has_mask=false"]
     runs += [("evaluate", [*common, *no_mask, f"evaluate.checkpoint={ckpt}",
