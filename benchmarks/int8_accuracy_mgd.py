@@ -1,0 +1,98 @@
+"""What static int8 PTQ costs Mask Grounding DINO in accuracy on a *trained* model (issue 12), through the CLI.
+
+The quantize tests use an untrained model, on which int8 error spreads over the whole graph; this script measures
+a model that has learned something.  It trains configs/mask_grounding_dino/tiny.yaml as
+``tests/networks/mask_grounding_dino/test_learning.py`` does (synthetic data seed 0: 32 training and 16 held-out
+images of 128 px, 480 optimizer steps, the spec's seed), saves the checkpoint, then runs ``export`` (128 × 128),
+``quantize`` (ONNX Runtime static int8, calibrated on the 32 training images) and ``evaluate`` three times on the
+held-out images: the checkpoint, the fp32 ONNX file and the int8 QDQ file.  ``dataset.augmentation
+.random_resize_max_size`` is 128 so that the checkpoint's test resize is the graph's when an image is square.
+
+Writes ``benchmarks/results/int8_accuracy_mgd.json`` (bbox / segm mAP and mAP50 per runtime, file sizes) and
+prints it.  About 5 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KEYS = ("bbox_val_mAP50", "segm_val_mAP50", "bbox_val_mAP", "segm_val_mAP")
+TRAIN_STEPS = 480  # test_learning.TRAIN_STEPS
+
+
+def _train(cfg, root: Path, ckpt: Path) -> None:
+    import pytorch_lightning as pl
+
+    from networks.common.context import RunContext
+    from networks.mask_grounding_dino.data import MaskGDinoDataModule
+    from networks.mask_grounding_dino.module import MaskGDinoModule
+    from tao_cli.engine.checkpoints import save_checkpoint_file
+
+    pl.seed_everything(int(cfg.train.seed), workers=True)
+    module = MaskGDinoModule(cfg, RunContext("train", root / "run", log=logging.getLogger("int8_accuracy_mgd")))
+    fit = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, max_steps=TRAIN_STEPS, max_epochs=-1,
+                     gradient_clip_val=cfg.train.clip_grad_norm, limit_val_batches=0, num_sanity_val_steps=0)
+    fit.fit(module, datamodule=MaskGDinoDataModule(cfg, RunContext("train", root / "run")))
+    save_checkpoint_file({"state_dict": module.state_dict()}, ckpt, network="mask_grounding_dino")
+
+
+def run(root: Path) -> dict:
+    from omegaconf import OmegaConf
+
+    from networks.common.synthetic import generate
+    from tao_cli.cli import run_model
+    from tests.networks.mask_grounding_dino.conftest import make_tiny_cfg
+
+    data = generate(root / "data", seed=0, num_train=32, num_val=16, image_size=128)
+    cfg = make_tiny_cfg(data)
+    ckpt = root / "mgd.pth"
+    _train(cfg, root, ckpt)
+    cfg.dataset.augmentation.random_resize_max_size = 128
+    cfg.dataset.quant_calibration_data_sources = {"image_dir": str(data["train"]["images"]),
+                                                  "json_file": str(data["train"]["annotations"])}
+    cfg.results_dir = str(root / "results")
+    spec = root / "spec.yaml"
+    OmegaConf.save(cfg, spec)
+
+    def tao(action: str, *overrides: str) -> None:
+        code = run_model("mask_grounding_dino", action, str(spec), list(overrides))
+        if code != 0:
+            raise SystemExit(f"{action} failed (exit {code})")
+
+    onnx = root / "mgd.onnx"
+    tao("export", f"results_dir={root / 'export'}", f"export.checkpoint={ckpt}", f"export.onnx_file={onnx}",
+        "export.input_height=128", "export.input_width=128")
+    tao("quantize", f"results_dir={root / 'q'}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
+        "quantize.mode=static_ptq", "quantize.device=cpu", "quantize.calib_images=32")
+    qdq = root / "q" / "quantize" / "mgd_int8_qdq.onnx"
+    out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": 16, "calibration_images": 32, "graph_hw": [128, 128],
+                 "onnx_fp32_mb": round(onnx.stat().st_size / 2**20, 2), "onnx_int8_mb": round(qdq.stat().st_size / 2**20, 2)}
+    for name, source in (("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
+                         ("onnx_int8", f"evaluate.onnx_file={qdq}")):
+        extra = [] if name == "checkpoint" else ["evaluate.checkpoint=null"]
+        tao("evaluate", f"results_dir={root / name}", source, *extra)
+        metrics = json.loads((root / name / "evaluate" / "metrics.json").read_text())
+        out[name] = {k: round(float(metrics[k]), 4) for k in KEYS}
+    return out
+
+
+def main() -> None:
+    keep = os.environ.get("INT8_ACC_DIR")
+    with tempfile.TemporaryDirectory(prefix="int8_acc_mgd_") as tmp:
+        root = Path(keep) if keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        out = run(root)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "int8_accuracy_mgd.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
