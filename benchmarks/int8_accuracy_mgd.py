@@ -4,8 +4,9 @@ The quantize tests use an untrained model, on which int8 error spreads over the 
 a model that has learned something.  It trains configs/mask_grounding_dino/tiny.yaml as
 ``tests/networks/mask_grounding_dino/test_learning.py`` does (synthetic data seed 0: 32 training and 16 held-out
 images of 128 px, 480 optimizer steps, the spec's seed), saves the checkpoint, then runs ``export`` (128 × 128),
-``quantize`` (ONNX Runtime static int8, calibrated on the 32 training images) and ``evaluate`` three times on the
-held-out images: the checkpoint, the fp32 ONNX file and the int8 QDQ file.  ``dataset.augmentation
+``quantize`` twice (ONNX Runtime static int8 of the ONNX, calibrated on the 32 training images; torchao weight-only
+int8 of the checkpoint) and ``evaluate`` four times on the held-out images: the checkpoint, the fp32 ONNX file, the
+int8 QDQ file and the weight-only int8 checkpoint.  ``dataset.augmentation
 .random_resize_max_size`` is 128 so that the checkpoint's test resize is the graph's when an image is square.
 
 Writes ``benchmarks/results/int8_accuracy_mgd.json`` (bbox / segm mAP and mAP50 per runtime, file sizes) and
@@ -72,11 +73,18 @@ def run(root: Path) -> dict:
     tao("quantize", f"results_dir={root / 'q'}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
         "quantize.mode=static_ptq", "quantize.device=cpu", "quantize.calib_images=32")
     qdq = root / "q" / "quantize" / "mgd_int8_qdq.onnx"
+    tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
+    weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
+    report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
     out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": 16, "calibration_images": 32, "graph_hw": [128, 128],
-                 "onnx_fp32_mb": round(onnx.stat().st_size / 2**20, 2), "onnx_int8_mb": round(qdq.stat().st_size / 2**20, 2)}
+                 "onnx_fp32_mb": round(onnx.stat().st_size / 2**20, 2), "onnx_int8_mb": round(qdq.stat().st_size / 2**20, 2),
+                 "checkpoint_mb": round(ckpt.stat().st_size / 2**20, 2),
+                 "torchao_weight_only_mb": round(weight_only.stat().st_size / 2**20, 2),
+                 "torchao_int8_linear_layers": report["quantized_linear_layers"]}
     for name, source in (("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
-                         ("onnx_int8", f"evaluate.onnx_file={qdq}")):
-        extra = [] if name == "checkpoint" else ["evaluate.checkpoint=null"]
+                         ("onnx_int8", f"evaluate.onnx_file={qdq}"),
+                         ("torchao_weight_only_int8", f"evaluate.checkpoint={weight_only}")):
+        extra = [] if source.startswith("evaluate.checkpoint=") else ["evaluate.checkpoint=null"]
         tao("evaluate", f"results_dir={root / name}", source, *extra)
         metrics = json.loads((root / name / "evaluate" / "metrics.json").read_text())
         out[name] = {k: round(float(metrics[k]), 4) for k in KEYS}

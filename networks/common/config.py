@@ -300,29 +300,35 @@ class LayerQuantizationConfig:
 class QuantizeConfig:
     """``quantize`` (tao-core ``ModelQuantizationConfig``) plus ``calib_images``.  TAO's fields and defaults are
     kept so TAO specs load for every action; a network that implements the action says which combinations it runs
-    (Mask2Former: ``backend: onnxruntime`` with ``mode: static_ptq``), the rest is refused when quantizing."""
+    (``backend: onnxruntime`` with ``mode: static_ptq``, ``backend: torchao`` with ``mode: weight_only_ptq``), the
+    rest is refused when quantizing."""
 
-    backend: str = param("torchao", description="Quantization backend. onnxruntime (a tao-cli addition): static "
-                         "int8 PTQ of the exported ONNX with ONNX Runtime, written as a QDQ ONNX. TAO's torchao, "
-                         "modelopt.pytorch and modelopt.onnx load but are refused by the quantize action.",
+    backend: str = param("torchao", description="Quantization backend. torchao: weight-only int8 of the trained "
+                         "checkpoint's nn.Linear layers, written as quantized_model_torchao.pth (evaluate/inference "
+                         "run it as their checkpoint). onnxruntime (a tao-cli addition): static int8 PTQ of the "
+                         "exported ONNX with ONNX Runtime, written as a QDQ ONNX. modelopt.pytorch and "
+                         "modelopt.onnx load but are refused by the quantize action.",
                          valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx", "onnxruntime"])
-    mode: str = param("weight_only_ptq", description="static_ptq: weights and activations, calibrated on "
-                      "dataset.quant_calibration_dataset; weight_only_ptq: weights only (not implemented).",
+    mode: str = param("weight_only_ptq", description="static_ptq: weights and activations, calibrated on the "
+                      "calibration dataset (backend onnxruntime); weight_only_ptq: weights only (backend torchao).",
                       valid_options=["static_ptq", "weight_only_ptq"])
     algorithm: str = param("minmax", description="Calibration algorithm; backend onnxruntime runs minmax and "
-                           "entropy.", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
+                           "entropy, backend torchao minmax/max (per-channel absolute max).", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
                                                       "awq_full", "rtn_dq"])
-    layers: list[LayerQuantizationConfig] = param([], description="Per-layer dtypes (refused by backend "
-                                                  "onnxruntime: every quantized layer is int8).")
-    skip_names: list[str] = param([], description="Substrings of ONNX node names to keep in fp32, in addition to "
-                                  "the layers TAO keeps in fp32.")
+    layers: list[LayerQuantizationConfig] = param([], description="Per-layer dtypes. Backend torchao: "
+                                                  "module_name patterns (fnmatch, or a class name) with weights "
+                                                  "int8 (add) or native (remove); empty = every nn.Linear. Refused "
+                                                  "by backend onnxruntime (every quantized layer is int8).")
+    skip_names: list[str] = param([], description="Layers to keep in floating point: substrings of ONNX node "
+                                  "names (onnxruntime, in addition to the layers TAO keeps in fp32) or module name "
+                                  "patterns (torchao).")
     model_path: str = param("", description="The fp32 ONNX file written by the export action (backend "
-                            "onnxruntime).")
+                            "onnxruntime), or the checkpoint written by train (backend torchao).")
     results_dir: str = param("")
-    backend_kwargs: dict[str, Any] = param({}, description="Backend options (none are read by backend "
-                                           "onnxruntime; must stay empty).")
-    device: str = param("cuda", description="Calibration device: cuda (ONNX Runtime's CUDA provider when this "
-                        "build has it, else the CPU) or cpu; trt is refused.")
+    backend_kwargs: dict[str, Any] = param({}, description="Backend options (none are read by backends "
+                                           "onnxruntime and torchao; must stay empty).")
+    device: str = param("cuda", description="Where quantization runs: cuda (ONNX Runtime's CUDA provider, or the "
+                        "GPU for torchao, when present, else the CPU) or cpu; trt is refused.")
     calib_images: int = param(64, description="Number of calibration images (the first N of "
                               "dataset.quant_calibration_dataset.images_dir, sorted); not a TAO field.",
                               valid_min=1)

@@ -17,7 +17,8 @@ class RunContext:
     checkpoint (pretrained weights must then not be loaded); ``log`` is the run's logger (tee'd to
     ``<action>.log``).  ``load_checkpoint(path) -> dict`` is the engine's safe loader (weights-only
     unpickling, decryption with the spec's ``encryption_key``, ``tao_model`` tag check); networks use it for
-    files they read themselves (e.g. ``export.checkpoint``).
+    files they read themselves (e.g. ``export.checkpoint``); ``save_checkpoint(obj, path)`` is its writer (atomic,
+    ``tao_model`` tag, encrypted with the spec's key) for checkpoints a network writes outside training.
     """
 
     action: str
@@ -28,6 +29,7 @@ class RunContext:
     accelerator: str = "cpu"
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("tao"))
     load_checkpoint: Callable[[str | Path], dict[str, Any]] | None = None
+    save_checkpoint: Callable[[dict[str, Any], str | Path], Any] | None = None
 
 
 def run_output_dir(ctx: RunContext | None, field: str = "inference.results_dir") -> Path:

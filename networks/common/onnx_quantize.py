@@ -4,7 +4,8 @@ ONNX Runtime, written as a QDQ graph (standard ``QuantizeLinear``/``DequantizeLi
 A network supplies three things to :func:`run_static_ptq`: which nodes stay in fp32 (a function of the graph's
 node names), the calibration feeds (a function of the named ONNX path, preprocessed exactly as its ``evaluate``
 from an ONNX file does) and a few report fields.  Everything else is here: the spec refusals
-(:func:`check_quantize_section`: only ``backend: onnxruntime`` + ``mode: static_ptq`` runs), node naming
+(:func:`check_quantize_section`: ``backend: onnxruntime`` + ``mode: static_ptq`` runs here, ``backend:
+torchao`` goes to :mod:`networks.common.torchao_quantize`), node naming
 (``nodes_to_exclude`` can only match named nodes), the calibration reader, the standard-domain check, file names
 and ``quantize_report.json``.
 
@@ -43,25 +44,30 @@ ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy"}
 #: Operator types that get int8 inputs (ONNX Runtime and TensorRT have integer kernels for them).
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
 
-_FIX = "set quantize.backend=onnxruntime and quantize.mode=static_ptq"
+_FIX = ("set quantize.backend=onnxruntime and quantize.mode=static_ptq (or backend=torchao with "
+        "mode=weight_only_ptq)")
 #: Why each TAO backend other than ONNX Runtime is refused.
 BACKEND_REFUSALS = {
     "modelopt.onnx": "nvidia-modelopt[onnx] pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
                      "onnx/onnxruntime",
     "modelopt.pytorch": "nvidia-modelopt pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
                         "onnx/onnxruntime",
-    "torchao": "torchao is not installed with tao-cli, and its weight-only quantization yields a PyTorch model "
-               "that no tao-cli action runs yet (not implemented)",
 }
 
 
 def check_quantize_section(q: Any, check_model: Callable[[str, str], Any], calib_field: str,
                            calib_value: Any) -> None:
-    """Refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run: another
+    """``backend: torchao`` goes to :func:`~networks.common.torchao_quantize.check_torchao_section` (a trained
+    checkpoint, no calibration).  Otherwise refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run: another
     backend or mode, an algorithm without an ONNX Runtime calibrator, per-layer settings, ``backend_kwargs``, a
     TensorRT device, an empty ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the
     network's export check) or an empty calibration source ``calib_value`` (the spec field ``calib_field``)."""
     backend, mode = str(q.backend), str(q.mode)
+    if backend == "torchao":
+        from networks.common.torchao_quantize import check_torchao_section
+
+        check_torchao_section(q)
+        return
     if backend in BACKEND_REFUSALS:
         raise ConfigError("quantize.backend", f"'{backend}' is not supported: {BACKEND_REFUSALS[backend]}", _FIX)
     if mode != "static_ptq":

@@ -33,7 +33,7 @@ import numpy as np
 from networks.common.errors import ConfigError
 from networks.common.io import atomic_write_bytes
 
-__all__ = ["LAYER_PRECISIONS", "LayerPrecision", "require_tensorrt", "parse_layers_precision", "is_qdq_onnx",
+__all__ = ["LAYER_PRECISIONS", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision", "is_qdq_onnx",
            "batch_range", "build_engine", "TrtSession", "check_gen_trt_engine", "run_gen_trt_engine",
            "select_gpu"]
 
@@ -54,8 +54,9 @@ class LayerPrecision:
     precision: str
 
 
-def require_tensorrt(field: str, *, want: str = "build or run a TensorRT engine") -> None:
-    """One-line :class:`ConfigError` on ``field`` when the ``tensorrt`` package or a CUDA GPU is missing."""
+def tensorrt_missing() -> list[str]:
+    """What this machine lacks to build or run a TensorRT engine: the ``tensorrt`` package, a CUDA GPU (empty
+    when it has both; tests that need TensorRT skip on ``tensorrt_missing()``)."""
     missing = []
     if importlib.util.find_spec("tensorrt") is None:
         missing.append("the tensorrt Python package (pip install tensorrt, matching your CUDA)")
@@ -63,6 +64,12 @@ def require_tensorrt(field: str, *, want: str = "build or run a TensorRT engine"
 
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU visible to torch")
+    return missing
+
+
+def require_tensorrt(field: str, *, want: str = "build or run a TensorRT engine") -> None:
+    """One-line :class:`ConfigError` on ``field`` when the ``tensorrt`` package or a CUDA GPU is missing."""
+    missing = tensorrt_missing()
     if missing:
         raise ConfigError(field, f"to {want} tao-cli needs " + " and ".join(missing),
                           "run on a GPU machine with TensorRT, or use the ONNX file with onnx_file=")

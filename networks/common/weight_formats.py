@@ -376,6 +376,11 @@ def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence
     else:
         obj = read_weights_file(p, field=field, loader=loader)
         source = source_from_checkpoint(p, obj, "safetensors" if p.suffix == ".safetensors" else "torch")
+    record = source.meta.get("quantization")
+    if isinstance(record, Mapping):
+        raise CheckpointError(field, f"{p} is a quantized model (quantize action, {record.get('backend')} "
+                              f"{record.get('mode')}); this action needs floating-point weights",
+                              f"use the checkpoint it was quantized from ({record.get('source', 'the train output')})")
     fmt = detect_format(source, formats, field=field)
     require_whole_model(fmt, source, field)
     return load_converted(model, source, fmt, model_cfg, prefix=prefix), fmt, source.meta

@@ -258,6 +258,22 @@ def _well_formed_pickle(data: bytes) -> bool:
     return True
 
 
+def _torchao_registered() -> bool:
+    import sys
+
+    return "torchao" in sys.modules
+
+
+def _register_torchao() -> bool:
+    """Import torchao (its import makes its quantized tensor classes loadable with ``weights_only``); False when
+    it is not installed."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def safe_torch_load(data: bytes, source: str, *, allowed: Iterable[Any] = (), map_location: Any = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of ``data`` with the extra classes ``allowed``; every failure is a
     one-line :class:`CheckpointError` on ``source``.
@@ -286,6 +302,12 @@ def safe_torch_load(data: bytes, source: str, *, allowed: Iterable[Any] = (), ma
                                   _CORRUPT_HINT) from None
         match = _GLOBAL_RE.search(text)
         what = match.group(1) if match else "an object"
+        if what.startswith("torchao.") and not _torchao_registered():
+            # a torchao-quantized checkpoint: torchao registers its tensor classes as safe when imported
+            if _register_torchao():
+                return safe_torch_load(data, source, allowed=allowed, map_location=map_location)
+            raise CheckpointError(source, f"holds torchao-quantized tensors ('{what}') and torchao is not installed",
+                                  "pip install 'torchao==0.18.0' (or tao-cli[quantize])") from None
         raise CheckpointError(
             source,
             f"refusing to unpickle '{what}' (this file needs arbitrary code execution to load)",

@@ -9,8 +9,10 @@ Outputs in the run directory: ``<stem>_named.onnx``, ``<stem>_int8_qdq.onnx`` an
 parts TAO keeps in fp32 for TensorRT (reference mask2former.md §7.2: the masked-attention cross-attention layers
 and the post-processor) stay un-quantized by default.
 
-Only ``backend: onnxruntime`` with ``mode: static_ptq`` runs; :func:`check_quantize` refuses every other
-combination at load (``--dry-run`` included) with the reason.
+``backend: onnxruntime`` with ``mode: static_ptq`` runs as above; ``backend: torchao`` with ``mode:
+weight_only_ptq`` (TAO's default) gives the trained checkpoint ``quantize.model_path`` int8 ``nn.Linear`` weights
+(:mod:`networks.common.torchao_quantize`).  :func:`check_quantize` refuses every other combination at load
+(``--dry-run`` included) with the reason.
 """
 from __future__ import annotations
 
@@ -92,6 +94,15 @@ def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     calibration count).  The spec is checked with :func:`check_quantize` first, also when called directly."""
     check_quantize(cfg)
     q = cfg.quantize
+    if str(q.backend) == "torchao":
+        from networks.common.torchao_quantize import run_weight_only_ptq
+        from networks.mask2former.export import load_model_weights
+        from networks.mask2former.model import build_model
+
+        model = build_model(cfg.model).eval()
+        load_model_weights(model, q.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
+                           model_cfg=cfg.model)
+        return run_weight_only_ptq(q, ctx, model, "mask2former", "model.")
     return run_static_ptq(
         q, ctx, lambda names: excluded_nodes(names, list(q.skip_names)),
         lambda path: _calibration_batches(cfg, path, int(q.calib_images)),

@@ -21,8 +21,10 @@ int8 error is not averaged away):
   mask head's convolution weights) and the nodes directly under ``/model/`` (query selection, the CondInst
   dynamic mask head whose MatMul weights are activations, and the output glue).
 
-``quantize.skip_names`` adds substrings.  Only ``backend: onnxruntime`` + ``mode: static_ptq`` runs;
-:func:`check_quantize` refuses every other combination at load (``--dry-run`` included).
+``quantize.skip_names`` adds substrings.  ``backend: onnxruntime`` + ``mode: static_ptq`` runs as above;
+``backend: torchao`` + ``mode: weight_only_ptq`` (TAO's default) gives the trained checkpoint
+``quantize.model_path`` int8 ``nn.Linear`` weights instead (:mod:`networks.common.torchao_quantize`; no
+calibration).  :func:`check_quantize` refuses every other combination at load (``--dry-run`` included).
 """
 from __future__ import annotations
 
@@ -89,7 +91,8 @@ def check_quantize(cfg: Any) -> None:
     check_quantize_section(cfg.quantize, lambda path, field: check_onnx_file(path, int(cfg.model.max_text_len),
                                                                             field),
                            f"{_CALIB}.image_dir", src.get("image_dir") if src else None)
-    _check_calibration_source(cfg)
+    if str(cfg.quantize.backend) != "torchao":
+        _check_calibration_source(cfg)
 
 
 def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
@@ -127,6 +130,15 @@ def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     :func:`~networks.common.onnx_quantize.run_static_ptq` with :func:`excluded_nodes` and this network's
     calibration feeds; returns what status.json records."""
     check_quantize(cfg)
+    if str(cfg.quantize.backend) == "torchao":
+        from networks.common.torchao_quantize import run_weight_only_ptq
+        from networks.mask_grounding_dino.export import load_model_weights
+        from networks.mask_grounding_dino.model import build_model
+
+        model = build_model(cfg).eval()
+        load_model_weights(model, cfg.quantize.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
+                           model_cfg=cfg.model)
+        return run_weight_only_ptq(cfg.quantize, ctx, model, "mask_grounding_dino", "model.")
     skip = list(cfg.quantize.skip_names)
     rules = [f"{s} ({'/'.join(ops)})" if ops else s for s, ops in FP32_RULES]
     return run_static_ptq(

@@ -82,6 +82,13 @@ def load_into(module, checkpoint: Path, key: str | None, network: Any, *, model_
         src = read_source(checkpoint, field=field)
     else:
         obj = load_checkpoint(checkpoint, key=key, expected_network=network)
+        record = obj.get("quantization")
+        if isinstance(record, dict):  # the quantize action's torchao output: make its int8 layers first
+            from networks.common.torchao_quantize import describe, quantize_like
+
+            quantize_like(module, record, str(checkpoint))
+            if log is not None:
+                log.info("%s: weight-only quantized model %s", checkpoint, describe(record))
         weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
         if _fits(module, weights):
             _load_own(module, weights, checkpoint)

@@ -90,14 +90,18 @@ class Run:
 
 
 def _context(plan: RunPlan, log: logging.Logger) -> RunContext:
-    from .checkpoints import load_checkpoint
+    from .checkpoints import load_checkpoint, save_checkpoint_file
 
     def safe_load(path):
         return load_checkpoint(path, key=plan.key, expected_network=plan.net.name)
 
+    def save(obj, path):
+        return save_checkpoint_file(obj, path, key=plan.key, network=plan.net.name)
+
     return RunContext(action=plan.action, run_dir=plan.run_dir, num_devices=plan.devices.world_size,
                       num_nodes=plan.devices.num_nodes, resuming=plan.resume is not None,
-                      accelerator=plan.devices.accelerator, log=log, load_checkpoint=safe_load)
+                      accelerator=plan.devices.accelerator, log=log, load_checkpoint=safe_load,
+                      save_checkpoint=save)
 
 
 #: Longest error line printed: a message that echoes user input (a path, a value) never floods the console.

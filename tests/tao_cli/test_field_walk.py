@@ -171,6 +171,15 @@ def _mask2former(data: dict, results: Path) -> list[tuple[str, list[str]]]:
     runs.append(("quantize", [*common, "quantize.backend=onnxruntime", "quantize.mode=static_ptq",
                               f"quantize.model_path={results}/export/m2f.onnx", "quantize.calib_images=2",
                               f"dataset.quant_calibration_dataset.images_dir={va['images']}"]))
+    # TAO's default backend: weight-only int8 of the checkpoint, then evaluated as a checkpoint
+    runs.append(("quantize", [*common, f"quantize.model_path={ckpt}", "quantize.device=cpu", "quantize.algorithm=max",
+                              "quantize.layers=[{module_name: Linear, weights: {dtype: int8}}, "
+                              "{module_name: 'backbone.layers.0.*', weights: {dtype: native}}]",
+                              "quantize.skip_names=['sem_seg_head.predictor.mask_embed.*']",
+                              f"quantize.results_dir={results}/quantize_torchao"]))
+    runs.append(("evaluate", [*common, "model.mode=panoptic",
+                              f"evaluate.checkpoint={results}/quantize_torchao/quantized_model_torchao.pth",
+                              f"evaluate.results_dir={results}/quantize_torchao/evaluate"]))
     # with TensorRT stood in for (see _fake_tensorrt): the action reads and checks every gen_trt_engine field
     runs.append(("gen_trt_engine", [*common, f"gen_trt_engine.onnx_file={results}/export/m2f.onnx",
                                     f"gen_trt_engine.trt_engine={results}/m2f.engine",
@@ -207,6 +216,10 @@ def _mask_grounding_dino(data: dict, results: Path) -> list[tuple[str, list[str]
                       f"quantize.model_path={results}/export/mgd.onnx", "quantize.calib_images=2",
                       f"dataset.quant_calibration_data_sources={{image_dir: {va / 'images'}, "
                       f"json_file: {va / 'annotations.json'}}}"]),
+        ("quantize", [*common, f"quantize.model_path={ckpt}", "quantize.device=cpu",
+                      "quantize.skip_names=['bert.*']", f"quantize.results_dir={results}/quantize_torchao"]),
+        ("evaluate", [*common, f"evaluate.checkpoint={results}/quantize_torchao/quantized_model_torchao.pth",
+                      f"evaluate.results_dir={results}/quantize_torchao/evaluate"]),
         # with TensorRT stood in for (see _fake_tensorrt): the action reads and checks every gen_trt_engine field
         ("gen_trt_engine", [*common, f"gen_trt_engine.onnx_file={results}/export/mgd.onnx",
                             f"gen_trt_engine.trt_engine={results}/mgd.engine",

