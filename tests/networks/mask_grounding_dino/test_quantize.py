@@ -192,11 +192,11 @@ def test_torchao_weight_only_int8_of_the_checkpoint(exported, monkeypatch, capfd
     near-ties of random logits, so any change of the weights reorders them (the static int8 ONNX above: 0.83 →
     0.09; weight-only int8 measured 0.83 → 0.50 bbox).  The forward's outputs are compared instead; the trained
     model's figures are in docs/mask_grounding_dino.md (benchmarks/int8_accuracy_mgd.py)."""
+    pytest.importorskip("torchao")
     from torchao.quantization import Int8Tensor
 
     from tao_cli.engine.checkpoints import load_checkpoint
 
-    pytest.importorskip("torchao")
     spec, ckpt, _, _ = exported
     monkeypatch.chdir(tmp_path)
     code, _, err = _tao(monkeypatch, capfd, "model", NET, "quantize", "-e", str(spec), f"results_dir={tmp_path / 'q'}",
