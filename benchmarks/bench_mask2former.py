@@ -16,7 +16,8 @@ hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks
   onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch
   model, and the max |difference|.  Then the ``quantize`` action's static int8 PTQ of that file (its default fp32
   exclusions, 8 random calibration images) against the fp32 file, both in ONNX Runtime, alternating
-  (:func:`paired`); target int8 / fp32 <= 1/1.5 (issue 12), with both file sizes.
+  (:func:`paired`); target int8 / fp32 <= 1/1.5 (issue 12), with both file sizes.  ``deploy``: batch-1 latency
+  and peak RSS growth (each runtime loaded and run in a fresh process) of eager PyTorch, ONNX fp32 and ONNX int8.
 
 Environment: ``BENCH_PAIRS`` (default 11 at the small config, 7 at Swin-T), ``BENCH_REPEAT`` (inference runs,
 default 3), ``BENCH_M2F_SIZE`` (default 256), ``BENCH_M2F_SWIN_T_SIZE`` (default 384), ``BENCH_THREADS``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,8 +40,10 @@ from benchmarks.common import (  # noqa: E402
     bench_pairs,
     device,
     figure,
+    inference_memory,
     paired,
     peak_memory_mib,
+    peak_rss_mib,
     pin_threads,
     reset_peak,
     sync,
@@ -155,7 +157,7 @@ def _memory_child(which: str) -> dict:
     sync(dev)
     if dev.type == "cuda":
         return {"peak_mib": peak_memory_mib(dev)}
-    return {"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}
+    return {"peak_mib": peak_rss_mib() - base}
 
 
 def _memory(which: str) -> float:
@@ -199,7 +201,8 @@ def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[s
     int8 = ort.InferenceSession(out["quantized_onnx"], opts, providers=providers)
     timing = paired(lambda: int8.run(None, feed), lambda: fp32_sess.run(None, feed), pairs=bench_pairs(15),
                     dev=torch.device("cpu"))
-    return {"timing": timing, "onnx_fp32_mb": round(out["fp32_mb"], 2), "onnx_int8_mb": round(out["int8_mb"], 2)}
+    return {"timing": timing, "onnx_fp32_mb": round(out["fp32_mb"], 2), "onnx_int8_mb": round(out["int8_mb"], 2),
+            "int8_path": out["quantized_onnx"]}
 
 
 def run() -> dict:
@@ -248,10 +251,17 @@ def run() -> dict:
         torch_s = time_it(torch_infer, dev, warmup=1, repeat=REPEAT)["median_s"]
         ort_s = time_it(lambda: sess.run(None, feed), torch.device("cpu"), warmup=1, repeat=REPEAT)["median_s"]
         int8 = _int8_timing(path, sess, feed, opts, providers, Path(tmp))
+        memory = inference_memory(wrapper, (x.cpu(),), ["inputs"],
+                                  {"onnx_fp32": str(path), "onnx_int8": int8.pop("int8_path")}, tmp)
 
+    int8_timing = int8.pop("timing")
     figures = [*out_figures(SIZE, small, swin_t),
                figure(f"Mask2Former ONNX Runtime int8 QDQ / fp32 (small, {SIZE} px, batch 1, CPU provider)",
-                      int8.pop("timing"), INT8_TARGET, "int8", "fp32")]
+                      int8_timing, INT8_TARGET, "int8", "fp32")]
+    deploy = {"name": f"Mask2Former (small, {SIZE} px, panoptic outputs)",
+              "latency_s": {"pytorch": round(torch_s, 4), "onnx_fp32": round(ort_s, 4),
+                            "onnx_int8": round(int8_timing["a_median_s"], 4)},
+              "peak_rss_mib": memory}
     return {
         "config": {**SMALL, "input": [SIZE, SIZE], "batch": BATCH, "device": str(dev),
                    "threads": threads, "repeat": REPEAT},
@@ -265,6 +275,7 @@ def run() -> dict:
         "ratio_ort_over_pytorch": round(ort_s / torch_s, 3),
         "onnx_export_s": round(export_s, 1),
         "onnx_max_abs_diff": diff,
+        "deploy": deploy,
         **int8,
     }
 

@@ -263,13 +263,14 @@ def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
     timing = paired(lambda: int8.run(None, feeds), lambda: fp32_session.run(None, feeds), pairs=bench_pairs(9))
     name = f"Mask Grounding DINO ONNX Runtime int8 QDQ / fp32 (Swin-T, {SIZE} px, batch 1, CPU provider)"
     return {"int8_figure": figure(name, timing, round(1 / 1.5, 3), "int8", "fp32"),
-            "ort_fp32_mb": round(out["fp32_mb"], 2), "ort_int8_mb": round(out["int8_mb"], 2)}
+            "ort_fp32_mb": round(out["fp32_mb"], 2), "ort_int8_mb": round(out["int8_mb"], 2),
+            "int8_path": out["quantized_onnx"]}
 
 
 def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
     """ONNX export of ``ours`` and ORT (CPU provider) vs PyTorch (CPU) latency on the same padded inputs, or
     ``ort_error``."""
-    from benchmarks.common import bench_pairs, paired
+    from benchmarks.common import bench_pairs, inference_memory, paired
 
     try:
         import onnxruntime as ort
@@ -307,9 +308,16 @@ def _ort(ours: nn.Module, tok, images: torch.Tensor) -> dict:
                                                                                 strict=True)}
             timing = paired(run_ort, run_torch, pairs=bench_pairs(REPEAT))
             int8 = _int8(path, session, feeds, Path(tmp))
+            memory = inference_memory(wrapper, args, list(INPUT_NAMES),
+                                      {"onnx_fp32": str(path), "onnx_int8": int8.pop("int8_path")}, tmp)
         except Exception as exc:  # noqa: BLE001 - the bench reports, it does not fail
             return {"ort_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        deploy = {"name": f"Mask Grounding DINO (Swin-T, {SIZE} px, text {TEXT_LEN} tokens)",
+                  "latency_s": {"pytorch": round(timing["b_median_s"], 4), "onnx_fp32": round(timing["a_median_s"], 4),
+                                "onnx_int8": int8["int8_figure"]["int8_s"]},
+                  "peak_rss_mib": memory}
         return {
+            "deploy": deploy,
             **int8,
             "ort_text_len": TEXT_LEN,
             "ort_export_s": round(export_s, 1),

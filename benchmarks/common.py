@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: thread pinning, paired A/B timing, repeated timing, peak memory.
+"""Timing helpers shared by the benchmarks: thread pinning, paired A/B timing, repeated timing, peak memory
+(in process, and per inference runtime in fresh processes: :func:`inference_memory`).
 
 A ratio between two implementations is measured with :func:`paired`: both run alternately in one process on
 the same inputs, so load from other processes, thermal state and allocator state hit both alike, and the figure
@@ -8,12 +9,13 @@ timed medians.
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+
+from benchmarks.memory import peak_rss_mib
 
 
 def device() -> torch.device:
@@ -115,4 +117,69 @@ def peak_memory_mib(dev: torch.device) -> float:
     """Peak allocated CUDA memory, or the process's peak resident set size on CPU (MiB)."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mib()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def inference_peak_child(kind: str, model: str, inputs: str, preload: str = "", repeat: int = 3) -> dict:
+    """(Run in a fresh process.)  Growth of the peak RSS over the RSS after imports, in MiB, while one model is
+    loaded and run ``repeat`` times: ``kind`` "pytorch" (``model`` a pickled module, ``inputs`` its pickled
+    argument tuple; ``preload`` the module defining it, imported first) or "onnx" (``model`` an ONNX file run by
+    the CPU provider, ``inputs`` an ``.npz`` of feeds).  The weights in memory are part of the figure."""
+    import importlib
+
+    import numpy as np
+
+    if kind == "onnx":
+        import onnxruntime as ort
+    elif preload:
+        importlib.import_module(preload)
+    base = _rss_mib()
+    if kind == "onnx":
+        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        feeds = dict(np.load(inputs))
+        for _ in range(repeat):
+            session.run(None, feeds)
+    else:
+        net = torch.load(model, weights_only=False).eval()  # written by this benchmark a moment ago
+        args = torch.load(inputs, weights_only=False)
+        with torch.no_grad():
+            for _ in range(repeat):
+                net(*args)
+    return {"peak_mib": peak_rss_mib() - base}
+
+
+def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], onnx_files: dict[str, str],
+                     tmp: str) -> dict[str, float]:
+    """Peak RSS growth (MiB) of batch-1 inference per runtime, each in its own fresh process
+    (:func:`inference_peak_child`): ``{"pytorch": ..., <name>: ...}`` for the eager ``wrapper`` on ``args`` and
+    each ONNX file of ``onnx_files`` on the same inputs (``names`` are the graph's input names, in ``args`` order)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    tmp_path = Path(tmp)
+    torch.save(wrapper, tmp_path / "eager.pt")
+    torch.save(tuple(args), tmp_path / "args.pt")
+    np.savez(tmp_path / "feeds.npz", **{n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)})
+    jobs = {"pytorch": ("pytorch", tmp_path / "eager.pt", tmp_path / "args.pt", type(wrapper).__module__)}
+    jobs.update({k: ("onnx", Path(v), tmp_path / "feeds.npz", "") for k, v in onnx_files.items()})
+    out = {}
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    for key, (kind, model, inputs, preload) in jobs.items():
+        code = ("import json; from benchmarks.common import inference_peak_child as f; "
+                f"print('MEM_JSON ' + json.dumps(f({kind!r}, {str(model)!r}, {str(inputs)!r}, {preload!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).resolve().parents[1])
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEM_JSON ")), None)
+        if line is None:
+            raise RuntimeError(f"memory probe {key} failed: {(proc.stderr or proc.stdout)[-1500:]}")
+        out[key] = round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)
+    return out

@@ -3,7 +3,7 @@
 Generates a random but valid COCO instances file — by default 118,287 images and 860,001 annotations (COCO
 train2017's counts), each with one polygon of 6–20 points inside its image — in a temporary directory, then times
 each command in a fresh child process (so the generator's memory does not count) and records the child's peak
-RSS (``resource.getrusage``, ``ru_maxrss``).  ``validate`` runs without image decoding (no ``--images``), on the
+RSS (``VmHWM``, :func:`benchmarks.memory.peak_rss_mib`).  ``validate`` runs without image decoding (no ``--images``), on the
 same code path as the CLI (``tao_cli.dataset_validate.validate``); ``stats`` loads the file and runs
 ``networks.common.dataset_stats.coco_stats`` when that module exists.  Prints the figures and writes
 ``benchmarks/results/dataset_scale.json``.  Target (issue 18): each ≤ 60 s and ≤ 4 GB.
@@ -23,7 +23,6 @@ import io
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.memory import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "dataset_scale.json"
@@ -111,8 +112,7 @@ def _child(command: str, path: str) -> None:
     else:
         extra.update(_index(command, path))
     seconds = time.perf_counter() - t0
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_gb": round(rss_kb / 1024 ** 2, 3), **extra}))
+    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_gb": round(peak_rss_mib() / 1024, 3), **extra}))
 
 
 def _index(command: str, path: str) -> dict:

@@ -65,13 +65,34 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_deploy(results: dict) -> str:
+    """The batch-1 inference rows of the benches that report them (``deploy``): latency (median, s) and peak RSS
+    growth (MiB, fresh process per runtime) of eager PyTorch, ONNX fp32 and ONNX int8 (ONNX Runtime, CPU)."""
+    rows = [r["deploy"] for r in results.values() if isinstance(r, dict) and "deploy" in r]
+    if not rows:
+        return ""
+    kinds = ("pytorch", "onnx_fp32", "onnx_int8")
+    width = max(len(r["name"]) for r in rows)
+    lines = [f"{'batch-1 inference (CPU)':<{width}}  " + "  ".join(f"{k + ' s / MiB':>20}" for k in kinds)]
+    for r in rows:
+        cells = [f"{r['latency_s'].get(k, float('nan')):.3f} / {r['peak_rss_mib'].get(k, float('nan')):.0f}"
+                 for k in kinds]
+        lines.append(f"{r['name']:<{width}}  " + "  ".join(f"{c:>20}" for c in cells))
+    return "\n".join(lines)
+
+
 def history_record(table: dict) -> dict:
     """The line appended to ``history.jsonl`` for one ``make bench`` table (see :func:`main`): date, commit,
-    machine, wall time and every figure's ratio, spread, pairs, target and verdict (no per-run seconds)."""
+    machine, wall time and every figure's ratio, spread, pairs, target and verdict (no per-run seconds), and the
+    benches' batch-1 inference rows (``deploy``)."""
     keep = ("bench", "name", "ratio", "spread", "pairs", "target", "verdict", "error")
-    return {"date_utc": table["date_utc"], "commit": table["commit"], "machine": table["machine"],
-            "wall_s": table.get("wall_s"),
-            "figures": [{k: r[k] for k in keep if k in r} for r in figures_of(table["results"])]}
+    record = {"date_utc": table["date_utc"], "commit": table["commit"], "machine": table["machine"],
+              "wall_s": table.get("wall_s"),
+              "figures": [{k: r[k] for k in keep if k in r} for r in figures_of(table["results"])]}
+    deploy = [r["deploy"] for r in table["results"].values() if isinstance(r, dict) and "deploy" in r]
+    if deploy:
+        record["deploy"] = deploy
+    return record
 
 
 def git_commit() -> str:
@@ -146,6 +167,9 @@ def main() -> int:
     with open(RESULTS / "history.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(history_record(table)) + "\n")
     print(f"\n{format_table(table['results'])}\n")
+    deploy = format_deploy(table["results"])
+    if deploy:
+        print(f"{deploy}\n")
     print(f"total {table['wall_s']:.0f} s; results in {RESULTS / 'latest.json'}, appended to "
           f"{RESULTS / 'history.jsonl'}")
     return 1 if any("error" in r for r in table["results"].values()) else 0

@@ -50,8 +50,8 @@ _FIX = ("set quantize.backend=onnxruntime and quantize.mode=static_ptq (or backe
 BACKEND_REFUSALS = {
     "modelopt.onnx": "nvidia-modelopt[onnx] pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
                      "onnx/onnxruntime",
-    "modelopt.pytorch": "nvidia-modelopt pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
-                        "onnx/onnxruntime",
+    "modelopt.pytorch": "not implemented: nvidia-modelopt's PyTorch static PTQ (simulated int8 quantizers, saved "
+                        "with ModelOpt's own state) is not wired into tao-cli's actions yet",
 }
 
 

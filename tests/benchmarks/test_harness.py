@@ -89,7 +89,10 @@ def fake_table() -> dict:
             "bench_a": {"figures": [figure("A step / backbone", _timing([1.2, 1.35, 1.5]), 1.4, "step", "backbone"),
                                     figure("A over", _timing([1.5, 1.6, 1.7]), 1.4, "ours", "hf")],
                         "train_step_s": 2.0},
-            "bench_b": {"figures": [figure("B train step", _timing([0.9, 1.0, 1.1]), None, "ours", "hf")]},
+            "bench_b": {"figures": [figure("B train step", _timing([0.9, 1.0, 1.1]), None, "ours", "hf")],
+                        "deploy": {"name": "B model", "latency_s": {"pytorch": 0.5, "onnx_fp32": 0.25,
+                                                                     "onnx_int8": 0.2},
+                                   "peak_rss_mib": {"pytorch": 300.0, "onnx_fp32": 200.4, "onnx_int8": 120.6}}},
             "bench_c": {"error": "RuntimeError: boom"},
         },
     }
@@ -125,3 +128,22 @@ def test_history_line_is_one_json_object_with_figures_targets_verdicts():
     first = back["figures"][0]
     assert (first["ratio"], first["spread"], first["target"], first["pairs"]) == (1.35, [1.2, 1.5], 1.4, 3)
     assert "ratios" not in first and "train_step_s" not in json.dumps(back)  # per-run detail stays in latest.json
+
+
+def test_deploy_rows_are_printed_and_recorded():
+    lines = bench_run.format_deploy(fake_table()["results"]).splitlines()
+    assert len(lines) == 2 and "pytorch s / MiB" in lines[0] and "onnx_int8 s / MiB" in lines[0]
+    assert lines[1].split() == ["B", "model", "0.500", "/", "300", "0.250", "/", "200", "0.200", "/", "121"]
+    assert bench_run.history_record(fake_table())["deploy"][0]["peak_rss_mib"]["onnx_int8"] == 120.6
+    assert bench_run.format_deploy({"x": {"figures": []}}) == ""
+
+
+def test_inference_memory_counts_the_weights(tmp_path):
+    """A model four times larger grows the peak RSS of its fresh process by more (the weights are counted)."""
+    from benchmarks.common import inference_memory
+
+    x = torch.randn(1, 256)
+    small = inference_memory(torch.nn.Linear(256, 256), (x,), ["x"], {}, str(tmp_path))["pytorch"]
+    big = inference_memory(torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(64)]), (x,), ["x"], {},
+                           str(tmp_path))["pytorch"]
+    assert big > small + 8, (small, big)  # 64 x 256 KiB of weights = 16 MiB
