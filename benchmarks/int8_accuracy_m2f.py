@@ -1,0 +1,82 @@
+"""What int8 costs Mask2Former in accuracy on a *trained* panoptic model (issue 12), through the CLI.
+
+Trains ``configs/mask2former/learn.yaml`` as ``tests/networks/mask2former/test_learning.py`` does (synthetic data
+seed 0: 64 training and 16 held-out images of 128 px, the spec's epochs and seed), then runs ``export`` (128 ×
+128, panoptic outputs), ``quantize`` twice (ONNX Runtime static int8 of the ONNX, calibrated on the 64 training
+images; torchao weight-only int8 of the checkpoint) and ``evaluate`` four times on the held-out images: the
+checkpoint, the fp32 ONNX file, the int8 QDQ file and the weight-only int8 checkpoint.  The held-out images are
+128 × 128, so the graph's input is the checkpoint's test resize.
+
+Writes ``benchmarks/results/int8_accuracy_m2f.json`` (PQ, PQ_th, PQ_st, mIoU per runtime; file sizes) and prints
+it.  About 3 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+KEYS = ("PQ", "PQ_th", "PQ_st", "mIoU")
+NUM_TRAIN, NUM_VAL, SIZE = 64, 16, 128  # test_learning's
+
+
+def run(root: Path) -> dict:
+    from networks.common.synthetic import generate
+    from tao_cli.cli import run_model
+    from tests.networks.mask2former.test_learning import _data_overrides
+
+    data = generate(root / "data", seed=0, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=SIZE)
+    spec = str(REPO / "configs" / "mask2former" / "learn.yaml")
+    common = _data_overrides(data)
+
+    def tao(action: str, *overrides: str) -> None:
+        code = run_model("mask2former", action, spec, [*common, *overrides])
+        if code != 0:
+            raise SystemExit(f"{action} failed (exit {code})")
+
+    tao("train", f"results_dir={root / 'train'}")
+    ckpt = root / "train" / "train" / "mask2former_model_latest.pth"
+    onnx = root / "m2f.onnx"
+    tao("export", f"results_dir={root / 'export'}", f"export.checkpoint={ckpt}", f"export.onnx_file={onnx}",
+        f"export.input_height={SIZE}", f"export.input_width={SIZE}")
+    tao("quantize", f"results_dir={root / 'q'}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
+        "quantize.mode=static_ptq", "quantize.device=cpu", f"quantize.calib_images={NUM_TRAIN}",
+        f"dataset.quant_calibration_dataset.images_dir={data['train']['images']}")
+    qdq = root / "q" / "quantize" / "m2f_int8_qdq.onnx"
+    tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
+    weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
+    report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
+    out: dict = {"spec": "configs/mask2former/learn.yaml", "train_images": NUM_TRAIN, "held_out_images": NUM_VAL,
+                 "calibration_images": NUM_TRAIN, "graph_hw": [SIZE, SIZE],
+                 "onnx_fp32_mb": round(onnx.stat().st_size / 2**20, 2), "onnx_int8_mb": round(qdq.stat().st_size / 2**20, 2),
+                 "checkpoint_mb": round(ckpt.resolve().stat().st_size / 2**20, 2),
+                 "torchao_weight_only_mb": round(weight_only.stat().st_size / 2**20, 2),
+                 "torchao_int8_linear_layers": report["quantized_linear_layers"]}
+    for name, source in (("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
+                         ("onnx_int8", f"evaluate.onnx_file={qdq}"),
+                         ("torchao_weight_only_int8", f"evaluate.checkpoint={weight_only}")):
+        extra = [] if source.startswith("evaluate.checkpoint=") else ["evaluate.checkpoint=null"]
+        tao("evaluate", f"results_dir={root / name}", source, *extra)
+        metrics = json.loads((root / name / "evaluate" / "metrics.json").read_text())
+        out[name] = {k: round(float(metrics[k]), 4) for k in KEYS}
+    return out
+
+
+def main() -> None:
+    keep = os.environ.get("INT8_ACC_DIR")
+    with tempfile.TemporaryDirectory(prefix="int8_acc_m2f_") as tmp:
+        root = Path(keep) if keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        out = run(root)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "int8_accuracy_m2f.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
