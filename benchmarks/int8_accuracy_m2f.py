@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.int8_runs import evaluate_runtimes, main, sizes_mb  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("PQ", "PQ_th", "PQ_st", "mIoU")
 NUM_TRAIN, NUM_VAL, SIZE = 64, 16, 128  # test_learning's
@@ -53,30 +53,11 @@ def run(root: Path) -> dict:
     report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
     out: dict = {"spec": "configs/mask2former/learn.yaml", "train_images": NUM_TRAIN, "held_out_images": NUM_VAL,
                  "calibration_images": NUM_TRAIN, "graph_hw": [SIZE, SIZE],
-                 "onnx_fp32_mb": round(onnx.stat().st_size / 2**20, 2), "onnx_int8_mb": round(qdq.stat().st_size / 2**20, 2),
-                 "checkpoint_mb": round(ckpt.resolve().stat().st_size / 2**20, 2),
-                 "torchao_weight_only_mb": round(weight_only.stat().st_size / 2**20, 2),
+                 **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
-    for name, source in (("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
-                         ("onnx_int8", f"evaluate.onnx_file={qdq}"),
-                         ("torchao_weight_only_int8", f"evaluate.checkpoint={weight_only}")):
-        extra = [] if source.startswith("evaluate.checkpoint=") else ["evaluate.checkpoint=null"]
-        tao("evaluate", f"results_dir={root / name}", source, *extra)
-        metrics = json.loads((root / name / "evaluate" / "metrics.json").read_text())
-        out[name] = {k: round(float(metrics[k]), 4) for k in KEYS}
+    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, weight_only))
     return out
 
 
-def main() -> None:
-    keep = os.environ.get("INT8_ACC_DIR")
-    with tempfile.TemporaryDirectory(prefix="int8_acc_m2f_") as tmp:
-        root = Path(keep) if keep else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        out = run(root)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "int8_accuracy_m2f.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, "int8_accuracy_m2f.json", "int8_acc_m2f_")

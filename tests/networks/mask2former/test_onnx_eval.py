@@ -132,6 +132,18 @@ def _self_labelled_val(mode: str, inf: Path, images: Path, root: Path) -> dict:
     return {"type": "coco", "instance_json": str(root / "self_instances.json"), "img_dir": str(images)}
 
 
+def self_label(mp, spec: Path, ckpt: Path, data: dict, mode: str, root: Path):
+    """Run ``inference`` of ``ckpt`` on the val images and point ``spec``'s ``dataset.val`` at its output
+    (:func:`_self_labelled_val`); returns the rewritten spec (an OmegaConf node, already saved)."""
+    _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / ('gt_' + mode)}",
+          f"inference.checkpoint={ckpt}")
+    cfg = OmegaConf.load(spec)
+    cfg.dataset.val = OmegaConf.merge(cfg.dataset.val, _self_labelled_val(
+        mode, root / f"gt_{mode}" / "inference", Path(data["val"]["images"]), root))
+    OmegaConf.save(cfg, spec)
+    return cfg
+
+
 def export_tiny(mp, data: dict, mode: str, root: Path, batch: int = -1) -> tuple[Path, Path, Path]:
     """(spec, checkpoint, ONNX) of a seeded tiny ``mode`` model, exported by the export action at SIZE x SIZE
     under ``root`` (the current directory)."""
@@ -158,12 +170,7 @@ def exported(m2f_synthetic, tmp_path_factory):
         mp.chdir(root)
         for mode in ("semantic", "panoptic", "instance"):
             spec, ckpt, onnx_path = export_tiny(mp, m2f_synthetic, mode, root, 2 if mode == "semantic" else -1)
-            _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / ('gt_' + mode)}",
-                  f"inference.checkpoint={ckpt}")
-            cfg = OmegaConf.load(spec)
-            cfg.dataset.val = OmegaConf.merge(cfg.dataset.val, _self_labelled_val(
-                mode, root / f"gt_{mode}" / "inference", Path(m2f_synthetic["val"]["images"]), root))
-            OmegaConf.save(cfg, spec)
+            self_label(mp, spec, ckpt, m2f_synthetic, mode, root)
             out[mode] = (spec, ckpt, onnx_path)
     finally:
         mp.undo()

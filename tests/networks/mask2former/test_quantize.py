@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from .test_onnx_eval import _main, _self_labelled_val, _tao, export_tiny
+from .test_onnx_eval import _main, _tao, export_tiny, self_label
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -35,12 +35,8 @@ def quantized(m2f_synthetic, tmp_path_factory):
     try:
         mp.chdir(root)
         spec, ckpt, onnx_path = export_tiny(mp, m2f_synthetic, "semantic", root)
-        _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / 'gt'}",
-              f"inference.checkpoint={ckpt}")
+        cfg = self_label(mp, spec, ckpt, m2f_synthetic, "semantic", root)
         images = Path(m2f_synthetic["val"]["images"])
-        cfg = OmegaConf.load(spec)
-        cfg.dataset.val = OmegaConf.merge(cfg.dataset.val, _self_labelled_val("semantic", root / "gt" / "inference",
-                                                                               images, root))
         cfg.quantize.backend, cfg.quantize.mode = "onnxruntime", "static_ptq"
         cfg.quantize.device = "cpu"
         cfg.quantize.calib_images = CALIB

@@ -7,13 +7,12 @@ that file as its ``checkpoint``.  The layer-selection rules and the refusals are
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from .test_onnx_eval import _checkpoint, _main, _self_labelled_val, _spec, _tao
+from .test_onnx_eval import _checkpoint, _main, _spec, _tao, self_label
 
 pytest.importorskip("torchao")
 
@@ -33,11 +32,7 @@ def quantized(m2f_synthetic, tmp_path_factory):
         mp.chdir(root)
         spec = _spec(m2f_synthetic, "semantic", root)
         ckpt = _checkpoint(spec, root / "semantic.pth")
-        _main(mp, "model", "mask2former", "inference", "-e", str(spec), f"results_dir={root / 'gt'}",
-              f"inference.checkpoint={ckpt}")
-        cfg = OmegaConf.load(spec)
-        cfg.dataset.val = OmegaConf.merge(cfg.dataset.val, _self_labelled_val(
-            "semantic", root / "gt" / "inference", Path(m2f_synthetic["val"]["images"]), root))
+        cfg = self_label(mp, spec, ckpt, m2f_synthetic, "semantic", root)
         cfg.quantize.device = "cpu"
         OmegaConf.save(cfg, spec)
         assert cfg.quantize.backend == "torchao" and cfg.quantize.mode == "weight_only_ptq"  # TAO's defaults

@@ -105,6 +105,20 @@ def test_quantize_writes_a_standard_qdq_graph_with_fp32_exclusions(quantized):
     assert last["status"] == "SUCCESS" and last["outputs"]["quantized_onnx"] == str(qdq)
 
 
+def _evaluate_each(monkeypatch, capfd, spec, tmp_path, sources: dict[str, str]) -> dict[str, dict]:
+    """``{name: metrics.json}`` of one ``evaluate`` per ``{name: model source override}``; prints their mAP50s."""
+    metrics = {}
+    for name, source in sources.items():
+        code, _, err = _tao(monkeypatch, capfd, "model", NET, "evaluate", "-e", str(spec),
+                            f"results_dir={tmp_path / name}", source)
+        assert code == 0, err[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
+    with capfd.disabled():
+        print("\n" + "; ".join(f"{n}: bbox mAP50 {m['bbox_val_mAP50']:.3f}, segm mAP50 {m['segm_val_mAP50']:.3f}"
+                               for n, m in metrics.items()))
+    return metrics
+
+
 def test_evaluate_from_qdq_writes_metrics(quantized, monkeypatch, capfd, tmp_path):
     """The QDQ file evaluates through the CLI. Its AP is printed beside the fp32 file's but not asserted: on this
     untrained model int8 error spreads over the whole graph (mAP50 0.83 → 0.09). On the trained tiny model the
@@ -112,15 +126,8 @@ def test_evaluate_from_qdq_writes_metrics(quantized, monkeypatch, capfd, tmp_pat
     spec, onnx_path, run = quantized
     monkeypatch.chdir(tmp_path)
     qdq = run / "mgd_int8_qdq.onnx"
-    metrics = {}
-    for name, path in (("fp32", onnx_path), ("int8", qdq)):
-        code, _, err = _tao(monkeypatch, capfd, "model", NET, "evaluate", "-e", str(spec),
-                            f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
-        assert code == 0, err[-3000:]
-        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
-    with capfd.disabled():
-        print("\n" + "; ".join(f"{n}: bbox mAP50 {m['bbox_val_mAP50']:.3f}, segm mAP50 {m['segm_val_mAP50']:.3f}"
-                               for n, m in metrics.items()))
+    metrics = _evaluate_each(monkeypatch, capfd, spec, tmp_path, {"fp32": f"evaluate.onnx_file={onnx_path}",
+                                                                  "int8": f"evaluate.onnx_file={qdq}"})
     assert metrics["int8"]["runtime"]["onnx_file"] == str(qdq)
     assert isinstance(metrics["int8"]["segm_val_mAP"], float) and isinstance(metrics["int8"]["bbox_val_mAP"], float)
 
@@ -208,15 +215,8 @@ def test_torchao_weight_only_int8_of_the_checkpoint(exported, monkeypatch, capfd
     for part in ("model.backbone.", "model.bert.", "model.transformer.", "model.controller."):
         assert any(m.startswith(part) for m in modules), part
     assert all(isinstance(obj["state_dict"][m + ".weight"], Int8Tensor) for m in modules)
-    metrics = {}
-    for name, path in (("fp32", ckpt), ("int8", out)):
-        code, _, err = _tao(monkeypatch, capfd, "model", NET, "evaluate", "-e", str(spec),
-                            f"results_dir={tmp_path / name}", f"evaluate.checkpoint={path}")
-        assert code == 0, err[-3000:]
-        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
-    with capfd.disabled():
-        print("\n" + "; ".join(f"{n}: bbox mAP50 {m['bbox_val_mAP50']:.3f}, segm mAP50 {m['segm_val_mAP50']:.3f}"
-                               for n, m in metrics.items()))
+    metrics = _evaluate_each(monkeypatch, capfd, spec, tmp_path, {"fp32": f"evaluate.checkpoint={ckpt}",
+                                                                  "int8": f"evaluate.checkpoint={out}"})
     assert all(isinstance(metrics["int8"][k], float) for k in ("bbox_val_mAP50", "segm_val_mAP50"))
 
     # the forward the evaluation ran: int8 layers in the module, and the image and text features (before the
