@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -38,6 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     bench_pairs,
+    child_peak_mib,
     device,
     figure,
     inference_memory,
@@ -57,6 +56,7 @@ from benchmarks.learn_mask2former import (  # noqa: E402
     our_loss,
     our_spec,
 )
+from benchmarks.memory import rss_mib  # noqa: E402
 
 SIZE = int(os.environ.get("BENCH_M2F_SIZE", "256"))
 BATCH = 2
@@ -140,17 +140,12 @@ def _swin_t_timing(dev: torch.device) -> dict:
     return paired(ours_step_fn(module, ours, batch), hf_step_fn(hf, batch), pairs=bench_pairs(7), dev=dev)
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _memory_child(which: str) -> dict:
     """Run in a fresh process: peak RSS growth (CPU) or max allocated (CUDA) of 2 train steps of one model."""
     dev = device()
     batch = make_batch(dev)
     step = ours_step_fn(*build_ours(dev), batch) if which == "ours" else hf_step_fn(build_hf(dev), batch)
-    base = _rss_mib()  # after imports, model and batch; the steps' activations and grads come on top
+    base = rss_mib()  # after imports, model and batch; the steps' activations and grads come on top
     reset_peak(dev)
     for _ in range(2):
         step()
@@ -161,15 +156,7 @@ def _memory_child(which: str) -> dict:
 
 
 def _memory(which: str) -> float:
-    code = ("import json; from benchmarks.bench_mask2former import _memory_child; "
-            f"print('MEM_JSON ' + json.dumps(_memory_child('{which}')))")
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    for line in proc.stdout.splitlines():
-        if line.startswith("MEM_JSON "):
-            return round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)
-    raise RuntimeError(f"memory probe for {which} failed: {(proc.stderr or proc.stdout)[-2000:]}")
+    return child_peak_mib("benchmarks.bench_mask2former", "_memory_child", which)
 
 
 def out_figures(size: int, small: dict, swin_t: dict) -> list[dict]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.memory import peak_rss_mib
+from benchmarks.memory import peak_rss_mib, rss_mib
 
 
 def device() -> torch.device:
@@ -120,11 +120,6 @@ def peak_memory_mib(dev: torch.device) -> float:
     return peak_rss_mib()
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def inference_peak_child(kind: str, model: str, inputs: str, preload: str = "", repeat: int = 3) -> dict:
     """(Run in a fresh process.)  Growth of the peak RSS over the RSS after imports, in MiB, while one model is
     loaded and run ``repeat`` times: ``kind`` "pytorch" (``model`` a pickled module, ``inputs`` its pickled
@@ -138,7 +133,7 @@ def inference_peak_child(kind: str, model: str, inputs: str, preload: str = "", 
         import onnxruntime as ort
     elif preload:
         importlib.import_module(preload)
-    base = _rss_mib()
+    base = rss_mib()
     if kind == "onnx":
         session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
         feeds = dict(np.load(inputs))
@@ -158,9 +153,6 @@ def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], on
     """Peak RSS growth (MiB) of batch-1 inference per runtime, each in its own fresh process
     (:func:`inference_peak_child`): ``{"pytorch": ..., <name>: ...}`` for the eager ``wrapper`` on ``args`` and
     each ONNX file of ``onnx_files`` on the same inputs (``names`` are the graph's input names, in ``args`` order)."""
-    import json
-    import subprocess
-    import sys
     from pathlib import Path
 
     import numpy as np
@@ -171,15 +163,24 @@ def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], on
     np.savez(tmp_path / "feeds.npz", **{n: a.detach().cpu().numpy() for n, a in zip(names, args, strict=True)})
     jobs = {"pytorch": ("pytorch", tmp_path / "eager.pt", tmp_path / "args.pt", type(wrapper).__module__)}
     jobs.update({k: ("onnx", Path(v), tmp_path / "feeds.npz", "") for k, v in onnx_files.items()})
-    out = {}
+    return {key: child_peak_mib("benchmarks.common", "inference_peak_child", kind, str(model), str(inputs), preload)
+            for key, (kind, model, inputs, preload) in jobs.items()}
+
+
+def child_peak_mib(module: str, function: str, *args: str) -> float:
+    """Run ``module.function(*args)`` in a fresh interpreter (repository root, this process's thread count) and
+    return the ``peak_mib`` of the dict it returns, rounded to 0.1."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    call = f"{function}({', '.join(repr(a) for a in args)})"
+    code = f"import json; from {module} import {function}; print('MEM_JSON ' + json.dumps({call}))"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    for key, (kind, model, inputs, preload) in jobs.items():
-        code = ("import json; from benchmarks.common import inference_peak_child as f; "
-                f"print('MEM_JSON ' + json.dumps(f({kind!r}, {str(model)!r}, {str(inputs)!r}, {preload!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              cwd=Path(__file__).resolve().parents[1])
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("MEM_JSON ")), None)
-        if line is None:
-            raise RuntimeError(f"memory probe {key} failed: {(proc.stderr or proc.stdout)[-1500:]}")
-        out[key] = round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)
-    return out
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("MEM_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"memory probe {call} failed: {(proc.stderr or proc.stdout)[-1500:]}")
+    return round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)

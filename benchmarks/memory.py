@@ -1,7 +1,14 @@
 """Peak memory of the current process, without importing torch (the dataset benches measure light processes)."""
 from __future__ import annotations
 
+import os
 import resource
+
+
+def rss_mib() -> float:
+    """This process's resident set size now (MiB)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def peak_rss_mib() -> float:

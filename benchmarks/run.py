@@ -65,10 +65,15 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def deploy_rows(results: dict) -> list[dict]:
+    """The ``deploy`` entries of the benches that report batch-1 inference, in bench order."""
+    return [r["deploy"] for r in results.values() if isinstance(r, dict) and "deploy" in r]
+
+
 def format_deploy(results: dict) -> str:
     """The batch-1 inference rows of the benches that report them (``deploy``): latency (median, s) and peak RSS
     growth (MiB, fresh process per runtime) of eager PyTorch, ONNX fp32 and ONNX int8 (ONNX Runtime, CPU)."""
-    rows = [r["deploy"] for r in results.values() if isinstance(r, dict) and "deploy" in r]
+    rows = deploy_rows(results)
     if not rows:
         return ""
     kinds = ("pytorch", "onnx_fp32", "onnx_int8")
@@ -89,7 +94,7 @@ def history_record(table: dict) -> dict:
     record = {"date_utc": table["date_utc"], "commit": table["commit"], "machine": table["machine"],
               "wall_s": table.get("wall_s"),
               "figures": [{k: r[k] for k in keep if k in r} for r in figures_of(table["results"])]}
-    deploy = [r["deploy"] for r in table["results"].values() if isinstance(r, dict) and "deploy" in r]
+    deploy = deploy_rows(table["results"])
     if deploy:
         record["deploy"] = deploy
     return record

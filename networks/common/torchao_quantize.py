@@ -31,7 +31,7 @@ from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 
-__all__ = ["OUTPUT_NAME", "TORCHAO_REQUIREMENT", "check_torchao_section", "quantize_like", "run_weight_only_ptq",
+__all__ = ["OUTPUT_NAME", "TORCHAO_REQUIREMENT", "check_torchao_section", "describe", "quantize_like", "run_weight_only_ptq",
            "select_modules"]
 
 #: File name TAO's torchao backend writes in the quantize results directory.
@@ -169,8 +169,9 @@ def run_weight_only_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix
     The input checkpoint (read again with ``ctx.load_checkpoint``) must hold exactly the model's tensors under
     ``prefix`` (a train checkpoint or ``tao weights convert`` output); its other entries (criterion buffers,
     epoch, step) are kept, optimizer and loop states dropped.  ``q.device`` cuda quantizes on the GPU when there
-    is one (else the CPU, logged); the file always holds CPU tensors."""
-    from networks.common.io import atomic_path, atomic_write_json
+    is one (else the CPU, logged); the file always holds CPU tensors and is written with ``ctx.save_checkpoint``
+    (the engine's writer: atomic, tagged, encrypted with the spec's key)."""
+    from networks.common.io import atomic_write_json
     from networks.common.weights import unwrap_state_dict
 
     path = Path(str(q.model_path))
@@ -202,12 +203,7 @@ def run_weight_only_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix
     out = {"state_dict": state, "tao_model": network, "quantization": record}
     out.update({k: obj[k] for k in ("epoch", "global_step") if k in obj})
     dest = Path(ctx.run_dir) / OUTPUT_NAME
-    save = getattr(ctx, "save_checkpoint", None)
-    if save is not None:
-        save(out, dest)
-    else:
-        with atomic_path(dest) as tmp:
-            torch.save(out, tmp)
+    ctx.save_checkpoint(out, dest)
     linear_total = len(_linears(model))
     int8_mb = _serialized_mb(quantized)
     report = {"backend": "torchao", "mode": "weight_only_ptq", "dtype": "int8", "source": str(path),
