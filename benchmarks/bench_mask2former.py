@@ -16,7 +16,8 @@ hidden 128, 6 decoder predictions), input 256x256, batch 2, 4 ground-truth masks
   onnxruntime (CUDA provider when PyTorch runs on CUDA and it is installed, else CPU) vs the same wrapped PyTorch
   model, and the max |difference|.  Then the ``quantize`` action's static int8 PTQ of that file (its default fp32
   exclusions, 8 random calibration images) against the fp32 file, both in ONNX Runtime, alternating
-  (:func:`paired`); target int8 / fp32 <= 1/1.5 (issue 12), with both file sizes.  ``deploy``: batch-1 latency
+  (:func:`paired`), with both file sizes: at Swin-T (:data:`SWIN_T`, ``SWIN_T_SIZE`` px), target int8 / fp32
+  <= 1/1.5 (issue 12), and at the small config, reported (its elementwise and shape ops dominate).  ``deploy``: batch-1 latency
   and peak RSS growth (each runtime loaded and run in a fresh process) of eager PyTorch, ONNX fp32 and ONNX int8.
 
 Environment: ``BENCH_PAIRS`` (default 11 at the small config, 7 at Swin-T), ``BENCH_REPEAT`` (inference runs,
@@ -174,9 +175,9 @@ def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[s
     from types import SimpleNamespace
 
     import numpy as np
-    import onnxruntime as ort
 
     from networks.common.onnx_quantize import run_static_ptq
+    from networks.common.onnx_runtime import inference_session
     from networks.mask2former.quantize import excluded_nodes
 
     rng = np.random.default_rng(2)
@@ -185,11 +186,33 @@ def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[s
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask2former"))
     out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
                          "8 random images", ["the quantize action's defaults"], "TAO's fp32 layers")
-    int8 = ort.InferenceSession(out["quantized_onnx"], opts, providers=providers)
+    int8 = inference_session(out["quantized_onnx"], providers, opts)  # as evaluate/inference run it
     timing = paired(lambda: int8.run(None, feed), lambda: fp32_sess.run(None, feed), pairs=bench_pairs(15),
                     dev=torch.device("cpu"))
     return {"timing": timing, "onnx_fp32_mb": round(out["fp32_mb"], 2), "onnx_int8_mb": round(out["int8_mb"], 2),
             "int8_path": out["quantized_onnx"]}
+
+
+def _swin_t_int8(dev: torch.device, tmp: Path) -> dict:
+    """The int8 / fp32 ONNX Runtime figure at :data:`SWIN_T`, ``SWIN_T_SIZE`` px, batch 1 (panoptic outputs): a
+    model whose matrix products dominate as they do in users' models (at the small config the graph's
+    elementwise and shape ops, which int8 does not touch, are most of the time)."""
+    import onnxruntime as ort
+
+    from networks.mask2former.export import export_onnx
+
+    _, ours = build_ours(dev, SWIN_T)
+    ours.eval()
+    path = export_onnx(ours, "panoptic", tmp / "m2f_swin_t.onnx", (SWIN_T_SIZE, SWIN_T_SIZE), batch_size=-1,
+                       topk=int(SWIN_T["num_queries"]))
+    del ours
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, SWIN_T_SIZE, SWIN_T_SIZE, generator=torch.Generator().manual_seed(1))
+    out = _int8_timing(path, sess, {"inputs": x.numpy()}, opts, ["CPUExecutionProvider"], tmp)
+    out.pop("int8_path")
+    return out
 
 
 def run() -> dict:
@@ -240,11 +263,15 @@ def run() -> dict:
         int8 = _int8_timing(path, sess, feed, opts, providers, Path(tmp))
         memory = inference_memory(wrapper, (x.cpu(),), ["inputs"],
                                   {"onnx_fp32": str(path), "onnx_int8": int8.pop("int8_path")}, tmp)
+    with tempfile.TemporaryDirectory(prefix="bench_m2f_swin_t_") as tmp:
+        swin_t_int8 = _swin_t_int8(dev, Path(tmp))
 
     int8_timing = int8.pop("timing")
     figures = [*out_figures(SIZE, small, swin_t),
+               figure(f"Mask2Former ONNX Runtime int8 QDQ / fp32 (Swin-T, {SWIN_T_SIZE} px, batch 1, CPU provider)",
+                      swin_t_int8.pop("timing"), INT8_TARGET, "int8", "fp32"),
                figure(f"Mask2Former ONNX Runtime int8 QDQ / fp32 (small, {SIZE} px, batch 1, CPU provider)",
-                      int8_timing, INT8_TARGET, "int8", "fp32")]
+                      int8_timing, None, "int8", "fp32")]
     deploy = {"name": f"Mask2Former (small, {SIZE} px, panoptic outputs)",
               "latency_s": {"pytorch": round(torch_s, 4), "onnx_fp32": round(ort_s, 4),
                             "onnx_int8": round(int8_timing["a_median_s"], 4)},
@@ -264,6 +291,7 @@ def run() -> dict:
         "onnx_max_abs_diff": diff,
         "deploy": deploy,
         **int8,
+        "swin_t_onnx_mb": {"fp32": swin_t_int8["onnx_fp32_mb"], "int8": swin_t_int8["onnx_int8_mb"]},
     }
 
 

@@ -247,10 +247,10 @@ def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
     from types import SimpleNamespace
 
     import numpy as np
-    import onnxruntime as ort
 
     from benchmarks.common import bench_pairs, figure, paired
     from networks.common.onnx_quantize import run_static_ptq
+    from networks.common.onnx_runtime import inference_session
     from networks.mask_grounding_dino.quantize import excluded_nodes
 
     rng = np.random.default_rng(2)
@@ -259,7 +259,7 @@ def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask_grounding_dino"))
     out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
                          "4 random images", ["the quantize action's defaults"], "the network's fp32 rules")
-    int8 = ort.InferenceSession(out["quantized_onnx"], providers=["CPUExecutionProvider"])
+    int8 = inference_session(out["quantized_onnx"], ["CPUExecutionProvider"])  # as evaluate/inference run it
     timing = paired(lambda: int8.run(None, feeds), lambda: fp32_session.run(None, feeds), pairs=bench_pairs(9))
     name = f"Mask Grounding DINO ONNX Runtime int8 QDQ / fp32 (Swin-T, {SIZE} px, batch 1, CPU provider)"
     return {"int8_figure": figure(name, timing, round(1 / 1.5, 3), "int8", "fp32"),

@@ -130,12 +130,16 @@ def inference_peak_child(kind: str, model: str, inputs: str, preload: str = "", 
     import numpy as np
 
     if kind == "onnx":
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - loaded before the baseline, like the module of a PyTorch model
+
+        from networks.common.onnx_runtime import inference_session, is_qdq_onnx
+
+        qdq = is_qdq_onnx(model)  # reads the graph: before the baseline, not part of the figure
     elif preload:
         importlib.import_module(preload)
     base = rss_mib()
     if kind == "onnx":
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        session = inference_session(model, ["CPUExecutionProvider"], qdq=qdq)  # as evaluate/inference run it
         feeds = dict(np.load(inputs))
         for _ in range(repeat):
             session.run(None, feeds)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.int8_runs import evaluate_runtimes, main, sizes_mb  # noqa: E402
+from benchmarks.int8_runs import evaluate_runtimes, main, quantize_both_layouts, sizes_mb  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("PQ", "PQ_th", "PQ_st", "mIoU")
@@ -44,10 +44,8 @@ def run(root: Path) -> dict:
     onnx = root / "m2f.onnx"
     tao("export", f"results_dir={root / 'export'}", f"export.checkpoint={ckpt}", f"export.onnx_file={onnx}",
         f"export.input_height={SIZE}", f"export.input_width={SIZE}")
-    tao("quantize", f"results_dir={root / 'q'}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
-        "quantize.mode=static_ptq", "quantize.device=cpu", f"quantize.calib_images={NUM_TRAIN}",
-        f"dataset.quant_calibration_dataset.images_dir={data['train']['images']}")
-    qdq = root / "q" / "quantize" / "m2f_int8_qdq.onnx"
+    qdq, qdq_trt = quantize_both_layouts(tao, root, onnx, f"quantize.calib_images={NUM_TRAIN}",
+                                         f"dataset.quant_calibration_dataset.images_dir={data['train']['images']}")
     tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
     weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
     report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
@@ -55,7 +53,7 @@ def run(root: Path) -> dict:
                  "calibration_images": NUM_TRAIN, "graph_hw": [SIZE, SIZE],
                  **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
-    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, weight_only))
+    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, qdq_trt, weight_only))
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.int8_runs import evaluate_runtimes, main, sizes_mb  # noqa: E402
+from benchmarks.int8_runs import evaluate_runtimes, main, quantize_both_layouts, sizes_mb  # noqa: E402
 
 KEYS = ("bbox_val_mAP50", "segm_val_mAP50", "bbox_val_mAP", "segm_val_mAP")
 TRAIN_STEPS = 480  # test_learning.TRAIN_STEPS
@@ -70,16 +70,14 @@ def run(root: Path) -> dict:
     onnx = root / "mgd.onnx"
     tao("export", f"results_dir={root / 'export'}", f"export.checkpoint={ckpt}", f"export.onnx_file={onnx}",
         "export.input_height=128", "export.input_width=128")
-    tao("quantize", f"results_dir={root / 'q'}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
-        "quantize.mode=static_ptq", "quantize.device=cpu", "quantize.calib_images=32")
-    qdq = root / "q" / "quantize" / "mgd_int8_qdq.onnx"
+    qdq, qdq_trt = quantize_both_layouts(tao, root, onnx, "quantize.calib_images=32")
     tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
     weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
     report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
     out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": 16, "calibration_images": 32, "graph_hw": [128, 128],
                  **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
-    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, weight_only))
+    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, qdq_trt, weight_only))
     return out
 
 

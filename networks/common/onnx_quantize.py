@@ -17,6 +17,16 @@ TensorRT's explicit-quantization guide and ModelOpt's default place Q/DQ: a QDQ 
 a LayerNorm or a Softmax runs it in fp32 between an extra quantize and dequantize, which costs time and
 accuracy and buys nothing.
 
+The int8 layout depends on the runtime the file is for (:data:`QDQ_LAYOUTS`, chosen by ``quantize.device``):
+
+* ``cpu`` / ``cuda`` (ONNX Runtime): uint8 activations with a zero point, int8 symmetric per-channel weights, and
+  no Q/DQ on the outputs of MatMul and Gemm.  On x86 ONNX Runtime fuses a QDQ MatMul into an integer kernel
+  only when the activation is uint8 (int8 x int8 stays an fp32 MatMul with its weights dequantized at every
+  run), and a MatMul whose output is left in float becomes one ``MatMulIntegerToFloat`` instead of
+  ``QLinearMatMul`` + ``DequantizeLinear``.  Conv keeps its output Q/DQ: ``QLinearConv`` needs it.
+* ``trt`` (TensorRT): int8 activations with zero point 0 (TensorRT accepts only symmetric int8 Q/DQ) and Q/DQ on
+  the inputs of the weighted layers only, TensorRT's recommended placement.
+
 Besides the network's choice, every node that produces or reads a tensor whose calibrated range is not finite
 stays fp32 (:func:`unbounded_tensors`, one min-max pass before calibration): attention logits masked with -inf
 would otherwise get an infinite int8 scale.
@@ -33,7 +43,7 @@ from typing import Any
 
 from networks.common.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "QUANTIZED_OP_TYPES", "calibration_count", "calibration_order", "check_quantize_section",
+__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES", "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section",
            "match_nodes", "name_nodes", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,19 @@ ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy"}
 
 #: Operator types that get int8 inputs (ONNX Runtime and TensorRT have integer kernels for them).
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
+
+#: Target runtime -> how its QDQ file is laid out (see the module docstring): activation dtype, whether the
+#: activations are symmetric (zero point 0), and the quantized ops whose outputs get no Q/DQ of their own.
+QDQ_LAYOUTS: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"activations": "uint8", "symmetric": False, "float_outputs": ("MatMul", "Gemm")},
+    "tensorrt": {"activations": "int8", "symmetric": True, "float_outputs": QUANTIZED_OP_TYPES},
+}
+
+
+def qdq_layout(device: str) -> str:
+    """``quantize.device`` -> key of :data:`QDQ_LAYOUTS`: ``trt`` writes TensorRT's layout, ``cpu``/``cuda[:N]``
+    ONNX Runtime's."""
+    return "tensorrt" if str(device) == "trt" else "onnxruntime"
 
 _FIX = ("set quantize.backend=onnxruntime and quantize.mode=static_ptq (or backend=torchao with "
         "mode=weight_only_ptq)")
@@ -59,8 +82,8 @@ def check_quantize_section(q: Any, check_model: Callable[[str, str], Any], calib
                            calib_value: Any) -> None:
     """``backend: torchao`` goes to :func:`~networks.common.torchao_quantize.check_torchao_section` (a trained
     checkpoint, no calibration).  Otherwise refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run: another
-    backend or mode, an algorithm without an ONNX Runtime calibrator, per-layer settings, ``backend_kwargs``, a
-    TensorRT device, an empty ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the
+    backend or mode, an algorithm without an ONNX Runtime calibrator, per-layer settings, ``backend_kwargs``, an
+    empty ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the
     network's export check) or an empty calibration source ``calib_value`` (the spec field ``calib_field``)."""
     backend, mode = str(q.backend), str(q.mode)
     if backend == "torchao":
@@ -83,9 +106,6 @@ def check_quantize_section(q: Any, check_model: Callable[[str, str], Any], calib
     if len(q.backend_kwargs):
         raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
                           "onnxruntime", "remove quantize.backend_kwargs")
-    if str(q.device) == "trt":
-        raise ConfigError("quantize.device", "'trt' calibrates inside TensorRT (tao-deploy)",
-                          "use cpu or cuda (ONNX Runtime calibration)")
     if not q.model_path:
         raise ConfigError("quantize.model_path", "is empty",
                           "point it at the fp32 .onnx file written by the export action")
@@ -210,7 +230,10 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     onnx.save(model, str(named_path), save_as_external_data=large)
     node_names = [n.name for n in model.graph.node]
     excluded = exclude(node_names)
-    want_gpu = str(q.device).startswith("cuda")
+    layout_name = qdq_layout(str(q.device))
+    layout = QDQ_LAYOUTS[layout_name]
+    # a file for TensorRT is made on a GPU machine: calibrate there when ONNX Runtime can
+    want_gpu = str(q.device).startswith("cuda") or layout_name == "tensorrt"
     providers = choose_providers(want_gpu)
     if want_gpu and providers == ["CPUExecutionProvider"]:
         ctx.log.info("quantize.device=%s but this ONNX Runtime has no CUDA provider: calibrating on the CPU",
@@ -235,7 +258,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
     # external weights are named after the file they are saved with, so a large model is written in place
     tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp")
-    ctx.log.info("Calibrating on %d images of %s (%s, %s)", used, calib_source, q.algorithm, providers[0])
+    ctx.log.info("Calibrating on %d images of %s (%s, %s); QDQ layout for %s (quantize.device=%s)", used,
+                 calib_source, q.algorithm, providers[0], layout_name, q.device)
     root = logging.getLogger()
     level = root.level
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
@@ -246,8 +270,11 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         root.setLevel(logging.ERROR)
         try:
             quantize_static(str(named_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            activation_type=QuantType.QUInt8 if layout["activations"] == "uint8" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, per_channel=True,
                             nodes_to_exclude=excluded, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                            extra_options={"ActivationSymmetric": layout["symmetric"], "WeightSymmetric": True,
+                                           "OpTypesToExcludeOutputQuantization": list(layout["float_outputs"])},
                             calibrate_method=getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)]),
                             use_external_data_format=large, calibration_providers=providers)
         finally:
@@ -262,7 +289,10 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         os.replace(tmp, qdq_path)
     report = {
         "backend": "onnxruntime", "mode": "static_ptq", "algorithm": str(q.algorithm),
-        "activations": "int8 (per-tensor)", "weights": "int8 (per-channel)", "format": "QDQ",
+        "target_runtime": layout_name,
+        "activations": f"{layout['activations']} (per-tensor, {'symmetric' if layout['symmetric'] else 'zero point'})",
+        "weights": "int8 (per-channel, symmetric)", "format": "QDQ",
+        "float_outputs": list(layout["float_outputs"]),
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
         "model_path": str(src), "named_onnx": str(named_path), "quantized_onnx": str(qdq_path),
         "calibration_images_dir": calib_source, "calibration_images": used, "calibration_providers": providers,

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from networks.common.errors import ConfigError
 
 __all__ = ["ONNX_SOURCES", "OnnxGraphInfo", "OnnxSession", "check_model_source", "choose_providers",
-           "describe_onnx", "onnx_file_of", "resolve_onnx_path", "static_image_hw"]
+           "describe_onnx", "inference_session", "is_qdq_onnx", "onnx_file_of", "resolve_onnx_path",
+           "static_image_hw"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,27 @@ def choose_providers(want_gpu: bool) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def is_qdq_onnx(path: str | os.PathLike) -> bool:
+    """True when the ONNX graph (or one of its functions) has QuantizeLinear/DequantizeLinear nodes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph, *(f for f in model.functions)]
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for g in graphs for node in g.node)
+
+
+def inference_session(path: str | os.PathLike, providers: list[str], options: Any = None,
+                      qdq: bool | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` of ``path``.  For a QDQ graph (``qdq``; None: read the file to tell)
+    ONNX Runtime's ``MatMulAddFusion`` is turned off: on a static-shape graph it turns MatMul + Add into Gemm
+    before the QDQ fusions run, and the Gemm then runs in fp32 with its weights dequantized at every call (int8
+    slower than fp32)."""
+    import onnxruntime as ort
+
+    disabled = ["MatMulAddFusion"] if (is_qdq_onnx(path) if qdq is None else qdq) else None
+    return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+
+
 class OnnxSession:
     """An ONNX Runtime session over a checked export ``info`` (from the network's own check of ``path``).
 
@@ -141,7 +163,7 @@ class OnnxSession:
         self.hw = static_image_hw(info, path, field)
         batch = info.input_shape[0]
         self.batch = int(batch) if isinstance(batch, int) and batch > 0 else None
-        self.session = ort.InferenceSession(self.path, providers=choose_providers(want_gpu))
+        self.session = inference_session(self.path, choose_providers(want_gpu))
         self.input_name = info.input_name
         self.input_names = list(info.inputs)
         self.output_names = list(info.output_names)

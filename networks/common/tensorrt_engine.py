@@ -11,7 +11,8 @@ Contracts:
   layers the network's ``fp32_select`` picks from all layer names (TAO's ``set_layer_precisions``: the same
   selection as the network's quantize exclusions) and applies the user's ``layers_precision`` entries
   (``"<layer name>:fp32|fp16"``, which win), and reads/writes a timing cache.  A QDQ ONNX
-  (``QuantizeLinear``/``DequantizeLinear`` nodes) is built strongly typed: its precisions are the file's, so FP16
+  (``QuantizeLinear``/``DequantizeLinear`` nodes, written by ``quantize`` with ``quantize.device=trt``: int8 with
+  zero point 0, :func:`qdq_tensorrt_problem`) is built strongly typed: its precisions are the file's, so FP16
   and per-layer precisions do not apply.  The engine file is written atomically.
 * :class:`TrtSession` has the interface of :class:`networks.common.onnx_runtime.OnnxSession` that the evaluate and
   inference paths use (``hw``, ``batch``, ``input_names``, ``output_names``, ``prepare_images``, ``run``,
@@ -32,8 +33,10 @@ import numpy as np
 
 from networks.common.errors import ConfigError
 from networks.common.io import atomic_write_bytes
+from networks.common.onnx_runtime import is_qdq_onnx, resolve_onnx_path
 
-__all__ = ["LAYER_PRECISIONS", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision", "is_qdq_onnx",
+__all__ = ["LAYER_PRECISIONS", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision",
+           "is_qdq_onnx", "qdq_tensorrt_problem",
            "batch_range", "build_engine", "TrtSession", "check_gen_trt_engine", "run_gen_trt_engine",
            "select_gpu"]
 
@@ -90,13 +93,25 @@ def parse_layers_precision(entries: list[str] | tuple[str, ...], field: str) -> 
     return out
 
 
-def is_qdq_onnx(path: str | os.PathLike) -> bool:
-    """True when the ONNX graph (or one of its functions) has QuantizeLinear/DequantizeLinear nodes."""
+def qdq_tensorrt_problem(path: str | os.PathLike) -> str | None:
+    """Why TensorRT cannot build the QDQ graph at ``path`` (None when it can, or when it has no Q/DQ):
+    TensorRT takes only int8 Q/DQ with zero point 0, and ``quantize`` writes uint8 activations with zero
+    points unless ``quantize.device=trt``."""
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=False)
-    graphs = [model.graph, *(f for f in model.functions)]
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for g in graphs for node in g.node)
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zp = consts.get(node.input[2])
+            if zp is None:
+                continue
+            if zp.data_type == onnx.TensorProto.UINT8:
+                return f"{node.name or node.op_type} quantizes to uint8"
+            if numpy_helper.to_array(zp).any():
+                return f"{node.name or node.op_type} has a non-zero zero point"
+    return None
 
 
 def batch_range(min_batch: int, opt_batch: int, max_batch: int, onnx_batch: int | None, field: str
@@ -331,6 +346,12 @@ def check_gen_trt_engine(cfg: Any, check_onnx: Callable[[str, str], Any]) -> Any
     require_tensorrt("gen_trt_engine")
     parse_layers_precision(list(sec.tensorrt.layers_precision), "gen_trt_engine.tensorrt.layers_precision")
     info = check_onnx(str(sec.onnx_file), "gen_trt_engine.onnx_file")
+    onnx_path = resolve_onnx_path(sec.onnx_file)
+    problem = qdq_tensorrt_problem(onnx_path) if is_qdq_onnx(onnx_path) else None
+    if problem:
+        raise ConfigError("gen_trt_engine.onnx_file", f"{onnx_path} is a QDQ file laid out for ONNX Runtime "
+                          f"({problem}); TensorRT takes only int8 Q/DQ with zero point 0",
+                          "quantize the fp32 export again with quantize.device=trt")
     first = info.input_shape[0]
     _engine_batch(sec, int(first) if isinstance(first, int) and first > 0 else None)
     return info

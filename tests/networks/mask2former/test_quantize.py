@@ -104,6 +104,89 @@ def test_evaluate_from_qdq_is_close_to_fp32(quantized, monkeypatch, capfd, tmp_p
     assert metrics["int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics
 
 
+# ----------------------------------------------------------------------------------------- int8 layouts
+def _zero_points(model) -> dict[str, list]:
+    """Q/DQ zero points of ``model``: {"activation": [...], "weight": [...]} as numpy arrays (a weight's DQ reads
+    an initializer)."""
+    from onnx import numpy_helper
+
+    consts = {t.name: t for t in model.graph.initializer}
+    out = {"activation": [], "weight": []}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2] in consts:
+            kind = "weight" if node.input[0] in consts else "activation"
+            out[kind].append(numpy_helper.to_array(consts[node.input[2]]))
+    return out
+
+
+def test_cpu_layout_runs_on_onnx_runtime_integer_kernels(quantized, tmp_path):
+    """quantize.device=cpu: uint8 activations, int8 symmetric weights, and ONNX Runtime's graph optimizer turns
+    every quantized MatMul into an integer kernel (an int8-activation or output-quantized MatMul layout leaves
+    fp32 MatMuls that dequantize their weights at every run, slower than the fp32 file)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    _, _, run = quantized
+    qdq = run / "semantic_int8_qdq.onnx"
+    zps = _zero_points(onnx.load(str(qdq)))
+    assert zps["activation"] and all(z.dtype == np.uint8 for z in zps["activation"])
+    # weights int8, Conv biases int32 (scale = input scale x weight scale), both with zero point 0
+    assert zps["weight"] and all(z.dtype in (np.int8, np.int32) and not z.any() for z in zps["weight"])
+    assert any(z.dtype == np.int8 for z in zps["weight"])
+    assert json.loads((run / "quantize_report.json").read_text())["target_runtime"] == "onnxruntime"
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(qdq), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    consts = {t.name for t in optimized.graph.initializer}
+    producer = {o: n for n in optimized.graph.node for o in n.output}
+    ops = [n.op_type for n in optimized.graph.node]
+    assert ops.count("MatMulIntegerToFloat") > 5, sorted(set(ops))
+    # no fp32 MatMul/Conv left reading an int8 weight through a DequantizeLinear (the self-attention out_proj
+    # Gemms are: the exporter shares their all-zero bias with a LayerNorm's, so ONNX Runtime leaves that bias in
+    # fp32 and cannot fuse them; 2 small [queries x C] products per decoder layer)
+    slow = [n.name for n in optimized.graph.node if n.op_type in ("MatMul", "Conv")
+            and any(i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[0] in consts
+                    for i in n.input)]
+    assert not slow, slow
+
+
+def test_trt_layout_is_symmetric_int8_and_gen_trt_engine_refuses_the_cpu_layout(quantized, monkeypatch, capfd,
+                                                                                tmp_path):
+    """quantize.device=trt writes what TensorRT builds (int8 Q/DQ with zero point 0); gen_trt_engine refuses the
+    ONNX Runtime layout in one line that says how to get the other."""
+    import onnx
+
+    import networks.common.tensorrt_engine as trt_engine
+
+    spec, onnx_path, run = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec),
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}", "quantize.device=trt")
+    assert code == 0, err[-3000:]
+    trt_file = tmp_path / "quantize" / "semantic_int8_qdq.onnx"
+    zps = _zero_points(onnx.load(str(trt_file)))
+    assert zps["activation"] and all(z.dtype.name == "int8" and not z.any() for z in zps["activation"])
+    assert json.loads((tmp_path / "quantize" / "quantize_report.json").read_text())["target_runtime"] == "tensorrt"
+    assert trt_engine.qdq_tensorrt_problem(trt_file) is None
+    assert "uint8" in trt_engine.qdq_tensorrt_problem(run / "semantic_int8_qdq.onnx")
+
+    monkeypatch.setattr(trt_engine, "require_tensorrt", lambda *a, **k: None)  # the check after TensorRT's
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "gen_trt_engine", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"gen_trt_engine.onnx_file={run / 'semantic_int8_qdq.onnx'}",
+                        f"gen_trt_engine.trt_engine={tmp_path / 'm.engine'}")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "gen_trt_engine.onnx_file" in lines[0] and "quantize.device=trt" in lines[0], lines[0]
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "gen_trt_engine", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"gen_trt_engine.onnx_file={trt_file}",
+                        f"gen_trt_engine.trt_engine={tmp_path / 'm.engine'}")
+    assert code == 0, err
+
+
 # ----------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("overrides, field, words", [
     (["quantize.backend=modelopt.onnx"], "quantize.backend", "onnxruntime-gpu"),

@@ -141,7 +141,6 @@ _REFUSALS = [(f"quantize.backend={b}", "quantize.backend", "not supported") for 
              ("modelopt.onnx", "modelopt.pytorch")] + [
     ("quantize.mode=weight_only_ptq", "quantize.mode", "static_ptq"),
     ("quantize.algorithm=awq_lite", "quantize.algorithm", "minmax"),
-    ("quantize.device=trt", "quantize.device", "tao-deploy"),
     ("quantize.model_path=", "quantize.model_path", "export"),
     ("quantize.model_path=/nonexistent/m.onnx", "quantize.model_path", "does not exist"),
     (f"{_CAL}.image_dir=", f"{_CAL}.image_dir", "empty"),
