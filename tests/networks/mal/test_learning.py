@@ -6,8 +6,9 @@
     ``MeanField`` with 0 iterations — must fail the same bar.
 (b) Trained from boxes only (no masks), MAL's validation mIoU beats the trivial box-fill baseline (computed in
     the test from the val annotations) by ``BOX_FILL_MARGIN``.  Calibration on this 2-core CPU: this test's
-    8 epochs give mIoU 0.621 vs box-fill 0.560 (+0.062) with the 2 intra-op threads torch (and the engine) choose
-    here, 0.623 with 1 thread (the test sets none: the figures differ only by reduction order); the same run with ``train.num_epochs=1`` gives +0.032,
+    10 epochs give mIoU 0.634 vs box-fill 0.560 (+0.074) on an AMD EPYC (2 threads; 8 epochs there gave +0.049,
+    under the margin, while an earlier Intel machine gave +0.062 in 8 epochs: the trajectory depends on the
+    CPU's last bits); the same run with ``train.num_epochs=1`` gives +0.032,
     as the learning curve (``benchmarks/results/learn_mal.json``, +0.03 after 1 epoch, +0.07 after 8); the demo
     reaches 0.635 in 20 epochs.  The margin is above what a 1-epoch model reaches, and the trained module with
     its mask logits replaced by a box fill (0.560) must fail it.
@@ -40,7 +41,7 @@ DEMO_SETTINGS = {
     "dataset.num_workers_per_gpu": 0,
     "model.arch": "vit-deit-tiny/16",
     "model.not_adjust_scale": True,
-    "train.num_epochs": 8,
+    "train.num_epochs": 10,
     "train.warmup_epochs": 1,
     "train.batch_size": 8,
     "train.lr": 3.0e-5,

@@ -121,8 +121,8 @@ def _evaluate_each(monkeypatch, capfd, spec, tmp_path, sources: dict[str, str]) 
 
 def test_evaluate_from_qdq_writes_metrics(quantized, monkeypatch, capfd, tmp_path):
     """The QDQ file evaluates through the CLI. Its AP is printed beside the fp32 file's but not asserted: on this
-    untrained model int8 error spreads over the whole graph (mAP50 0.83 → 0.09). On the trained tiny model the
-    int8 file keeps segm mAP50 (benchmarks/int8_accuracy_mgd.py; figures in docs/mask_grounding_dino.md)."""
+    untrained model int8 error spreads over the whole graph (mAP50 0.83 → 0.09). The trained tiny model's figures
+    (benchmarks/int8_accuracy_mgd.py) are in docs/mask_grounding_dino.md."""
     spec, onnx_path, run = quantized
     monkeypatch.chdir(tmp_path)
     qdq = run / "mgd_int8_qdq.onnx"
