@@ -33,9 +33,12 @@ would otherwise get an infinite int8 scale.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -43,13 +46,21 @@ from typing import Any
 
 from networks.common.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES", "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section",
-           "match_nodes", "name_nodes", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
+__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES", "qdq_layout",
+           "calibration_count", "calibration_order", "check_quantize_section", "match_nodes", "name_nodes",
+           "read_fp32_inputs", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
 
 log = logging.getLogger(__name__)
 
 #: ``quantize.algorithm`` → ONNX Runtime calibration method name.
 ALGORITHMS = {"minmax": "MinMax", "entropy": "Entropy"}
+#: Calibrator settings per ``quantize.algorithm``.  ``quantize_static`` builds its entropy calibrator with 128
+#: histogram bins and 128 quantized bins, where the KL-divergence search has no narrower range to try and returns
+#: the min-max range (the file came out byte-identical to ``minmax``'s).  TensorRT's entropy calibrator folds a
+#: 2048-bin histogram of ``|x|`` into int8's 128 positive levels; ONNX Runtime's histogram spans ``-t..t``, so the
+#: same resolution is 2048 bins folded into 256.
+CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "minmax": {}, "entropy": {"num_bins": 2048, "num_quantized_bins": 256}}
 
 #: Operator types that get int8 inputs (ONNX Runtime and TensorRT have integer kernels for them).
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -193,6 +204,47 @@ def touching_nodes(model: Any, tensors: set[str]) -> list[str]:
     return [n.name for n in model.graph.node if tensors.intersection(n.input) or tensors.intersection(n.output)]
 
 
+def read_fp32_inputs(model: Any, excluded: set[str]) -> int:
+    """Make the nodes named in ``excluded`` read their activations in fp32, in place; returns how many inputs
+    changed.
+
+    ONNX Runtime's quantizer puts one QuantizeLinear/DequantizeLinear pair on a tensor and gives the dequantized
+    copy to every consumer, excluded ones included, so a node "kept in fp32" that shares an input with a quantized
+    node (Grounding DINO's mask controller and box head both read the decoder's output) would compute on
+    int8-rounded values.  Such an input goes back to the tensor the QuantizeLinear reads; the pair stays for the
+    quantized consumers, and a pair nobody reads any more is removed with its scale and zero point.  The output
+    pair of a quantized operator stays (ONNX Runtime's ``QLinearConv`` needs it): its readers get what the integer
+    kernel gives."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    weights = {t.name for t in model.graph.initializer}
+    changed = 0
+    for node in model.graph.node:
+        if node.name not in excluded:
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            qn = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            source = producer.get(qn.input[0]) if qn is not None and qn.op_type == "QuantizeLinear" else None
+            quantized_output = (source is not None and source.op_type in QUANTIZED_OP_TYPES
+                                and source.name not in excluded)
+            if qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] not in weights \
+                    and not quantized_output:
+                node.input[i] = qn.input[0]
+                changed += 1
+    while True:  # drop the Q/DQ nodes left without a reader
+        read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and not read.intersection(n.output)]
+        if not dead:
+            break
+        for n in dead:
+            model.graph.node.remove(n)
+    read = {name for node in model.graph.node for name in node.input}
+    for t in [t for t in model.graph.initializer if t.name not in read]:
+        model.graph.initializer.remove(t)
+    return changed
+
+
 def size_mb(path: Path) -> float:
     return round(Path(path).stat().st_size / 2**20, 3)
 
@@ -213,7 +265,9 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         CalibrationMethod,
         QuantFormat,
         QuantType,
+        create_calibrator,
         quantize_static,
+        save_tensors_data,
     )
 
     from networks.common.onnx_runtime import choose_providers, resolve_onnx_path
@@ -258,28 +312,43 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
     # external weights are named after the file they are saved with, so a large model is written in place
     tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp")
+    cache = out_dir / "calibration_cache.json"
     ctx.log.info("Calibrating on %d images of %s (%s, %s); QDQ layout for %s (quantize.device=%s)", used,
                  calib_source, q.algorithm, providers[0], layout_name, q.device)
     root = logging.getLogger()
     level = root.level
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+    method = getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)])
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"), \
+            tempfile.TemporaryDirectory(prefix="calib_", dir=out_dir) as work:
         # a tensor that is constant over the calibration set has a zero range; ORT then picks scale 1 itself
         warnings.simplefilter("ignore", RuntimeWarning)
         # ORT logs one root-logger warning per non-initializer bias (hundreds on these graphs); the run's own
         # loggers propagate to root's handlers regardless of root's level, so only those are silenced
         root.setLevel(logging.ERROR)
         try:
-            quantize_static(str(named_path), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+            # calibrated here rather than inside quantize_static, which cannot give the calibrator its settings
+            calibrator = create_calibrator(named_path, list(QUANTIZED_OP_TYPES),
+                                           augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                           calibrate_method=method, use_external_data_format=large,
+                                           providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+                calibrator.collect_data(Reader())
+                save_tensors_data(calibrator.compute_data(), cache)
+            del calibrator
+            quantize_static(str(named_path), str(tmp), None, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8 if layout["activations"] == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=True,
                             nodes_to_exclude=excluded, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                             extra_options={"ActivationSymmetric": layout["symmetric"], "WeightSymmetric": True,
                                            "OpTypesToExcludeOutputQuantization": list(layout["float_outputs"])},
-                            calibrate_method=getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)]),
-                            use_external_data_format=large, calibration_providers=providers)
+                            calibrate_method=method, use_external_data_format=large,
+                            calibration_cache_path=cache)
         finally:
             root.setLevel(level)
-    qmodel = onnx.load(str(tmp), load_external_data=False)
+    qmodel = onnx.load(str(tmp), load_external_data=large)
+    rewired = read_fp32_inputs(qmodel, set(excluded))
+    if rewired:
+        onnx.save(qmodel, str(tmp), save_as_external_data=large)
     foreign = sorted({n.domain for n in qmodel.graph.node if n.domain not in ("", "ai.onnx")})
     if foreign:
         tmp.unlink(missing_ok=True)
@@ -299,7 +368,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         "fp32_mb": size_mb(named_path), "int8_mb": size_mb(qdq_path),
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "excluded_patterns": [*excluded_patterns, *[str(s) for s in q.skip_names]],
-        "num_excluded_nodes": len(excluded), "excluded_nodes": excluded,
+        "num_excluded_nodes": len(excluded), "excluded_nodes": excluded, "fp32_inputs_restored": rewired,
+        "calibration_cache": str(cache),
         "unbounded_tensors": sorted(unbounded), "excluded_for_unbounded_range": by_range,
     }
     (out_dir / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")

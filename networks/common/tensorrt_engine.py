@@ -347,7 +347,7 @@ def check_gen_trt_engine(cfg: Any, check_onnx: Callable[[str, str], Any]) -> Any
     parse_layers_precision(list(sec.tensorrt.layers_precision), "gen_trt_engine.tensorrt.layers_precision")
     info = check_onnx(str(sec.onnx_file), "gen_trt_engine.onnx_file")
     onnx_path = resolve_onnx_path(sec.onnx_file)
-    problem = qdq_tensorrt_problem(onnx_path) if is_qdq_onnx(onnx_path) else None
+    problem = qdq_tensorrt_problem(onnx_path)
     if problem:
         raise ConfigError("gen_trt_engine.onnx_file", f"{onnx_path} is a QDQ file laid out for ONNX Runtime "
                           f"({problem}); TensorRT takes only int8 Q/DQ with zero point 0",

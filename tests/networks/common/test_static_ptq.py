@@ -1,0 +1,84 @@
+"""What :func:`run_static_ptq` promises about calibration and about the nodes it keeps in fp32, on hand-built graphs.
+
+The graph: one input ``x`` read by two MatMuls, ``quantized`` and ``kept`` (the network's exclusion names the second),
+as a decoder output feeds both a quantized box head and an fp32 mask controller in Mask Grounding DINO.  The
+calibration data is heavy-tailed (Student t, 2 degrees of freedom), where an entropy range is narrower than the
+min-max one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _shared_input_graph(path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), n) for n in ("w1", "w2")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["y1"], name="quantized"),
+         helper.make_node("MatMul", ["x", "w2"], ["y2"], name="kept")],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["n", 16]) for y in ("y1", "y2")], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def _calibration() -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_t(2, size=(64, 16)).astype(np.float32)} for _ in range(8)]
+
+
+def _quantize(tmp_path, algorithm: str, kept: list[str]) -> tuple[dict, dict]:
+    from networks.common.onnx_quantize import run_static_ptq
+
+    src = tmp_path / "shared.onnx"
+    if not src.exists():
+        _shared_input_graph(src)
+    calib = _calibration()
+    q = SimpleNamespace(model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
+    ctx = SimpleNamespace(run_dir=tmp_path / algorithm, log=logging.getLogger("test"))
+    out = run_static_ptq(q, ctx, lambda names: [n for n in names if n in kept],
+                         lambda _: (iter(calib), len(calib)), "random", [], "test")
+    return out, json.loads((tmp_path / algorithm / "quantize_report.json").read_text())
+
+
+def _activation_scale(path) -> float:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    (q,) = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x"]
+    return float(consts[q.input[1]])
+
+
+def test_a_node_kept_in_fp32_reads_the_fp32_tensor_its_quantized_sibling_shares(tmp_path):
+    out, report = _quantize(tmp_path, "minmax", ["kept"])
+    model = onnx.load(out["quantized_onnx"])
+    nodes = {n.name: n for n in model.graph.node}
+    assert nodes["kept"].input[0] == "x"  # not the DequantizeLinear copy the quantized MatMul reads
+    assert nodes["quantized"].input[0] != "x"
+    assert report["fp32_inputs_restored"] == 1
+
+    x = _calibration()[0]
+    want = ort.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"]).run(None, x)
+    got = ort.InferenceSession(out["quantized_onnx"], providers=["CPUExecutionProvider"]).run(None, x)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5)  # exactly the fp32 product
+    assert np.abs(got[0] - want[0]).max() > 1e-3  # the other one is int8
+
+
+def test_entropy_calibration_is_not_min_max(tmp_path):
+    """ONNX Runtime's own entropy calibrator (128 bins into 128) returns the min-max range: the two algorithms
+    wrote the same file.  Ours folds 2048 bins into 128, so a heavy tail is clipped."""
+    minmax, _ = _quantize(tmp_path, "minmax", [])
+    entropy, report = _quantize(tmp_path, "entropy", [])
+    assert _activation_scale(entropy["quantized_onnx"]) < 0.8 * _activation_scale(minmax["quantized_onnx"])
+    cache = json.loads((tmp_path / "entropy" / "calibration_cache.json").read_text())
+    assert "entropy" in json.dumps(cache).lower() and report["calibration_cache"].endswith("calibration_cache.json")
