@@ -7,8 +7,12 @@ images; torchao weight-only int8 of the checkpoint) and ``evaluate`` four times 
 checkpoint, the fp32 ONNX file, the int8 QDQ file and the weight-only int8 checkpoint.  The held-out images are
 128 × 128, so the graph's input is the checkpoint's test resize.
 
-Writes ``benchmarks/results/int8_accuracy_m2f.json`` (PQ, PQ_th, PQ_st, mIoU per runtime; file sizes) and prints
-it.  About 3 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
+A panoptic ONNX graph reports no mIoU, so the same checkpoint is also exported with ``model.mode=semantic``,
+quantized (ONNX Runtime's layout) and evaluated in semantic mode (:func:`semantic_rows`): mIoU and pixel accuracy
+of the checkpoint, the fp32 semantic graph and its int8 file.
+
+Writes ``benchmarks/results/int8_accuracy_m2f.json`` (PQ, PQ_th, PQ_st, mIoU per runtime; the semantic rows; file
+sizes) and prints it.  About 3 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
 """
 from __future__ import annotations
 
@@ -23,6 +27,28 @@ from benchmarks.int8_runs import evaluate_runtimes, main, quantize_both_layouts,
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("PQ", "PQ_th", "PQ_st", "mIoU")
 NUM_TRAIN, NUM_VAL, SIZE = 64, 16, 128  # test_learning's
+
+
+def semantic_rows(tao, root: Path, ckpt: Path, calib_images: str) -> dict[str, dict[str, float]]:
+    """Semantic-mode ``export`` (128 × 128) of ``ckpt``, its static int8 PTQ (ONNX Runtime's layout, calibrated on
+    ``calib_images``) and ``evaluate`` of the checkpoint and both graphs with ``model.mode=semantic``, into
+    ``root/semantic``; ``{runtime: {mIoU, pixel_accuracy}}``."""
+    base = root / "semantic"
+    onnx = base / "m2f_semantic.onnx"
+    tao("export", "model.mode=semantic", f"results_dir={base / 'export'}", f"export.checkpoint={ckpt}",
+        f"export.onnx_file={onnx}", f"export.input_height={SIZE}", f"export.input_width={SIZE}")
+    tao("quantize", "model.mode=semantic", f"results_dir={base / 'q'}", f"quantize.model_path={onnx}",
+        "quantize.backend=onnxruntime", "quantize.mode=static_ptq", "quantize.device=cpu",
+        f"quantize.calib_images={NUM_TRAIN}", f"dataset.quant_calibration_dataset.images_dir={calib_images}")
+    qdq = base / "q" / "quantize" / f"{onnx.stem}_int8_qdq.onnx"
+    out = {}
+    for name, source in (("checkpoint", [f"evaluate.checkpoint={ckpt}"]),
+                         ("onnx_fp32", [f"evaluate.onnx_file={onnx}", "evaluate.checkpoint=null"]),
+                         ("onnx_int8", [f"evaluate.onnx_file={qdq}", "evaluate.checkpoint=null"])):
+        tao("evaluate", "model.mode=semantic", f"results_dir={base / name}", *source)
+        metrics = json.loads((base / name / "evaluate" / "metrics.json").read_text())
+        out[name] = {k: round(float(metrics[k]), 4) for k in ("mIoU", "pixel_accuracy")}
+    return out
 
 
 def run(root: Path) -> dict:
@@ -54,6 +80,7 @@ def run(root: Path) -> dict:
                  **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
     out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, qdq_trt, weight_only))
+    out["semantic"] = semantic_rows(tao, root, ckpt, str(data["train"]["images"]))
     return out
 
 
