@@ -7,8 +7,12 @@ forward + backward (sum of the output) on the same input.  The two alternate in 
 step / backbone.  Target: <= 1.4.  Also reported: peak memory (max RSS on CPU, so an upper bound that includes
 the backbone runs) and inference throughput (student forward on ``4 * batch`` crops, ``BENCH_REPEAT`` runs).
 
-Environment: ``BENCH_MAL_ARCH``, ``BENCH_MAL_CROP``, ``BENCH_MAL_BATCH``, ``BENCH_PAIRS`` (default 7),
-``BENCH_REPEAT`` (default 3), ``BENCH_THREADS``.
+The teacher's precision follows MAL's default ``train.teacher_precision`` (``auto``: bf16 autocast for the
+teacher of an fp32 run where the device has bf16 hardware), as a default training run does.
+
+Environment: ``BENCH_MAL_ARCH``, ``BENCH_MAL_CROP``, ``BENCH_MAL_BATCH``, ``BENCH_MAL_TEACHER`` (a
+``teacher_precision``: auto, run, bf16), ``BENCH_PAIRS`` (default 7), ``BENCH_REPEAT`` (default 3),
+``BENCH_THREADS``.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from benchmarks.common import (
 from networks.mal.config import ExperimentConfig
 from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import build_mal_networks, ema_update
+from networks.mal.module import teacher_bf16
 from networks.ops.optim import fused_option
+from networks.ops.precision import bf16_autocast
 
 ARCH = os.environ.get("BENCH_MAL_ARCH", "vit-mae-base/16")
 CROP = int(os.environ.get("BENCH_MAL_CROP", "512"))
@@ -62,9 +68,11 @@ def build_parts() -> SimpleNamespace:
     bbox = torch.tensor([[10.0, 10.0, 200.0, 150.0]] * BATCH, device=dev)
     loss_kw = dict(loss_mil_weight=4.0, loss_crf_weight=0.5, loss_mil_step=1000, loss_crf_step=4000,
                    crf_size_ratio=1)
+    policy = os.environ.get("BENCH_MAL_TEACHER", str(tr.teacher_precision))
     return SimpleNamespace(dev=dev, student=student, teacher=teacher, mean_field=mean_field, opt=opt, image=image,
-                           mask=mask, bbox=bbox, loss_kw=loss_kw,
-                           config={"arch": ARCH, "crop": CROP, "batch": BATCH, "device": str(dev)})
+                           mask=mask, bbox=bbox, loss_kw=loss_kw, teacher_bf16=teacher_bf16(policy, dev),
+                           config={"arch": ARCH, "crop": CROP, "batch": BATCH, "device": str(dev),
+                                   "teacher_precision": policy})
 
 
 def run() -> dict:
@@ -77,7 +85,7 @@ def run() -> dict:
     def train_step():
         with torch.autocast(dev.type, dtype=torch.float16 if amp else torch.bfloat16, enabled=amp):
             s = student(image, bbox)
-            with torch.no_grad():
+            with torch.no_grad(), bf16_autocast(dev, p.teacher_bf16):
                 t = teacher(image, bbox)
             losses = mal_losses(s, t, image, mask, mean_field, epoch=1, step_in_epoch=0, **p.loss_kw)
         opt.zero_grad(set_to_none=True)
@@ -108,7 +116,7 @@ def run() -> dict:
     inf = time_it(infer, dev, repeat=REPEAT)
     name = f"MAL train step / bare backbone fwd+bwd ({ARCH}, crop {CROP}, batch {BATCH})"
     return {
-        "config": {"arch": ARCH, "crop": CROP, "batch": BATCH, "device": str(dev), "amp": amp, "threads": threads},
+        "config": {**p.config, "amp": amp, "teacher_bf16": p.teacher_bf16, "threads": threads},
         "figures": [figure(name, timing, TARGET, "step", "backbone")],
         "train_step_s": timing["a_median_s"],
         "bare_backbone_fwd_bwd_s": timing["b_median_s"],

@@ -12,7 +12,8 @@ quantized (ONNX Runtime's layout) and evaluated in semantic mode (:func:`semanti
 of the checkpoint, the fp32 semantic graph and its int8 file.
 
 Writes ``benchmarks/results/int8_accuracy_m2f.json`` (PQ, PQ_th, PQ_st, mIoU per runtime; the semantic rows; file
-sizes) and prints it.  About 3 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
+sizes) and prints it.  About 3 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a
+temporary folder).
 """
 from __future__ import annotations
 

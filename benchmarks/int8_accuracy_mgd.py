@@ -12,7 +12,8 @@ int8 QDQ file and the weight-only int8 checkpoint.  ``dataset.augmentation
 
 Writes ``benchmarks/results/int8_accuracy_mgd.json`` (bbox / segm mAP and mAP50 per runtime, file sizes, and the
 agreement of each int8 file's outputs with the fp32 file's: :func:`agreement`, a finer figure than mAP on 64
-images) and prints it.  About 5 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a temporary folder).
+images) and prints it.  About 5 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a
+temporary folder).
 """
 from __future__ import annotations
 
@@ -116,7 +117,8 @@ def run(root: Path) -> dict:
     tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
     weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
     report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
-    out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": HELD_OUT, "calibration_images": 32, "graph_hw": [128, 128],
+    out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": HELD_OUT, "calibration_images": 32,
+                 "graph_hw": [128, 128],
                  **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
     out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, qdq_trt, weight_only))

@@ -169,23 +169,30 @@ def calibration_order(used: int, step: int) -> list[int]:
     return order
 
 
-def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[str], work_dir: Path) -> set[str]:
-    """Names of the float tensors whose value range over ``feeds`` is not finite (a min-max calibration pass on
-    ``model_path``).  Masked attention logits hold -inf by design; an int8 scale computed from such a range is
-    inf and turns every value of the tensor into garbage, so these tensors must stay fp32."""
-    import numpy as np
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator
+def feed_reader(feeds: Iterator[dict]) -> Any:
+    """ONNX Runtime's ``CalibrationDataReader`` over an iterator of input feeds."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict | None:
             return next(feeds, None)
 
+    return Reader()
+
+
+def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[str], work_dir: Path) -> set[str]:
+    """Names of the float tensors whose value range over ``feeds`` is not finite (a min-max calibration pass on
+    ``model_path``).  Masked attention logits hold -inf by design; an int8 scale computed from such a range is
+    inf and turns every value of the tensor into garbage, so these tensors must stay fp32."""
+    import numpy as np
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
     augmented = work_dir / f".{model_path.stem}_range_probe.onnx"
     try:
         calibrator = create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
                                        calibrate_method=CalibrationMethod.MinMax, providers=providers)
-        calibrator.collect_data(Reader())
+        calibrator.collect_data(feed_reader(feeds))
         ranges = calibrator.compute_data()
     finally:
         for leftover in work_dir.glob(f".{model_path.stem}_range_probe*"):
@@ -224,13 +231,13 @@ def read_fp32_inputs(model: Any, excluded: set[str]) -> int:
         for i, name in enumerate(node.input):
             dq = producer.get(name)
             qn = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            source = producer.get(qn.input[0]) if qn is not None and qn.op_type == "QuantizeLinear" else None
-            quantized_output = (source is not None and source.op_type in QUANTIZED_OP_TYPES
-                                and source.name not in excluded)
-            if qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] not in weights \
-                    and not quantized_output:
-                node.input[i] = qn.input[0]
-                changed += 1
+            if qn is None or qn.op_type != "QuantizeLinear" or qn.input[0] in weights:
+                continue
+            source = producer.get(qn.input[0])
+            if source is not None and source.op_type in QUANTIZED_OP_TYPES and source.name not in excluded:
+                continue  # the output pair of a quantized operator
+            node.input[i] = qn.input[0]
+            changed += 1
     while True:  # drop the Q/DQ nodes left without a reader
         read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
         dead = [n for n in model.graph.node
@@ -261,7 +268,6 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     import numpy as np
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
@@ -305,11 +311,6 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         ctx.log.debug("fp32: %s", name)
 
     batches, used = calibration(str(named_path))
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict | None:
-            return next(batches, None)
-
     # external weights are named after the file they are saved with, so a large model is written in place
     tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp")
     cache = out_dir / "calibration_cache.json"
@@ -332,7 +333,7 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
                                            calibrate_method=method, use_external_data_format=large,
                                            providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-                calibrator.collect_data(Reader())
+                calibrator.collect_data(feed_reader(batches))
                 save_tensors_data(calibrator.compute_data(), cache)
             del calibrator
             quantize_static(str(named_path), str(tmp), None, quant_format=QuantFormat.QDQ,

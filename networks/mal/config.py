@@ -119,6 +119,11 @@ class MALTrainExpConfig(_BaseTrain):
         "supported here).",
         valid_min=1)
     use_amp: bool = param(True, description="Train with 16-bit mixed precision (on devices that support it).")
+    teacher_precision: str = param(
+        "auto", description="Precision of the teacher's no-gradient forward, whose masks only seed the CRF "
+        "target (tao-cli addition): 'run' follows use_amp as TAO does; 'bf16' runs it under bf16 autocast; "
+        "'auto' is 'bf16' when the run is fp32 and the device computes bf16 in hardware, else 'run'.",
+        valid_options=["auto", "run", "bf16"])
     pretrained_model_path: str | None = param(
         None, description="Backbone (MAE/DeiT-style) or full MAL checkpoint used to initialise student and "
         "teacher; ignored when resuming.")

@@ -69,6 +69,10 @@ class MaskHead(nn.Module):
     simply produce V at the input resolution).  ``[B,C,h,w] -> [B,out,h·r,w·r]``.
     """
 
+    #: layout of the convolutions' input: oneDNN's convolutions, forward and backward, run ~15 % faster on
+    #: channels-last input on CPU (the result is the same up to summation order; later ops take either layout)
+    memory_format = torch.channels_last
+
     def __init__(self, in_channels: int, num_convs: int = 4, hidden_channels: int = 256,
                  out_channels: int = 256, scale_ratio: float = 2.0):
         super().__init__()
@@ -81,6 +85,7 @@ class MaskHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """See class docstring."""
+        x = x.contiguous(memory_format=self.memory_format)
         for i, conv in enumerate(self.convs):
             if i == 3:
                 h, w = x.shape[-2:]

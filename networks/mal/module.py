@@ -7,7 +7,8 @@ Differences from TAO, on purpose:
   optimizer step and the LR schedule is a per-step ``LambdaLR`` (checkpointed, so resume is exact);
 * the optimiser holds the student's trainable parameters only (TAO also passes the teacher's, which never get
   gradients, so AdamW skipped them anyway);
-* the teacher forward runs without grad and in eval mode;
+* the teacher forward runs without grad and in eval mode, and by default (``train.teacher_precision: auto``)
+  under bf16 autocast in an fp32 run on a device with bf16 hardware: its masks only seed the CRF target;
 * the step counter for the epoch-0 loss warm-ups is the global optimizer step, which survives resume;
 * the first optimizer step uses the warmed-up LR ``lr(0)`` (0 with warm-up) instead of the unscheduled LR;
 * the LR is scaled by the world size (processes x nodes) times the per-device batch;
@@ -33,6 +34,7 @@ from networks.common.network import TrainerTraits
 from networks.mal.criterion import MeanField, mal_losses
 from networks.mal.model import area_bin, build_mal_networks, ema_update
 from networks.ops.optim import fused_option
+from networks.ops.precision import bf16_autocast, native_bf16
 
 __all__ = ["MALModule", "warmup_cosine_lr"]
 
@@ -65,6 +67,13 @@ def _thresholds(mask_thres: Sequence[float]) -> tuple[float, float, float]:
         raise ConfigError("train.mask_thres", f"needs 1 or 3 values, got {len(values)}",
                           "give one threshold for all sizes or [small, medium, large]")
     return values[0], values[1], values[2]
+
+
+def teacher_bf16(policy: str, device: torch.device) -> bool:
+    """Whether the teacher's training forward runs under bf16 autocast for ``train.teacher_precision`` =
+    ``policy`` on ``device`` (an enclosing mixed-precision autocast, i.e. ``use_amp``, always stays in charge:
+    see :func:`networks.ops.precision.bf16_autocast`)."""
+    return policy == "bf16" or (policy == "auto" and native_bf16(device))
 
 
 class MALModule(pl.LightningModule):
@@ -114,6 +123,7 @@ class MALModule(pl.LightningModule):
         #: optimizer steps per epoch when no Trainer is attached (else the Trainer's estimate is used)
         self.steps_per_epoch: int | None = None
         self.teacher_momentum = float(cfg.model.teacher_momentum)
+        self.teacher_precision = str(tr.teacher_precision)
         self.loss_kw = dict(loss_mil_weight=float(tr.loss_mil_weight), loss_crf_weight=float(tr.loss_crf_weight),
                             loss_mil_step=int(tr.loss_mil_step), loss_crf_step=int(tr.loss_crf_step),
                             crf_size_ratio=int(tr.crf_size_ratio))
@@ -186,7 +196,7 @@ class MALModule(pl.LightningModule):
         image, bbox = batch["image"], batch["bbox"]
         timage = batch.get("timage", image)
         s_logits = self.student(image, bbox)
-        with torch.no_grad():
+        with torch.no_grad(), bf16_autocast(image.device, teacher_bf16(self.teacher_precision, image.device)):
             t_logits = self.teacher(timage, bbox)
         step = int(self.trainer.global_step) if self._trainer is not None else 0
         losses = mal_losses(s_logits, t_logits, image, batch["mask"], self.mean_field,
@@ -205,6 +215,9 @@ class MALModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._ema_seen_step = int(self.trainer.global_step)
+        if str(self.trainer.precision).startswith("32") and teacher_bf16(self.teacher_precision, self.device):
+            _log.info("Teacher forward under bf16 autocast (train.teacher_precision=%s; its masks only seed the CRF "
+                      "target; 'run' keeps it in fp32)", self.teacher_precision)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """EMA-update the teacher once per optimizer step actually taken (not per accumulated batch)."""

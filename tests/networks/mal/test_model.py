@@ -451,3 +451,23 @@ def test_predict_writes_pseudo_labels_for_every_annotation(tmp_path: Path):
         img = next(i for i in src["images"] if i["id"] == ann_in["image_id"])
         assert ann_out["segmentation"]["size"] == [img["height"], img["width"]]
         assert 0.0 <= ann_out["score"] <= 1.0 and "iou" in ann_out
+
+
+@pytest.mark.parametrize(("policy", "native", "expected"), [
+    ("run", True, torch.float32), ("bf16", False, torch.bfloat16),
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32)])
+def test_teacher_precision_sets_only_the_teacher_forward_dtype(monkeypatch, policy, native, expected):
+    import networks.mal.module as module_mod
+
+    monkeypatch.setattr(module_mod, "native_bf16", lambda device: native)
+    mod, _ = _small_module(teacher_precision=policy)
+    seen = {}
+    for name in ("student", "teacher"):
+        getattr(mod, name).roi_head.mlp1.register_forward_hook(
+            lambda m, i, out, name=name: seen.__setitem__(name, out.dtype))
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:24, 8:24] = 1
+    batch = {"image": torch.randn(2, 3, 32, 32), "bbox": torch.tensor([[8.0, 8.0, 24.0, 24.0]] * 2), "mask": mask}
+    loss = mod.training_step(batch, 0)
+    assert seen == {"student": torch.float32, "teacher": expected}
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
