@@ -75,24 +75,30 @@ def build_parts() -> SimpleNamespace:
                                    "teacher_precision": policy})
 
 
+def train_step_fn(p: SimpleNamespace, *, amp: bool, teacher_bf16: bool):
+    """One whole train step on :func:`build_parts`' ``p`` (also ``benchmarks/mal_levers.py``'s): student and
+    teacher forward (the step under fp16 autocast when ``amp``; the teacher under bf16 autocast when
+    ``teacher_bf16`` and no ``amp``), losses, backward, AdamW, EMA."""
+    def step():
+        with torch.autocast(p.dev.type, dtype=torch.float16, enabled=amp):
+            s = p.student(p.image, p.bbox)
+            with torch.no_grad(), bf16_autocast(p.dev, teacher_bf16):
+                t = p.teacher(p.image, p.bbox)
+            losses = mal_losses(s, t, p.image, p.mask, p.mean_field, epoch=1, step_in_epoch=0, **p.loss_kw)
+        p.opt.zero_grad(set_to_none=True)
+        (losses["loss_mil"] + losses["loss_crf"]).backward()
+        p.opt.step()
+        ema_update(p.teacher, p.student, 0.996)
+
+    return step
+
+
 def run() -> dict:
     threads = pin_threads()
     p = build_parts()
-    dev, student, teacher, mean_field, opt = p.dev, p.student, p.teacher, p.mean_field, p.opt
-    image, mask, bbox = p.image, p.mask, p.bbox
+    dev, student, bbox, image = p.dev, p.student, p.bbox, p.image
     amp = dev.type == "cuda"
-
-    def train_step():
-        with torch.autocast(dev.type, dtype=torch.float16 if amp else torch.bfloat16, enabled=amp):
-            s = student(image, bbox)
-            with torch.no_grad(), bf16_autocast(dev, p.teacher_bf16):
-                t = teacher(image, bbox)
-            losses = mal_losses(s, t, image, mask, mean_field, epoch=1, step_in_epoch=0, **p.loss_kw)
-        opt.zero_grad(set_to_none=True)
-        (losses["loss_mil"] + losses["loss_crf"]).backward()
-        opt.step()
-        ema_update(teacher, student, 0.996)
-
+    train_step = train_step_fn(p, amp=amp, teacher_bf16=p.teacher_bf16)
     backbone = student.backbone
 
     def backbone_step():

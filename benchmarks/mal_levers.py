@@ -19,11 +19,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.bench_mal import build_parts
+from benchmarks.bench_mal import build_parts, train_step_fn
 from benchmarks.common import pin_threads
-from networks.mal.criterion import mal_losses
-from networks.mal.model import MaskHead, ema_update
-from networks.ops.precision import bf16_autocast
+from networks.mal.model import MaskHead
 
 OUT = Path(__file__).resolve().parent / "results" / "mal_levers.json"
 VARIANTS = {  # name: (mask-head input layout, teacher under bf16 autocast)
@@ -42,14 +40,7 @@ def main() -> int:
 
     def step(layout, teacher_bf16: bool) -> None:
         MaskHead.memory_format = layout
-        s = p.student(p.image, p.bbox)
-        with torch.no_grad(), bf16_autocast(p.dev, teacher_bf16):
-            t = p.teacher(p.image, p.bbox)
-        losses = mal_losses(s, t, p.image, p.mask, p.mean_field, epoch=1, step_in_epoch=0, **p.loss_kw)
-        p.opt.zero_grad(set_to_none=True)
-        (losses["loss_mil"] + losses["loss_crf"]).backward()
-        p.opt.step()
-        ema_update(p.teacher, p.student, 0.996)
+        train_step_fn(p, amp=False, teacher_bf16=teacher_bf16)()
 
     def backbone() -> None:
         p.student.backbone.zero_grad(set_to_none=True)
