@@ -182,7 +182,8 @@ def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[s
 
     rng = np.random.default_rng(2)
     calib = [{"inputs": rng.standard_normal(feed["inputs"].shape).astype(np.float32)} for _ in range(8)]
-    q = SimpleNamespace(model_path=str(fp32_path), skip_names=[], device="cpu", algorithm="minmax")
+    q = SimpleNamespace(backend="onnxruntime", model_path=str(fp32_path), skip_names=[], device="cpu",
+                        algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask2former"))
     out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
                          "8 random images", ["the quantize action's defaults"], "TAO's fp32 layers")

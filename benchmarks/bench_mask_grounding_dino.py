@@ -255,7 +255,8 @@ def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
 
     rng = np.random.default_rng(2)
     calib = [dict(feeds, inputs=rng.standard_normal(feeds["inputs"].shape).astype(np.float32)) for _ in range(4)]
-    q = SimpleNamespace(model_path=str(fp32_path), skip_names=[], device="cpu", algorithm="minmax")
+    q = SimpleNamespace(backend="onnxruntime", model_path=str(fp32_path), skip_names=[], device="cpu",
+                        algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask_grounding_dino"))
     out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
                          "4 random images", ["the quantize action's defaults"], "the network's fp32 rules")

@@ -5,14 +5,15 @@ a model that has learned something.  It trains configs/mask_grounding_dino/tiny.
 ``tests/networks/mask_grounding_dino/test_learning.py`` does (synthetic data seed 0: 32 training images of 128 or
 160 px a side, 480 optimizer steps, the spec's seed) and holds out 64 images (the test's 16 and 48 more: with 16,
 one image moved mAP50 by more than the 0.02 being measured), saves the checkpoint, then runs ``export`` (128 × 128),
-``quantize`` twice (ONNX Runtime static int8 of the ONNX, calibrated on the 32 training images; torchao weight-only
-int8 of the checkpoint) and ``evaluate`` four times on the held-out images: the checkpoint, the fp32 ONNX file, the
-int8 QDQ file and the weight-only int8 checkpoint.  ``dataset.augmentation
-.random_resize_max_size`` is 128 so that the checkpoint's test resize is the graph's when an image is square.
+``quantize`` five times (static int8 of the ONNX, calibrated on the 32 training images, by ONNX Runtime in its
+own and in TensorRT's layout and by ModelOpt; torchao weight-only int8 and ModelOpt simulated static int8 of the
+checkpoint, which is then exported as a QDQ graph) and ``evaluate`` on the held-out images: the checkpoint, the
+fp32 ONNX file, each int8 QDQ file and each quantized checkpoint.  ``dataset.augmentation.random_resize_max_size``
+is 128 so that the checkpoint's test resize is the graph's when an image is square.
 
 Writes ``benchmarks/results/int8_accuracy_mgd.json`` (bbox / segm mAP and mAP50 per runtime, file sizes, and the
 agreement of each int8 file's outputs with the fp32 file's: :func:`agreement`, a finer figure than mAP on 64
-images) and prints it.  About 5 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a
+images) and prints it.  About 10 minutes on 2 CPU cores.  ``INT8_ACC_DIR`` keeps the run files (default: a
 temporary folder).
 """
 from __future__ import annotations
@@ -25,7 +26,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.int8_runs import evaluate_runtimes, main, quantize_both_layouts, sizes_mb  # noqa: E402
+from benchmarks.int8_runs import (  # noqa: E402
+    evaluate_runtimes,
+    export_quantized,
+    main,
+    quantize_checkpoints,
+    quantize_int8_files,
+    sizes_mb,
+)
 
 KEYS = ("bbox_val_mAP50", "segm_val_mAP50", "bbox_val_mAP", "segm_val_mAP")
 TRAIN_STEPS = 480  # test_learning.TRAIN_STEPS
@@ -113,17 +121,18 @@ def run(root: Path) -> dict:
     onnx = root / "mgd.onnx"
     tao("export", f"results_dir={root / 'export'}", f"export.checkpoint={ckpt}", f"export.onnx_file={onnx}",
         "export.input_height=128", "export.input_width=128")
-    qdq, qdq_trt = quantize_both_layouts(tao, root, onnx, "quantize.calib_images=32")
-    tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")  # torchao
-    weight_only = root / "qt" / "quantize" / "quantized_model_torchao.pth"
+    int8 = quantize_int8_files(tao, root, onnx, "quantize.calib_images=32")
+    checkpoints = quantize_checkpoints(tao, root, ckpt, "quantize.calib_images=32")
+    int8["onnx_int8_modelopt_pytorch_export"] = export_quantized(
+        tao, root, checkpoints["modelopt_pytorch_int8"], "export.input_height=128", "export.input_width=128")
     report = json.loads((root / "qt" / "quantize" / "quantize_report.json").read_text())
     out: dict = {"train_steps": TRAIN_STEPS, "held_out_images": HELD_OUT, "calibration_images": 32,
                  "graph_hw": [128, 128],
-                 **sizes_mb(onnx_fp32=onnx, onnx_int8=qdq, checkpoint=ckpt, torchao_weight_only=weight_only),
+                 **sizes_mb(onnx_fp32=onnx, **int8, checkpoint=ckpt,
+                            **{f"{k}_checkpoint": v for k, v in checkpoints.items()}),
                  "torchao_int8_linear_layers": report["quantized_linear_layers"]}
-    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, qdq, qdq_trt, weight_only))
-    out["agreement_with_fp32_onnx"] = {name: agreement(cfg, data["val"], onnx, path)
-                                       for name, path in (("onnx_int8", qdq), ("onnx_int8_tensorrt_layout", qdq_trt))}
+    out.update(evaluate_runtimes(tao, root, KEYS, ckpt, onnx, int8, checkpoints))
+    out["agreement_with_fp32_onnx"] = {name: agreement(cfg, data["val"], onnx, path) for name, path in int8.items()}
     return out
 
 

@@ -16,29 +16,60 @@ def sizes_mb(**files: Path) -> dict[str, float]:
     return {f"{name}_mb": round(Path(path).resolve().stat().st_size / 2**20, 2) for name, path in files.items()}
 
 
-def quantize_both_layouts(tao: Callable[..., None], root: Path, onnx: Path, *overrides: str) -> tuple[Path, Path]:
-    """Static int8 PTQ of ``onnx`` in ONNX Runtime's layout (``quantize.device=cpu``) and TensorRT's
-    (``quantize.device=trt``), into ``root/q`` and ``root/q_trt``; ``overrides``: the calibration fields.  Returns
-    the two QDQ files (the TensorRT one is scored in ONNX Runtime too: it simulates the engine's int8)."""
-    files = []
-    for folder, device in (("q", "cpu"), ("q_trt", "trt")):
-        tao("quantize", f"results_dir={root / folder}", f"quantize.model_path={onnx}", "quantize.backend=onnxruntime",
-            "quantize.mode=static_ptq", f"quantize.device={device}", *overrides)
-        files.append(root / folder / "quantize" / f"{onnx.stem}_int8_qdq.onnx")
-    return files[0], files[1]
+#: The static int8 files the scripts score: name → (run folder, quantize overrides beyond the calibration fields,
+#: file name; ``{stem}`` is the fp32 file's).  ONNX Runtime's layout (device cpu), TensorRT's layout written by
+#: ONNX Runtime (device trt) and by ModelOpt (backend modelopt.onnx, fp32 elsewhere with device cpu); the
+#: TensorRT files are scored in ONNX Runtime too: it simulates the engine's int8.
+INT8_FILES = {
+    "onnx_int8": ("q", ["quantize.backend=onnxruntime", "quantize.device=cpu"], "{stem}_int8_qdq.onnx"),
+    "onnx_int8_tensorrt_layout": ("q_trt", ["quantize.backend=onnxruntime", "quantize.device=trt"],
+                                  "{stem}_int8_qdq.onnx"),
+    "onnx_int8_modelopt": ("q_modelopt", ["quantize.backend=modelopt.onnx", "quantize.device=cpu"],
+                           "quantized_model.onnx"),
+}
+
+
+def quantize_int8_files(tao: Callable[..., None], root: Path, onnx: Path, *overrides: str) -> dict[str, Path]:
+    """Static int8 PTQ of ``onnx`` into each :data:`INT8_FILES` entry under ``root``; ``overrides``: the
+    calibration fields.  Returns ``{name: QDQ file}``."""
+    files = {}
+    for name, (folder, settings, file_name) in INT8_FILES.items():
+        tao("quantize", f"results_dir={root / folder}", f"quantize.model_path={onnx}", "quantize.mode=static_ptq",
+            *settings, *overrides)
+        files[name] = root / folder / "quantize" / file_name.format(stem=onnx.stem)
+    return files
+
+
+def quantize_checkpoints(tao: Callable[..., None], root: Path, ckpt: Path, *overrides: str) -> dict[str, Path]:
+    """The PyTorch backends on the trained checkpoint ``ckpt``: torchao weight-only int8 (TAO's default section)
+    into ``root/qt`` and ModelOpt's simulated static int8 (calibrated: ``overrides`` are the calibration fields)
+    into ``root/qm``.  Returns ``{name: quantized checkpoint}``."""
+    tao("quantize", f"results_dir={root / 'qt'}", f"quantize.model_path={ckpt}", "quantize.device=cpu")
+    tao("quantize", f"results_dir={root / 'qm'}", f"quantize.model_path={ckpt}", "quantize.device=cpu",
+        "quantize.backend=modelopt.pytorch", "quantize.mode=static_ptq", *overrides)
+    return {"torchao_weight_only_int8": root / "qt" / "quantize" / "quantized_model_torchao.pth",
+            "modelopt_pytorch_int8": root / "qm" / "quantize" / "quantized_model_modelopt.pth"}
+
+
+def export_quantized(tao: Callable[..., None], root: Path, checkpoint: Path, *overrides: str) -> Path:
+    """``export`` of ModelOpt's quantized checkpoint (its quantizers become Q/DQ pairs: the file TensorRT builds in
+    TAO's ModelOpt flow) into ``root/modelopt_export.onnx``; ``overrides``: the graph size."""
+    onnx = root / "modelopt_export.onnx"
+    tao("export", f"results_dir={root / 'qm_export'}", f"export.checkpoint={checkpoint}", f"export.onnx_file={onnx}",
+        *overrides)
+    return onnx
 
 
 def evaluate_runtimes(tao: Callable[..., None], root: Path, keys: tuple[str, ...], ckpt: Path, onnx: Path,
-                      qdq: Path, qdq_trt: Path, weight_only: Path) -> dict[str, dict[str, float]]:
-    """``evaluate`` of the checkpoint, the fp32 ONNX, the static int8 QDQ ONNX (ONNX Runtime's and TensorRT's
-    layouts) and the torchao weight-only checkpoint, each into ``root/<name>``; ``{name: {key: value}}`` from each
-    metrics.json.  ``tao(action, *overrides)`` runs one action of the network (and fails the script on a non-zero
-    exit)."""
+                      int8_files: dict[str, Path], checkpoints: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """``evaluate`` of the checkpoint, the fp32 ONNX, each static int8 file and each quantized checkpoint
+    (``{name: path}``), each into ``root/<name>``; ``{name: {key: value}}`` from each metrics.json.
+    ``tao(action, *overrides)`` runs one action of the network (and fails the script on a non-zero exit)."""
     out = {}
-    for name, source in (("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
-                         ("onnx_int8", f"evaluate.onnx_file={qdq}"),
-                         ("onnx_int8_tensorrt_layout", f"evaluate.onnx_file={qdq_trt}"),
-                         ("torchao_weight_only_int8", f"evaluate.checkpoint={weight_only}")):
+    sources = [("checkpoint", f"evaluate.checkpoint={ckpt}"), ("onnx_fp32", f"evaluate.onnx_file={onnx}"),
+               *((name, f"evaluate.onnx_file={path}") for name, path in int8_files.items()),
+               *((name, f"evaluate.checkpoint={path}") for name, path in checkpoints.items())]
+    for name, source in sources:
         extra = [] if source.startswith("evaluate.checkpoint=") else ["evaluate.checkpoint=null"]
         tao("evaluate", f"results_dir={root / name}", source, *extra)
         metrics = json.loads((root / name / "evaluate" / "metrics.json").read_text())

@@ -300,35 +300,48 @@ class LayerQuantizationConfig:
 class QuantizeConfig:
     """``quantize`` (tao-core ``ModelQuantizationConfig``) plus ``calib_images``.  TAO's fields and defaults are
     kept so TAO specs load for every action; a network that implements the action says which combinations it runs
-    (``backend: onnxruntime`` with ``mode: static_ptq``, ``backend: torchao`` with ``mode: weight_only_ptq``), the
-    rest is refused when quantizing."""
+    (``backend: onnxruntime``, ``modelopt.onnx`` or ``modelopt.pytorch`` with ``mode: static_ptq``, ``backend:
+    torchao`` with ``mode: weight_only_ptq``), the rest is refused when quantizing."""
 
     backend: str = param("torchao", description="Quantization backend. torchao: weight-only int8 of the trained "
                          "checkpoint's nn.Linear layers, written as quantized_model_torchao.pth (evaluate/inference "
                          "run it as their checkpoint). onnxruntime (a tao-cli addition): static int8 PTQ of the "
-                         "exported ONNX with ONNX Runtime, written as a QDQ ONNX. modelopt.pytorch and "
-                         "modelopt.onnx load but are refused by the quantize action.",
+                         "exported ONNX with ONNX Runtime, written as a QDQ ONNX for ONNX Runtime (or TensorRT with "
+                         "device trt). modelopt.onnx: static int8 PTQ of the exported ONNX with NVIDIA ModelOpt "
+                         "(TensorRT's Q/DQ placement), written as quantized_model.onnx. modelopt.pytorch: ModelOpt's "
+                         "simulated static int8 of the trained checkpoint's Linear/Conv2d layers, written as "
+                         "quantized_model_modelopt.pth (evaluate/inference run it as their checkpoint). Both "
+                         "modelopt backends need tao-cli[modelopt].",
                          valid_options=["modelopt.pytorch", "torchao", "modelopt.onnx", "onnxruntime"])
     mode: str = param("weight_only_ptq", description="static_ptq: weights and activations, calibrated on the "
-                      "calibration dataset (backend onnxruntime); weight_only_ptq: weights only (backend torchao).",
-                      valid_options=["static_ptq", "weight_only_ptq"])
+                      "calibration dataset (backends onnxruntime, modelopt.onnx, modelopt.pytorch); weight_only_ptq: "
+                      "weights only (backend torchao).", valid_options=["static_ptq", "weight_only_ptq"])
     algorithm: str = param("minmax", description="Calibration algorithm; backend onnxruntime runs minmax and "
-                           "entropy, backend torchao minmax/max (per-channel absolute max).", valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite",
-                                                      "awq_full", "rtn_dq"])
-    layers: list[LayerQuantizationConfig] = param([], description="Per-layer dtypes. Backend torchao: "
-                                                  "module_name patterns (fnmatch, or a class name) with weights "
-                                                  "int8 (add) or native (remove); empty = every nn.Linear. Refused "
-                                                  "by backend onnxruntime (every quantized layer is int8).")
-    skip_names: list[str] = param([], description="Layers to keep in floating point: substrings of ONNX node "
-                                  "names (onnxruntime, in addition to the layers TAO keeps in fp32) or module name "
-                                  "patterns (torchao).")
-    model_path: str = param("", description="The fp32 ONNX file written by the export action (backend "
-                            "onnxruntime), or the checkpoint written by train (backend torchao).")
+                           "entropy, modelopt.onnx minmax/max (ModelOpt's max) and entropy, torchao and "
+                           "modelopt.pytorch minmax/max (absolute max).",
+                           valid_options=["minmax", "max", "entropy", "awq_clip", "awq_lite", "awq_full", "rtn_dq"])
+    layers: list[LayerQuantizationConfig] = param([], description="Per-layer dtypes. Backends torchao and "
+                                                  "modelopt.pytorch: module_name patterns (fnmatch, or a class "
+                                                  "name) with weights (and, modelopt.pytorch, activations) int8 "
+                                                  "(add) or native (remove); empty = every nn.Linear (modelopt."
+                                                  "pytorch: and nn.Conv2d). Refused by the ONNX backends (every "
+                                                  "quantized layer is int8).")
+    skip_names: list[str] = param([], description="Layers to keep in floating point, in addition to the layers "
+                                  "TAO keeps in fp32: substrings of ONNX node names (onnxruntime), substrings or "
+                                  "re.match regular expressions of them (modelopt.onnx), or module name patterns "
+                                  "(torchao, modelopt.pytorch).")
+    model_path: str = param("", description="The fp32 ONNX file written by the export action (backends "
+                            "onnxruntime, modelopt.onnx), or the checkpoint written by train (backends torchao, "
+                            "modelopt.pytorch).")
     results_dir: str = param("")
-    backend_kwargs: dict[str, Any] = param({}, description="Backend options (none are read by backends "
-                                           "onnxruntime and torchao; must stay empty).")
-    device: str = param("cuda", description="Where quantization runs: cuda (ONNX Runtime's CUDA provider, or the "
-                        "GPU for torchao, when present, else the CPU) or cpu; trt is refused.")
+    backend_kwargs: dict[str, Any] = param({}, description="Backend options: keyword arguments of "
+                                           "modelopt.onnx.quantization.quantize (backend modelopt.onnx; those "
+                                           "tao-cli sets from other fields are refused); must stay empty for the "
+                                           "other backends.")
+    device: str = param("cuda", description="Where quantization runs and what the file is for: cuda (ONNX "
+                        "Runtime's CUDA provider, or the GPU for the PyTorch backends, when present, else the "
+                        "CPU), cpu, or trt (ONNX backends: TensorRT's Q/DQ layout). modelopt.onnx keeps "
+                        "un-quantized layers fp32 with cpu, fp16 otherwise (ModelOpt's default).")
     calib_images: int = param(64, description="Number of calibration images (the first N of "
                               "dataset.quant_calibration_dataset.images_dir, sorted); not a TAO field.",
                               valid_min=1)

@@ -1,21 +1,22 @@
-"""The ``quantize`` action's shared part: static int8 post-training quantization of an exported ONNX file with
-ONNX Runtime, written as a QDQ graph (standard ``QuantizeLinear``/``DequantizeLinear`` operators only).
+"""The ``quantize`` action's shared part: static int8 post-training quantization of an exported ONNX file, written
+as a QDQ graph (standard ``QuantizeLinear``/``DequantizeLinear`` operators only), by ONNX Runtime (``backend:
+onnxruntime``, below) or by NVIDIA ModelOpt (``backend: modelopt.onnx``, :mod:`networks.common.modelopt_onnx`).
 
 A network supplies three things to :func:`run_static_ptq`: which nodes stay in fp32 (a function of the graph's
 node names), the calibration feeds (a function of the named ONNX path, preprocessed exactly as its ``evaluate``
 from an ONNX file does) and a few report fields.  Everything else is here: the spec refusals
-(:func:`check_quantize_section`: ``backend: onnxruntime`` + ``mode: static_ptq`` runs here, ``backend:
-torchao`` goes to :mod:`networks.common.torchao_quantize`), node naming
-(``nodes_to_exclude`` can only match named nodes), the calibration reader, the standard-domain check, file names
-and ``quantize_report.json``.
+(:func:`check_quantize_section`; ``backend: torchao`` goes to :mod:`networks.common.torchao_quantize`), node
+naming (``nodes_to_exclude`` can only match named nodes), the unbounded-range probe, the standard-domain check,
+file names and ``quantize_report.json``.
 
-Outputs in the run directory: ``<stem>_named.onnx`` (the input re-saved with a unique name on every node),
-``<stem>_int8_qdq.onnx`` and ``quantize_report.json``.
+Outputs in the run directory: ``<stem>_named.onnx`` (the input re-saved with a unique name on every node), the
+int8 file (``<stem>_int8_qdq.onnx``; ModelOpt's: ``quantized_model.onnx``, TAO's name) and
+``quantize_report.json``.
 
-Only the operators with integer kernels are quantized (:data:`QUANTIZED_OP_TYPES`: Conv, MatMul, Gemm), as
-TensorRT's explicit-quantization guide and ModelOpt's default place Q/DQ: a QDQ pair around an elementwise op,
-a LayerNorm or a Softmax runs it in fp32 between an extra quantize and dequantize, which costs time and
-accuracy and buys nothing.
+With the ONNX Runtime backend only the operators with integer kernels are quantized (:data:`QUANTIZED_OP_TYPES`:
+Conv, MatMul, Gemm), as TensorRT's explicit-quantization guide and ModelOpt's default place Q/DQ: a QDQ pair
+around an elementwise op, a LayerNorm or a Softmax runs it in fp32 between an extra quantize and dequantize,
+which costs time and accuracy and buys nothing.
 
 The int8 layout depends on the runtime the file is for (:data:`QDQ_LAYOUTS`, chosen by ``quantize.device``):
 
@@ -27,9 +28,9 @@ The int8 layout depends on the runtime the file is for (:data:`QDQ_LAYOUTS`, cho
 * ``trt`` (TensorRT): int8 activations with zero point 0 (TensorRT accepts only symmetric int8 Q/DQ) and Q/DQ on
   the inputs of the weighted layers only, TensorRT's recommended placement.
 
-Besides the network's choice, every node that produces or reads a tensor whose calibrated range is not finite
-stays fp32 (:func:`unbounded_tensors`, one min-max pass before calibration): attention logits masked with -inf
-would otherwise get an infinite int8 scale.
+For both backends, besides the network's choice, every node that produces or reads a tensor whose calibrated range
+is not finite stays fp32 (:func:`unbounded_tensors`, one min-max pass before calibration): attention logits
+masked with -inf would otherwise get an infinite int8 scale.
 """
 from __future__ import annotations
 
@@ -46,9 +47,10 @@ from typing import Any
 
 from networks.common.errors import ConfigError
 
-__all__ = ["ALGORITHMS", "BACKEND_REFUSALS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES", "qdq_layout",
-           "calibration_count", "calibration_order", "check_quantize_section", "match_nodes", "name_nodes",
-           "read_fp32_inputs", "run_static_ptq", "size_mb", "touching_nodes", "unbounded_tensors"]
+__all__ = ["ALGORITHMS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES",
+           "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section", "int8_weight_layers",
+           "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb", "touching_nodes",
+           "unbounded_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -78,49 +80,50 @@ def qdq_layout(device: str) -> str:
     ONNX Runtime's."""
     return "tensorrt" if str(device) == "trt" else "onnxruntime"
 
-_FIX = ("set quantize.backend=onnxruntime and quantize.mode=static_ptq (or backend=torchao with "
-        "mode=weight_only_ptq)")
-#: Why each TAO backend other than ONNX Runtime is refused.
-BACKEND_REFUSALS = {
-    "modelopt.onnx": "nvidia-modelopt[onnx] pins onnx 1.21 and onnxruntime-gpu, which conflict with tao-cli's "
-                     "onnx/onnxruntime",
-    "modelopt.pytorch": "not implemented: nvidia-modelopt's PyTorch static PTQ (simulated int8 quantizers, saved "
-                        "with ModelOpt's own state) is not wired into tao-cli's actions yet",
-}
-
-
 def check_quantize_section(q: Any, check_model: Callable[[str, str], Any], calib_field: str,
                            calib_value: Any) -> None:
-    """``backend: torchao`` goes to :func:`~networks.common.torchao_quantize.check_torchao_section` (a trained
-    checkpoint, no calibration).  Otherwise refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run: another
-    backend or mode, an algorithm without an ONNX Runtime calibrator, per-layer settings, ``backend_kwargs``, an
-    empty ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the
-    network's export check) or an empty calibration source ``calib_value`` (the spec field ``calib_field``)."""
+    """Refuse (one-line :class:`ConfigError` naming the field) a ``quantize`` section tao-cli cannot run.  Each
+    backend checks its own fields: ``torchao`` (:func:`~networks.common.torchao_quantize.check_torchao_section`, a
+    trained checkpoint, no calibration), ``modelopt.pytorch``
+    (:func:`~networks.common.modelopt_torch.check_modelopt_torch_section`, a trained checkpoint), ``modelopt.onnx``
+    (:func:`~networks.common.modelopt_onnx.check_modelopt_section`) and ``onnxruntime`` (here: ``static_ptq``, an
+    algorithm with an ONNX Runtime calibrator, no per-layer settings, no ``backend_kwargs``).  The ONNX backends
+    need ``model_path`` (a set one goes to ``check_model(path, "quantize.model_path")``, the network's export
+    check); every backend but torchao needs a calibration source ``calib_value`` (the spec field
+    ``calib_field``)."""
     backend, mode = str(q.backend), str(q.mode)
     if backend == "torchao":
         from networks.common.torchao_quantize import check_torchao_section
 
         check_torchao_section(q)
         return
-    if backend in BACKEND_REFUSALS:
-        raise ConfigError("quantize.backend", f"'{backend}' is not supported: {BACKEND_REFUSALS[backend]}", _FIX)
-    if mode != "static_ptq":
-        raise ConfigError("quantize.mode", f"'{mode}' is not implemented for backend '{backend}' (only static int8 "
-                          "PTQ with calibration)", "set quantize.mode=static_ptq")
-    if str(q.algorithm) not in ALGORITHMS:
-        raise ConfigError("quantize.algorithm", f"'{q.algorithm}' has no ONNX Runtime calibrator",
-                          f"use one of {', '.join(ALGORITHMS)}")
-    if len(q.layers):
-        raise ConfigError("quantize.layers", "per-layer dtypes are not implemented for backend onnxruntime (every "
-                          "quantized layer is int8)", "remove quantize.layers; use quantize.skip_names to keep "
-                          "layers in fp32")
-    if len(q.backend_kwargs):
-        raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
-                          "onnxruntime", "remove quantize.backend_kwargs")
-    if not q.model_path:
-        raise ConfigError("quantize.model_path", "is empty",
-                          "point it at the fp32 .onnx file written by the export action")
-    check_model(str(q.model_path), "quantize.model_path")
+    if backend == "modelopt.pytorch":
+        from networks.common.modelopt_torch import check_modelopt_torch_section
+
+        check_modelopt_torch_section(q)
+    elif backend == "modelopt.onnx":
+        from networks.common.modelopt_onnx import check_modelopt_section
+
+        check_modelopt_section(q)
+    else:
+        if mode != "static_ptq":
+            raise ConfigError("quantize.mode", f"'{mode}' is not implemented for backend '{backend}' (only static "
+                              "int8 PTQ with calibration)", "set quantize.mode=static_ptq")
+        if str(q.algorithm) not in ALGORITHMS:
+            raise ConfigError("quantize.algorithm", f"'{q.algorithm}' has no ONNX Runtime calibrator",
+                              f"use one of {', '.join(ALGORITHMS)}")
+        if len(q.layers):
+            raise ConfigError("quantize.layers", "per-layer dtypes are not implemented for backend onnxruntime "
+                              "(every quantized layer is int8)", "remove quantize.layers; use quantize.skip_names "
+                              "to keep layers in fp32")
+        if len(q.backend_kwargs):
+            raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
+                              "onnxruntime", "remove quantize.backend_kwargs")
+    if backend != "modelopt.pytorch":
+        if not q.model_path:
+            raise ConfigError("quantize.model_path", "is empty",
+                              "point it at the fp32 .onnx file written by the export action")
+        check_model(str(q.model_path), "quantize.model_path")
     if not calib_value:
         raise ConfigError(calib_field, "is empty",
                           "point it at a folder (or archive) of calibration images like the evaluation images")
@@ -252,6 +255,25 @@ def read_fp32_inputs(model: Any, excluded: set[str]) -> int:
     return changed
 
 
+def int8_weight_layers(model: Any) -> dict[str, int]:
+    """{operator type: count} of the nodes of ``model`` that read a weight in int8: an initializer through a
+    DequantizeLinear, directly (int8 weights stored) or after a QuantizeLinear (fp32 weights stored, ModelOpt's
+    and TensorRT's Q/DQ pair)."""
+    producer = {out: n for n in model.graph.node for out in n.output}
+    consts = {t.name for t in model.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            qn = producer.get(dq.input[0])
+            if dq.input[0] in consts or (qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts):
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+                break
+    return dict(sorted(counts.items()))
+
+
 def size_mb(path: Path) -> float:
     return round(Path(path).stat().st_size / 2**20, 3)
 
@@ -259,30 +281,25 @@ def size_mb(path: Path) -> float:
 def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
                    calibration: Callable[[str], tuple[Iterator[dict], int]], calib_source: str,
                    excluded_patterns: list[str], exclusion_why: str) -> dict[str, Any]:
-    """Quantize ``q.model_path`` (the spec's checked ``quantize`` section) into ``ctx.run_dir``.
+    """Quantize ``q.model_path`` (the spec's checked ``quantize`` section) into ``ctx.run_dir`` with the ONNX
+    backend ``q.backend`` (``onnxruntime``: :func:`_quantize_with_onnxruntime`, ``<stem>_int8_qdq.onnx``;
+    ``modelopt.onnx``: :func:`~networks.common.modelopt_onnx.quantize_with_modelopt`, ``quantized_model.onnx`` as
+    TAO names it).
 
     ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (iterator of feeds, images
     used)``; ``calib_source`` (where the images come from), ``excluded_patterns`` and ``exclusion_why`` go to the
     log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
     non-standard operator domain (the file is then not written)."""
-    import numpy as np
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        create_calibrator,
-        quantize_static,
-        save_tensors_data,
-    )
 
     from networks.common.onnx_runtime import choose_providers, resolve_onnx_path
 
+    backend = str(q.backend)
     src = resolve_onnx_path(q.model_path)
     out_dir = Path(ctx.run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     named_path = out_dir / f"{src.stem}_named.onnx"
-    qdq_path = out_dir / f"{src.stem}_int8_qdq.onnx"
+    qdq_path = out_dir / ("quantized_model.onnx" if backend == "modelopt.onnx" else f"{src.stem}_int8_qdq.onnx")
 
     model = onnx.load(str(src))
     renamed = name_nodes(model)
@@ -290,10 +307,13 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     onnx.save(model, str(named_path), save_as_external_data=large)
     node_names = [n.name for n in model.graph.node]
     excluded = exclude(node_names)
-    layout_name = qdq_layout(str(q.device))
-    layout = QDQ_LAYOUTS[layout_name]
+    if backend == "modelopt.onnx":  # TAO hands skip_names to ModelOpt as regular expressions
+        from networks.common.modelopt_onnx import regex_matches
+
+        excluded = [*excluded, *regex_matches(node_names, [str(s) for s in q.skip_names])]
+    layout_name = "tensorrt" if backend == "modelopt.onnx" else qdq_layout(str(q.device))
     # a file for TensorRT is made on a GPU machine: calibrate there when ONNX Runtime can
-    want_gpu = str(q.device).startswith("cuda") or layout_name == "tensorrt"
+    want_gpu = str(q.device).startswith("cuda") or str(q.device) == "trt"
     providers = choose_providers(want_gpu)
     if want_gpu and providers == ["CPUExecutionProvider"]:
         ctx.log.info("quantize.device=%s but this ONNX Runtime has no CUDA provider: calibrating on the CPU",
@@ -312,65 +332,50 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
     batches, used = calibration(str(named_path))
     # external weights are named after the file they are saved with, so a large model is written in place
-    tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp")
-    cache = out_dir / "calibration_cache.json"
-    ctx.log.info("Calibrating on %d images of %s (%s, %s); QDQ layout for %s (quantize.device=%s)", used,
-                 calib_source, q.algorithm, providers[0], layout_name, q.device)
-    root = logging.getLogger()
-    level = root.level
-    method = getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)])
-    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"), \
-            tempfile.TemporaryDirectory(prefix="calib_", dir=out_dir) as work:
-        # a tensor that is constant over the calibration set has a zero range; ORT then picks scale 1 itself
-        warnings.simplefilter("ignore", RuntimeWarning)
-        # ORT logs one root-logger warning per non-initializer bias (hundreds on these graphs); the run's own
-        # loggers propagate to root's handlers regardless of root's level, so only those are silenced
-        root.setLevel(logging.ERROR)
-        try:
-            # calibrated here rather than inside quantize_static, which cannot give the calibrator its settings
-            calibrator = create_calibrator(named_path, list(QUANTIZED_OP_TYPES),
-                                           augmented_model_path=str(Path(work) / "augmented.onnx"),
-                                           calibrate_method=method, use_external_data_format=large,
-                                           providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
-            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-                calibrator.collect_data(feed_reader(batches))
-                save_tensors_data(calibrator.compute_data(), cache)
-            del calibrator
-            quantize_static(str(named_path), str(tmp), None, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8 if layout["activations"] == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=True,
-                            nodes_to_exclude=excluded, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
-                            extra_options={"ActivationSymmetric": layout["symmetric"], "WeightSymmetric": True,
-                                           "OpTypesToExcludeOutputQuantization": list(layout["float_outputs"])},
-                            calibrate_method=method, use_external_data_format=large,
-                            calibration_cache_path=cache)
-        finally:
-            root.setLevel(level)
-    qmodel = onnx.load(str(tmp), load_external_data=large)
-    rewired = read_fp32_inputs(qmodel, set(excluded))
-    if rewired:
-        onnx.save(qmodel, str(tmp), save_as_external_data=large)
-    foreign = sorted({n.domain for n in qmodel.graph.node if n.domain not in ("", "ai.onnx")})
-    if foreign:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"the quantized graph uses non-standard operator domains {foreign}")
+    tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp.onnx")
+    ctx.log.info("Calibrating on %d images of %s (%s %s, %s); QDQ layout for %s (quantize.device=%s)", used,
+                 calib_source, backend, q.algorithm, providers[0], layout_name, q.device)
+    if backend == "modelopt.onnx":
+        from networks.common.modelopt_onnx import high_precision_dtype
+
+        if high_precision_dtype(q) != "fp32":
+            ctx.log.info("ModelOpt converts the layers it leaves un-quantized to %s (a file for a GPU); "
+                         "quantize.device=cpu keeps them fp32", high_precision_dtype(q))
+    try:
+        with _quiet_quantizer():
+            if backend == "modelopt.onnx":
+                from networks.common.modelopt_onnx import quantize_with_modelopt
+
+                details = quantize_with_modelopt(q, named_path, tmp, excluded, batches, providers, large)
+            else:
+                details = _quantize_with_onnxruntime(q, named_path, tmp, excluded, batches, providers, large,
+                                                     out_dir)
+        qmodel = onnx.load(str(tmp), load_external_data=large)
+        rewired = read_fp32_inputs(qmodel, set(excluded))
+        if rewired:
+            onnx.save(qmodel, str(tmp), save_as_external_data=large)
+        foreign = sorted({n.domain for n in qmodel.graph.node if n.domain not in ("", "ai.onnx")})
+        if foreign:
+            raise RuntimeError(f"the quantized graph uses non-standard operator domains {foreign}")
+    except BaseException:
+        if tmp != qdq_path:
+            tmp.unlink(missing_ok=True)
+        raise
+    int8_layers = int8_weight_layers(qmodel)
     ops = [n.op_type for n in qmodel.graph.node]
+    del qmodel
     if tmp != qdq_path:
         os.replace(tmp, qdq_path)
     report = {
-        "backend": "onnxruntime", "mode": "static_ptq", "algorithm": str(q.algorithm),
-        "target_runtime": layout_name,
-        "activations": f"{layout['activations']} (per-tensor, {'symmetric' if layout['symmetric'] else 'zero point'})",
-        "weights": "int8 (per-channel, symmetric)", "format": "QDQ",
-        "float_outputs": list(layout["float_outputs"]),
-        "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        "backend": backend, "mode": "static_ptq", "algorithm": str(q.algorithm), "target_runtime": layout_name,
+        **details,
+        "format": "QDQ", "quantized_op_types": sorted(int8_layers), "int8_weight_layers": int8_layers,
         "model_path": str(src), "named_onnx": str(named_path), "quantized_onnx": str(qdq_path),
         "calibration_images_dir": calib_source, "calibration_images": used, "calibration_providers": providers,
         "fp32_mb": size_mb(named_path), "int8_mb": size_mb(qdq_path),
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "excluded_patterns": [*excluded_patterns, *[str(s) for s in q.skip_names]],
         "num_excluded_nodes": len(excluded), "excluded_nodes": excluded, "fp32_inputs_restored": rewired,
-        "calibration_cache": str(cache),
         "unbounded_tensors": sorted(unbounded), "excluded_for_unbounded_range": by_range,
     }
     (out_dir / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -379,3 +384,64 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
                  qdq_path)
     return {k: report[k] for k in ("named_onnx", "quantized_onnx", "fp32_mb", "int8_mb", "calibration_images",
                                    "num_excluded_nodes")}
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """Silence what ONNX Runtime's quantizer says to everyone: a root-logger warning per non-initializer bias
+    (hundreds on these graphs; the run's own loggers and ModelOpt's propagate to root's handlers regardless of
+    root's level, so only those are dropped) and numpy's warnings on a tensor that is constant over the
+    calibration set (a zero range, for which ONNX Runtime picks scale 1 itself)."""
+    import numpy as np
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, excluded: list[str],
+                               batches: Iterator[dict], providers: list[str], large: bool,
+                               out_dir: Path) -> dict[str, Any]:
+    """Write ``out_path``: ``named_path`` calibrated on ``batches`` (ranges kept as ``calibration_cache.json`` in
+    ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of ``q.device``, with
+    ``excluded`` (exact node names) kept in fp32.  Returns the report fields of this backend."""
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        create_calibrator,
+        quantize_static,
+        save_tensors_data,
+    )
+
+    layout = QDQ_LAYOUTS[qdq_layout(str(q.device))]
+    cache = out_dir / "calibration_cache.json"
+    method = getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)])
+    with tempfile.TemporaryDirectory(prefix="calib_", dir=out_dir) as work:
+        # calibrated here rather than inside quantize_static, which cannot give the calibrator its settings
+        calibrator = create_calibrator(named_path, list(QUANTIZED_OP_TYPES),
+                                       augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                       calibrate_method=method, use_external_data_format=large,
+                                       providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            calibrator.collect_data(feed_reader(batches))
+            save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+        quantize_static(str(named_path), str(out_path), None, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8 if layout["activations"] == "uint8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=True,
+                        nodes_to_exclude=excluded, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+                        extra_options={"ActivationSymmetric": layout["symmetric"], "WeightSymmetric": True,
+                                       "OpTypesToExcludeOutputQuantization": list(layout["float_outputs"])},
+                        calibrate_method=method, use_external_data_format=large,
+                        calibration_cache_path=cache)
+    return {"activations": f"{layout['activations']} (per-tensor, "
+                           f"{'symmetric' if layout['symmetric'] else 'zero point'})",
+            "weights": "int8 (per-channel, symmetric)", "float_outputs": list(layout["float_outputs"]),
+            "calibration_cache": str(cache)}

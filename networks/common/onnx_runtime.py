@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from networks.common.errors import ConfigError
 
 __all__ = ["ONNX_SOURCES", "OnnxGraphInfo", "OnnxSession", "check_model_source", "choose_providers",
-           "describe_onnx", "inference_session", "is_qdq_onnx", "onnx_file_of", "resolve_onnx_path",
+           "describe_onnx", "has_fp16", "inference_session", "is_qdq_onnx", "onnx_file_of", "resolve_onnx_path",
            "static_image_hw"]
 
 log = logging.getLogger(__name__)
@@ -135,15 +135,34 @@ def is_qdq_onnx(path: str | os.PathLike) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for g in graphs for node in g.node)
 
 
+def has_fp16(path: str | os.PathLike) -> bool:
+    """True when the ONNX graph holds fp16 weights or casts to fp16 (ModelOpt's QDQ file for a GPU converts the
+    layers it leaves un-quantized to fp16)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    fp16 = onnx.TensorProto.FLOAT16
+    return any(t.data_type == fp16 for t in model.graph.initializer) or any(
+        node.op_type == "Cast" and any(a.name == "to" and a.i == fp16 for a in node.attribute)
+        for node in model.graph.node)
+
+
 def inference_session(path: str | os.PathLike, providers: list[str], options: Any = None,
                       qdq: bool | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` of ``path``.  For a QDQ graph (``qdq``; None: read the file to tell)
     ONNX Runtime's ``MatMulAddFusion`` is turned off: on a static-shape graph it turns MatMul + Add into Gemm
     before the QDQ fusions run, and the Gemm then runs in fp32 with its weights dequantized at every call (int8
-    slower than fp32)."""
+    slower than fp32).  An fp16 QDQ graph on the CPU provider is optimized at most at the extended level: ONNX
+    Runtime 1.31's full level (its CPU layout transforms) crashed the process with a segmentation fault on
+    ModelOpt's fp16 file."""
     import onnxruntime as ort
 
-    disabled = ["MatMulAddFusion"] if (is_qdq_onnx(path) if qdq is None else qdq) else None
+    qdq = is_qdq_onnx(path) if qdq is None else qdq
+    disabled = ["MatMulAddFusion"] if qdq else None
+    if qdq and providers and providers[0] == "CPUExecutionProvider" and has_fp16(path):
+        options = options if options is not None else ort.SessionOptions()
+        if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
 
 

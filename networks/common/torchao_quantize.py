@@ -31,8 +31,8 @@ from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 
-__all__ = ["OUTPUT_NAME", "TORCHAO_REQUIREMENT", "check_torchao_section", "describe", "quantize_like", "run_weight_only_ptq",
-           "select_modules"]
+__all__ = ["OUTPUT_NAME", "TORCHAO_REQUIREMENT", "check_torchao_section", "describe", "matches_module",
+           "quantize_like", "run_weight_only_ptq", "select_modules"]
 
 #: File name TAO's torchao backend writes in the quantize results directory.
 OUTPUT_NAME = "quantized_model_torchao.pth"
@@ -98,7 +98,9 @@ def check_torchao_section(q: Any) -> None:
         raise ConfigError("quantize.backend", _MISSING, _INSTALL)
 
 
-def _matches(name: str, module: nn.Module, pattern: str) -> bool:
+def matches_module(name: str, module: nn.Module, pattern: str) -> bool:
+    """Whether a ``quantize.layers``/``skip_names`` pattern names the layer: an ``fnmatch`` pattern of its
+    qualified name, or its class name (the PyTorch backends' rule)."""
     return fnmatch.fnmatchcase(name, pattern) or type(module).__name__ == pattern
 
 
@@ -120,7 +122,7 @@ def select_modules(model: nn.Module, layers: Iterable[Any], skip_names: Iterable
              for i, x in enumerate(layers)]
     rules += [(f"quantize.skip_names[{i}]", str(p), False) for i, p in enumerate(skip_names)]
     for field, pattern, add in rules:
-        hit = {n for n, m in linears if _matches(n, m, pattern)}
+        hit = {n for n, m in linears if matches_module(n, m, pattern)}
         if not hit:
             raise ConfigError(field, f"'{pattern}' matches no nn.Linear layer of the model (weight-only int8 "
                               "quantizes nn.Linear)", f"e.g. {linears[0][0] if linears else 'Linear'} or Linear")
@@ -172,18 +174,11 @@ def run_weight_only_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix
     is one (else the CPU, logged); the file always holds CPU tensors and is written with ``ctx.save_checkpoint``
     (the engine's writer: atomic, tagged, encrypted with the spec's key)."""
     from networks.common.io import atomic_write_json
-    from networks.common.weights import unwrap_state_dict
+    from networks.common.weights import whole_model_state
 
     path = Path(str(q.model_path))
     obj = ctx.load_checkpoint(path)
-    state = dict(unwrap_state_dict(obj))
-    own = model.state_dict()
-    inner = {k[len(prefix):] for k in state if k.startswith(prefix)}
-    if inner != set(own):
-        raise ConfigError("quantize.model_path", f"{path} is not a whole {network} checkpoint in tao-cli's layout "
-                          f"({len(set(own) - inner)} model tensors missing, {len(inner - set(own))} unknown)",
-                          "pass a checkpoint written by the train action, or convert the file with "
-                          "`tao weights convert` first")
+    state = whole_model_state(obj, model, prefix, field="quantize.model_path", source=path, network=network)
     names = select_modules(model, q.layers, q.skip_names)
     device = "cpu"
     if str(q.device).startswith("cuda"):

@@ -360,13 +360,16 @@ def require_whole_model(fmt: WeightFormat, source: WeightSource, field: str) -> 
 
 
 def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence[WeightFormat], model_cfg: Any, *,
-                     field: str, loader: Callable[[Path], Mapping] | None = None, prefix: str = ""):
+                     field: str, loader: Callable[[Path], Mapping] | None = None, prefix: str = "",
+                     quantized: Sequence[str] = ()):
     """Load a whole trained model from ``path`` (file or HF directory) in any of ``formats`` — the network's own
     checkpoints first among them — into ``model``; returns ``(report, format, meta)``.
 
     ``loader(path) -> dict`` is the engine's safe loader for files (decryption, ``tao_model`` check); without it
     files are read by :func:`read_source`.  Formats that fill only a part are refused
     (:func:`require_whole_model`); missing keys outside the format's ``new_parts``/``optional_parts`` are errors.
+    A file of the ``quantize`` action is refused unless its backend is in ``quantized`` (only ``modelopt.pytorch``
+    can be: ModelOpt's quantizers are put into ``model``, the bare network, before its tensors load).
     """
     from networks.common.weights import read_weights_file
 
@@ -377,7 +380,11 @@ def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence
         obj = read_weights_file(p, field=field, loader=loader)
         source = source_from_checkpoint(p, obj, "safetensors" if p.suffix == ".safetensors" else "torch")
     record = source.meta.get("quantization")
-    if isinstance(record, Mapping):
+    if isinstance(record, Mapping) and record.get("backend") in quantized:
+        from networks.common.modelopt_torch import restore_like
+
+        restore_like(model, {**record, "root": ""}, str(p))  # the bare network: no Lightning "model." level
+    elif isinstance(record, Mapping):
         raise CheckpointError(field, f"{p} is a quantized model (quantize action, {record.get('backend')} "
                               f"{record.get('mode')}); this action needs floating-point weights",
                               f"use the checkpoint it was quantized from ({record.get('source', 'the train output')})")

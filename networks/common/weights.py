@@ -23,7 +23,7 @@ from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
 
-__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict", "strip_prefix", "freeze_modules", "read_weights_file",
+__all__ = ["LoadReport", "apply_state_dict", "unwrap_state_dict", "whole_model_state", "strip_prefix", "freeze_modules", "read_weights_file",
            "safe_torch_load", "file_reader", "read_file_bytes"]
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,23 @@ def unwrap_state_dict(obj: Mapping) -> dict[str, torch.Tensor]:
         return {k: v for k, v in obj.items() if torch.is_tensor(v)}
     raise CheckpointError("checkpoint", "contains no tensors under 'state_dict', 'model' or at the top level",
                           "check that the file is a PyTorch weights file")
+
+
+def whole_model_state(obj: Mapping, model: nn.Module, prefix: str, *, field: str, source: Any,
+                      network: str) -> dict[str, Any]:
+    """The state dict of the checkpoint ``obj`` (read from ``source``, named by the spec field ``field``), which
+    must hold exactly ``model``'s tensors under ``prefix`` (a train checkpoint or ``tao weights convert``
+    output), other entries allowed; :class:`ConfigError` naming the field otherwise (how many are missing and
+    unknown)."""
+    state = dict(unwrap_state_dict(obj))
+    own = set(model.state_dict())
+    inner = {k[len(prefix):] for k in state if k.startswith(prefix)}
+    if inner != own:
+        raise ConfigError(field, f"{source} is not a whole {network} checkpoint in tao-cli's layout "
+                          f"({len(own - inner)} model tensors missing, {len(inner - own)} unknown)",
+                          "pass a checkpoint written by the train action, or convert the file with "
+                          "`tao weights convert` first")
+    return state
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:

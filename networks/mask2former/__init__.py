@@ -1,6 +1,6 @@
 """Mask2Former (Cheng et al., CVPR 2022) for tao-cli: TAO's ``mask2former`` spec, train/evaluate/inference/export
-and quantize (weight-only int8 of the checkpoint with torchao, or static int8 PTQ of the exported ONNX with ONNX
-Runtime).
+and quantize (weight-only int8 of the checkpoint with torchao, simulated static int8 of the checkpoint with
+ModelOpt, or static int8 PTQ of the exported ONNX with ONNX Runtime or ModelOpt).
 
 Implements the engine ↔ network contract of docs/architecture.md.  ``gen_trt_engine`` builds a TensorRT engine
 from the exported ONNX where TensorRT and a CUDA GPU exist, and says what is missing (at load) where they do not.
@@ -27,8 +27,9 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint on dataset.val: mIoU and pixel accuracy, plus PQ or mask AP.",
     "inference": "Segment the images of dataset.test.img_dir; writes overlays and PNG/JSON results.",
     "export": "Export a checkpoint to ONNX (standard ops) and check it with onnxruntime.",
-    "quantize": "Int8 quantization: the trained checkpoint's Linear weights (torchao, TAO's default) or "
-                "the exported ONNX (ONNX Runtime static PTQ, QDQ, calibrated on dataset.quant_calibration_dataset).",
+    "quantize": "Int8 quantization: the trained checkpoint (torchao weight-only, TAO's default; ModelOpt static) "
+                "or the exported ONNX (ONNX Runtime or ModelOpt static PTQ, QDQ); static PTQ calibrates on "
+                "dataset.quant_calibration_dataset.",
     "gen_trt_engine": "Build a TensorRT engine from the exported ONNX (FP32/FP16; needs TensorRT and a CUDA GPU).",
 }
 

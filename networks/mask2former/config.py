@@ -308,7 +308,8 @@ class ExperimentConfig(CommonExperimentConfig):
     export: Mask2FormerExportConfig = param(Mask2FormerExportConfig, description="ONNX export.")
     gen_trt_engine: GenTrtEngineConfig = param(GenTrtEngineConfig, description="TensorRT engine from the exported ONNX (needs TensorRT and a CUDA GPU).")
     quantize: QuantizeConfig = param(QuantizeConfig, description="Int8 quantization: of the exported ONNX "
-                                     "(onnxruntime, static) or of the trained checkpoint (torchao, weight-only).")
+                                     "(onnxruntime or modelopt.onnx, static) or of the trained checkpoint (torchao, "
+                                     "weight-only; modelopt.pytorch, static).")
     automl: AutoMLConfig = param(AutoMLConfig, description="AutoML search (tao automl; docs/automl.md).")
 
 

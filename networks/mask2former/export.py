@@ -80,15 +80,17 @@ def onnx_parity(model: nn.Module, mode: str, onnx_path: str | Path, inputs: torc
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
-                       loader: Any = None, model_cfg: Any = None) -> Any:
+                       loader: Any = None, model_cfg: Any = None, quantized: tuple[str, ...] = ()) -> Any:
     """Load a whole trained model into ``model``: a tao-cli checkpoint or any whole-model layout of
     :func:`networks.mask2former.weight_formats.formats` (file or Hugging Face directory), every model tensor present
     except parts the layout never has (reported).  ``loader(path) -> dict`` is the engine's safe loader
-    (decryption, network tag check).  Returns the load report."""
+    (decryption, network tag check); ``quantized``: the quantize backends whose output is accepted
+    (:func:`~networks.common.weight_formats.load_whole_model`).  Returns the load report."""
     from networks.common.weight_formats import load_whole_model
     from networks.mask2former.weight_formats import formats
 
-    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader)
+    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
+                                      quantized=quantized)
     if report.missing:
         log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
                     len(report.missing), ", ".join(report.missing[:3]))
@@ -104,7 +106,9 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
     if ex.opset_version < MIN_OPSET:
         raise ConfigError("export.opset_version", f"{ex.opset_version} is too low", f"use {MIN_OPSET} or higher")
     model = build_model(cfg.model).eval()
-    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model)
+    # a ModelOpt-quantized checkpoint exports as a QDQ graph (its quantizers become QuantizeLinear/DequantizeLinear)
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model,
+                       quantized=("modelopt.pytorch",))
     out = export_onnx(model, cfg.model.mode, ex.onnx_file, (ex.input_height, ex.input_width), ex.batch_size,
                       ex.opset_version, cfg.model.test_topk_per_image, ex.verbose)
     b = 1 if ex.batch_size in (None, -1) else int(ex.batch_size)

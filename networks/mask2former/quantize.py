@@ -9,14 +9,16 @@ Outputs in the run directory: ``<stem>_named.onnx``, ``<stem>_int8_qdq.onnx`` an
 parts TAO keeps in fp32 for TensorRT (reference mask2former.md §7.2: the masked-attention cross-attention layers
 and the post-processor) stay un-quantized by default.
 
-``backend: onnxruntime`` with ``mode: static_ptq`` runs as above; ``backend: torchao`` with ``mode:
+``backend: onnxruntime`` (or ``modelopt.onnx``: NVIDIA ModelOpt, TensorRT's Q/DQ placement, written as
+``quantized_model.onnx``) with ``mode: static_ptq`` runs as above; ``backend: torchao`` with ``mode:
 weight_only_ptq`` (TAO's default) gives the trained checkpoint ``quantize.model_path`` int8 ``nn.Linear`` weights
-(:mod:`networks.common.torchao_quantize`).  :func:`check_quantize` refuses every other combination at load
-(``--dry-run`` included) with the reason.
+(:mod:`networks.common.torchao_quantize`), and ``backend: modelopt.pytorch`` with ``mode: static_ptq`` gives it
+ModelOpt's simulated-int8 quantizers calibrated on the same images (:mod:`networks.common.modelopt_torch`).
+:func:`check_quantize` refuses every other combination at load (``--dry-run`` included) with the reason.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from networks.common.onnx_quantize import (
@@ -61,22 +63,28 @@ def excluded_nodes(node_names: list[str], skip_names: list[str], default: bool =
     return [n for n in node_names if n in matched or (wrapped and not n.startswith(POSTPROCESSOR_PREFIX))]
 
 
-def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
-    """(iterator of ``{input name: float32 [B,3,H,W]}``, number of images used) for calibration: the first
-    ``count`` images of the calibration folder through evaluate's preprocessing.  A graph with a fixed batch B
-    is fed whole batches (:func:`~networks.common.onnx_quantize.calibration_order`)."""
-    from networks.mask2former.data import Augmentation, PredictDataset, collate, raise_if_error
-    from networks.mask2former.onnx_runtime import OnnxHead
+def _calibration_images(cfg: Any, count: int) -> tuple[Any, int]:
+    """(dataset of the calibration folder through evaluate's preprocessing: ``dataset.val``'s test resize and
+    normalisation, so calibration sees the statistics evaluate will feed; how many of its images are used)."""
+    from networks.mask2former.data import Augmentation, PredictDataset
 
     ds = cfg.dataset
     aug = ds.augmentation
-    field = "dataset.quant_calibration_dataset.images_dir"
-    # evaluate's transform (dataset.val's test resize), so calibration sees the statistics evaluate will feed
     transform = Augmentation(False, [aug.test_min_size], aug.test_max_size, None, ds.val.target_size)
     dataset = PredictDataset(ds.quant_calibration_dataset.images_dir, transform, ds.pixel_mean, ds.pixel_std,
-                             field=field)
+                             field="dataset.quant_calibration_dataset.images_dir")
+    return dataset, calibration_count(count, len(dataset), ds.quant_calibration_dataset.images_dir)
+
+
+def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
+    """(iterator of ``{input name: float32 [B,3,H,W]}``, number of images used) for calibrating an ONNX file: the
+    first ``count`` calibration images (:func:`_calibration_images`) resized to the graph's H×W.  A graph with a
+    fixed batch B is fed whole batches (:func:`~networks.common.onnx_quantize.calibration_order`)."""
+    from networks.mask2former.data import collate, raise_if_error
+    from networks.mask2former.onnx_runtime import OnnxHead
+
+    dataset, used = _calibration_images(cfg, count)
     head = OnnxHead(model_path, str(cfg.model.mode), field="quantize.model_path")
-    used = calibration_count(count, len(dataset), ds.quant_calibration_dataset.images_dir)
     step = head.batch or 1
     order = calibration_order(used, step)
 
@@ -89,19 +97,43 @@ def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterato
     return batches(), used
 
 
+def _torch_calibration(cfg: Any, count: int) -> Callable[[Any, Any], int]:
+    """``calibrate(model, device) -> images used`` for backend modelopt.pytorch: the model run on the first
+    ``count`` calibration images (:func:`_calibration_images`), ``dataset.val.batch_size`` at a time."""
+    from networks.mask2former.data import collate, raise_if_error
+
+    dataset, used = _calibration_images(cfg, count)
+    step = max(1, int(cfg.dataset.val.batch_size))
+
+    def calibrate(model: Any, device: Any) -> int:
+        for start in range(0, used, step):
+            batch = collate([dataset[i] for i in range(start, min(used, start + step))])
+            raise_if_error(batch)
+            model(batch["images"].to(device))
+        return used
+
+    return calibrate
+
+
 def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     """The ``quantize`` action; returns the outputs recorded in status.json (paths, sizes, excluded node count,
     calibration count).  The spec is checked with :func:`check_quantize` first, also when called directly."""
     check_quantize(cfg)
     q = cfg.quantize
-    if str(q.backend) == "torchao":
-        from networks.common.torchao_quantize import run_weight_only_ptq
+    if str(q.backend) in ("torchao", "modelopt.pytorch"):
         from networks.mask2former.export import load_model_weights
         from networks.mask2former.model import build_model
 
         model = build_model(cfg.model).eval()
         load_model_weights(model, q.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
                            model_cfg=cfg.model)
+        if str(q.backend) == "modelopt.pytorch":
+            from networks.common.modelopt_torch import run_modelopt_ptq
+
+            return run_modelopt_ptq(q, ctx, model, "mask2former", "model.",
+                                    _torch_calibration(cfg, int(q.calib_images)))
+        from networks.common.torchao_quantize import run_weight_only_ptq
+
         return run_weight_only_ptq(q, ctx, model, "mask2former", "model.")
     return run_static_ptq(
         q, ctx, lambda names: excluded_nodes(names, list(q.skip_names)),

@@ -1,6 +1,6 @@
 """Mask Grounding DINO for tao-cli: TAO's ``mask_grounding_dino`` spec, train/evaluate/inference/export,
-quantize (weight-only int8 of the checkpoint with torchao, or static int8 PTQ of the exported ONNX with ONNX Runtime)
-and gen_trt_engine (TensorRT, needs a GPU).
+quantize (weight-only int8 of the checkpoint with torchao, simulated static int8 of the checkpoint with ModelOpt,
+or static int8 PTQ of the exported ONNX with ONNX Runtime or ModelOpt) and gen_trt_engine (TensorRT, needs a GPU).
 
 Open-vocabulary detection and instance segmentation prompted by text ("cat . dog ."): Grounding DINO
 (Liu et al., 2023) with a CondInst-style dynamic mask head, as in TAO.  Implements the engine ↔ network
@@ -30,8 +30,9 @@ ACTIONS: dict[str, str] = {
     "evaluate": "Evaluate a checkpoint: COCO bbox and segm AP on the test (or val) COCO file.",
     "inference": "Detect and segment the phrases of infer_data_sources in its images; writes overlays and JSON.",
     "export": "Export a checkpoint to ONNX (standard ops, TAO's input/output names) and check it with onnxruntime.",
-    "quantize": "Int8 quantization: the trained checkpoint's Linear weights (torchao, TAO's default) or "
-                "the exported ONNX (ONNX Runtime static PTQ, QDQ, calibrated on dataset.quant_calibration_data_sources).",
+    "quantize": "Int8 quantization: the trained checkpoint (torchao weight-only, TAO's default; ModelOpt static) "
+                "or the exported ONNX (ONNX Runtime or ModelOpt static PTQ, QDQ); static PTQ calibrates on "
+                "dataset.quant_calibration_data_sources.",
     "gen_trt_engine": "Build a TensorRT engine from the exported ONNX (FP32/FP16, or a quantized QDQ file; needs "
                       "TensorRT and a CUDA GPU).",
 }

@@ -105,15 +105,17 @@ def onnx_parity(model: nn.Module, onnx_path: str | Path, example: tuple[torch.Te
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "export.checkpoint",
-                       loader: Any = None, model_cfg: Any = None) -> Any:
+                       loader: Any = None, model_cfg: Any = None, quantized: tuple[str, ...] = ()) -> Any:
     """Load a whole trained model into ``model``: a tao-cli checkpoint or any whole-model layout of
     :func:`networks.mask_grounding_dino.weight_formats.formats` (file or Hugging Face directory), every model tensor present
     except parts the layout never has (reported).  ``loader(path) -> dict`` is the engine's safe loader
-    (decryption, network tag check).  Returns the load report."""
+    (decryption, network tag check); ``quantized``: the quantize backends whose output is accepted
+    (:func:`~networks.common.weight_formats.load_whole_model`).  Returns the load report."""
     from networks.common.weight_formats import load_whole_model
     from networks.mask_grounding_dino.weight_formats import formats
 
-    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader)
+    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
+                                      quantized=quantized)
     if report.missing:
         log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
                     len(report.missing), ", ".join(report.missing[:3]))
@@ -128,7 +130,9 @@ def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:
 
     ex = cfg.export
     model = build_model(cfg).eval()
-    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model)
+    # a ModelOpt-quantized checkpoint exports as a QDQ graph (its quantizers become QuantizeLinear/DequantizeLinear)
+    load_model_weights(model, ex.checkpoint, loader=getattr(ctx, "load_checkpoint", None), model_cfg=cfg.model,
+                       quantized=("modelopt.pytorch",))
     tokenizer = load_tokenizer(cfg.model.text_encoder_type)
     T = int(cfg.model.max_text_len)
     out = export_onnx(model, tokenizer, ex.onnx_file, (ex.input_height, ex.input_width), T, ex.batch_size,

@@ -21,14 +21,17 @@ int8 error is not averaged away):
   mask head's convolution weights) and the nodes directly under ``/model/`` (query selection, the CondInst
   dynamic mask head whose MatMul weights are activations, and the output glue).
 
-``quantize.skip_names`` adds substrings.  ``backend: onnxruntime`` + ``mode: static_ptq`` runs as above;
+``quantize.skip_names`` adds substrings.  ``backend: onnxruntime`` (or ``modelopt.onnx``: NVIDIA ModelOpt, whose
+``skip_names`` are also ``re.match`` patterns) + ``mode: static_ptq`` runs as above;
 ``backend: torchao`` + ``mode: weight_only_ptq`` (TAO's default) gives the trained checkpoint
 ``quantize.model_path`` int8 ``nn.Linear`` weights instead (:mod:`networks.common.torchao_quantize`; no
-calibration).  :func:`check_quantize` refuses every other combination at load (``--dry-run`` included).
+calibration), and ``backend: modelopt.pytorch`` + ``mode: static_ptq`` ModelOpt's simulated-int8 quantizers,
+calibrated on the same images (:mod:`networks.common.modelopt_torch`).  :func:`check_quantize` refuses every
+other combination at load (``--dry-run`` included).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -95,21 +98,28 @@ def check_quantize(cfg: Any) -> None:
         _check_calibration_source(cfg)
 
 
-def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
-    """(iterator of graph feeds, number of images used): the first ``count`` calibration images through
-    evaluate's data pipeline and :meth:`OnnxModel.feeds`; a graph with a fixed batch B gets whole batches of
-    rows (prompt chunks of the same image are rows too)."""
+def _calibration_rows(cfg: Any, count: int) -> tuple[Any, Any, Any, int]:
+    """(calibration dataset through evaluate's transform, its collator (prompt chunks as rows), tokenizer, images
+    used): the first ``count`` images of ``dataset.quant_calibration_data_sources``."""
     from networks.mask_grounding_dino.data import Collator, Transform, eval_dataset
-    from networks.mask_grounding_dino.onnx_runtime import OnnxModel
     from networks.mask_grounding_dino.text import load_tokenizer
 
     src = cfg.dataset.quant_calibration_data_sources
     tokenizer = load_tokenizer(cfg.model.text_encoder_type)
     dataset = eval_dataset(src, _CALIB, Transform(cfg.dataset.augmentation, "eval"))
     collate = Collator(tokenizer, int(cfg.model.max_text_len), chunk=True)
+    return dataset, collate, tokenizer, calibration_count(count, len(dataset), src.get("image_dir"))
+
+
+def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
+    """(iterator of graph feeds, number of images used): the first ``count`` calibration images
+    (:func:`_calibration_rows`) through :meth:`OnnxModel.feeds`; a graph with a fixed batch B gets whole batches of
+    rows (prompt chunks of the same image are rows too)."""
+    from networks.mask_grounding_dino.onnx_runtime import OnnxModel
+
+    dataset, collate, tokenizer, used = _calibration_rows(cfg, count)
     head = OnnxModel(model_path, int(cfg.model.max_text_len), int(tokenizer.pad_token_id or 0),
                      field="quantize.model_path")
-    used = calibration_count(count, len(dataset), src.get("image_dir"))
     rows: list[dict[str, np.ndarray]] = []
     for i in range(used):  # one image at a time: each is its own padded batch, as at evaluate batch size 1
         feeds = head.feeds(collate([dataset[i]]))
@@ -125,19 +135,42 @@ def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterato
     return batches(), used
 
 
+def _torch_calibration(cfg: Any, count: int) -> Callable[[Any, Any], int]:
+    """``calibrate(model, device) -> images used`` for backend modelopt.pytorch: the model run on the first
+    ``count`` calibration images (:func:`_calibration_rows`), one image (all its prompt chunks) at a time."""
+    from networks.mask_grounding_dino.module import TEXT_KEYS
+
+    dataset, collate, _, used = _calibration_rows(cfg, count)
+
+    def calibrate(model: Any, device: Any) -> int:
+        for i in range(used):
+            batch = collate([dataset[i]])
+            model(batch["images"].to(device), batch["pixel_mask"].to(device),
+                  *[batch[k].to(device) for k in TEXT_KEYS])
+        return used
+
+    return calibrate
+
+
 def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     """``tao model mask_grounding_dino quantize``: :func:`check_quantize` (also when called directly), then
     :func:`~networks.common.onnx_quantize.run_static_ptq` with :func:`excluded_nodes` and this network's
     calibration feeds; returns what status.json records."""
     check_quantize(cfg)
-    if str(cfg.quantize.backend) == "torchao":
-        from networks.common.torchao_quantize import run_weight_only_ptq
+    if str(cfg.quantize.backend) in ("torchao", "modelopt.pytorch"):
         from networks.mask_grounding_dino.export import load_model_weights
         from networks.mask_grounding_dino.model import build_model
 
         model = build_model(cfg).eval()
         load_model_weights(model, cfg.quantize.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
                            model_cfg=cfg.model)
+        if str(cfg.quantize.backend) == "modelopt.pytorch":
+            from networks.common.modelopt_torch import run_modelopt_ptq
+
+            return run_modelopt_ptq(cfg.quantize, ctx, model, "mask_grounding_dino", "model.",
+                                    _torch_calibration(cfg, int(cfg.quantize.calib_images)))
+        from networks.common.torchao_quantize import run_weight_only_ptq
+
         return run_weight_only_ptq(cfg.quantize, ctx, model, "mask_grounding_dino", "model.")
     skip = list(cfg.quantize.skip_names)
     rules = [f"{s} ({'/'.join(ops)})" if ops else s for s, ops in FP32_RULES]

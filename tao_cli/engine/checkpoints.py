@@ -85,7 +85,8 @@ def to_plain(obj: Any) -> Any:
             return to_plain(OmegaConf.to_container(obj, resolve=True))
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+    if isinstance(obj, (torch.Tensor, torch.dtype, torch.device)) or obj is None or \
+            isinstance(obj, (bool, int, float, str, bytes)):  # dtypes and devices: ModelOpt's quantizer state
         return obj
     if isinstance(obj, OrderedDict):  # torch state_dicts; allowed by weights_only
         return OrderedDict((k, to_plain(v)) for k, v in obj.items())

@@ -43,7 +43,7 @@ def _quantize(tmp_path, algorithm: str, kept: list[str]) -> tuple[dict, dict]:
     if not src.exists():
         _shared_input_graph(src)
     calib = _calibration()
-    q = SimpleNamespace(model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
+    q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
     ctx = SimpleNamespace(run_dir=tmp_path / algorithm, log=logging.getLogger("test"))
     out = run_static_ptq(q, ctx, lambda names: [n for n in names if n in kept],
                          lambda _: (iter(calib), len(calib)), "random", [], "test")

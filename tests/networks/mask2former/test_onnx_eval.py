@@ -41,6 +41,20 @@ def _tao(monkeypatch, capfd, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def evaluate_each(monkeypatch, capfd, spec: Path, tmp_path: Path, sources: dict[str, str]) -> dict[str, dict]:
+    """``{name: metrics.json}`` of one ``evaluate`` per ``{name: model source override}`` (each into
+    ``tmp_path/<name>``); prints their mIoU."""
+    metrics = {}
+    for name, source in sources.items():
+        code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec),
+                            f"results_dir={tmp_path / name}", source)
+        assert code == 0, err[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
+    with capfd.disabled():
+        print("\n" + ", ".join(f"mIoU {name} {m['mIoU']:.4f}" for name, m in metrics.items()))
+    return metrics
+
+
 def _spec(data: dict, mode: str, root: Path) -> Path:
     cfg = make_tiny_cfg(data, mode=mode)
     cfg.results_dir = str(root / "results")
@@ -142,6 +156,28 @@ def self_label(mp, spec: Path, ckpt: Path, data: dict, mode: str, root: Path):
         mode, root / f"gt_{mode}" / "inference", Path(data["val"]["images"]), root))
     OmegaConf.save(cfg, spec)
     return cfg
+
+
+def quantize_checkpoint(data: dict, root: Path, *overrides: str) -> tuple[Path, Path, Path]:
+    """(spec, fp32 checkpoint, quantize run dir) after the ``quantize`` action on a seeded tiny semantic
+    checkpoint whose ``dataset.val`` it labelled itself (:func:`self_label`), with ``quantize.device=cpu``, the val
+    images as calibration images and ``overrides``; run in ``root``."""
+    import _pytest.monkeypatch
+
+    mp = _pytest.monkeypatch.MonkeyPatch()
+    try:
+        mp.chdir(root)
+        spec = _spec(data, "semantic", root)
+        ckpt = _checkpoint(spec, root / "semantic.pth")
+        cfg = self_label(mp, spec, ckpt, data, "semantic", root)
+        cfg.quantize.device = "cpu"
+        cfg.dataset.quant_calibration_dataset.images_dir = str(Path(data["val"]["images"]))
+        OmegaConf.save(cfg, spec)
+        _main(mp, "model", "mask2former", "quantize", "-e", str(spec), f"results_dir={root / 'results'}",
+              f"quantize.model_path={ckpt}", *overrides)
+    finally:
+        mp.undo()
+    return spec, ckpt, root / "results" / "quantize"
 
 
 def export_tiny(mp, data: dict, mode: str, root: Path, batch: int = -1) -> tuple[Path, Path, Path]:

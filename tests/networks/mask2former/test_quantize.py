@@ -8,12 +8,13 @@ file, and check the refusals at ``--dry-run``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from .test_onnx_eval import _main, _tao, export_tiny, self_label
+from .test_onnx_eval import _main, _tao, evaluate_each, export_tiny, self_label
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -91,14 +92,8 @@ def test_quantize_writes_a_standard_qdq_graph(quantized):
 def test_evaluate_from_qdq_is_close_to_fp32(quantized, monkeypatch, capfd, tmp_path):
     spec, onnx_path, run = quantized
     monkeypatch.chdir(tmp_path)
-    metrics = {}
-    for name, path in (("fp32", onnx_path), ("int8", run / "semantic_int8_qdq.onnx")):
-        code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec),
-                            f"results_dir={tmp_path / name}", f"evaluate.onnx_file={path}")
-        assert code == 0, err[-3000:]
-        metrics[name] = json.loads((tmp_path / name / "evaluate" / "metrics.json").read_text())
-    with capfd.disabled():
-        print(f"\nmIoU fp32 ONNX {metrics['fp32']['mIoU']:.4f}, int8 QDQ {metrics['int8']['mIoU']:.4f}")
+    metrics = evaluate_each(monkeypatch, capfd, spec, tmp_path, {
+        "fp32": f"evaluate.onnx_file={onnx_path}", "int8": f"evaluate.onnx_file={run / 'semantic_int8_qdq.onnx'}"})
     assert metrics["int8"]["runtime"]["onnx_file"].endswith("_int8_qdq.onnx")
     assert metrics["fp32"]["mIoU"] > 0.5  # self-labelled: the fp32 graph agrees with its own labels
     assert metrics["int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics
@@ -189,8 +184,7 @@ def test_trt_layout_is_symmetric_int8_and_gen_trt_engine_refuses_the_cpu_layout(
 
 # ----------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("overrides, field, words", [
-    (["quantize.backend=modelopt.onnx"], "quantize.backend", "onnxruntime-gpu"),
-    (["quantize.backend=modelopt.pytorch"], "quantize.backend", "nvidia-modelopt"),
+    (["quantize.backend=modelopt.pytorch", "quantize.algorithm=entropy"], "quantize.algorithm", "absolute maximum"),
     (["quantize.backend=torchao"], "quantize.mode", "weight_only_ptq"),  # torchao quantizes weights only
     (["quantize.mode=weight_only_ptq"], "quantize.mode", "static_ptq"),
     (["quantize.algorithm=awq_lite"], "quantize.algorithm", "minmax"),
@@ -199,7 +193,7 @@ def test_trt_layout_is_symmetric_int8_and_gen_trt_engine_refuses_the_cpu_layout(
     (["dataset.quant_calibration_dataset.images_dir="], "dataset.quant_calibration_dataset.images_dir", "empty"),
     (["dataset.quant_calibration_dataset.images_dir=/nonexistent/calib"],
      "dataset.quant_calibration_dataset.images_dir", "nonexistent"),
-], ids=["modelopt.onnx", "modelopt.pytorch", "torchao", "weight_only", "algorithm", "no-model", "missing-model",
+], ids=["modelopt.pytorch", "torchao", "weight_only", "algorithm", "no-model", "missing-model",
         "no-images", "missing-images"])
 def test_quantize_refusals_at_dry_run(quantized, overrides, field, words, monkeypatch, capfd, tmp_path):
     spec, onnx_path, _ = quantized
@@ -236,3 +230,171 @@ def test_excluded_nodes_rules():
     tao = ["/backbone/Conv", "/sem_seg_head/predictor/transformer_cross_attention_layers.1/Add",
            "/post_processor/Div", "/post_processor/Sigmoid"]
     assert excluded_nodes(tao, []) == tao[1:3]
+
+
+# ----------------------------------------------------------------------------------------- backend modelopt.onnx
+@pytest.fixture(scope="module")
+def modelopt_quantized(quantized, tmp_path_factory):
+    """quantize run dir of ``backend: modelopt.onnx`` (device cpu) on the module's spec and fp32 file."""
+    import _pytest.monkeypatch
+
+    pytest.importorskip("modelopt.onnx.quantization")
+    spec, onnx_path, _ = quantized
+    root = tmp_path_factory.mktemp("m2f_modelopt")
+    mp = _pytest.monkeypatch.MonkeyPatch()
+    try:
+        mp.chdir(root)
+        _main(mp, "model", "mask2former", "quantize", "-e", str(spec), f"results_dir={root}",
+              f"quantize.model_path={onnx_path}", "quantize.backend=modelopt.onnx", "quantize.algorithm=minmax")
+    finally:
+        mp.undo()
+    return root / "quantize"
+
+
+def test_modelopt_onnx_writes_tensorrt_int8_with_tao_fp32_layers_kept(modelopt_quantized):
+    """ModelOpt's file: TAO's name, standard operators, symmetric int8 (what TensorRT builds), fp32 elsewhere
+    (device cpu), TAO's fp32 layers and the post-processor un-quantized, the backbone quantized."""
+    import numpy as np
+    import onnx
+
+    import networks.common.tensorrt_engine as trt_engine
+    from networks.mask2former.quantize import TAO_FP32_PATTERNS
+
+    run = modelopt_quantized
+    qfile = run / "quantized_model.onnx"
+    assert qfile.is_file() and (run / "semantic_named.onnx").is_file()
+    assert not list(run.glob(".*tmp*")), "temporary files left behind"
+    model = onnx.load(str(qfile))
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert [o.name for o in model.graph.output] == ["pred_masks"]
+    zps = _zero_points(model)
+    assert zps["activation"] and all(z.dtype == np.int8 and not z.any() for z in zps["activation"])
+    assert trt_engine.qdq_tensorrt_problem(qfile) is None
+    floats = {t.data_type for t in model.graph.initializer} - {onnx.TensorProto.INT8, onnx.TensorProto.INT64,
+                                                                onnx.TensorProto.INT32}
+    assert floats == {onnx.TensorProto.FLOAT}, floats  # device cpu: no fp16 conversion
+
+    report = json.loads((run / "quantize_report.json").read_text())
+    assert report["backend"] == "modelopt.onnx" and report["target_runtime"] == "tensorrt"
+    assert report["calibration_method"] == "max" and report["high_precision_dtype"] == "fp32"
+    assert report["calibration_eps"] == ["cpu"] and report["calibration_images"] == CALIB
+    assert report["quantized_onnx"] == str(qfile)  # not smaller: ModelOpt (dq_only false, as TAO) keeps fp32 weights
+    excluded = set(report["excluded_nodes"])
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consts = {t.name for t in model.graph.initializer}
+
+    def int8_weight(node) -> bool:  # weight -> QuantizeLinear -> DequantizeLinear -> node
+        dq = producer.get(node.input[1]) if len(node.input) > 1 else None
+        qn = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        return qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts
+
+    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    cross = [n for n in weighted if TAO_FP32_PATTERNS[0] in n.name]
+    assert cross and all(n.name in excluded and not int8_weight(n) for n in cross)
+    assert any(int8_weight(n) for n in weighted if n.name.startswith("/model/backbone/"))
+    assert not any(int8_weight(n) for n in weighted if not n.name.startswith("/model/"))  # the post-processor
+
+
+def test_evaluate_from_modelopt_file_is_close_to_fp32(quantized, modelopt_quantized, monkeypatch, capfd, tmp_path):
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    metrics = evaluate_each(monkeypatch, capfd, spec, tmp_path, {
+        "fp32": f"evaluate.onnx_file={onnx_path}",
+        "int8": f"evaluate.onnx_file={modelopt_quantized / 'quantized_model.onnx'}"})
+    assert metrics["fp32"]["mIoU"] > 0.5
+    assert metrics["int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics
+
+
+def test_modelopt_gpu_file_is_fp16_and_evaluates_on_the_cpu(quantized, monkeypatch, capfd, tmp_path):
+    """quantize.device=cuda (TAO's default) writes ModelOpt's file for a GPU: the layers left un-quantized in fp16,
+    as ModelOpt and TAO make it (logged).  ONNX Runtime 1.31's CPU provider crashed the process on it at its full
+    optimization level; evaluate runs it on the CPU and scores as the fp32 file does."""
+    import onnx
+
+    from networks.common.onnx_runtime import has_fp16
+
+    pytest.importorskip("modelopt.onnx.quantization")
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec),
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}",
+                        "quantize.backend=modelopt.onnx", "quantize.device=cuda")
+    assert code == 0, err[-3000:]
+    qfile = tmp_path / "quantize" / "quantized_model.onnx"
+    assert has_fp16(qfile) and not has_fp16(onnx_path)
+    assert json.loads((tmp_path / "quantize" / "quantize_report.json").read_text())["high_precision_dtype"] == "fp16"
+    assert "un-quantized to fp16" in (tmp_path / "quantize" / "quantize.log").read_text()
+    assert {t.data_type for t in onnx.load(str(qfile)).graph.initializer} & {onnx.TensorProto.FLOAT16}
+    metrics = evaluate_each(monkeypatch, capfd, spec, tmp_path, {"fp32": f"evaluate.onnx_file={onnx_path}",
+                                                                 "fp16_int8": f"evaluate.onnx_file={qfile}"})
+    assert metrics["fp16_int8"]["mIoU"] >= metrics["fp32"]["mIoU"] - MIOU_DROP, metrics
+
+
+def test_onnx_runtime_backend_unchanged_after_a_modelopt_run(quantized, modelopt_quantized, monkeypatch, capfd,
+                                                              tmp_path):
+    """ModelOpt patches ONNX Runtime's quantizer in place; after a ModelOpt run in this process the onnxruntime
+    backend must write the same bytes as before it."""
+    spec, onnx_path, run = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec),
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}")
+    assert code == 0, err[-3000:]
+    again = (tmp_path / "quantize" / "semantic_int8_qdq.onnx").read_bytes()
+    assert again == (run / "semantic_int8_qdq.onnx").read_bytes()
+
+
+def test_modelopt_skip_names_are_regular_expressions_too(quantized, modelopt_quantized, monkeypatch, capfd,
+                                                         tmp_path):
+    """A TAO spec names ModelOpt's nodes_to_exclude by regular expression (re.match): every backbone Conv kept
+    in fp32, and the backend_kwargs reach ModelOpt (op_types_to_quantize limits it to MatMul)."""
+    import onnx
+
+    pytest.importorskip("modelopt.onnx.quantization")
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec),
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}",
+                        "quantize.backend=modelopt.onnx", "quantize.skip_names=[/model/backbone/.*/Conv$]",
+                        "+quantize.backend_kwargs.op_types_to_quantize=[MatMul,Conv]")
+    assert code == 0, err[-3000:]
+    run = tmp_path / "quantize"
+    report = json.loads((run / "quantize_report.json").read_text())
+    model = onnx.load(str(run / "quantized_model.onnx"))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("/model/backbone/")]
+    assert convs and set(convs) <= set(report["excluded_nodes"])
+    assert report["backend_kwargs"] == {"op_types_to_quantize": ["MatMul", "Conv"]}
+    assert report["quantized_op_types"] == ["Conv", "MatMul"], report["int8_weight_layers"]
+    default = json.loads((modelopt_quantized / "quantize_report.json").read_text())
+    assert "Gemm" in default["int8_weight_layers"]  # ModelOpt's default also quantizes the Gemm layers
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["quantize.mode=weight_only_ptq"], "quantize.mode", "static_ptq"),
+    (["quantize.algorithm=awq_lite"], "quantize.algorithm", "int4"),
+    (["quantize.skip_names=['*Conv']"], "quantize.skip_names", "regular expression"),
+    (["+quantize.backend_kwargs.calibration_methd=max"], "quantize.backend_kwargs.calibration_methd",
+     "not an argument"),
+    (["+quantize.backend_kwargs.onnx_path=x.onnx"], "quantize.backend_kwargs.onnx_path", "quantize.model_path"),
+], ids=["mode", "algorithm", "regex", "unknown-kwarg", "owned-kwarg"])
+def test_modelopt_refusals_at_dry_run(quantized, overrides, field, words, monkeypatch, capfd, tmp_path):
+    pytest.importorskip("modelopt.onnx.quantization")
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}",
+                        "quantize.backend=modelopt.onnx", *overrides)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert field in lines[0] and words in lines[0], lines[0]
+
+
+def test_modelopt_missing_is_one_line_at_dry_run(quantized, monkeypatch, capfd, tmp_path):
+    spec, onnx_path, _ = quantized
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "modelopt.onnx.quantization", None)  # import fails as if not installed
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "quantize", "-e", str(spec), "--dry-run",
+                        f"results_dir={tmp_path}", f"quantize.model_path={onnx_path}",
+                        "quantize.backend=modelopt.onnx")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "quantize.backend" in lines[0] and "tao-cli[modelopt]" in lines[0], lines[0]
