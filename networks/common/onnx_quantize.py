@@ -49,6 +49,7 @@ from networks.common.errors import ConfigError
 
 __all__ = ["ALGORITHMS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES",
            "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section", "int8_weight_layers",
+           "int8_weight_nodes",
            "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb", "touching_nodes",
            "unbounded_tensors"]
 
@@ -255,22 +256,32 @@ def read_fp32_inputs(model: Any, excluded: set[str]) -> int:
     return changed
 
 
-def int8_weight_layers(model: Any) -> dict[str, int]:
-    """{operator type: count} of the nodes of ``model`` that read a weight in int8: an initializer through a
-    DequantizeLinear, directly (int8 weights stored) or after a QuantizeLinear (fp32 weights stored, ModelOpt's
-    and TensorRT's Q/DQ pair)."""
+def int8_weight_nodes(model: Any) -> list[Any]:
+    """The nodes of ``model`` that read a weight in int8: an initializer through a DequantizeLinear, directly (int8
+    weights stored) or after a QuantizeLinear (fp32 weights stored, ModelOpt's and TensorRT's Q/DQ pair).  A weight
+    shared by several layers reaches some of them through ``Identity`` nodes, which are looked through and not
+    counted themselves."""
     producer = {out: n for n in model.graph.node for out in n.output}
     consts = {t.name for t in model.graph.initializer}
+
+    def int8_weight(name: str) -> bool:
+        dq = producer.get(name)
+        while dq is not None and dq.op_type == "Identity":
+            dq = producer.get(dq.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        qn = producer.get(dq.input[0])
+        return dq.input[0] in consts or (qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts)
+
+    return [node for node in model.graph.node
+            if node.op_type != "Identity" and any(int8_weight(name) for name in node.input)]
+
+
+def int8_weight_layers(model: Any) -> dict[str, int]:
+    """{operator type: count} of :func:`int8_weight_nodes`."""
     counts: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            qn = producer.get(dq.input[0])
-            if dq.input[0] in consts or (qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts):
-                counts[node.op_type] = counts.get(node.op_type, 0) + 1
-                break
+    for node in int8_weight_nodes(model):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
 
 

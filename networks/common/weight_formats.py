@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import logging
 import pickle
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,6 +31,8 @@ from networks.common.errors import CheckpointError
 __all__ = ["WeightSource", "WeightFormat", "read_source", "source_from_checkpoint", "detect_format", "key_groups",
            "require_whole_model", "load_whole_model", "declared_new_parts", "OWN_LAYOUTS",
            "has_keys", "load_converted", "CONTAINERS"]
+
+log = logging.getLogger(__name__)
 
 #: names of the formats that are a network's own checkpoint layout (tao-cli's ``ours``, TAO's ``tao``): a tagged
 #: checkpoint in one of them must match the model exactly
@@ -369,7 +372,8 @@ def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence
     files are read by :func:`read_source`.  Formats that fill only a part are refused
     (:func:`require_whole_model`); missing keys outside the format's ``new_parts``/``optional_parts`` are errors.
     A file of the ``quantize`` action is refused unless its backend is in ``quantized`` (only ``modelopt.pytorch``
-    can be: ModelOpt's quantizers are put into ``model``, the bare network, before its tensors load).
+    can be: ModelOpt's quantizers are put into ``model``, the bare network, before its tensors load).  Tensors
+    the file lacks (newly initialised, allowed by the format) are logged as a warning.
     """
     from networks.common.weights import read_weights_file
 
@@ -381,13 +385,17 @@ def load_whole_model(model: torch.nn.Module, path: str | Path, formats: Sequence
         source = source_from_checkpoint(p, obj, "safetensors" if p.suffix == ".safetensors" else "torch")
     record = source.meta.get("quantization")
     if isinstance(record, Mapping) and record.get("backend") in quantized:
-        from networks.common.modelopt_torch import restore_like
+        from networks.common.torch_quantize import prepare_quantized
 
-        restore_like(model, {**record, "root": ""}, str(p))  # the bare network: no Lightning "model." level
+        prepare_quantized(model, record, str(p), root="")  # the bare network: no Lightning "model." level
     elif isinstance(record, Mapping):
         raise CheckpointError(field, f"{p} is a quantized model (quantize action, {record.get('backend')} "
                               f"{record.get('mode')}); this action needs floating-point weights",
                               f"use the checkpoint it was quantized from ({record.get('source', 'the train output')})")
     fmt = detect_format(source, formats, field=field)
     require_whole_model(fmt, source, field)
-    return load_converted(model, source, fmt, model_cfg, prefix=prefix), fmt, source.meta
+    report = load_converted(model, source, fmt, model_cfg, prefix=prefix)
+    if report.missing:
+        log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", path, fmt.name, len(report.missing),
+                    ", ".join(report.missing[:3]))
+    return report, fmt, source.meta

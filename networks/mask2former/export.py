@@ -16,7 +16,6 @@ op or TensorRT plugin is needed; opset 17 or higher.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from networks.mask2former.postprocess import HEAD_OUTPUTS, head_outputs
 
 __all__ = ["OUTPUT_NAMES", "ExportWrapper", "export_onnx", "onnx_parity", "load_model_weights", "run_export"]
 
-log = logging.getLogger(__name__)
 
 #: Output names per ``model.mode`` (the post-processor's, shared with evaluate/inference from ONNX).
 OUTPUT_NAMES: dict[str, list[str]] = HEAD_OUTPUTS
@@ -89,12 +87,8 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "e
     from networks.common.weight_formats import load_whole_model
     from networks.mask2former.weight_formats import formats
 
-    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
-                                      quantized=quantized)
-    if report.missing:
-        log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
-                    len(report.missing), ", ".join(report.missing[:3]))
-    return report
+    return load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
+                            quantized=quantized)[0]
 
 
 def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from networks.common.onnx_quantize import (
     name_nodes,
     run_static_ptq,
 )
+from networks.common.torch_quantize import PYTORCH_BACKENDS, run_checkpoint_quantize
 
 __all__ = ["TAO_FP32_PATTERNS", "POSTPROCESSOR_PREFIX", "ALGORITHMS", "check_quantize", "excluded_nodes",
            "name_nodes", "run_quantize"]
@@ -120,21 +121,15 @@ def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     calibration count).  The spec is checked with :func:`check_quantize` first, also when called directly."""
     check_quantize(cfg)
     q = cfg.quantize
-    if str(q.backend) in ("torchao", "modelopt.pytorch"):
+    if str(q.backend) in PYTORCH_BACKENDS:
         from networks.mask2former.export import load_model_weights
         from networks.mask2former.model import build_model
 
         model = build_model(cfg.model).eval()
         load_model_weights(model, q.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
                            model_cfg=cfg.model)
-        if str(q.backend) == "modelopt.pytorch":
-            from networks.common.modelopt_torch import run_modelopt_ptq
-
-            return run_modelopt_ptq(q, ctx, model, "mask2former", "model.",
-                                    _torch_calibration(cfg, int(q.calib_images)))
-        from networks.common.torchao_quantize import run_weight_only_ptq
-
-        return run_weight_only_ptq(q, ctx, model, "mask2former", "model.")
+        return run_checkpoint_quantize(q, ctx, model, "mask2former", "model.",
+                                       lambda: _torch_calibration(cfg, int(q.calib_images)))
     return run_static_ptq(
         q, ctx, lambda names: excluded_nodes(names, list(q.skip_names)),
         lambda path: _calibration_batches(cfg, path, int(q.calib_images)),

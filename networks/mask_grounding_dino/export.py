@@ -23,7 +23,6 @@ attention is the pure-PyTorch ``grid_sample`` path (ONNX ``GridSample``): no Ten
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ from networks.mask_grounding_dino.text import phrase_masks
 __all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "RELA_OUTPUT_NAMES", "output_names", "MIN_OPSET", "ExportWrapper", "text_inputs", "export_onnx",
            "onnx_parity", "load_model_weights", "run_export"]
 
-log = logging.getLogger(__name__)
 
 INPUT_NAMES = ["inputs", "input_ids", "attention_mask", "position_ids", "token_type_ids", "text_token_mask"]
 OUTPUT_NAMES = ["pred_logits", "pred_boxes", "pred_masks"]
@@ -114,12 +112,8 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path, field: str = "e
     from networks.common.weight_formats import load_whole_model
     from networks.mask_grounding_dino.weight_formats import formats
 
-    report, fmt, _ = load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
-                                      quantized=quantized)
-    if report.missing:
-        log.warning("%s (%s): %d tensors are newly initialised, e.g. %s", checkpoint, fmt.name,
-                    len(report.missing), ", ".join(report.missing[:3]))
-    return report
+    return load_whole_model(model, checkpoint, formats(), model_cfg, field=field, loader=loader,
+                            quantized=quantized)[0]
 
 
 def run_export(cfg: Any, ctx: Any) -> dict[str, Any]:

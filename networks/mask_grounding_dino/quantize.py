@@ -44,6 +44,7 @@ from networks.common.onnx_quantize import (
     match_nodes,
     run_static_ptq,
 )
+from networks.common.torch_quantize import PYTORCH_BACKENDS, run_checkpoint_quantize
 
 __all__ = ["FP32_RULES", "check_quantize", "excluded_nodes", "run_quantize"]
 
@@ -157,21 +158,15 @@ def run_quantize(cfg: Any, ctx: Any) -> dict[str, Any]:
     :func:`~networks.common.onnx_quantize.run_static_ptq` with :func:`excluded_nodes` and this network's
     calibration feeds; returns what status.json records."""
     check_quantize(cfg)
-    if str(cfg.quantize.backend) in ("torchao", "modelopt.pytorch"):
+    if str(cfg.quantize.backend) in PYTORCH_BACKENDS:
         from networks.mask_grounding_dino.export import load_model_weights
         from networks.mask_grounding_dino.model import build_model
 
         model = build_model(cfg).eval()
         load_model_weights(model, cfg.quantize.model_path, field="quantize.model_path", loader=ctx.load_checkpoint,
                            model_cfg=cfg.model)
-        if str(cfg.quantize.backend) == "modelopt.pytorch":
-            from networks.common.modelopt_torch import run_modelopt_ptq
-
-            return run_modelopt_ptq(cfg.quantize, ctx, model, "mask_grounding_dino", "model.",
-                                    _torch_calibration(cfg, int(cfg.quantize.calib_images)))
-        from networks.common.torchao_quantize import run_weight_only_ptq
-
-        return run_weight_only_ptq(cfg.quantize, ctx, model, "mask_grounding_dino", "model.")
+        return run_checkpoint_quantize(cfg.quantize, ctx, model, "mask_grounding_dino", "model.",
+                                       lambda: _torch_calibration(cfg, int(cfg.quantize.calib_images)))
     skip = list(cfg.quantize.skip_names)
     rules = [f"{s} ({'/'.join(ops)})" if ops else s for s, ops in FP32_RULES]
     return run_static_ptq(

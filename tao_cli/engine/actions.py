@@ -83,19 +83,12 @@ def load_into(module, checkpoint: Path, key: str | None, network: Any, *, model_
     else:
         obj = load_checkpoint(checkpoint, key=key, expected_network=network)
         record = obj.get("quantization")
-        if isinstance(record, dict):  # the quantize action's PyTorch output: make its int8 layers first
-            if record.get("backend") == "modelopt.pytorch":
-                from networks.common.modelopt_torch import describe, restore_like
+        if isinstance(record, dict):  # the quantize action's PyTorch output: make its quantized layers first
+            from networks.common.torch_quantize import prepare_quantized
 
-                restore_like(module, record, str(checkpoint))
-                kind = "ModelOpt simulated-int8"
-            else:
-                from networks.common.torchao_quantize import describe, quantize_like
-
-                quantize_like(module, record, str(checkpoint))
-                kind = "weight-only"
+            line = prepare_quantized(module, record, str(checkpoint))
             if log is not None:
-                log.info("%s: %s quantized model %s", checkpoint, kind, describe(record))
+                log.info("%s: %s", checkpoint, line)
         weights = {k: v for k, v in unwrap_state_dict(obj).items() if torch.is_tensor(v)}
         if _fits(module, weights):
             _load_own(module, weights, checkpoint)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from networks.common.onnx_quantize import int8_weight_nodes
+
 from .test_onnx_eval import _main, _tao, evaluate_each, export_tiny, self_label
 
 pytest.importorskip("onnx")
@@ -76,15 +78,9 @@ def test_quantize_writes_a_standard_qdq_graph(quantized):
     assert not any(n.startswith("/model/backbone/") for n in excluded)
 
     # excluded weight layers keep fp32 weights; quantized ones read int8 weights through DequantizeLinear
-    producer = {o: n for n in model.graph.node for o in n.output}
-    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1]
-
-    def int8_weight(node) -> bool:
-        p = producer.get(node.input[1])
-        return p is not None and p.op_type == "DequantizeLinear"
-
-    assert all(not int8_weight(n) for n in weighted if n.name in excluded)
-    assert any(int8_weight(n) for n in weighted if n.name.startswith("/model/backbone/"))
+    int8 = {n.name for n in int8_weight_nodes(model)}
+    assert int8 and not int8 & excluded
+    assert any(n.startswith("/model/backbone/") for n in int8)
     last = json.loads((run / "status.json").read_text().splitlines()[-1])
     assert last["status"] == "SUCCESS" and last["outputs"]["quantized_onnx"] == str(qdq)
 
@@ -280,19 +276,12 @@ def test_modelopt_onnx_writes_tensorrt_int8_with_tao_fp32_layers_kept(modelopt_q
     assert report["calibration_eps"] == ["cpu"] and report["calibration_images"] == CALIB
     assert report["quantized_onnx"] == str(qfile)  # not smaller: ModelOpt (dq_only false, as TAO) keeps fp32 weights
     excluded = set(report["excluded_nodes"])
-    producer = {o: n for n in model.graph.node for o in n.output}
-    consts = {t.name for t in model.graph.initializer}
-
-    def int8_weight(node) -> bool:  # weight -> QuantizeLinear -> DequantizeLinear -> node
-        dq = producer.get(node.input[1]) if len(node.input) > 1 else None
-        qn = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        return qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts
-
-    weighted = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
-    cross = [n for n in weighted if TAO_FP32_PATTERNS[0] in n.name]
-    assert cross and all(n.name in excluded and not int8_weight(n) for n in cross)
-    assert any(int8_weight(n) for n in weighted if n.name.startswith("/model/backbone/"))
-    assert not any(int8_weight(n) for n in weighted if not n.name.startswith("/model/"))  # the post-processor
+    int8 = {n.name for n in int8_weight_nodes(model)}  # weight -> QuantizeLinear -> DequantizeLinear -> node
+    cross = [n.name for n in model.graph.node
+             if n.op_type in ("MatMul", "Gemm", "Conv") and TAO_FP32_PATTERNS[0] in n.name]
+    assert cross and all(n in excluded and n not in int8 for n in cross)
+    assert any(n.startswith("/model/backbone/") for n in int8)
+    assert all(n.startswith("/model/") for n in int8)  # not the post-processor
 
 
 def test_evaluate_from_modelopt_file_is_close_to_fp32(quantized, modelopt_quantized, monkeypatch, capfd, tmp_path):
