@@ -49,9 +49,8 @@ from networks.common.errors import ConfigError
 
 __all__ = ["ALGORITHMS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES",
            "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section", "int8_weight_layers",
-           "int8_weight_nodes",
-           "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb", "touching_nodes",
-           "unbounded_tensors"]
+           "int8_weight_nodes", "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb",
+           "touching_nodes", "unbounded_tensors", "unshare_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +145,31 @@ def name_nodes(model: Any) -> int:
         taken.add(name)
         named += 1
     return named
+
+
+def unshare_weights(model: Any) -> int:
+    """Give every weight-bearing node (:data:`QUANTIZED_OP_TYPES`) of ``model`` (changed in place) its own copy of
+    an initializer it reads through an ``Identity``; returns how many copies were made.
+
+    The ONNX exporter stores equal tensors once and reaches the other users through ``Identity`` nodes: weights
+    that are really shared (tied layers), and equal constants (zero-initialised layers and biases).  A quantizer
+    sees such an input as an activation: the weight is then quantized per tensor at run time instead of once per
+    channel, and a bias behind an ``Identity`` keeps ONNX Runtime from fusing the convolution into its integer
+    kernel.  The copies compute the same values."""
+    inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    copied = [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in inits
+              and readers.get(n.output[0], set()) & set(QUANTIZED_OP_TYPES)]
+    for node in copied:
+        tensor = type(inits[node.input[0]])()
+        tensor.CopyFrom(inits[node.input[0]])
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
+    return len(copied)
 
 
 def match_nodes(node_names: Iterable[str], patterns: Iterable[str]) -> list[str]:
@@ -257,12 +281,17 @@ def read_fp32_inputs(model: Any, excluded: set[str]) -> int:
 
 
 def int8_weight_nodes(model: Any) -> list[Any]:
-    """The nodes of ``model`` that read a weight in int8: an initializer through a DequantizeLinear, directly (int8
-    weights stored) or after a QuantizeLinear (fp32 weights stored, ModelOpt's and TensorRT's Q/DQ pair).  A weight
-    shared by several layers reaches some of them through ``Identity`` nodes, which are looked through and not
-    counted themselves."""
+    """The nodes of ``model`` that read a weight in int8: an int8/uint8 initializer through a DequantizeLinear
+    (int8 weights stored), or a float initializer through a QuantizeLinear/DequantizeLinear pair (fp32 weights
+    stored, ModelOpt's and TensorRT's layout).  ``Identity`` nodes (the exporter's way of sharing one initializer,
+    e.g. equal constants) are looked through; the Q/DQ and Identity nodes themselves, and int32 biases, do not
+    count."""
+    import onnx
+
     producer = {out: n for n in model.graph.node for out in n.output}
-    consts = {t.name for t in model.graph.initializer}
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    int8 = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    plumbing = {"Identity", "QuantizeLinear", "DequantizeLinear"}
 
     def int8_weight(name: str) -> bool:
         dq = producer.get(name)
@@ -271,10 +300,11 @@ def int8_weight_nodes(model: Any) -> list[Any]:
         if dq is None or dq.op_type != "DequantizeLinear":
             return False
         qn = producer.get(dq.input[0])
-        return dq.input[0] in consts or (qn is not None and qn.op_type == "QuantizeLinear" and qn.input[0] in consts)
+        return dtypes.get(dq.input[0]) in int8 or (qn is not None and qn.op_type == "QuantizeLinear"
+                                                   and qn.input[0] in dtypes)
 
     return [node for node in model.graph.node
-            if node.op_type != "Identity" and any(int8_weight(name) for name in node.input)]
+            if node.op_type not in plumbing and any(int8_weight(name) for name in node.input)]
 
 
 def int8_weight_layers(model: Any) -> dict[str, int]:
@@ -314,6 +344,9 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
     model = onnx.load(str(src))
     renamed = name_nodes(model)
+    # ONNX Runtime's quantizer reads a weight behind an Identity as an activation; ModelOpt places TensorRT's
+    # Q/DQ on it as it is, so its graph is left as exported
+    unshared = unshare_weights(model) if backend == "onnxruntime" else 0
     large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit: keep weights beside the graph
     onnx.save(model, str(named_path), save_as_external_data=large)
     node_names = [n.name for n in model.graph.node]
@@ -333,8 +366,9 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     by_range = [n for n in touching_nodes(model, unbounded) if n not in set(excluded)]
     excluded = [n for n in node_names if n in set(excluded) | set(by_range)]
     del model
-    ctx.log.info("Named ONNX written to %s (%d unnamed nodes named); %d of %d nodes kept in fp32 (%s%s; %d "
-                 "more around %d tensors with an infinite range)", named_path, renamed, len(excluded),
+    ctx.log.info("Named ONNX written to %s (%d unnamed nodes named, %d shared weights copied); %d of %d nodes "
+                 "kept in fp32 (%s%s; %d more around %d tensors with an infinite range)", named_path, renamed,
+                 unshared, len(excluded),
                  len(node_names), exclusion_why,
                  f", quantize.skip_names {list(q.skip_names)}" if len(q.skip_names) else "", len(by_range),
                  len(unbounded))
@@ -387,6 +421,7 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
         "quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear"),
         "excluded_patterns": [*excluded_patterns, *[str(s) for s in q.skip_names]],
         "num_excluded_nodes": len(excluded), "excluded_nodes": excluded, "fp32_inputs_restored": rewired,
+        "shared_weights_copied": unshared,
         "unbounded_tensors": sorted(unbounded), "excluded_for_unbounded_range": by_range,
     }
     (out_dir / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")

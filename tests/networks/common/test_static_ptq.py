@@ -82,3 +82,59 @@ def test_entropy_calibration_is_not_min_max(tmp_path):
     assert _activation_scale(entropy["quantized_onnx"]) < 0.8 * _activation_scale(minmax["quantized_onnx"])
     cache = json.loads((tmp_path / "entropy" / "calibration_cache.json").read_text())
     assert "entropy" in json.dumps(cache).lower() and report["calibration_cache"].endswith("calibration_cache.json")
+
+
+def _tied_weights_graph(path) -> None:
+    """``x @ w`` twice (a tied weight the exporter reaches through Identity) and a Conv whose bias is shared the
+    same way, as torch.onnx writes equal tensors once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "k"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "b")]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["w_tied"], name="tie"),
+         helper.make_node("Identity", ["b"], ["b_tied"], name="tie_bias"),
+         helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+         helper.make_node("MatMul", ["h", "w_tied"], ["y"], name="second"),
+         helper.make_node("Conv", ["img", "k", "b_tied"], ["z"], name="conv", pads=[1, 1, 1, 1])],
+        "tied", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16]),
+                 helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_tied_weights_are_quantized_per_layer_and_the_conv_runs_in_int8(tmp_path):
+    """A weight behind an Identity is quantized like any weight (int8 stored, one scale per channel), not
+    re-quantized as an activation at run time, and a bias behind one lets ONNX Runtime fuse the Conv (QLinearConv);
+    without the copies ONNX Runtime reads the tied weight as an activation and runs the Conv in fp32."""
+    from networks.common.onnx_quantize import int8_weight_nodes, run_static_ptq
+    from networks.common.onnx_runtime import inference_session
+
+    src = tmp_path / "tied.onnx"
+    _tied_weights_graph(src)
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((8, 16)).astype(np.float32),
+              "img": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
+    q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm="minmax")
+    ctx = SimpleNamespace(run_dir=tmp_path / "run", log=logging.getLogger("test"))
+    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (iter(calib), len(calib)), "random", [], "test")
+    report = json.loads((tmp_path / "run" / "quantize_report.json").read_text())
+    assert report["shared_weights_copied"] == 2
+
+    model = onnx.load(out["quantized_onnx"])
+    assert {n.name for n in int8_weight_nodes(model)} == {"first", "second", "conv"}
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    session = inference_session(out["quantized_onnx"], ["CPUExecutionProvider"], options)
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(optimized)).graph.node}
+
+    feeds = calib[0]
+    got = session.run(None, feeds)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, r in zip(got, ref, strict=True):
+        assert np.abs(g - r).max() <= 0.05 * np.abs(r).max()
