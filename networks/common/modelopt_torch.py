@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.torch_quantize import check_checkpoint_section, quantize_device, save_quantized
 from networks.common.torchao_quantize import matches_module
 
 __all__ = ["OUTPUT_NAME", "INSTALL_HINT", "QUANTIZABLE_TYPES", "check_modelopt_torch_section", "quantizable_layers",
@@ -82,27 +83,17 @@ def check_modelopt_torch_section(q: Any) -> None:
         raise ConfigError("quantize.algorithm", f"'{q.algorithm}' is not implemented by tao-cli's modelopt.pytorch "
                           "backend (int8 ranges are calibrated by absolute maximum)", "set quantize.algorithm=minmax")
     for i, layer in enumerate(q.layers):
-        where = f"quantize.layers[{i}]"
-        if not str(layer.module_name or ""):
-            raise ConfigError(f"{where}.module_name", "is empty", "give a module name pattern (backbone.*) or a "
-                              "class name (Linear, Conv2d)")
         for part in ("weights", "activations"):
             s = getattr(layer, part)
+            where = f"quantize.layers[{i}].{part}"
             if str(s.dtype) not in _DTYPES:
-                raise ConfigError(f"{where}.{part}.dtype", f"'{s.dtype}' is not implemented by tao-cli's "
+                raise ConfigError(f"{where}.dtype", f"'{s.dtype}' is not implemented by tao-cli's "
                                   "modelopt.pytorch backend (fp8 needs a CUDA GPU with fp8 units)",
                                   "use int8 or native")
             if s.observer_or_fake_quant or len(s.observer_or_fake_quant_kwargs or {}):
-                raise ConfigError(f"{where}.{part}", "observer_or_fake_quant and its kwargs are not read by ModelOpt "
+                raise ConfigError(where, "observer_or_fake_quant and its kwargs are not read by ModelOpt "
                                   "(its calibrator is the absolute maximum)", "remove them")
-    if len(q.backend_kwargs):
-        raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
-                          "modelopt.pytorch (TAO's does not read them either)", "remove quantize.backend_kwargs")
-    if str(q.device) == "trt":
-        raise ConfigError("quantize.device", "'trt' is not a device for backend modelopt.pytorch", "use cpu or cuda")
-    if not q.model_path:
-        raise ConfigError("quantize.model_path", "is empty", "point it at a checkpoint written by the train action "
-                          "(backend modelopt.pytorch quantizes the PyTorch model)")
+    check_checkpoint_section(q, "modelopt.pytorch", "Linear, Conv2d", " (TAO's does not read them either)")
     missing = _missing()
     if missing:
         raise ConfigError("quantize.backend", f"'modelopt.pytorch' needs {' and '.join(missing)}, not installed",
@@ -183,12 +174,7 @@ def run_modelopt_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix: s
     obj = ctx.load_checkpoint(path)
     state = whole_model_state(obj, model, prefix, field="quantize.model_path", source=path, network=network)
     selected = select_quantizers(model, q.layers, q.skip_names)
-    device = torch.device("cpu")
-    if str(q.device).startswith("cuda"):
-        if torch.cuda.is_available():
-            device = torch.device(str(q.device))
-        else:
-            ctx.log.info("quantize.device=%s but no CUDA device is present: calibrating on the CPU", q.device)
+    device = quantize_device(q, ctx, "calibrating")
     mtq, mto = _import_modelopt()
     import modelopt
 
@@ -209,11 +195,8 @@ def run_modelopt_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix: s
     record = {"backend": "modelopt.pytorch", "mode": "static_ptq", "dtype": "int8", "modelopt": modelopt.__version__,
               "root": prefix.rstrip("."), "modelopt_state": mto.modelopt_state(work),
               "modules": [prefix + n for n in selected], "source": str(path)}
-    out = {"state_dict": {**kept, **{prefix + k: v for k, v in quantized.items()}}, "tao_model": network,
-           "quantization": record}
-    out.update({k: obj[k] for k in ("epoch", "global_step") if k in obj})
-    dest = Path(ctx.run_dir) / OUTPUT_NAME
-    ctx.save_checkpoint(out, dest)
+    dest = save_quantized(ctx, obj, {**kept, **{prefix + k: v for k, v in quantized.items()}}, network, record,
+                          OUTPUT_NAME)
     weights = sum(s["weights"] is not False for s in selected.values())
     inputs = sum(s["inputs"] is not False for s in selected.values())
     total = len(quantizable_layers(model))

@@ -9,11 +9,16 @@ supply only their model and, for ModelOpt, how to run it on the calibration imag
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["PYTORCH_BACKENDS", "run_checkpoint_quantize", "prepare_quantized"]
+from networks.common.errors import ConfigError
+
+__all__ = ["PYTORCH_BACKENDS", "run_checkpoint_quantize", "prepare_quantized", "check_checkpoint_section",
+           "quantize_device", "save_quantized"]
 
 #: ``quantize.backend`` values whose output is a PyTorch checkpoint rather than an ONNX file.
 PYTORCH_BACKENDS = ("torchao", "modelopt.pytorch")
@@ -51,3 +56,43 @@ def prepare_quantized(module: nn.Module, record: Mapping[str, Any], source: str,
 
     quantize_like(module, record, source)
     return f"weight-only quantized model {describe(record)}"
+
+
+def check_checkpoint_section(q: Any, backend: str, layer_classes: str, kwargs_note: str = "") -> None:
+    """The refusals both PyTorch backends share (one-line :class:`ConfigError` naming the field): an empty
+    ``quantize.layers[i].module_name`` (``layer_classes``: the class names to suggest), ``backend_kwargs``
+    (``kwargs_note``: appended to the reason), ``device: trt`` and an empty ``model_path``."""
+    for i, layer in enumerate(q.layers):
+        if not str(layer.module_name or ""):
+            raise ConfigError(f"quantize.layers[{i}].module_name", "is empty", "give a module name pattern "
+                              f"(backbone.*) or a class name ({layer_classes})")
+    if len(q.backend_kwargs):
+        raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend "
+                          f"{backend}{kwargs_note}", "remove quantize.backend_kwargs")
+    if str(q.device) == "trt":
+        raise ConfigError("quantize.device", f"'trt' is not a device for backend {backend}", "use cpu or cuda")
+    if not q.model_path:
+        raise ConfigError("quantize.model_path", "is empty", "point it at a checkpoint written by the train action "
+                          f"(backend {backend} quantizes the PyTorch model)")
+
+
+def quantize_device(q: Any, ctx: Any, doing: str) -> torch.device:
+    """Where the PyTorch backends work: ``q.device`` when it is a CUDA device and one is present, else the CPU
+    (logged as ``"... : <doing> on the CPU"`` when CUDA was asked for)."""
+    if str(q.device).startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(str(q.device))
+        ctx.log.info("quantize.device=%s but no CUDA device is present: %s on the CPU", q.device, doing)
+    return torch.device("cpu")
+
+
+def save_quantized(ctx: Any, source: Mapping[str, Any], state_dict: Mapping[str, Any], network: str,
+                   record: Mapping[str, Any], name: str) -> Path:
+    """Write ``<ctx.run_dir>/<name>``: a tagged tao-cli checkpoint of ``state_dict`` with the ``quantization``
+    ``record`` and the ``epoch``/``global_step`` of the ``source`` checkpoint (optimizer and loop states are
+    dropped), through ``ctx.save_checkpoint`` (atomic, tagged, encrypted with the spec's key); returns its path."""
+    out = {"state_dict": dict(state_dict), "tao_model": network, "quantization": dict(record)}
+    out.update({k: source[k] for k in ("epoch", "global_step") if k in source})
+    dest = Path(ctx.run_dir) / name
+    ctx.save_checkpoint(out, dest)
+    return dest

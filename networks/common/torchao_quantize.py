@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from networks.common.errors import CheckpointError, ConfigError
+from networks.common.torch_quantize import check_checkpoint_section, quantize_device, save_quantized
 
 __all__ = ["OUTPUT_NAME", "TORCHAO_REQUIREMENT", "check_torchao_section", "describe", "matches_module",
            "quantize_like", "run_weight_only_ptq", "select_modules"]
@@ -71,9 +72,6 @@ def check_torchao_section(q: Any) -> None:
                           "output channel is scaled by its absolute maximum)", "set quantize.algorithm=minmax")
     for i, layer in enumerate(q.layers):
         where = f"quantize.layers[{i}]"
-        if not str(layer.module_name or ""):
-            raise ConfigError(f"{where}.module_name", "is empty", "give a module name pattern (backbone.*) or a "
-                              "class name (Linear)")
         dtype = str(layer.weights.dtype)
         if dtype not in ("int8", "native"):
             raise ConfigError(f"{where}.weights.dtype", f"'{dtype}' is not implemented by tao-cli's torchao "
@@ -86,14 +84,7 @@ def check_torchao_section(q: Any) -> None:
             if s.observer_or_fake_quant or s.quant_axis is not None or len(s.observer_or_fake_quant_kwargs or {}):
                 raise ConfigError(f"{where}.{part}", "observer_or_fake_quant, quant_axis and their kwargs are not "
                                   "read by weight-only int8 (per output channel, absolute max)", "remove them")
-    if len(q.backend_kwargs):
-        raise ConfigError("quantize.backend_kwargs", f"{sorted(q.backend_kwargs)} are not read by backend torchao",
-                          "remove quantize.backend_kwargs")
-    if str(q.device) == "trt":
-        raise ConfigError("quantize.device", "'trt' is not a device for backend torchao", "use cpu or cuda")
-    if not q.model_path:
-        raise ConfigError("quantize.model_path", "is empty", "point it at a checkpoint written by the train action "
-                          "(backend torchao quantizes the PyTorch model)")
+    check_checkpoint_section(q, "torchao", "Linear")
     if not _installed():
         raise ConfigError("quantize.backend", _MISSING, _INSTALL)
 
@@ -180,12 +171,7 @@ def run_weight_only_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix
     obj = ctx.load_checkpoint(path)
     state = whole_model_state(obj, model, prefix, field="quantize.model_path", source=path, network=network)
     names = select_modules(model, q.layers, q.skip_names)
-    device = "cpu"
-    if str(q.device).startswith("cuda"):
-        if torch.cuda.is_available():
-            device = str(q.device)
-        else:
-            ctx.log.info("quantize.device=%s but no CUDA device is present: quantizing on the CPU", q.device)
+    device = quantize_device(q, ctx, "quantizing")
     work = copy.deepcopy(model).to(device).eval()
     _apply(work, names)
     quantized = {k: v.detach().to("cpu") for k, v in work.state_dict().items()}
@@ -195,10 +181,7 @@ def run_weight_only_ptq(q: Any, ctx: Any, model: nn.Module, network: str, prefix
 
     record = {"backend": "torchao", "mode": "weight_only_ptq", "dtype": "int8", "torchao": torchao.__version__,
               "modules": [prefix + n for n in names], "source": str(path)}
-    out = {"state_dict": state, "tao_model": network, "quantization": record}
-    out.update({k: obj[k] for k in ("epoch", "global_step") if k in obj})
-    dest = Path(ctx.run_dir) / OUTPUT_NAME
-    ctx.save_checkpoint(out, dest)
+    dest = save_quantized(ctx, obj, state, network, record, OUTPUT_NAME)
     linear_total = len(_linears(model))
     int8_mb = _serialized_mb(quantized)
     report = {"backend": "torchao", "mode": "weight_only_ptq", "dtype": "int8", "source": str(path),
