@@ -393,8 +393,12 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
                 details = quantize_with_modelopt(q, named_path, tmp, excluded, batches, providers, large)
             else:
-                details = _quantize_with_onnxruntime(q, named_path, tmp, excluded, batches, providers, large,
-                                                     out_dir)
+                unread = [batches]
+
+                def feeds() -> Iterator[dict]:  # a histogram calibration reads the feeds twice
+                    return unread.pop() if unread else calibration(str(named_path))[0]
+
+                details = _quantize_with_onnxruntime(q, named_path, tmp, excluded, feeds, providers, large, out_dir)
         qmodel = onnx.load(str(tmp), load_external_data=large)
         rewired = read_fp32_inputs(qmodel, set(excluded))
         if rewired:
@@ -452,10 +456,11 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, excluded: list[str],
-                               batches: Iterator[dict], providers: list[str], large: bool,
+                               feeds: Callable[[], Iterator[dict]], providers: list[str], large: bool,
                                out_dir: Path) -> dict[str, Any]:
-    """Write ``out_path``: ``named_path`` calibrated on ``batches`` (ranges kept as ``calibration_cache.json`` in
-    ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of ``q.device``, with
+    """Write ``out_path``: ``named_path`` calibrated on the feeds of ``feeds()`` (called once for ``minmax``, twice
+    for ``entropy``, see :func:`~networks.common.onnx_calibration.collect_histograms`; ranges kept as
+    ``calibration_cache.json`` in ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of ``q.device``, with
     ``excluded`` (exact node names) kept in fp32.  Returns the report fields of this backend."""
     from onnxruntime.quantization import (
         CalibrationMethod,
@@ -465,6 +470,8 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
         quantize_static,
         save_tensors_data,
     )
+
+    from networks.common.onnx_calibration import collect_histograms
 
     layout = QDQ_LAYOUTS[qdq_layout(str(q.device))]
     cache = out_dir / "calibration_cache.json"
@@ -476,7 +483,10 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
                                        calibrate_method=method, use_external_data_format=large,
                                        providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-            calibrator.collect_data(feed_reader(batches))
+            if method == CalibrationMethod.MinMax:
+                calibrator.collect_data(feed_reader(feeds()))
+            else:
+                collect_histograms(calibrator, feeds)
             save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
         quantize_static(str(named_path), str(out_path), None, quant_format=QuantFormat.QDQ,
