@@ -35,7 +35,7 @@ from networks.common.errors import ConfigError
 from networks.common.io import atomic_write_bytes
 from networks.common.onnx_runtime import is_qdq_onnx, resolve_onnx_path
 
-__all__ = ["LAYER_PRECISIONS", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision",
+__all__ = ["LAYER_PRECISIONS", "MIN_TENSORRT_MAJOR", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision",
            "is_qdq_onnx", "qdq_tensorrt_problem",
            "batch_range", "build_engine", "TrtSession", "check_gen_trt_engine", "run_gen_trt_engine",
            "select_gpu"]
@@ -57,12 +57,26 @@ class LayerPrecision:
     precision: str
 
 
+#: Oldest TensorRT major version this module's API calls exist in (strongly typed networks, ``execute_async_v3``
+#: and name-based I/O; TensorRT 8 also needs an explicit-batch flag for ONNX that 10 no longer takes).
+MIN_TENSORRT_MAJOR = 10
+
+
 def tensorrt_missing() -> list[str]:
-    """What this machine lacks to build or run a TensorRT engine: the ``tensorrt`` package, a CUDA GPU (empty
-    when it has both; tests that need TensorRT skip on ``tensorrt_missing()``)."""
+    """What this machine lacks to build or run a TensorRT engine: the ``tensorrt`` package (version
+    :data:`MIN_TENSORRT_MAJOR` or newer), a CUDA GPU (empty when it has both; tests that need TensorRT skip on
+    ``tensorrt_missing()``)."""
     missing = []
     if importlib.util.find_spec("tensorrt") is None:
         missing.append("the tensorrt Python package (pip install tensorrt, matching your CUDA)")
+    else:
+        import tensorrt
+
+        version = str(getattr(tensorrt, "__version__", "unknown"))
+        major = version.split(".")[0]
+        if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
+            missing.append(f"TensorRT {MIN_TENSORRT_MAJOR} or newer (this machine has tensorrt {version}; "
+                           f"pip install 'tensorrt>={MIN_TENSORRT_MAJOR}')")
     import torch
 
     if not torch.cuda.is_available():

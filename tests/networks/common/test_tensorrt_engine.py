@@ -3,6 +3,8 @@ exist (skipped elsewhere, with the reason)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
+import types
 
 import numpy as np
 import onnx
@@ -42,8 +44,14 @@ def test_require_tensorrt_names_every_missing_piece_in_one_line(monkeypatch):
     assert "tensorrt" in msg and "CUDA GPU" in msg and "onnx_file" in msg
 
 
-def test_require_tensorrt_with_the_package_but_no_gpu_names_only_the_gpu(monkeypatch):
+def _installed_tensorrt(monkeypatch, version: str) -> None:
+    """Pretend ``tensorrt`` ``version`` is installed (only its version is read before a GPU is known)."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+
+
+def test_require_tensorrt_with_the_package_but_no_gpu_names_only_the_gpu(monkeypatch):
+    _installed_tensorrt(monkeypatch, "10.3.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="CUDA GPU") as err:
         require_tensorrt("evaluate.trt_engine")
@@ -51,9 +59,20 @@ def test_require_tensorrt_with_the_package_but_no_gpu_names_only_the_gpu(monkeyp
 
 
 def test_require_tensorrt_passes_when_both_exist(monkeypatch):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    _installed_tensorrt(monkeypatch, "10.3.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     require_tensorrt("evaluate.trt_engine")
+
+
+def test_tensorrt_8_is_refused_with_its_version_before_any_build(monkeypatch):
+    """TensorRT 8 has no strongly typed networks and parses ONNX only into an explicit-batch network, which this
+    module (TensorRT 10's API) does not ask for: refused at load with the version found, not at build time."""
+    _installed_tensorrt(monkeypatch, "8.6.1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError) as err:
+        require_tensorrt("gen_trt_engine.trt_engine")
+    msg = str(err.value)
+    assert "\n" not in msg and "TensorRT 10 or newer" in msg and "8.6.1" in msg and "CUDA GPU" not in msg
 
 
 def test_layers_precision_entries_parse_and_names_may_hold_colons():
