@@ -462,6 +462,7 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
     for ``entropy``, see :func:`~networks.common.onnx_calibration.collect_histograms`; ranges kept as
     ``calibration_cache.json`` in ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of ``q.device``, with
     ``excluded`` (exact node names) kept in fp32.  Returns the report fields of this backend."""
+    import torch
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -471,7 +472,7 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
         save_tensors_data,
     )
 
-    from networks.common.onnx_calibration import collect_histograms
+    from networks.common.onnx_calibration import collect_histograms, entropy_ranges
 
     layout = QDQ_LAYOUTS[qdq_layout(str(q.device))]
     cache = out_dir / "calibration_cache.json"
@@ -485,9 +486,12 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             if method == CalibrationMethod.MinMax:
                 calibrator.collect_data(feed_reader(feeds()))
+                ranges = calibrator.compute_data()
             else:
                 collect_histograms(calibrator, feeds)
-            save_tensors_data(calibrator.compute_data(), cache)
+                # one search process per intra-op thread the engine gave this run
+                ranges = entropy_ranges(calibrator.collector, torch.get_num_threads())
+            save_tensors_data(ranges, cache)
         del calibrator
         quantize_static(str(named_path), str(out_path), None, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8 if layout["activations"] == "uint8" else QuantType.QInt8,

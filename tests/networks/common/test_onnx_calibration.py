@@ -125,3 +125,20 @@ def test_an_empty_calibration_set_is_refused_as_onnx_runtime_does(tmp_path, caps
     with pytest.raises(ValueError, match="No data is collected"):
         _calibrator(tmp_path, "ort_empty").collect_data(_reader([]))
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_entropy_ranges_in_worker_processes_equal_onnx_runtime_compute_data(tmp_path, capsys, workers):
+    from networks.common.onnx_calibration import collect_histograms, entropy_ranges
+
+    calibrator = _calibrator(tmp_path, "search")
+    collect_histograms(calibrator, lambda: iter(_feeds(3)))
+    got = entropy_ranges(calibrator.collector, workers)
+    expected = calibrator.compute_data()
+    assert list(got.data) == list(expected.data) and len(got.data) == 4
+    for name, want in expected.data.items():
+        have = got.data[name]
+        for field in ("lowest", "highest", "hist", "bins"):
+            a, b = np.asarray(getattr(have, field)), np.asarray(getattr(want, field))
+            assert a.dtype == b.dtype and np.array_equal(a, b), (name, field)
+    capsys.readouterr()
