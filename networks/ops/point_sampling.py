@@ -100,9 +100,7 @@ def get_uncertain_point_coords_with_randomness(
     num_uncertain = int(importance_sample_ratio * num_points)
     num_random = num_points - num_uncertain
     idx = torch.topk(point_uncertainties[:, 0, :], k=num_uncertain, dim=1)[1]
-    shift = num_sampled * torch.arange(num_boxes, dtype=torch.long, device=device)
-    idx = idx + shift[:, None]
-    point_coords = point_coords.view(-1, 2)[idx.view(-1), :].view(num_boxes, num_uncertain, 2)
+    point_coords = torch.gather(point_coords, 1, idx.unsqueeze(-1).expand(-1, -1, 2))
     if num_random > 0:
         extra = random_points(num_boxes, num_random, valid_extent=valid_extent, device=device, dtype=dtype)
         point_coords = torch.cat([point_coords, extra], dim=1)
