@@ -170,7 +170,8 @@ class AugmentationConfig:
                                         valid_max=1)
     train_random_crop_min: int = param(384, description="Minimum random crop side.", valid_min=32)
     train_random_crop_max: int = param(600, description="Maximum random crop side.", valid_min=32,
-                                       valid_max=1333)
+                                       valid_max=1333, math_cond="> depends_on",
+                                       depends_on="dataset.augmentation.train_random_crop_min")
     random_resize_max_size: int = param(1333, description="Longer-side cap of every resize.", valid_min=1)
     test_random_resize: int = param(800, description="Shorter-side size in evaluation/inference.", valid_min=32)
     fixed_padding: bool = param(True, description="Accepted; tao-cli pads each batch to its largest image "
