@@ -669,5 +669,23 @@ def describe(space: list[Param]) -> list[str]:
                 what += f" ({cond.op} {_fmt(cond.operand)})"
             elif cond is not None:
                 what += f" (math_cond '{p.math_cond}' not enforced, as in TAO)"
-        lines.append(f"{p.name}: {p.kind}, {what}; default {_fmt(p.default)}")
+        lines.append(f"{p.name}: {p.kind}, {what}; default {_fmt(p.default)}{_scale_hint(p)}")
     return lines
+
+
+def _scale_hint(p: Param) -> str:
+    """A warning for a float drawn uniformly from zero where that cannot search its scale, else '': far past its
+    default (TAO's draw of Mask2Former's learning rate in [0, 1]: nearly every trial trains at over 10x the
+    default), or only up to the default (TAO's rule for an open upper bound)."""
+    if p.kind != "float" or p.log or p.options or p.depends_on is not None or not _is_number(p.default):
+        return ""
+    default = float(p.default)
+    if p.low > 0 or default <= 0:
+        return ""
+    fix = (f"; set {RANGE_OVERRIDE_KEY}.{p.name}.valid_min and valid_max (a positive range {_LOG_SPAN:g}x wide "
+           "or more is drawn log-uniformly)")
+    if p.high >= _LOG_SPAN * default:
+        return f" (uniform from 0: {1.0 - 10 * default / p.high:.1%} of the draws exceed 10x the default{fix})"
+    if p.high <= default:
+        return f" (uniform from 0 up to the default: no larger value is tried{fix})"
+    return ""

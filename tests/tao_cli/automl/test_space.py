@@ -535,3 +535,19 @@ def test_real_schema_every_buildable_field_samples_loadable_values(net_name):
     space = build_space(schema, spec, ok, override_disabled=True)
     for vals, _ in draws(space, 3, seed=5):
         load_spec(net.config_class, "train", None, _overrides(vals), mandatory=False)
+
+
+def test_describe_warns_of_a_uniform_draw_from_zero_far_past_the_default():
+    """Mask2Former's schema gives ``train.optim.lr`` (default 2e-4) TAO's [0, 1]: drawn uniformly, as TAO does,
+    but the plan says what that means and how to get a log-uniform range."""
+    wide = one(leaf("number", 2e-4, 0, 1), "train.optim.lr")
+    (line,) = describe([wide])
+    assert "uniform [0, 1]" in line and "99.8% of the draws exceed 10x the default" in line
+    assert "automl.automl_range_override.train.optim.lr.valid_min and valid_max" in line
+    narrowed = one(leaf("number", 2e-4, 0, 1), "train.optim.lr",
+                   range_override={"train.optim.lr": {"valid_min": 1e-5, "valid_max": 1e-3}})
+    assert narrowed.log and "exceed" not in describe([narrowed])[0]
+    assert "uniform from 0" not in describe([one(leaf("number", 0.5, 0, 1), "s.p")])[0]  # a probability
+    # TAO's open upper bound becomes the default: [0, default] never tries a larger value
+    (capped,) = describe([one(leaf("number", 2e-4, 0, None, valid_max="inf"), "train.lr")])
+    assert "uniform [0, 0.0002]" in capped and "no larger value is tried" in capped
