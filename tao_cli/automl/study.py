@@ -14,7 +14,9 @@ over a retry), then writes the results.
 
 Kill safety: rerunning the command resumes; COMPLETE/PRUNED/FAILED trials are never run again.  On SIGINT or
 SIGTERM the running trial's train process is stopped, the trial is FAILED with the reason and retried once by
-the next run, results are written and the exit code is 130.  A trial's heartbeat is recorded by a thread
+the next run, results are written and the exit code is 130.  A retry trains in the directory of the trial it
+retries (``trial_dir`` in ``trials.csv``), so its train run resumes from the checkpoint left there: the one
+written when the run was stopped, or the last periodic one after a SIGKILL.  A trial's heartbeat is recorded by a thread
 every ``heartbeat_interval`` seconds while it runs.
 """
 from __future__ import annotations
@@ -230,7 +232,10 @@ class _Worker:
         heartbeat = _Heartbeat(self.study, trial, s.heartbeat_interval)
         started = time.monotonic()
         try:
-            trial_dir = trial_dir_of(prep.automl_dir, trial.number)
+            retry = self.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
+            # a retry trains in the directory of the trial it retries, so the train run resumes from the
+            # checkpoint that one left (its run lock refuses the directory while a run still holds it)
+            trial_dir = trial_dir_of(prep.automl_dir, int(retry[0]) if retry else trial.number)
             trial.set_user_attr("trial_dir", str(trial_dir))
             try:
                 values = space_mod.sample(trial, prep.space)
@@ -240,8 +245,7 @@ class _Worker:
             except Exception as exc:  # noqa: BLE001 - a bad sample fails this trial, not the study
                 self._fail(trial, f"could not build the trial spec: {type(exc).__name__}: {exc}")
                 return
-            retry = self.study._storage.get_trial(trial._trial_id).system_attrs.get("retry_history")
-            note = f" (retry of trial {retry[-1]:03d})" if retry else ""
+            note = f" (retry of trial {retry[-1]:03d}, in {trial_dir.name})" if retry else ""
             _say(f"trial {trial.number:03d} started{note}: {_values_text(values)}  [log: {trial_dir / 'trial.log'}]")
             if self.stop.is_set():
                 outcome = TrialOutcome("interrupted", reason="the AutoML driver was interrupted")

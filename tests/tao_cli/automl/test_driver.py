@@ -352,3 +352,24 @@ def test_a_trial_that_trained_all_epochs_is_not_pruned(tmp_path, data):
     assert code == 0
     pruned = [t for t in _study(root).trials if t.state == TrialState.PRUNED]
     assert pruned and all(sorted(t.intermediate_values) == [1] for t in pruned)
+
+
+def test_deleting_intermediate_checkpoints_spares_the_directory_a_retry_shares_with_its_trial(tmp_path):
+    """A retry trains in the directory of the trial it retries: when the retry is the best trial, the failed
+    trial's entry must not delete the best checkpoints that directory now holds."""
+    from optuna.trial import create_trial
+
+    from tao_cli.automl.results import _delete_intermediate
+
+    shared, other = tmp_path / "trial_001", tmp_path / "trial_000"
+    for d in (shared, other):
+        (d / "train").mkdir(parents=True)
+        (d / "train" / "mal_model_best.pth").write_bytes(b"x")
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.5, user_attrs={"trial_dir": str(other)}))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"trial_dir": str(shared)}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=0.9, user_attrs={"trial_dir": str(shared)},
+                                 system_attrs={"retry_history": [1]}))
+    trials = study.get_trials()
+    assert _delete_intermediate(None, trials, study.best_trial) == 1
+    assert (shared / "train" / "mal_model_best.pth").exists() and not list((other / "train").glob("*.pth"))

@@ -96,20 +96,22 @@ def test_two_workers_share_one_study(tmp_path, data):
         assert status.count('"STARTED", "verbosity": "INFO", "message": "Starting MAL train."') == 1
 
 
-def _wait_for(path: Path, timeout: float) -> None:
+def _wait_for(path: Path, timeout: float, text: str = "") -> None:
     end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end, f"{path} did not appear"
+    while not path.exists() or text not in path.read_text():
+        assert time.monotonic() < end, f"{path} did not appear" + (f" with {text!r}" if text else "")
         time.sleep(0.2)
 
 
 def test_sigkill_during_trial_2_then_rerun(tmp_path, data):
+    """Trials of 3 epochs; the driver is killed once trial 2 has finished its first epoch.  The rerun retries
+    trial 2 as trial 3 in trial 2's directory, resuming its stopped run instead of training from scratch."""
     root = tmp_path / "r"
-    cmd = _cmd(data, root, 3, "automl.heartbeat_interval=1", "automl.grace_period=2")
+    cmd = _cmd(data, root, 3, "automl.heartbeat_interval=1", "automl.grace_period=2", "automl.automl_max_epochs=3")
     driver = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        _wait_for(root / "automl" / "trial_002" / "train" / "status.json", 300)
+        _wait_for(root / "automl" / "trial_002" / "train" / "status.json", 300, '"message": "Training loop in')
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
@@ -124,9 +126,17 @@ def test_sigkill_during_trial_2_then_rerun(tmp_path, data):
     texts = {n: (root / "automl" / f"trial_{n:03d}" / "train" / "status.json").read_text() for n in (0, 1)}
     time.sleep(2.5)  # past the grace period: trial 2's heartbeat is stale
 
+    checkpoints = sorted(p.name for p in (root / "automl" / "trial_002" / "train").glob("*.pth"))
+    assert checkpoints, "the stopped train run left no checkpoint to resume"
+
     proc = _run(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "trial 003 started (retry of trial 002)" in proc.stdout
+    assert "trial 003 started (retry of trial 002, in trial_002)" in proc.stdout
+    # the retry resumed the stopped run in its directory instead of training from scratch in a new one
+    assert not (root / "automl" / "trial_003").exists()
+    status = (root / "automl" / "trial_002" / "train" / "status.json").read_text()
+    assert status.count("Resuming training from checkpoint") == 1 and '"SUCCESS"' in status.splitlines()[-1]
+    assert '"epoch": 2' in status.split("Resuming training from checkpoint")[1]
     assert " 000 started" not in proc.stdout and " 001 started" not in proc.stdout
     for n in (0, 1):  # untouched
         assert {p: p.stat().st_mtime_ns for p in (root / "automl" / f"trial_{n:03d}").rglob("*")
@@ -136,5 +146,6 @@ def test_sigkill_during_trial_2_then_rerun(tmp_path, data):
     states = {t.number: t.state for t in trials}
     assert states == {0: TrialState.COMPLETE, 1: TrialState.COMPLETE, 2: TrialState.FAIL, 3: TrialState.COMPLETE}
     assert trials[3].system_attrs["retry_history"] == [2] and trials[3].params == trials[2].params
+    assert trials[3].user_attrs["trial_dir"] == trials[2].user_attrs["trial_dir"]
     assert budget_used(trials) == 3
     assert [r["state"] for r in _rows(root)] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
