@@ -185,7 +185,7 @@ def _int8_timing(fp32_path: Path, fp32_sess, feed: dict, opts, providers: list[s
     q = SimpleNamespace(backend="onnxruntime", model_path=str(fp32_path), skip_names=[], device="cpu",
                         algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask2former"))
-    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
+    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (lambda: iter(calib), len(calib)),
                          "8 random images", ["the quantize action's defaults"], "TAO's fp32 layers")
     int8 = inference_session(out["quantized_onnx"], providers, opts)  # as evaluate/inference run it
     timing = paired(lambda: int8.run(None, feed), lambda: fp32_sess.run(None, feed), pairs=bench_pairs(15),

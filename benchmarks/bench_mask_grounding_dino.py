@@ -258,7 +258,7 @@ def _int8(fp32_path: Path, fp32_session, feeds: dict, tmp: Path) -> dict:
     q = SimpleNamespace(backend="onnxruntime", model_path=str(fp32_path), skip_names=[], device="cpu",
                         algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp / "int8", log=logging.getLogger("bench_mask_grounding_dino"))
-    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (iter(calib), len(calib)),
+    out = run_static_ptq(q, ctx, lambda names: excluded_nodes(names, []), lambda _: (lambda: iter(calib), len(calib)),
                          "4 random images", ["the quantize action's defaults"], "the network's fp32 rules")
     int8 = inference_session(out["quantized_onnx"], ["CPUExecutionProvider"])  # as evaluate/inference run it
     timing = paired(lambda: int8.run(None, feeds), lambda: fp32_session.run(None, feeds), pairs=bench_pairs(9))

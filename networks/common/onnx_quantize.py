@@ -320,15 +320,16 @@ def size_mb(path: Path) -> float:
 
 
 def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
-                   calibration: Callable[[str], tuple[Iterator[dict], int]], calib_source: str,
+                   calibration: Callable[[str], tuple[Callable[[], Iterator[dict]], int]], calib_source: str,
                    excluded_patterns: list[str], exclusion_why: str) -> dict[str, Any]:
     """Quantize ``q.model_path`` (the spec's checked ``quantize`` section) into ``ctx.run_dir`` with the ONNX
     backend ``q.backend`` (``onnxruntime``: :func:`_quantize_with_onnxruntime`, ``<stem>_int8_qdq.onnx``;
     ``modelopt.onnx``: :func:`~networks.common.modelopt_onnx.quantize_with_modelopt`, ``quantized_model.onnx`` as
     TAO names it).
 
-    ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (iterator of feeds, images
-    used)``; ``calib_source`` (where the images come from), ``excluded_patterns`` and ``exclusion_why`` go to the
+    ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (feeds, images used)``,
+    called once, where each call of ``feeds()`` iterates over the same calibration feeds again (a range probe,
+    then one pass, or two for ``entropy``); ``calib_source`` (where the images come from), ``excluded_patterns`` and ``exclusion_why`` go to the
     log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
     non-standard operator domain (the file is then not written)."""
     import onnx
@@ -362,7 +363,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     if want_gpu and providers == ["CPUExecutionProvider"]:
         ctx.log.info("quantize.device=%s but this ONNX Runtime has no CUDA provider: calibrating on the CPU",
                      q.device)
-    unbounded = unbounded_tensors(named_path, calibration(str(named_path))[0], providers, out_dir)
+    feeds, used = calibration(str(named_path))
+    unbounded = unbounded_tensors(named_path, feeds(), providers, out_dir)
     by_range = [n for n in touching_nodes(model, unbounded) if n not in set(excluded)]
     excluded = [n for n in node_names if n in set(excluded) | set(by_range)]
     del model
@@ -375,7 +377,6 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     for name in excluded:
         ctx.log.debug("fp32: %s", name)
 
-    batches, used = calibration(str(named_path))
     # external weights are named after the file they are saved with, so a large model is written in place
     tmp = qdq_path if large else qdq_path.with_name(f".{qdq_path.name}.tmp.onnx")
     ctx.log.info("Calibrating on %d images of %s (%s %s, %s); QDQ layout for %s (quantize.device=%s)", used,
@@ -391,13 +392,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
             if backend == "modelopt.onnx":
                 from networks.common.modelopt_onnx import quantize_with_modelopt
 
-                details = quantize_with_modelopt(q, named_path, tmp, excluded, batches, providers, large)
+                details = quantize_with_modelopt(q, named_path, tmp, excluded, feeds(), providers, large)
             else:
-                unread = [batches]
-
-                def feeds() -> Iterator[dict]:  # a histogram calibration reads the feeds twice
-                    return unread.pop() if unread else calibration(str(named_path))[0]
-
                 details = _quantize_with_onnxruntime(q, named_path, tmp, excluded, feeds, providers, large, out_dir)
         qmodel = onnx.load(str(tmp), load_external_data=large)
         rewired = read_fp32_inputs(qmodel, set(excluded))

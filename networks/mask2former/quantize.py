@@ -77,8 +77,9 @@ def _calibration_images(cfg: Any, count: int) -> tuple[Any, int]:
     return dataset, calibration_count(count, len(dataset), ds.quant_calibration_dataset.images_dir)
 
 
-def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
-    """(iterator of ``{input name: float32 [B,3,H,W]}``, number of images used) for calibrating an ONNX file: the
+def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Callable[[], Iterator[dict]], int]:
+    """(function giving an iterator of ``{input name: float32 [B,3,H,W]}`` at each call, number of images used) for
+    calibrating an ONNX file: the
     first ``count`` calibration images (:func:`_calibration_images`) resized to the graph's H×W.  A graph with a
     fixed batch B is fed whole batches (:func:`~networks.common.onnx_quantize.calibration_order`)."""
     from networks.mask2former.data import collate, raise_if_error
@@ -95,7 +96,7 @@ def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterato
             raise_if_error(batch)
             yield {head.input_name: head.prepare(batch["images"], batch["image_sizes"])}
 
-    return batches(), used
+    return batches, used
 
 
 def _torch_calibration(cfg: Any, count: int) -> Callable[[Any, Any], int]:

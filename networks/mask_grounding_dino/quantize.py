@@ -112,8 +112,9 @@ def _calibration_rows(cfg: Any, count: int) -> tuple[Any, Any, Any, int]:
     return dataset, collate, tokenizer, calibration_count(count, len(dataset), src.get("image_dir"))
 
 
-def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterator[dict], int]:
-    """(iterator of graph feeds, number of images used): the first ``count`` calibration images
+def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Callable[[], Iterator[dict]], int]:
+    """(function giving an iterator of graph feeds at each call, number of images used): the first ``count``
+    calibration images
     (:func:`_calibration_rows`) through :meth:`OnnxModel.feeds`; a graph with a fixed batch B gets whole batches of
     rows (prompt chunks of the same image are rows too)."""
     from networks.mask_grounding_dino.onnx_runtime import OnnxModel
@@ -133,7 +134,7 @@ def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Iterato
             part = [rows[j] for j in order[start:start + step]]
             yield {k: np.concatenate([p[k] for p in part]) for k in part[0]}
 
-    return batches(), used
+    return batches, used
 
 
 def _torch_calibration(cfg: Any, count: int) -> Callable[[Any, Any], int]:

@@ -48,7 +48,7 @@ def test_static_qdq_linear_runs_an_integer_kernel(tmp_path):
     calib = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(4)]
     q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp_path / "q", log=logging.getLogger("test"))
-    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (iter(calib), len(calib)), "random", [], "none")
+    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "none")
     qdq = out["quantized_onnx"]
 
     ops = _optimized_ops(qdq, tmp_path, lambda p, o: inference_session(p, ["CPUExecutionProvider"], o))

@@ -46,7 +46,7 @@ def _quantize(tmp_path, algorithm: str, kept: list[str]) -> tuple[dict, dict]:
     q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
     ctx = SimpleNamespace(run_dir=tmp_path / algorithm, log=logging.getLogger("test"))
     out = run_static_ptq(q, ctx, lambda names: [n for n in names if n in kept],
-                         lambda _: (iter(calib), len(calib)), "random", [], "test")
+                         lambda _: (lambda: iter(calib), len(calib)), "random", [], "test")
     return out, json.loads((tmp_path / algorithm / "quantize_report.json").read_text())
 
 
@@ -120,7 +120,7 @@ def test_tied_weights_are_quantized_per_layer_and_the_conv_runs_in_int8(tmp_path
               "img": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(4)]
     q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm="minmax")
     ctx = SimpleNamespace(run_dir=tmp_path / "run", log=logging.getLogger("test"))
-    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (iter(calib), len(calib)), "random", [], "test")
+    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "test")
     report = json.loads((tmp_path / "run" / "quantize_report.json").read_text())
     assert report["shared_weights_copied"] == 2
 
@@ -138,3 +138,28 @@ def test_tied_weights_are_quantized_per_layer_and_the_conv_runs_in_int8(tmp_path
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)
     for g, r in zip(got, ref, strict=True):
         assert np.abs(g - r).max() <= 0.05 * np.abs(r).max()
+
+
+@pytest.mark.parametrize("algorithm, passes", [("minmax", 2), ("entropy", 3)])
+def test_the_calibration_set_is_built_once_and_read_once_per_pass(tmp_path, algorithm, passes):
+    """``calibration`` (a network's dataset, its preprocessing and its "fewer images than calib_images" warning)
+    runs once; its feeds are read by the range probe, then once for minmax and twice for entropy."""
+    from networks.common.onnx_quantize import run_static_ptq
+
+    src = tmp_path / "shared.onnx"
+    _shared_input_graph(src)
+    calib, built, read = _calibration(), [], []
+
+    def calibration(path):
+        built.append(path)
+
+        def feeds():
+            read.append(1)
+            return iter(calib)
+
+        return feeds, len(calib)
+
+    q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
+    ctx = SimpleNamespace(run_dir=tmp_path / "q", log=logging.getLogger("test"))
+    out = run_static_ptq(q, ctx, lambda names: [], calibration, "random", [], "test")
+    assert len(built) == 1 and len(read) == passes and out["calibration_images"] == len(calib)
