@@ -30,11 +30,10 @@ import numpy as np
 __all__ = ["collect_histograms", "entropy_ranges"]
 
 
-def _tensor_extremes(session: Any, names: list[str], feeds: Iterator[dict]) -> dict[str, tuple[Any, Any]]:
-    """``{name: (min, max)}`` over all ``feeds`` of the ``session`` outputs ``names``, NaN ignored, as numpy scalars
-    of the tensor's dtype (``(0, 0)`` for a tensor that is always empty).  ValueError when ``feeds`` is empty."""
-    outputs = [o.name for o in session.get_outputs()]
-    index = [(outputs.index(n), n) for n in names]
+def _tensor_extremes(session: Any, index: list[tuple[int, str]], feeds: Iterator[dict]) -> dict[str, tuple[Any, Any]]:
+    """``{name: (min, max)}`` over all ``feeds`` of the ``session`` outputs ``index`` ((output position, name)),
+    NaN ignored, as numpy scalars of the tensor's dtype (``(0, 0)`` for a tensor that is always empty).
+    ValueError when ``feeds`` is empty."""
     lo: dict[str, Any] = {}
     hi: dict[str, Any] = {}
     empty_dtype: dict[str, Any] = {}
@@ -66,12 +65,12 @@ def collect_histograms(calibrator: Any, feeds: Callable[[], Iterator[dict]]) -> 
     must yield the same batches both times."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    if calibrator.method not in ("entropy", "distribution"):  # the methods whose histograms span -t..t
+    if calibrator.method != "entropy":  # seeding a histogram over -t..t is what entropy's collector does
         raise ValueError(f"collect_histograms does not handle the '{calibrator.method}' calibration")
     session = calibrator.infer_session
     # in the session's output order, as ONNX Runtime fills (and later reports) the histograms
-    names = [o.name for o in session.get_outputs() if o.name in calibrator.tensors_to_calibrate]
-    extremes = _tensor_extremes(session, names, feeds())
+    index = [(i, o.name) for i, o in enumerate(session.get_outputs()) if o.name in calibrator.tensors_to_calibrate]
+    extremes = _tensor_extremes(session, index, feeds())
     collector = HistogramCollector(method=calibrator.method, symmetric=calibrator.symmetric,
                                    num_bins=calibrator.num_bins, num_quantized_bins=calibrator.num_quantized_bins,
                                    percentile=calibrator.percentile, scenario=calibrator.scenario)
@@ -82,11 +81,10 @@ def collect_histograms(calibrator: Any, feeds: Callable[[], Iterator[dict]]) -> 
                                    range=(-threshold, threshold))
         collector.histogram_dict[name] = (hist, edges, mn, mx, threshold)
     # every batch's own threshold is within the seeded one, so ONNX Runtime's merge adds its counts in place
-    index = [(i, o.name) for i, o in enumerate(session.get_outputs()) if o.name in extremes]
     for feed in feeds():
         values = session.run(None, feed)
         collector.collect({name: [values[i]] for i, name in index})
-        del values
+        del values  # before the next batch is computed: one batch in memory, not two
     calibrator.collector = collector
 
 

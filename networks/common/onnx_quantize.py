@@ -329,8 +329,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
 
     ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (feeds, images used)``,
     called once, where each call of ``feeds()`` iterates over the same calibration feeds again (a range probe,
-    then one pass, or two for ``entropy``); ``calib_source`` (where the images come from), ``excluded_patterns`` and ``exclusion_why`` go to the
-    log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
+    then one pass, or two for ``entropy``); ``calib_source`` (where the images come from), ``excluded_patterns``
+    and ``exclusion_why`` go to the log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
     non-standard operator domain (the file is then not written)."""
     import onnx
 
@@ -456,8 +456,8 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
                                out_dir: Path) -> dict[str, Any]:
     """Write ``out_path``: ``named_path`` calibrated on the feeds of ``feeds()`` (called once for ``minmax``, twice
     for ``entropy``, see :func:`~networks.common.onnx_calibration.collect_histograms`; ranges kept as
-    ``calibration_cache.json`` in ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of ``q.device``, with
-    ``excluded`` (exact node names) kept in fp32.  Returns the report fields of this backend."""
+    ``calibration_cache.json`` in ``out_dir``) and quantized by ONNX Runtime in the :data:`QDQ_LAYOUTS` layout of
+    ``q.device``, with ``excluded`` (exact node names) kept in fp32.  Returns the report fields of this backend."""
     import torch
     from onnxruntime.quantization import (
         CalibrationMethod,

@@ -35,8 +35,8 @@ from networks.common.errors import ConfigError
 from networks.common.io import atomic_write_bytes
 from networks.common.onnx_runtime import is_qdq_onnx, resolve_onnx_path
 
-__all__ = ["LAYER_PRECISIONS", "MIN_TENSORRT_MAJOR", "LayerPrecision", "require_tensorrt", "tensorrt_missing", "parse_layers_precision",
-           "is_qdq_onnx", "qdq_tensorrt_problem",
+__all__ = ["LAYER_PRECISIONS", "MIN_TENSORRT_MAJOR", "LayerPrecision", "require_tensorrt", "tensorrt_missing",
+           "parse_layers_precision", "is_qdq_onnx", "qdq_tensorrt_problem",
            "batch_range", "build_engine", "TrtSession", "check_gen_trt_engine", "run_gen_trt_engine",
            "select_gpu"]
 

@@ -114,9 +114,8 @@ def _calibration_rows(cfg: Any, count: int) -> tuple[Any, Any, Any, int]:
 
 def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Callable[[], Iterator[dict]], int]:
     """(function giving an iterator of graph feeds at each call, number of images used): the first ``count``
-    calibration images
-    (:func:`_calibration_rows`) through :meth:`OnnxModel.feeds`; a graph with a fixed batch B gets whole batches of
-    rows (prompt chunks of the same image are rows too)."""
+    calibration images (:func:`_calibration_rows`) through :meth:`OnnxModel.feeds`; a graph with a fixed batch B
+    gets whole batches of rows (prompt chunks of the same image are rows too)."""
     from networks.mask_grounding_dino.onnx_runtime import OnnxModel
 
     dataset, collate, tokenizer, used = _calibration_rows(cfg, count)

@@ -188,7 +188,7 @@ def _delete_intermediate(prep: Prepared, trials: list[FrozenTrial], best: Frozen
     removed = 0
     keep = best.user_attrs.get("trial_dir")  # a retried trial shares its directory with its retry
     for t in trials:
-        if t.number == best.number or not t.user_attrs.get("trial_dir") or t.user_attrs["trial_dir"] == keep:
+        if not t.user_attrs.get("trial_dir") or t.user_attrs["trial_dir"] == keep:
             continue
         for ckpt in (Path(t.user_attrs["trial_dir"]) / "train").glob("*.pth"):
             ckpt.unlink(missing_ok=True)

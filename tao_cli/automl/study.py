@@ -16,8 +16,8 @@ Kill safety: rerunning the command resumes; COMPLETE/PRUNED/FAILED trials are ne
 SIGTERM the running trial's train process is stopped, the trial is FAILED with the reason and retried once by
 the next run, results are written and the exit code is 130.  A retry trains in the directory of the trial it
 retries (``trial_dir`` in ``trials.csv``), so its train run resumes from the checkpoint left there: the one
-written when the run was stopped, or the last periodic one after a SIGKILL.  A trial's heartbeat is recorded by a thread
-every ``heartbeat_interval`` seconds while it runs.
+written when the run was stopped, or the last periodic one after a SIGKILL.  A trial's heartbeat is recorded by
+a thread every ``heartbeat_interval`` seconds while it runs.
 """
 from __future__ import annotations
 
