@@ -115,6 +115,8 @@ def onnx_parity(wrapper: nn.Module, onnx_path: str | Path, args: tuple[torch.Ten
     """
     import onnxruntime as ort
 
+    from networks.common.onnx_runtime import run_session_options
+
     input_names, output_names = list(input_names), list(output_names)
     if len(args) != len(input_names):
         raise ParityError(f"{len(args)} example inputs for input names {input_names}")
@@ -124,7 +126,7 @@ def onnx_parity(wrapper: nn.Module, onnx_path: str | Path, args: tuple[torch.Ten
     if len(result) != len(output_names):
         raise ParityError(f"the PyTorch wrapper returns {len(result)} outputs for output names {output_names}")
     expected = {n: t.detach().cpu().numpy() for n, t in zip(output_names, result, strict=True)}
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), run_session_options(), providers=["CPUExecutionProvider"])
     onnx_inputs = [i.name for i in session.get_inputs()]
     if onnx_inputs != input_names:
         raise ParityError(f"ONNX inputs {onnx_inputs} != expected {input_names}")

@@ -50,7 +50,7 @@ from networks.common.errors import ConfigError
 __all__ = ["ALGORITHMS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES",
            "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section", "int8_weight_layers",
            "int8_weight_nodes", "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb",
-           "touching_nodes", "unbounded_tensors", "unshare_weights"]
+           "touching_nodes", "unbounded_tensors", "unshare_weights", "with_run_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,23 @@ def feed_reader(feeds: Iterator[dict]) -> Any:
     return Reader()
 
 
+def with_run_threads(calibrator: Any) -> Any:
+    """``calibrator`` (from ONNX Runtime's ``create_calibrator``) with its session made again with this run's
+    intra-op thread count (:func:`networks.common.onnx_runtime.run_session_options`; ONNX Runtime's own has the
+    default pool, one pinned thread per physical core), and ONNX Runtime's calibration settings: no graph
+    optimisation, so every tensor it names stays in the graph."""
+    import onnxruntime as ort
+
+    from networks.common.onnx_runtime import run_session_options
+
+    options = run_session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    calibrator.infer_session = None  # its memory goes before the new session's arrives
+    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
+                                                    providers=calibrator.execution_providers)
+    return calibrator
+
+
 def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[str], work_dir: Path) -> set[str]:
     """Names of the float tensors whose value range over ``feeds`` is not finite (a min-max calibration pass on
     ``model_path``).  Masked attention logits hold -inf by design; an int8 scale computed from such a range is
@@ -218,8 +235,9 @@ def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[s
 
     augmented = work_dir / f".{model_path.stem}_range_probe.onnx"
     try:
-        calibrator = create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
-                                       calibrate_method=CalibrationMethod.MinMax, providers=providers)
+        calibrator = with_run_threads(create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
+                                                        calibrate_method=CalibrationMethod.MinMax,
+                                                        providers=providers))
         calibrator.collect_data(feed_reader(feeds))
         ranges = calibrator.compute_data()
     finally:
@@ -475,10 +493,10 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
     method = getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)])
     with tempfile.TemporaryDirectory(prefix="calib_", dir=out_dir) as work:
         # calibrated here rather than inside quantize_static, which cannot give the calibrator its settings
-        calibrator = create_calibrator(named_path, list(QUANTIZED_OP_TYPES),
-                                       augmented_model_path=str(Path(work) / "augmented.onnx"),
-                                       calibrate_method=method, use_external_data_format=large,
-                                       providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
+        calibrator = with_run_threads(create_calibrator(
+            named_path, list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(work) / "augmented.onnx"),
+            calibrate_method=method, use_external_data_format=large, providers=providers,
+            extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)]))
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             if method == CalibrationMethod.MinMax:
                 calibrator.collect_data(feed_reader(feeds()))

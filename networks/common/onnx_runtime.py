@@ -25,7 +25,7 @@ from networks.common.errors import ConfigError
 
 __all__ = ["ONNX_SOURCES", "OnnxGraphInfo", "OnnxSession", "check_model_source", "choose_providers",
            "describe_onnx", "has_fp16", "inference_session", "is_qdq_onnx", "onnx_file_of", "resolve_onnx_path",
-           "static_image_hw"]
+           "run_session_options", "static_image_hw"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,19 @@ def has_fp16(path: str | os.PathLike) -> bool:
         for node in model.graph.node)
 
 
+def run_session_options() -> Any:
+    """``onnxruntime.SessionOptions`` whose intra-op pool has this run's thread count: the engine set torch's from
+    the plan (``OMP_NUM_THREADS``, the cores this process may use, its share among the processes of the node, the
+    DataLoader workers: tao_cli/engine/threads.py).  ONNX Runtime's own default, one thread per physical core,
+    follows none of them and pins its threads past the process's CPU affinity (measured: under ``taskset -c 0``
+    a default session still ran on both cores of this machine, a session given 1 thread on one)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
 def inference_session(path: str | os.PathLike, providers: list[str], options: Any = None,
                       qdq: bool | None = None) -> Any:
     """An ``onnxruntime.InferenceSession`` of ``path``.  For a QDQ graph (``qdq``; None: read the file to tell)
@@ -182,7 +195,9 @@ class OnnxSession:
         self.hw = static_image_hw(info, path, field)
         batch = info.input_shape[0]
         self.batch = int(batch) if isinstance(batch, int) and batch > 0 else None
-        self.session = inference_session(self.path, choose_providers(want_gpu))
+        options = run_session_options()
+        self.threads = options.intra_op_num_threads
+        self.session = inference_session(self.path, choose_providers(want_gpu), options)
         self.input_name = info.input_name
         self.input_names = list(info.inputs)
         self.output_names = list(info.output_names)
@@ -191,13 +206,14 @@ class OnnxSession:
         self._warned_resize = False
 
     def describe(self) -> dict[str, Any]:
-        """What ran, for the log and metrics.json: runtime, version, providers, ONNX path, input size."""
+        """What ran, for the log and metrics.json: runtime, version, providers, ONNX path, input size, intra-op
+        threads."""
         return {"name": "onnxruntime", "version": self.version, "providers": self.providers,
-                "onnx_file": self.path, "input_hw": list(self.hw)}
+                "onnx_file": self.path, "input_hw": list(self.hw), "intra_op_threads": self.threads}
 
     def log_start(self, logger: logging.Logger) -> None:
-        logger.info("Running %s with onnxruntime %s (providers %s), input %dx%d", self.path, self.version,
-                    ", ".join(self.providers), *self.hw)
+        logger.info("Running %s with onnxruntime %s (providers %s), input %dx%d, %d intra-op thread(s)", self.path,
+                    self.version, ", ".join(self.providers), *self.hw, self.threads)
 
     def prepare_images(self, images: torch.Tensor, image_sizes: list, hint: str) -> np.ndarray:
         """float32 [B, 3, H, W] image input: each image's un-padded part (``image_sizes`` (h, w)), resized

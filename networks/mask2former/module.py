@@ -169,8 +169,7 @@ class Mask2FormerModule(pl.LightningModule):
 
             self.onnx = OnnxHead(onnx_file, str(mc.mode), want_gpu=getattr(ctx, "accelerator", None) == "gpu",
                                  field=f"{ctx.action}.onnx_file")
-            log.info("Running %s with onnxruntime %s (providers %s), input %dx%d", self.onnx.path,
-                     self.onnx.version, ", ".join(self.onnx.providers), *self.onnx.hw)
+            self.onnx.log_start(log)
         elif trt_engine:
             from networks.mask2former.tensorrt import TrtHead
 

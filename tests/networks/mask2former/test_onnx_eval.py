@@ -320,6 +320,20 @@ def test_onnx_file_alone_needs_no_checkpoint(exported, action, monkeypatch, capf
     assert f"onnx file:    {onnx_path}" in out and "checkpoint:" not in out.split("# Plan")[1]
 
 
+
+def test_onnx_runtime_takes_the_run_thread_count(exported, monkeypatch, capfd, tmp_path):
+    """The plan's intra-op thread count (here OMP_NUM_THREADS=1) reaches ONNX Runtime, whose default would be
+    one thread per physical core (2 here), and metrics.json records it."""
+    spec, _, onnx_path = exported["semantic"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code, _, err = _tao(monkeypatch, capfd, "model", "mask2former", "evaluate", "-e", str(spec),
+                        f"results_dir={tmp_path}", f"evaluate.onnx_file={onnx_path}")
+    assert code == 0, err[-3000:]
+    log = (tmp_path / "evaluate" / "evaluate.log").read_text()
+    assert "Intra-op threads: 1 per process (from OMP_NUM_THREADS)" in log and "1 intra-op thread(s)" in log
+    assert json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["runtime"]["intra_op_threads"] == 1
+
 def test_trt_engine_alone_keeps_its_refusal(exported, monkeypatch, capfd, tmp_path):
     spec, _, _ = exported["panoptic"]
     monkeypatch.chdir(tmp_path)
