@@ -192,6 +192,8 @@ def quantize_with_modelopt(q: Any, named_path: Path, out_path: Path, excluded: l
                            providers: list[str], large: bool) -> dict[str, Any]:
     """Write ``out_path``: ``named_path`` quantized by ModelOpt with ``excluded`` (exact node names) kept out and
     ``feeds`` as the calibration data.  Returns the report fields this backend adds."""
+    from networks.common.onnx_runtime import sessions_take_run_threads
+
     quantize = load_quantizer()
     device = str(q.device)
     kwargs: dict[str, Any] = {
@@ -208,7 +210,8 @@ def quantize_with_modelopt(q: Any, named_path: Path, out_path: Path, excluded: l
     try:
         # ModelOpt also prints its records on a stdout handler it makes at each call; they reach the run's log by
         # propagation, so that copy is dropped
-        with contextlib.redirect_stdout(io.StringIO()), ort_quantization_restored():
+        # its calibration sessions get the run's intra-op thread count, as tao-cli's own do
+        with contextlib.redirect_stdout(io.StringIO()), ort_quantization_restored(), sessions_take_run_threads():
             quantize(onnx_path=str(named_path), output_path=str(out_path), calibration_data=stack_feeds(feeds),
                      nodes_to_exclude=exact_names_pattern(excluded), **kwargs)
     finally:

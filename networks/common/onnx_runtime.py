@@ -10,9 +10,10 @@ metrics.json / status.json carry.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from networks.common.errors import ConfigError
 
 __all__ = ["ONNX_SOURCES", "OnnxGraphInfo", "OnnxSession", "check_model_source", "choose_providers",
            "describe_onnx", "has_fp16", "inference_session", "is_qdq_onnx", "onnx_file_of", "resolve_onnx_path",
-           "run_session_options", "static_image_hw"]
+           "run_session_options", "sessions_take_run_threads", "static_image_hw"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,28 @@ def run_session_options() -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     return options
+
+
+@contextlib.contextmanager
+def sessions_take_run_threads() -> Iterator[None]:
+    """Within the block, every ``onnxruntime.SessionOptions()`` starts with this run's intra-op thread count (see
+    :func:`run_session_options`), for code that makes its sessions itself (ModelOpt's calibration); its own
+    settings still apply on top.  ``onnxruntime.SessionOptions`` is put back on exit."""
+    import onnxruntime as ort
+
+    real = ort.SessionOptions
+    threads = torch.get_num_threads()
+
+    def with_threads(*args: Any, **kwargs: Any) -> Any:
+        options = real(*args, **kwargs)
+        options.intra_op_num_threads = threads
+        return options
+
+    ort.SessionOptions = with_threads
+    try:
+        yield
+    finally:
+        ort.SessionOptions = real
 
 
 def inference_session(path: str | os.PathLike, providers: list[str], options: Any = None,

@@ -4,6 +4,7 @@ export parity check and the quantize action's calibration sessions."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -100,3 +101,26 @@ def test_export_parity_session_takes_the_run_thread_count(tmp_path, torch_thread
     diffs = onnx_parity(torch.nn.ReLU(), path, (torch.randn(1, 3, 8, 8),), ["inputs"], ["out"])
     assert diffs == {"out": 0.0}
     assert recorder.ran == [(str(path), 1)]
+
+
+def test_modelopt_calibration_sessions_take_the_run_thread_count(tmp_path, torch_threads, monkeypatch):
+    """ModelOpt makes its ONNX Runtime sessions itself; inside the backend they start with the run's count, and
+    ``onnxruntime.SessionOptions`` is ONNX Runtime's own again afterwards."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    from networks.common.onnx_quantize import run_static_ptq
+
+    src = tmp_path / "linear.onnx"
+    _static_linear(src)
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(3)]
+    recorder = _Recorder(ort.InferenceSession)
+    monkeypatch.setattr(ort, "InferenceSession", recorder)
+    real_options = ort.SessionOptions
+    torch_threads(1)
+    q = SimpleNamespace(backend="modelopt.onnx", model_path=str(src), skip_names=[], device="cpu",
+                        algorithm="minmax", backend_kwargs={})
+    ctx = SimpleNamespace(run_dir=tmp_path / "q", log=logging.getLogger("test"))
+    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "none")
+    assert Path(out["quantized_onnx"]).is_file()
+    assert recorder.ran and {threads for _, threads in recorder.ran} == {1}, recorder.ran
+    assert ort.SessionOptions is real_options
