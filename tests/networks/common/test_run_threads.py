@@ -70,23 +70,34 @@ class _Recorder:
         return session
 
 
-@pytest.mark.parametrize("algorithm", ["minmax", "entropy"])
-def test_calibration_sessions_take_the_run_thread_count(tmp_path, torch_threads, monkeypatch, algorithm):
+CALIB = 3
+
+
+def _quantize_with_one_thread(tmp_path, torch_threads, monkeypatch, **section) -> tuple[dict, _Recorder]:
+    """``run_static_ptq`` of the hand-built linear graph on :data:`CALIB` random batches with the run's threads at
+    1 and the quantize ``section`` fields; (its report, the recorder of the sessions that ran)."""
     from networks.common.onnx_quantize import run_static_ptq
 
     src = tmp_path / "linear.onnx"
     _static_linear(src)
     rng = np.random.default_rng(1)
-    calib = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(3)]
+    calib = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(CALIB)]
     recorder = _Recorder(ort.InferenceSession)
     monkeypatch.setattr(ort, "InferenceSession", recorder)
     torch_threads(1)
-    q = SimpleNamespace(backend="onnxruntime", model_path=str(src), skip_names=[], device="cpu", algorithm=algorithm)
+    q = SimpleNamespace(model_path=str(src), skip_names=[], device="cpu", **section)
     ctx = SimpleNamespace(run_dir=tmp_path / "q", log=logging.getLogger("test"))
-    run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "none")
+    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "none")
+    return out, recorder
+
+
+@pytest.mark.parametrize("algorithm", ["minmax", "entropy"])
+def test_calibration_sessions_take_the_run_thread_count(tmp_path, torch_threads, monkeypatch, algorithm):
+    _, recorder = _quantize_with_one_thread(tmp_path, torch_threads, monkeypatch, backend="onnxruntime",
+                                            algorithm=algorithm)
     # the range probe, then the calibrator (one pass for min-max, two for entropy), each batch a run
     calibration = [threads for path, threads in recorder.ran if "range_probe" in path or "augmented" in path]
-    assert len(calibration) >= 2 * len(calib), recorder.ran
+    assert len(calibration) >= 2 * CALIB, recorder.ran
     assert set(calibration) == {1}, recorder.ran
 
 
@@ -107,20 +118,9 @@ def test_modelopt_calibration_sessions_take_the_run_thread_count(tmp_path, torch
     """ModelOpt makes its ONNX Runtime sessions itself; inside the backend they start with the run's count, and
     ``onnxruntime.SessionOptions`` is ONNX Runtime's own again afterwards."""
     pytest.importorskip("modelopt.onnx.quantization")
-    from networks.common.onnx_quantize import run_static_ptq
-
-    src = tmp_path / "linear.onnx"
-    _static_linear(src)
-    rng = np.random.default_rng(1)
-    calib = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(3)]
-    recorder = _Recorder(ort.InferenceSession)
-    monkeypatch.setattr(ort, "InferenceSession", recorder)
     real_options = ort.SessionOptions
-    torch_threads(1)
-    q = SimpleNamespace(backend="modelopt.onnx", model_path=str(src), skip_names=[], device="cpu",
-                        algorithm="minmax", backend_kwargs={})
-    ctx = SimpleNamespace(run_dir=tmp_path / "q", log=logging.getLogger("test"))
-    out = run_static_ptq(q, ctx, lambda names: [], lambda _: (lambda: iter(calib), len(calib)), "random", [], "none")
+    out, recorder = _quantize_with_one_thread(tmp_path, torch_threads, monkeypatch, backend="modelopt.onnx",
+                                              algorithm="minmax", backend_kwargs={})
     assert Path(out["quantized_onnx"]).is_file()
     assert recorder.ran and {threads for _, threads in recorder.ran} == {1}, recorder.ran
     assert ort.SessionOptions is real_options
