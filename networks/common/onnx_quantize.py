@@ -50,7 +50,7 @@ from networks.common.errors import ConfigError
 __all__ = ["ALGORITHMS", "CALIBRATOR_OPTIONS", "QDQ_LAYOUTS", "QUANTIZED_OP_TYPES",
            "qdq_layout", "calibration_count", "calibration_order", "check_quantize_section", "int8_weight_layers",
            "int8_weight_nodes", "match_nodes", "name_nodes", "read_fp32_inputs", "run_static_ptq", "size_mb",
-           "touching_nodes", "unbounded_tensors", "unshare_weights", "with_run_threads"]
+           "touching_nodes", "unbounded_tensors", "unshare_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -208,23 +208,6 @@ def feed_reader(feeds: Iterator[dict]) -> Any:
     return Reader()
 
 
-def with_run_threads(calibrator: Any) -> Any:
-    """``calibrator`` (from ONNX Runtime's ``create_calibrator``) with its session made again with this run's
-    intra-op thread count (:func:`networks.common.onnx_runtime.run_session_options`; ONNX Runtime's own has the
-    default pool, one pinned thread per physical core), and ONNX Runtime's calibration settings: no graph
-    optimisation, so every tensor it names stays in the graph."""
-    import onnxruntime as ort
-
-    from networks.common.onnx_runtime import run_session_options
-
-    options = run_session_options()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    calibrator.infer_session = None  # its memory goes before the new session's arrives
-    calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, options,
-                                                    providers=calibrator.execution_providers)
-    return calibrator
-
-
 def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[str], work_dir: Path) -> set[str]:
     """Names of the float tensors whose value range over ``feeds`` is not finite (a min-max calibration pass on
     ``model_path``).  Masked attention logits hold -inf by design; an int8 scale computed from such a range is
@@ -233,11 +216,13 @@ def unbounded_tensors(model_path: Path, feeds: Iterator[dict], providers: list[s
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
+    from networks.common.onnx_runtime import sessions_take_run_threads
+
     augmented = work_dir / f".{model_path.stem}_range_probe.onnx"
     try:
-        calibrator = with_run_threads(create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
-                                                        calibrate_method=CalibrationMethod.MinMax,
-                                                        providers=providers))
+        with sessions_take_run_threads():  # ONNX Runtime makes the calibrator's session itself
+            calibrator = create_calibrator(str(model_path), [], augmented_model_path=str(augmented),
+                                           calibrate_method=CalibrationMethod.MinMax, providers=providers)
         calibrator.collect_data(feed_reader(feeds))
         ranges = calibrator.compute_data()
     finally:
@@ -348,8 +333,8 @@ def run_static_ptq(q: Any, ctx: Any, exclude: Callable[[list[str]], list[str]],
     ``exclude(node names) -> names kept in fp32``; ``calibration(named onnx path) -> (feeds, images used)``,
     called once, where each call of ``feeds()`` iterates over the same calibration feeds again (a range probe,
     then one pass, or two for ``entropy``); ``calib_source`` (where the images come from), ``excluded_patterns``
-    and ``exclusion_why`` go to the log and the report.  Returns the outputs recorded in status.json; RuntimeError if the quantized graph uses a
-    non-standard operator domain (the file is then not written)."""
+    and ``exclusion_why`` go to the log and the report.  Returns the outputs recorded in status.json;
+    RuntimeError if the quantized graph uses a non-standard operator domain (the file is then not written)."""
     import onnx
 
     from networks.common.onnx_runtime import choose_providers, resolve_onnx_path
@@ -487,16 +472,18 @@ def _quantize_with_onnxruntime(q: Any, named_path: Path, out_path: Path, exclude
     )
 
     from networks.common.onnx_calibration import collect_histograms, entropy_ranges
+    from networks.common.onnx_runtime import sessions_take_run_threads
 
     layout = QDQ_LAYOUTS[qdq_layout(str(q.device))]
     cache = out_dir / "calibration_cache.json"
     method = getattr(CalibrationMethod, ALGORITHMS[str(q.algorithm)])
     with tempfile.TemporaryDirectory(prefix="calib_", dir=out_dir) as work:
         # calibrated here rather than inside quantize_static, which cannot give the calibrator its settings
-        calibrator = with_run_threads(create_calibrator(
-            named_path, list(QUANTIZED_OP_TYPES), augmented_model_path=str(Path(work) / "augmented.onnx"),
-            calibrate_method=method, use_external_data_format=large, providers=providers,
-            extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)]))
+        with sessions_take_run_threads():
+            calibrator = create_calibrator(named_path, list(QUANTIZED_OP_TYPES),
+                                           augmented_model_path=str(Path(work) / "augmented.onnx"),
+                                           calibrate_method=method, use_external_data_format=large,
+                                           providers=providers, extra_options=CALIBRATOR_OPTIONS[str(q.algorithm)])
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             if method == CalibrationMethod.MinMax:
                 calibrator.collect_data(feed_reader(feeds()))

@@ -164,8 +164,8 @@ def run_session_options() -> Any:
 @contextlib.contextmanager
 def sessions_take_run_threads() -> Iterator[None]:
     """Within the block, every ``onnxruntime.SessionOptions()`` starts with this run's intra-op thread count (see
-    :func:`run_session_options`), for code that makes its sessions itself (ModelOpt's calibration); its own
-    settings still apply on top.  ``onnxruntime.SessionOptions`` is put back on exit."""
+    :func:`run_session_options`), for code that makes its sessions itself (ONNX Runtime's calibrators, ModelOpt);
+    its own settings still apply on top.  ``onnxruntime.SessionOptions`` is put back on exit."""
     import onnxruntime as ort
 
     real = ort.SessionOptions

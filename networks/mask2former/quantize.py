@@ -80,8 +80,8 @@ def _calibration_images(cfg: Any, count: int) -> tuple[Any, int]:
 def _calibration_batches(cfg: Any, model_path: str, count: int) -> tuple[Callable[[], Iterator[dict]], int]:
     """(function giving an iterator of ``{input name: float32 [B,3,H,W]}`` at each call, number of images used) for
     calibrating an ONNX file: the first ``count`` calibration images (:func:`_calibration_images`) resized to the
-    graph's H×W.  A graph with a
-    fixed batch B is fed whole batches (:func:`~networks.common.onnx_quantize.calibration_order`)."""
+    graph's H×W.  A graph with a fixed batch B is fed whole batches
+    (:func:`~networks.common.onnx_quantize.calibration_order`)."""
     from networks.mask2former.data import collate, raise_if_error
     from networks.mask2former.onnx_runtime import OnnxHead
 
