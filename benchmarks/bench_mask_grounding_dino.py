@@ -33,6 +33,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,14 +127,13 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a[fin] - b[fin]).abs().max()) if fin.any() else 0.0
 
 
-def run() -> dict:
-    from benchmarks.common import bench_pairs, device, figure, paired, pin_threads
+def forward_pair(dev: torch.device) -> SimpleNamespace:
+    """The bench's two eval forwards on ``dev``: ``run_ours`` / ``run_hf`` (no grad, same random images and
+    caption), with the models ``hf`` and ``ours``, the tokenizer ``tok``, ``images`` and the tokenized ``text``."""
     from networks.mask_grounding_dino.text import load_tokenizer, tokenize
 
-    threads = pin_threads()
     torch.manual_seed(0)
     cfg = hf_config(BENCH_ARCH)
-    dev = device()
     hf = build_hf(cfg).eval()
     ours = ours_from_hf(hf, cfg).eval()
     hf, ours = hf.to(dev), ours.to(dev)
@@ -154,6 +154,18 @@ def run() -> dict:
         with torch.no_grad():
             return hf(pixel_values=images, pixel_mask=pixel_mask.long(), input_ids=text["input_ids"],
                       token_type_ids=text["token_type_ids"], attention_mask=text["attention_mask"].long())
+
+    return SimpleNamespace(run_ours=run_ours, run_hf=run_hf, hf=hf, ours=ours, tok=tok, images=images, text=text)
+
+
+def run() -> dict:
+    from benchmarks.common import bench_pairs, device, figure, paired, pin_threads
+
+    threads = pin_threads()
+    dev = device()
+    pair = forward_pair(dev)
+    run_ours, run_hf, hf, ours, tok, images, text = (pair.run_ours, pair.run_hf, pair.hf, pair.ours, pair.tok,
+                                                     pair.images, pair.text)
 
     o, r = run_ours(), run_hf()
     timing = paired(run_ours, run_hf, pairs=bench_pairs(15), dev=dev)

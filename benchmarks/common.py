@@ -38,6 +38,39 @@ def pin_threads() -> int:
     return torch.get_num_threads()
 
 
+#: glibc malloc settings for the timing processes of ``make bench`` (:func:`steady_malloc_env`): never hand out
+#: memory with ``mmap`` and never give the heap back.  Under glibc's defaults a block larger than its mmap
+#: threshold (128 KiB, rising to at most 32 MiB as blocks are freed) is a fresh ``mmap`` whose pages fault in on
+#: first touch, and the top of the heap is returned whenever enough of it is free; a train step whose
+#: temporaries cross that line pays for page faults every step, and which tensors do depends on the heap's
+#: history, not on the model.  Measured on the Mask2Former Swin-T step (docs/performance.md): HF's 74 MB
+#: deformable-attention temporaries faulted 160k-430k pages per step.
+STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+#: where :func:`steady_malloc_env` keeps the user's own ``GLIBC_TUNABLES`` for the memory probes
+USER_TUNABLES = "BENCH_USER_GLIBC_TUNABLES"
+
+
+def steady_malloc_env(environ: dict[str, str]) -> tuple[dict[str, str], str]:
+    """(environment, label) for a bench process: ``BENCH_MALLOC`` ``steady`` (the default) appends
+    :data:`STEADY_MALLOC` to ``GLIBC_TUNABLES``; ``default`` leaves glibc's own settings.  The user's
+    ``GLIBC_TUNABLES`` is also kept in :data:`USER_TUNABLES`, which :func:`child_peak_mib` restores: memory figures
+    are measured as a user runs, only timings under the steady allocator.  Not glibc: unchanged, ``"libc"``."""
+    import platform
+
+    env = dict(environ)
+    mode = env.get("BENCH_MALLOC", "steady")
+    if mode not in ("steady", "default"):
+        raise SystemExit(f"BENCH_MALLOC={mode!r}: use 'steady' (the default) or 'default' (glibc's own settings)")
+    if platform.libc_ver()[0] != "glibc":
+        return env, "libc"
+    user = env.get("GLIBC_TUNABLES", "")
+    env.setdefault(USER_TUNABLES, user)
+    if mode == "default":
+        return env, "glibc default"
+    env["GLIBC_TUNABLES"] = ":".join(t for t in (user, STEADY_MALLOC) if t)
+    return env, "glibc steady (" + STEADY_MALLOC + ")"
+
+
 def bench_pairs(default: int) -> int:
     """Pairs to time for one ratio: ``BENCH_PAIRS`` when set (>= 1), else the bench's ``default``."""
     n = int(os.environ.get("BENCH_PAIRS", "0") or 0)
@@ -181,8 +214,8 @@ def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], on
 
 
 def child_peak_mib(module: str, function: str, *args: str) -> float:
-    """Run ``module.function(*args)`` in a fresh interpreter (repository root, this process's thread count) and
-    return the ``peak_mib`` of the dict it returns, rounded to 0.1."""
+    """Run ``module.function(*args)`` in a fresh interpreter (repository root, this process's thread count, the
+    user's ``GLIBC_TUNABLES``: see :func:`steady_malloc_env`) and return the ``peak_mib`` of the dict it returns, rounded to 0.1."""
     import json
     import subprocess
     import sys
@@ -191,6 +224,10 @@ def child_peak_mib(module: str, function: str, *args: str) -> float:
     call = f"{function}({', '.join(repr(a) for a in args)})"
     code = f"import json; from {module} import {function}; print('MEM_JSON ' + json.dumps({call}))"
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    if USER_TUNABLES in env:  # started by make bench: the user's allocator, not the timing one
+        env["GLIBC_TUNABLES"] = env.pop(USER_TUNABLES)
+        if not env["GLIBC_TUNABLES"]:
+            del env["GLIBC_TUNABLES"]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     line = next((x for x in proc.stdout.splitlines() if x.startswith("MEM_JSON ")), None)

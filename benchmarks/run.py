@@ -7,6 +7,8 @@ in separate processes keeps the CPU peak-memory figure (max RSS) per benchmark.
 
 Every bench runs with the same torch thread count: ``BENCH_THREADS``, default the cores this process may use;
 it is printed and recorded.  ``BENCH_PAIRS`` overrides every bench's pair count (smoke runs: ``BENCH_PAIRS=1``).
+The bench processes time under glibc malloc settings that keep freed memory for reuse (``BENCH_MALLOC``:
+``steady``, the default, or ``default``; :func:`benchmarks.common.steady_malloc_env`), recorded as ``malloc``.
 
 Outputs: a table (figure, median ratio (min–max), target, PASS/FAIL) on stdout; the full results in
 ``benchmarks/results/bench_<UTC stamp>.json`` and ``benchmarks/results/latest.json``; one JSON line appended to
@@ -129,11 +131,12 @@ def machine(threads: int) -> dict:
             "cpu_cores": len(os.sched_getaffinity(0)), "gpu": gpu, "threads": threads}
 
 
-def _run_one(module: str) -> dict:
-    """Run ``module.run()`` in a fresh interpreter, echoing its output; its result dict, or ``{"error"}``."""
+def _run_one(module: str, env: dict[str, str]) -> dict:
+    """Run ``module.run()`` in a fresh interpreter with ``env``, echoing its output; its result dict, or
+    ``{"error"}``."""
     code = f"import json, {module} as m; print('BENCH_JSON ' + json.dumps(m.run()), flush=True)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, cwd=REPO)
+                            text=True, cwd=REPO, env=env)
     result, tail = None, []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -149,20 +152,21 @@ def _run_one(module: str) -> dict:
 
 
 def main() -> int:
-    from benchmarks.common import pin_threads
+    from benchmarks.common import pin_threads, steady_malloc_env
     from networks.common.io import atomic_write_json
 
     started = time.perf_counter()
     threads = pin_threads()
     os.environ["BENCH_THREADS"] = str(threads)  # every bench process uses the same count
+    env, malloc = steady_malloc_env(dict(os.environ))
     selected = [m if m.startswith("benchmarks.") else f"benchmarks.{m}" for m in sys.argv[1:]] or BENCHES
     table = {"date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-             "machine": machine(threads), "results": {}}
+             "machine": {**machine(threads), "malloc": malloc}, "results": {}}
     print(f"machine: {json.dumps(table['machine'])}", flush=True)
     for module in selected:
         print(f"running {module} ...", flush=True)
         t0 = time.perf_counter()
-        table["results"][module.split(".")[-1]] = result = _run_one(module)
+        table["results"][module.split(".")[-1]] = result = _run_one(module, env)
         print(f"{module}: {time.perf_counter() - t0:.0f} s" + (f", error: {result['error']}" if "error" in result
                                                                    else ""), flush=True)
     table["wall_s"] = round(time.perf_counter() - started, 1)

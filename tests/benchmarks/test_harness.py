@@ -101,6 +101,68 @@ def test_threads_and_pairs_come_from_the_environment(monkeypatch):
     assert bench_pairs(5) == 2
 
 
+_FAULTS = """
+import ctypes, resource
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 * 2**20  # above glibc's largest mmap threshold: a fresh mapping each time under its defaults
+def touch():
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    touch()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+def _faults_per_64mib(env: dict[str, str]) -> int:
+    """Minor page faults of one 64 MiB allocate-fill-free in a fresh interpreter with ``env``, after a first one."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc malloc tunables")
+def test_steady_malloc_reuses_freed_memory_and_memory_probes_get_the_users(monkeypatch):
+    import os
+
+    from benchmarks.common import STEADY_MALLOC, USER_TUNABLES, child_peak_mib, steady_malloc_env
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BENCH_MALLOC", USER_TUNABLES)}
+    steady, label = steady_malloc_env(base)
+    default, default_label = steady_malloc_env({**base, "BENCH_MALLOC": "default"})
+    assert steady["GLIBC_TUNABLES"] == STEADY_MALLOC and STEADY_MALLOC in label
+    assert "GLIBC_TUNABLES" not in default and default_label == "glibc default"
+    # the tunables take effect (a misspelt or out-of-range one is ignored by glibc without a word)
+    pages = 16 * 2**20 * 4 // os.sysconf("SC_PAGE_SIZE")
+    assert _faults_per_64mib(default) > pages // 2
+    assert _faults_per_64mib(steady) < pages // 100
+
+    kept, _ = steady_malloc_env({**base, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + STEADY_MALLOC
+    assert kept[USER_TUNABLES] == "glibc.malloc.arena_max=2"
+    monkeypatch.setattr(os, "environ", kept)  # a bench process started by make bench: its memory probes ...
+    probe = child_peak_mib("tests.benchmarks.test_harness", "_tunables_probe")
+    assert probe == float(len("glibc.malloc.arena_max=2"))  # ... run with the user's tunables, not the steady ones
+
+    with pytest.raises(SystemExit, match="BENCH_MALLOC='fast'"):
+        steady_malloc_env({**base, "BENCH_MALLOC": "fast"})
+
+
+def _tunables_probe() -> dict:
+    """(Run by :func:`benchmarks.common.child_peak_mib`.)  The length of this process's ``GLIBC_TUNABLES`` as its
+    ``peak_mib``."""
+    import os
+
+    return {"peak_mib": float(len(os.environ.get("GLIBC_TUNABLES", "")))}
+
+
 def _timing(ratios: list[float]) -> dict:
     return {"ratio_median": sorted(ratios)[len(ratios) // 2], "ratio_min": min(ratios), "ratio_max": max(ratios),
             "a_median_s": 2.0, "b_median_s": 1.0, "pairs": len(ratios), "ratios": ratios}

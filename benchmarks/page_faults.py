@@ -1,0 +1,92 @@
+"""Page faults of ``make bench``'s steps under glibc's default malloc and under the steady settings.
+
+``python -m benchmarks.page_faults`` runs, for each case, ours and the reference alternating in two fresh
+processes, one per allocator setting (:func:`benchmarks.common.steady_malloc_env`), ``BENCH_PAIRS`` (default 6)
+pairs after one warm-up pair.  Cases: ``m2f_step``, the Mask2Former Swin-T train step (384 px, batch 2;
+:mod:`benchmarks.bench_mask2former`), and ``mgd_forward``, the Mask Grounding DINO eval forward (Swin-T, 320 px;
+:mod:`benchmarks.bench_mask_grounding_dino`).  Per model and setting it reports the median time, and per call the
+minor page faults and the kernel (system) CPU time, from ``getrusage``; and the median of the per-pair ratios
+ours / reference.  The faults are the cost the steady setting removes: a block glibc hands out with a fresh
+``mmap`` faults in page by page.  Results: ``benchmarks/results/page_faults.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+CASES = ("m2f_step", "mgd_forward")
+
+
+def _steps(case: str, dev) -> dict:
+    """{"ours": callable, "hf": callable} for ``case`` on ``dev``."""
+    if case == "m2f_step":
+        from benchmarks import bench_mask2former as b
+
+        module, ours = b.build_ours(dev, b.SWIN_T)
+        return {"ours": b.ours_step_fn(module, ours, b.make_batch(dev, b.SWIN_T_SIZE)),
+                "hf": b.hf_step_fn(b.build_hf(dev, b.SWIN_T), b.make_batch(dev, b.SWIN_T_SIZE))}
+    from benchmarks.bench_mask_grounding_dino import forward_pair
+
+    pair = forward_pair(dev)
+    return {"ours": pair.run_ours, "hf": pair.run_hf}
+
+
+def _measure(case: str, pairs: int) -> dict:
+    """(In the child.)  Alternating ours / HF calls of ``case``; per model: seconds, minor faults, system seconds."""
+    import torch
+
+    from benchmarks.common import bench_pairs, pin_threads
+
+    pin_threads()
+    steps = _steps(case, torch.device("cpu"))
+    out: dict[str, dict[str, list]] = {k: {"s": [], "minor_faults": [], "sys_s": []} for k in steps}
+    for i in range(1 + bench_pairs(pairs)):
+        for name in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            steps[name]()
+            t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+            if i:  # the first pair is the warm-up
+                out[name]["s"].append(round(t1 - t0, 4))
+                out[name]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
+                out[name]["sys_s"].append(round(r1.ru_stime - r0.ru_stime, 3))
+    ratios = [a / b for a, b in zip(out["ours"]["s"], out["hf"]["s"], strict=True)]
+    summary = {name: {"median_s": statistics.median(v["s"]), "median_minor_faults": statistics.median(
+        v["minor_faults"]), "median_sys_s": statistics.median(v["sys_s"]), **v} for name, v in out.items()}
+    return {**summary, "ratio_median": round(statistics.median(ratios), 4), "ratios": [round(r, 4) for r in ratios]}
+
+
+def main() -> int:
+    from benchmarks.common import steady_malloc_env
+
+    results: dict[str, dict] = {}
+    for case, mode in ((c, m) for c in CASES for m in ("default", "steady")):
+        env, label = steady_malloc_env({**os.environ, "BENCH_MALLOC": mode})
+        code = f"import json, benchmarks.page_faults as m; print('PF_JSON ' + json.dumps(m._measure({case!r}, 6)))"
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("PF_JSON ")), None)
+        if line is None:
+            print(proc.stderr[-2000:], file=sys.stderr)
+            return 1
+        r = results.setdefault(case, {})[mode] = {"malloc": label, **json.loads(line[len("PF_JSON "):])}
+        print(f"{case}, {label}: ours {r['ours']['median_s']:.3f} s ({r['ours']['median_minor_faults']} faults, "
+              f"{r['ours']['median_sys_s']:.2f} s sys), HF {r['hf']['median_s']:.3f} s "
+              f"({r['hf']['median_minor_faults']} faults, {r['hf']['median_sys_s']:.2f} s sys), "
+              f"ours / HF {r['ratio_median']:.3f}", flush=True)
+    from networks.common.io import atomic_write_json
+
+    atomic_write_json(RESULTS / "page_faults.json", results, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
