@@ -43,8 +43,8 @@ def pin_threads() -> int:
 #: threshold (128 KiB, rising to at most 32 MiB as blocks are freed) is a fresh ``mmap`` whose pages fault in on
 #: first touch, and the top of the heap is returned whenever enough of it is free; a train step whose
 #: temporaries cross that line pays for page faults every step, and which tensors do depends on the heap's
-#: history, not on the model.  Measured on the Mask2Former Swin-T step (docs/performance.md): HF's 74 MB
-#: deformable-attention temporaries faulted 160k-430k pages per step.
+#: history, not on the model.  Measured on the Mask2Former Swin-T step (``benchmarks/page_faults.py``,
+#: docs/performance.md): HF's 74 MB deformable-attention temporaries faulted 218k-345k pages (0.9-1.4 GB) per step.
 STEADY_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
 #: where :func:`steady_malloc_env` keeps the user's own ``GLIBC_TUNABLES`` for the memory probes
 USER_TUNABLES = "BENCH_USER_GLIBC_TUNABLES"
@@ -215,7 +215,8 @@ def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], on
 
 def child_peak_mib(module: str, function: str, *args: str) -> float:
     """Run ``module.function(*args)`` in a fresh interpreter (repository root, this process's thread count, the
-    user's ``GLIBC_TUNABLES``: see :func:`steady_malloc_env`) and return the ``peak_mib`` of the dict it returns, rounded to 0.1."""
+    user's ``GLIBC_TUNABLES``: see :func:`steady_malloc_env`) and return the ``peak_mib`` of the dict it returns,
+    rounded to 0.1."""
     import json
     import subprocess
     import sys
