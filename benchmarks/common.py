@@ -53,8 +53,9 @@ USER_TUNABLES = "BENCH_USER_GLIBC_TUNABLES"
 def steady_malloc_env(environ: dict[str, str]) -> tuple[dict[str, str], str]:
     """(environment, label) for a bench process: ``BENCH_MALLOC`` ``steady`` (the default) appends
     :data:`STEADY_MALLOC` to ``GLIBC_TUNABLES``; ``default`` leaves glibc's own settings.  The user's
-    ``GLIBC_TUNABLES`` is also kept in :data:`USER_TUNABLES`, which :func:`child_peak_mib` restores: memory figures
-    are measured as a user runs, only timings under the steady allocator.  Not glibc: unchanged, ``"libc"``."""
+    ``GLIBC_TUNABLES`` is also kept in :data:`USER_TUNABLES`, which :func:`child_peak_mib` restores: the memory
+    probes in their own processes run as a user's process would (a peak read in the timing process itself, such
+    as MAL's, is under the bench's setting).  Not glibc: unchanged, ``"libc"``."""
     import platform
 
     env = dict(environ)

@@ -5,8 +5,8 @@ processes, one per allocator setting (:func:`benchmarks.common.steady_malloc_env
 pairs after one warm-up pair.  Cases: ``m2f_step``, the Mask2Former Swin-T train step (384 px, batch 2;
 :mod:`benchmarks.bench_mask2former`), and ``mgd_forward``, the Mask Grounding DINO eval forward (Swin-T, 320 px;
 :mod:`benchmarks.bench_mask_grounding_dino`).  Per model and setting it reports the median time, and per call the
-minor page faults and the kernel (system) CPU time, from ``getrusage``; and the median of the per-pair ratios
-ours / reference.  The faults are the cost the steady setting removes: a block glibc hands out with a fresh
+minor page faults and the kernel (system) CPU time, from ``getrusage``; and the ratio ours / reference as
+``make bench`` computes it (:func:`benchmarks.common.paired`).  The faults are the cost the steady setting removes: a block glibc hands out with a fresh
 ``mmap`` faults in page by page.  Results: ``benchmarks/results/page_faults.json``.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -40,28 +39,36 @@ def _steps(case: str, dev) -> dict:
     return {"ours": pair.run_ours, "hf": pair.run_hf}
 
 
+def _counted(fn, record: dict[str, list]):
+    """``fn`` that also appends its minor page faults and system CPU seconds per call to ``record``."""
+    def call():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        fn()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        record["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
+        record["sys_s"].append(round(r1.ru_stime - r0.ru_stime, 3))
+
+    return call
+
+
 def _measure(case: str, pairs: int) -> dict:
-    """(In the child.)  Alternating ours / HF calls of ``case``; per model: seconds, minor faults, system seconds."""
+    """(In the child.)  ``case``'s ours / HF calls through :func:`benchmarks.common.paired` (the bench's timing and
+    ratio); per model the median seconds and, per timed call, minor faults and system seconds."""
     import torch
 
-    from benchmarks.common import bench_pairs, pin_threads
+    from benchmarks.common import bench_pairs, paired, pin_threads
 
     pin_threads()
     steps = _steps(case, torch.device("cpu"))
-    out: dict[str, dict[str, list]] = {k: {"s": [], "minor_faults": [], "sys_s": []} for k in steps}
-    for i in range(1 + bench_pairs(pairs)):
-        for name in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
-            r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            steps[name]()
-            t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-            if i:  # the first pair is the warm-up
-                out[name]["s"].append(round(t1 - t0, 4))
-                out[name]["minor_faults"].append(r1.ru_minflt - r0.ru_minflt)
-                out[name]["sys_s"].append(round(r1.ru_stime - r0.ru_stime, 3))
-    ratios = [a / b for a, b in zip(out["ours"]["s"], out["hf"]["s"], strict=True)]
-    summary = {name: {"median_s": statistics.median(v["s"]), "median_minor_faults": statistics.median(
-        v["minor_faults"]), "median_sys_s": statistics.median(v["sys_s"]), **v} for name, v in out.items()}
-    return {**summary, "ratio_median": round(statistics.median(ratios), 4), "ratios": [round(r, 4) for r in ratios]}
+    records = {k: {"minor_faults": [], "sys_s": []} for k in steps}
+    timing = paired(_counted(steps["ours"], records["ours"]), _counted(steps["hf"], records["hf"]),
+                    pairs=bench_pairs(pairs))
+    out = {}
+    for name, key in (("ours", "a_median_s"), ("hf", "b_median_s")):
+        rec = {k: v[timing["warmup"]:] for k, v in records[name].items()}  # the warm-up pair's calls dropped
+        out[name] = {"median_s": timing[key], "median_minor_faults": statistics.median(rec["minor_faults"]),
+                     "median_sys_s": statistics.median(rec["sys_s"]), **rec}
+    return {**out, "ratio_median": timing["ratio_median"], "ratios": timing["ratios"]}
 
 
 def main() -> int:
