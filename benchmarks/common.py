@@ -214,25 +214,31 @@ def inference_memory(wrapper: torch.nn.Module, args: tuple, names: list[str], on
             for key, (kind, model, inputs, preload) in jobs.items()}
 
 
-def child_peak_mib(module: str, function: str, *args: str) -> float:
-    """Run ``module.function(*args)`` in a fresh interpreter (repository root, this process's thread count, the
-    user's ``GLIBC_TUNABLES``: see :func:`steady_malloc_env`) and return the ``peak_mib`` of the dict it returns,
-    rounded to 0.1."""
+def child_call(module: str, function: str, *args: object, env: dict[str, str]) -> dict:
+    """Run ``module.function(*args)`` (arguments passed by ``repr``) in a fresh interpreter at the repository root
+    with ``env`` and return the dict it returns; RuntimeError with the child's output tail if it gave none."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     call = f"{function}({', '.join(repr(a) for a in args)})"
-    code = f"import json; from {module} import {function}; print('MEM_JSON ' + json.dumps({call}))"
+    code = f"import json; from {module} import {function}; print('CHILD_JSON ' + json.dumps({call}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"{module}.{call} failed: {(proc.stderr or proc.stdout)[-1500:]}")
+    return json.loads(line[len("CHILD_JSON "):])
+
+
+def child_peak_mib(module: str, function: str, *args: str) -> float:
+    """Run ``module.function(*args)`` in a fresh interpreter (:func:`child_call`: repository root, this process's
+    thread count, the user's ``GLIBC_TUNABLES``: see :func:`steady_malloc_env`) and return the ``peak_mib`` of the
+    dict it returns, rounded to 0.1."""
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     if USER_TUNABLES in env:  # started by make bench: the user's allocator, not the timing one
         env["GLIBC_TUNABLES"] = env.pop(USER_TUNABLES)
         if not env["GLIBC_TUNABLES"]:
             del env["GLIBC_TUNABLES"]
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("MEM_JSON ")), None)
-    if line is None:
-        raise RuntimeError(f"memory probe {call} failed: {(proc.stderr or proc.stdout)[-1500:]}")
-    return round(json.loads(line[len("MEM_JSON "):])["peak_mib"], 1)
+    return round(child_call(module, function, *args, env=env)["peak_mib"], 1)

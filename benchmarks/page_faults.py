@@ -11,11 +11,9 @@ minor page faults and the kernel (system) CPU time, from ``getrusage``; and the 
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +31,8 @@ def _steps(case: str, dev) -> dict:
         module, ours = b.build_ours(dev, b.SWIN_T)
         return {"ours": b.ours_step_fn(module, ours, b.make_batch(dev, b.SWIN_T_SIZE)),
                 "hf": b.hf_step_fn(b.build_hf(dev, b.SWIN_T), b.make_batch(dev, b.SWIN_T_SIZE))}
+    if case != "mgd_forward":
+        raise ValueError(f"unknown case {case!r}: one of {CASES}")
     from benchmarks.bench_mask_grounding_dino import forward_pair
 
     pair = forward_pair(dev)
@@ -72,19 +72,17 @@ def _measure(case: str, pairs: int) -> dict:
 
 
 def main() -> int:
-    from benchmarks.common import steady_malloc_env
+    from benchmarks.common import child_call, steady_malloc_env
 
     results: dict[str, dict] = {}
     for case, mode in ((c, m) for c in CASES for m in ("default", "steady")):
         env, label = steady_malloc_env({**os.environ, "BENCH_MALLOC": mode})
-        code = f"import json, benchmarks.page_faults as m; print('PF_JSON ' + json.dumps(m._measure({case!r}, 6)))"
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("PF_JSON ")), None)
-        if line is None:
-            print(proc.stderr[-2000:], file=sys.stderr)
+        try:
+            measured = child_call("benchmarks.page_faults", "_measure", case, 6, env=env)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
             return 1
-        r = results.setdefault(case, {})[mode] = {"malloc": label, **json.loads(line[len("PF_JSON "):])}
+        r = results.setdefault(case, {})[mode] = {"malloc": label, **measured}
         print(f"{case}, {label}: ours {r['ours']['median_s']:.3f} s ({r['ours']['median_minor_faults']} faults, "
               f"{r['ours']['median_sys_s']:.2f} s sys), HF {r['hf']['median_s']:.3f} s "
               f"({r['hf']['median_minor_faults']} faults, {r['hf']['median_sys_s']:.2f} s sys), "
