@@ -1,14 +1,15 @@
 """`make learn-rela`: Mask Grounding DINO's ReLA branch on the synthetic referring split, through the real CLI.
 
 The flow of tests/networks/mask_grounding_dino/test_rela_learning.py with a validation curve: generate the
-referring split (``networks.common.synthetic.generate(seed 0, LEARN_IMAGES train images, 96 px, referring=True)``),
+referring split (``networks.common.synthetic.generate(seed 0, LEARN_IMAGES train images, 96 px, referring=True,
+no_target_every=4)``),
 evaluate the untrained weights of configs/mask_grounding_dino/rela_learn.yaml, ``tao model mask_grounding_dino
 train`` for ``LEARN_EPOCHS`` epochs validating every ``LEARN_VAL_EVERY`` on the training expressions (referring
 evaluator: gIoU = ``val_mIoU``, the main KPI), then evaluate the latest checkpoint.  Prints the curve (step,
 train loss, val gIoU / cIoU / T_acc / N_acc) and untrained vs trained, and writes
 ``benchmarks/results/learn_rela.json``.
 
-Environment: ``LEARN_EPOCHS`` (default 60), ``LEARN_VAL_EVERY`` (default 4), ``LEARN_IMAGES`` (default 16).
+Environment: ``LEARN_EPOCHS`` (default 72, the spec's), ``LEARN_VAL_EVERY`` (default 4), ``LEARN_IMAGES`` (default 16).
 """
 from __future__ import annotations
 
@@ -61,13 +62,14 @@ def main() -> dict:
     from tao_cli.paths import configs_dir
     from tao_cli.spec import load_spec
 
-    epochs = int(os.environ.get("LEARN_EPOCHS", "60"))
+    epochs = int(os.environ.get("LEARN_EPOCHS", "72"))
     every = int(os.environ.get("LEARN_VAL_EVERY", "4"))
     images = int(os.environ.get("LEARN_IMAGES", "16"))
     spec = configs_dir() / "mask_grounding_dino" / "rela_learn.yaml"
     with tempfile.TemporaryDirectory(prefix="learn_rela_") as tmp:
         tmp = Path(tmp)
-        data = generate(tmp / "data", seed=0, num_train=images, num_val=4, image_size=96, referring=True)
+        data = generate(tmp / "data", seed=0, num_train=images, num_val=4, image_size=96, referring=True,
+                        no_target_every=4)
         tr = data["train"]
         overrides = [f"dataset.train_data_sources=[{{image_dir: {tr['images']}, json_file: {tr['referring']}}}]",
                      f"dataset.val_data_sources={{image_dir: {tr['images']}, json_file: {tr['referring']}, "

@@ -268,7 +268,8 @@ def _dump(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: int, referring: bool = False) -> None:
+def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: int, referring: bool = False,
+                no_target_every: int = 1) -> None:
     (split_dir / "images").mkdir(parents=True)
     (split_dir / "panoptic").mkdir()
     (split_dir / "semantic").mkdir()
@@ -276,6 +277,7 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
     odvg_lines, vg_lines, semantic_lines, ref_lines = [], [], [], []
     image_files, panoptic_files = [], []
     next_ann = 1
+    no_targets = 0
     for i in range(count):
         rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i])
         w = image_size + 32 * int(rng.integers(2))
@@ -343,6 +345,10 @@ def _make_split(split: str, split_dir: Path, seed: int, count: int, image_size: 
             # A separate generator: the other files stay byte-identical whether or not this split is written.
             ref_rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], i, 7])
             for expr, picked in referring_expressions(objects, ref_rng):
+                if not picked:
+                    no_targets += 1
+                    if (no_targets - 1) % no_target_every:
+                        continue
                 ref_lines.append({"file_name": file_name, "height": h, "width": w, "ref_id": len(ref_lines),
                                   "grounding": {"caption": expr, "regions": [
                                       {"bbox": objects[k]["bbox"], "phrase": expr, "mask": objects[k]["mask"]}
@@ -393,15 +399,19 @@ def split_paths(split_dir: Path) -> dict[str, Path]:
 
 
 def generate(out_dir: str | Path, seed: int = 0, num_train: int = 48, num_val: int = 16, image_size: int = 128,
-             referring: bool = False) -> dict:
+             referring: bool = False, no_target_every: int = 1) -> dict:
     """Write the synthetic dataset under ``out_dir/{train,val}/`` and return its paths.
 
     Images are ``W×H`` with each side drawn from {image_size, image_size + 32}.  Deterministic for a given
     argument set.  Each split is built in a temporary sibling directory and renamed into place (an existing
     ``train``/``val`` folder is replaced).  Returns ``{"root": Path, "train": {...}, "val": {...}}`` with the
     keys of :func:`split_paths`.  ``referring=True`` also writes ``referring.jsonl`` per split (see
-    :func:`referring_expressions`); the other files are the same bytes either way.
+    :func:`referring_expressions`); the other files are the same bytes either way.  ``no_target_every=N`` keeps
+    the no-target expression of one image in N (the 1st, (N+1)th, ... image that has one), making no-target
+    expressions a minority as in gRefCOCO; the other expressions are unchanged.
     """
+    if no_target_every < 1:
+        raise ValueError(f"no_target_every must be >= 1, got {no_target_every}")
     if image_size < 48:
         raise ValueError(f"image_size must be >= 48, got {image_size}")
     if num_train < 0 or num_val < 0:
@@ -412,7 +422,7 @@ def generate(out_dir: str | Path, seed: int = 0, num_train: int = 48, num_val: i
     for split, count in (("train", num_train), ("val", num_val)):
         tmp = Path(tempfile.mkdtemp(prefix=f".{split}.", suffix=".tmp", dir=root))
         try:
-            _make_split(split, tmp / split, seed, count, image_size, referring)
+            _make_split(split, tmp / split, seed, count, image_size, referring, no_target_every)
             final = root / split
             if final.exists():
                 shutil.rmtree(final)

@@ -79,6 +79,22 @@ def test_referring_split_is_deterministic_and_leaves_other_files_alone(ref_data,
         assert plain["train"][key].read_bytes() == ref_data["train"][key].read_bytes()
 
 
+def test_no_target_every_keeps_one_image_in_n_no_target_expression_and_every_other_line(ref_data, tmp_path):
+    thinned = generate(tmp_path / "t", seed=2, num_train=10, num_val=5, image_size=96, referring=True,
+                       no_target_every=4)
+    full = [(x["file_name"], x["grounding"]["caption"], len(x["grounding"]["regions"]))
+            for x in _lines(ref_data["train"]["referring"])]
+    kept = [(x["file_name"], x["grounding"]["caption"], len(x["grounding"]["regions"]))
+            for x in _lines(thinned["train"]["referring"])]
+    no_target_images = [f for f, _, n in full if n == 0]
+    assert len(no_target_images) == 10
+    assert [f for f, _, n in kept if n == 0] == no_target_images[::4]  # the 1st, 5th and 9th
+    assert [line for line in kept if line[2]] == [line for line in full if line[2]]
+    assert [x["ref_id"] for x in _lines(thinned["train"]["referring"])] == list(range(len(kept)))
+    with pytest.raises(ValueError, match="no_target_every"):
+        generate(tmp_path / "z", seed=2, num_train=1, num_val=0, referring=True, no_target_every=0)
+
+
 def test_no_target_grounding_records_are_samples_with_empty_targets(ref_data, tiny_cfg, tokenizer):
     from networks.mask_grounding_dino.data import OdvgDataset, Transform, read_odvg
 

@@ -8,15 +8,20 @@ The expressions are scored on the training images (a learning test: can the mode
 by gIoU (``val_mIoU``, the main KPI of a referring val source) among the validations every 6 epochs.
 ``make learn-rela`` runs the same flow with a validation curve.
 
-This is a thin test, and known to be: 72 steps are few for this task, and what the model learns depends on the draw.
-Over seeds 1234, 1, 2 and 3 (2026-12-06), one in four passes these bars. The others score every expression as
-"no target" (gIoU stays 0.471, the share of no-target expressions; T_acc 0), and that happens with either
-deformable-attention summation order. Longer training (144 steps), batch 4, lr 1e-3, clip 1.0, and
-``evaluate.conf_threshold`` 0.1 did not make it pass for every seed. The no-target head's loss stays at ln 2
-throughout, so the empty masks come from detections scoring under ``conf_threshold``, not from that head.
-Which seeds pass depends on the CPU as well: on an AMD EPYC (2026-12-07) seeds 1234 and 1 pass and 2 and 3 fail,
-the reverse of the earlier Intel machine, where seed 2 was chosen. ``rela_learn.yaml`` uses seed 1234 (TAO's
-default). A change that makes this test fail should be checked against the other seeds before it is blamed.
+The training expressions are the synthetic split's with the no-target expression of one image in four
+(``generate(..., no_target_every=4)``: 22 expressions, 4 of them no-target), so that no-target expressions are a
+minority, as in gRefCOCO.  With one per image (16 of 34) this test was a coin flip (2026-12-06/07: one seed in
+four passed, and after a change of summation order in the deformable attention, none).  The failing runs
+predicted every expression empty: their detections scored under ``conf_threshold`` or fell outside the union
+mask (IoI filter; on one 72-step model, ``ioi_threshold`` 0 and ``conf_threshold`` 0.1 together took T_acc from 0
+to 0.67), and a 288-step run learned (gIoU 0.67 at step 144) and went back to all-empty later.  Our reading,
+not proven: the no-target head, whose loss stays at ln 2 in short runs (it has not learned to tell images
+apart), leans towards "no target" when half the expressions have none (TAO's class weights [0.9, 1.1]).  With the
+thinned split and 144 steps (lr ×0.1 after epoch 54), seeds 1234, 1, 2 and 3 reached (gIoU, cIoU, T_acc, N_acc) of
+(0.60, 0.52, 0.89, 1.0), (0.68, 0.60, 0.94, 1.0), (0.41, 0.34, 0.56, 1.0) and (0.63, 0.57, 0.83, 1.0), from the
+untrained (0.18, 0, 0, 1.0), or (0.20, 0.07, 0.28, 1.0) for seed 3 (2026-12-08).  With the deformable attention's
+CPU gather path forced (this config's 16 channels per head take ``grid_sample``), the four seeds also passed,
+the weakest at (0.39, 0.35, 0.50, 1.0).  The bars below hold for each.
 """
 from __future__ import annotations
 
@@ -49,7 +54,8 @@ def test_rela_learns_the_synthetic_referring_split(tmp_path):
     from tao_cli.spec import load_spec
 
     spec = configs_dir() / "mask_grounding_dino" / "rela_learn.yaml"
-    data = generate(tmp_path / "data", seed=0, num_train=16, num_val=4, image_size=96, referring=True)
+    data = generate(tmp_path / "data", seed=0, num_train=16, num_val=4, image_size=96, referring=True,
+                    no_target_every=4)
     tr = data["train"]
     source = f"{{image_dir: {tr['images']}, json_file: {tr['referring']}}}"
     overrides = [f"dataset.train_data_sources=[{source}]",
@@ -76,8 +82,9 @@ def test_rela_learns_the_synthetic_referring_split(tmp_path):
     print("\nReLA on the synthetic referring split (gIoU=mIoU, cIoU=overall_IoU):")
     for name, m in (("untrained", before), ("trained", after)):
         print(f"  {name:9s} " + "  ".join(f"{k}={m[k]:.3f}" for k in KEYS))
-    assert after["N_acc"] >= 0.7, after
-    assert after["mIoU"] >= 0.3 and after["mIoU"] > before["mIoU"] + 0.05, (before, after)
+    assert after["N_acc"] >= 0.5, after
+    assert after["mIoU"] >= before["mIoU"] + 0.1, (before, after)
+    assert after["overall_IoU"] >= before["overall_IoU"] + 0.15, (before, after)
     assert after["T_acc"] >= before["T_acc"] + 0.3, (before, after)
 
 

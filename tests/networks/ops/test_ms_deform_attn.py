@@ -6,7 +6,12 @@ import math
 import pytest
 import torch
 
-from networks.ops.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+from networks.ops.ms_deform_attn import (
+    MSDeformAttn,
+    ms_deform_attn_core,
+    ms_deform_attn_gather,
+    ms_deform_attn_grid_sample,
+)
 from networks.ops.position_encoding import PositionEmbeddingSine
 
 SHAPES = [(5, 7), (3, 4), (2, 2)]
@@ -55,25 +60,76 @@ def _random_inputs(seed=0, n=2, lq=3, heads=2, d=4, points=3):
     return value, loc, attw
 
 
-def test_core_matches_naive_bilinear_reference():
+IMPLEMENTATIONS = {"grid_sample": ms_deform_attn_grid_sample, "gather": ms_deform_attn_gather}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_core_matches_naive_bilinear_reference(impl):
+    core = IMPLEMENTATIONS[impl]
     value, loc, attw = _random_inputs()
-    got = ms_deform_attn_core(value, torch.tensor(SHAPES), loc, attw)
+    got = core(value, torch.tensor(SHAPES), loc, attw)
     want = _naive(value, SHAPES, loc, attw)
     assert got.shape == (2, 3, 8)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
     # shapes may also be a python list
-    torch.testing.assert_close(ms_deform_attn_core(value, SHAPES, loc, attw), want, atol=1e-10, rtol=0)
+    torch.testing.assert_close(core(value, SHAPES, loc, attw), want, atol=1e-10, rtol=0)
 
 
-def test_core_gradients_flow_to_value_locations_and_weights():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_core_gradients_flow_to_value_locations_and_weights(impl):
+    core = IMPLEMENTATIONS[impl]
     value, loc, attw = _random_inputs(seed=1)
+    assert torch.autograd.gradcheck(lambda v, loc_, a: core(v, SHAPES, loc_, a),
+                                    (value[:, :, :, :2].detach().clone().requires_grad_(True),
+                                     loc.detach().clone().requires_grad_(True),
+                                     attw.detach().clone().requires_grad_(True)), eps=1e-6, atol=1e-5)
     value.requires_grad_(True)
     loc.requires_grad_(True)
     attw.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda v, loc_, a: ms_deform_attn_core(v, SHAPES, loc_, a),
+    assert torch.autograd.gradcheck(lambda v, loc_, a: core(v, SHAPES, loc_, a),
                                     (value[:1, :, :1, :2].detach().clone().requires_grad_(True),
                                      loc[:1, :1, :1].detach().clone().clamp(0.05, 0.95).requires_grad_(True),
                                      attw[:1, :1, :1].detach().clone().requires_grad_(True)), eps=1e-6, atol=1e-5)
+
+
+def test_gather_equals_grid_sample_forward_and_backward_in_float32():
+    """The CPU path (row gathers) against grid_sample on a Mask2Former-like case: several levels, batch and
+    heads, points spread beyond the map (partly and far outside, and on its edges).  (Exact pixel centres are
+    left out: there the bilinear map has a kink, and each implementation picks one side's derivative.)"""
+    shapes = [(12, 10), (6, 5), (3, 3)]
+    g = torch.Generator().manual_seed(3)
+    n, lq, heads, d, points = 2, 50, 4, 8, 4
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(n, s, heads, d, generator=g)
+    loc = torch.rand(n, lq, heads, len(shapes), points, 2, generator=g) * 1.6 - 0.3
+    loc[0, :3, 0, 0, 0] = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1e6, -1e6]])
+    attw = torch.rand(n, lq, heads, len(shapes), points, generator=g).softmax(-1)
+    grads = []
+    outs = []
+    for core in (ms_deform_attn_gather, ms_deform_attn_grid_sample):
+        args = [t.clone().requires_grad_(True) for t in (value, loc, attw)]
+        out = core(args[0], shapes, args[1], args[2])
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        outs.append(out.detach())
+        grads.append([a.grad for a in args])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for got, want, name in zip(grads[0], grads[1], ("value", "locations", "weights"), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_core_takes_the_gather_path_on_cpu_with_wide_heads_else_grid_sample(monkeypatch):
+    import networks.ops.ms_deform_attn as msda
+
+    used = []
+    monkeypatch.setattr(msda, "ms_deform_attn_gather", lambda *a: used.append("gather") or ms_deform_attn_gather(*a))
+    monkeypatch.setattr(msda, "ms_deform_attn_grid_sample",
+                        lambda *a: used.append("grid_sample") or ms_deform_attn_grid_sample(*a))
+    wide = [t.float() for t in _random_inputs(d=msda.GATHER_MIN_HEAD_DIM)]
+    narrow = [t.float() for t in _random_inputs(d=msda.GATHER_MIN_HEAD_DIM // 2)]
+    ms_deform_attn_core(wide[0], SHAPES, wide[1], wide[2])
+    ms_deform_attn_core(narrow[0], SHAPES, narrow[1], narrow[2])
+    torch.jit.trace(lambda v, p, a: ms_deform_attn_core(v, SHAPES, p, a), tuple(wide), check_trace=False)
+    assert used == ["gather", "grid_sample", "grid_sample"]
 
 
 def _module_and_inputs(ref_dim: int, seed: int = 0):
